@@ -1,0 +1,36 @@
+# vpp-edge: `make demo` runs the embedded default, `make test` runs the tests.
+# The Makefile owns its virtual environment (.venv) and installs pinned dependencies.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo predict test test-fast style clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml requirements/lock.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "vpp-edge needs Python >= 3.11, found " + sys.version.split()[0])'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements/lock.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	@touch $@
+
+install: $(STAMP)  ## create .venv and install the pinned dependencies
+
+demo: $(STAMP)  ## the main job on the embedded default (tiny model, sample episode, CPU)
+	$(BIN)/vpp predict
+
+predict: demo
+
+test: $(STAMP)  ## run the test suite
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)  ## the tests without the slow ones
+	$(BIN)/python -m pytest -m "not slow"
+
+clean:  ## remove the virtual environment and caches
+	rm -rf $(VENV) .pytest_cache build *.egg-info

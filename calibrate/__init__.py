@@ -1,0 +1,1 @@
+"""INT8 calibration from real frames and latency/accuracy sweeps (issue: calibrate/)."""

@@ -1,0 +1,74 @@
+import pytest
+import yaml
+
+from vpp_edge.errors import PresetError
+from vpp_edge.presets import available_presets, get_preset, preset_from_dict
+
+
+def test_shipped_presets_match_the_paper_settings():
+    assert set(available_presets()) == {"calvin", "metaworld", "panda", "xhand", "tiny"}
+    expected = {  # name: (frames, horizon, action_dim, views)
+        "calvin": (16, 10, 7, 2),
+        "metaworld": (8, 4, 4, 2),
+        "panda": (16, 10, 7, 2),
+        "xhand": (16, 10, 18, 3),
+    }
+    for name, (frames, horizon, dim, views) in expected.items():
+        p = get_preset(name)
+        assert (p.tvp.num_frames, p.action_horizon, p.action_dim, p.num_views) == (frames, horizon, dim, views)
+        assert p.action_head.embed_dim == 384 and p.action_head.n_enc_layers == p.action_head.n_dec_layers == 4
+        assert p.action_head.num_steps == 10 and p.action_head.sigma_data == 0.5
+        assert p.action_head.sigma_min == 0.001 and p.action_head.sigma_max == 80
+        assert p.unet_config()["cross_attention_dim"] == 1024
+    assert get_preset("calvin").num_queries == 224  # the official num_latents
+
+
+def test_unknown_preset_suggests_closest():
+    with pytest.raises(PresetError, match="did you mean 'calvin'"):
+        get_preset("calvn")
+
+
+def test_preset_file_round_trip(tmp_path):
+    p = get_preset("tiny")
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(p.to_dict()))
+    assert get_preset(str(path)) == p
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"bogus": 1}, "unknown key"),
+        ({"former": {"depth": 2, "colour": "red"}}, "unknown key.*'former'"),
+        ({"tvp": {"extract_layer_idx": 3}}, "extract_layer_idx must be in"),
+        ({"views": []}, "at least one camera"),
+        ({"views": ["a", "a"]}, "unique"),
+        ({"action_dim": 0}, "'action_dim' must be positive"),
+        ({"image_size": 250}, "multiple of 8"),
+        ({"former": {"num_frames": 32}}, "cannot exceed"),
+        ({"text": {"hidden_size": 64}}, "cross_attention_dim"),
+        ({"action_head": {"sampler": "heun"}}, "not supported"),
+    ],
+)
+def test_invalid_presets_are_rejected_with_reason(change, message):
+    data = get_preset("tiny").to_dict()
+    for key, value in change.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) else value
+    with pytest.raises(PresetError, match=message):
+        preset_from_dict(data)
+
+
+def test_missing_required_keys_and_bad_files(tmp_path):
+    with pytest.raises(PresetError, match="missing required"):
+        preset_from_dict({"name": "x"})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed")
+    with pytest.raises(PresetError, match="not valid YAML"):
+        get_preset(str(bad))
+    with pytest.raises(PresetError, match="not found"):
+        get_preset(str(tmp_path / "absent.yaml"))
+
+
+def test_replace_merges_sections():
+    p = get_preset("tiny").replace(former={"depth": 3}, action_horizon=5)
+    assert p.former.depth == 3 and p.former.dim == get_preset("tiny").former.dim and p.action_horizon == 5

@@ -1,0 +1,209 @@
+"""``vpp``: the command-line entry point.
+
+Subcommands import their heavy dependencies (torch, diffusers) only when they run, so
+``vpp --help`` and the robot-side commands start fast on a machine without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from vpp_edge import __version__
+from vpp_edge.errors import VPPError
+
+log = logging.getLogger("vpp")
+
+
+def _default_episode() -> Path:
+    """First XHand sample episode if ``shared/vpp_samples`` is present, else a synthetic one."""
+    from vpp_edge.episodes import find_samples_dir, list_episodes
+
+    samples = find_samples_dir()
+    if samples is not None and (samples / "xhand").is_dir():
+        return list_episodes(samples / "xhand")[0]
+    from vpp_edge.demo_data import write_demo_dataset
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vpp-edge" / "demo_episode"
+    annotation = cache / "annotation" / "val" / "0.json"
+    if not annotation.is_file():
+        log.info("shared/vpp_samples not found; writing a synthetic demo episode to %s", cache)
+        annotation = write_demo_dataset(cache)
+    return annotation
+
+
+def _load_policy(args: argparse.Namespace):
+    """Policy + tokenizer from --checkpoint, the official files, or random weights."""
+    from vpp_edge.normalization import ActionNormalizer
+    from vpp_edge.presets import get_preset
+    from vpp_edge.training.checkpoints import load_checkpoint, load_official
+    from vpp_edge.training.models import build_policy
+
+    preset = get_preset(args.preset) if args.preset else None
+    if args.checkpoint:
+        return load_checkpoint(args.checkpoint, preset), str(args.checkpoint)
+    preset = preset or get_preset("tiny")
+    normalizer = None
+    if args.normalization:
+        try:
+            normalizer = ActionNormalizer.from_dict(json.loads(Path(args.normalization).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise VPPError(f"{args.normalization}: cannot read normalisation statistics ({exc})") from None
+    if args.video_model or args.clip or args.action_model:
+        if not (args.video_model and args.clip):
+            raise VPPError("official weights need both --video-model (SVD folder) and --clip (CLIP folder)")
+        source = f"official: {args.video_model}, {args.clip}, {args.action_model or 'random action head'}"
+        return load_official(preset, args.video_model, args.clip, args.action_model, normalizer), source
+    return build_policy(preset, seed=0, normalizer=normalizer), f"untrained '{preset.name}' model (random weights, seed 0)"
+
+
+def _add_weight_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("weights (default: an untrained model of the preset)")
+    g.add_argument("--preset", help="preset name or YAML file (default: tiny, or the checkpoint's own)")
+    g.add_argument("--checkpoint", type=Path, help="vpp-edge checkpoint folder (vpp_config.json + model.safetensors)")
+    g.add_argument("--video-model", type=Path, help="official diffusers SVD folder (svd-robot, svd-robot-calvin)")
+    g.add_argument("--clip", type=Path, help="transformers CLIP folder (clip-vit-base-patch32)")
+    g.add_argument("--action-model", type=Path, help="official action-model torch file (dp-calvin)")
+    g.add_argument("--normalization", type=Path, help="JSON action statistics (mode, low/high or mean/std)")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from vpp_edge.episodes import list_episodes, load_episode
+    from vpp_edge.training.predict import STAGES, TorchPredictor, episode_frames
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    (policy, tokenizer), source = _load_policy(args)
+    if args.dataset:
+        episodes = list_episodes(args.dataset)
+        if not 0 <= args.index < len(episodes):
+            raise VPPError(f"--index {args.index} out of range: {args.dataset} has {len(episodes)} episodes")
+        annotation = episodes[args.index]
+    else:
+        annotation = args.episode or _default_episode()
+    episode = load_episode(annotation)
+    instruction = args.instruction or episode.instruction
+    preset = policy.preset
+    frames = episode_frames(episode, preset.num_views, preset.image_size, args.frame)
+    predictor = TorchPredictor(policy, tokenizer)
+    runs = [predictor.predict(frames, instruction, seed=args.seed) for _ in range(max(1, args.repeat))]
+    result = runs[-1]
+    timings = {s: float(np.median([r.timings_ms[s] for r in runs[1:] or runs])) for s in STAGES}
+    timings["text"] = runs[0].timings_ms["text"]  # encoded once, then cached
+    report = {
+        "preset": preset.name, "weights": source, "episode": str(episode.annotation), "frame": args.frame,
+        "views": [str(p) for p in episode.video_paths[: preset.num_views]], "instruction": instruction,
+        "seed": args.seed, "actions": result.actions.tolist(), "timings_ms": timings,
+        "predict_ms": sum(timings[s] for s in STAGES if s != "text"),
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    _print_prediction(report, result.actions)
+    return 0
+
+
+def _print_prediction(report: dict, actions) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]VPP predict[/bold]  preset [cyan]{report['preset']}[/cyan]  weights: {report['weights']}")
+    console.print(f"episode {report['episode']} (frame {report['frame']}, {len(report['views'])} views)")
+    console.print(f"instruction: [italic]{report['instruction']}[/italic]  seed {report['seed']}")
+    table = Table(title=f"action chunk [{actions.shape[0]} x {actions.shape[1]}]")
+    table.add_column("t", justify="right")
+    for j in range(actions.shape[1]):
+        table.add_column(f"a{j}", justify="right")
+    for i, row in enumerate(actions):
+        table.add_row(str(i), *(f"{v:+.4f}" for v in row))
+    console.print(table)
+    timing = Table(title="per-stage time (ms)")
+    for s in report["timings_ms"]:
+        timing.add_column(s, justify="right")
+    timing.add_column("predict step", justify="right")
+    timing.add_row(*(f"{v:.1f}" for v in report["timings_ms"].values()), f"{report['predict_ms']:.1f}")
+    console.print(timing)
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    import yaml
+
+    from vpp_edge.presets import available_presets, get_preset
+
+    if args.name:
+        print(yaml.safe_dump(get_preset(args.name).to_dict(), sort_keys=False))
+        return 0
+    for name in available_presets():
+        p = get_preset(name)
+        print(f"{name:10s} {p.description}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from vpp_edge.training.checkpoints import save_checkpoint
+
+    if not (args.video_model and args.clip):
+        raise VPPError("convert needs --video-model and --clip (and usually --action-model)")
+    (policy, tokenizer), source = _load_policy(args)
+    out = save_checkpoint(policy, tokenizer, args.out, extra={"converted_from": source})
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vpp", description="Video Prediction Policy on the robot: "
+                                     "predict, export, run and bridge.")
+    parser.add_argument("--version", action="version", version=f"vpp-edge {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("predict", help="predict one action chunk from a recorded episode",
+                       description="Run one VPP predict step (text -> TVP -> Video Former -> action head) on one "
+                                   "time step of an episode in the official sample format; print the action chunk "
+                                   "and per-stage timings.")
+    _add_weight_args(p)
+    src = p.add_argument_group("input (default: first XHand sample episode, or a synthetic one)")
+    src.add_argument("--episode", type=Path, help="annotation JSON of an episode")
+    src.add_argument("--dataset", type=Path, help="dataset folder (annotation/val/*.json); see --index")
+    src.add_argument("--index", type=int, default=0, help="episode number within --dataset (default 0)")
+    src.add_argument("--frame", type=int, default=0, help="time step of the episode to act on (default 0)")
+    src.add_argument("--instruction", help="override the episode's instruction")
+    p.add_argument("--seed", type=int, default=0, help="noise seed: same seed, same actions (default 0)")
+    p.add_argument("--repeat", type=int, default=3, help="runs; timings are medians after the first (default 3)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--json", type=Path, help="also write the result as JSON")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("presets", help="list presets, or show one")
+    p.add_argument("name", nargs="?", help="preset to show in full")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("convert", help="convert official VPP weights into a vpp-edge checkpoint")
+    _add_weight_args(p)
+    p.add_argument("--out", type=Path, required=True, help="output checkpoint folder")
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except VPPError as exc:
+        print(f"vpp {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vpp {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

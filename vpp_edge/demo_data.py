@@ -1,0 +1,77 @@
+"""A small synthetic episode in the official sample format, for machines without
+``shared/vpp_samples``: a gripper pushes a red block towards a green target, seen by a
+scene camera and a gripper camera. Written as real MPEG-4 videos so the demo exercises
+the same decoding path as recorded data.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+
+INSTRUCTION = "push the red block to the green target"
+
+
+def _scene(t: float, size: int, gripper_view: bool) -> np.ndarray:
+    img = np.full((size, size, 3), (200, 190, 170), np.uint8)  # table
+    block = np.array([0.3 + 0.4 * t, 0.55])
+    target = np.array([0.75, 0.55])
+    hand = block - np.array([0.08, 0.0])
+    if gripper_view:  # camera rides on the hand: the world shifts, scaled up
+        def to_px(p: np.ndarray) -> tuple[int, int]:
+            q = (p - hand) * 2.0 + 0.5
+            return int(q[0] * size), int(q[1] * size)
+    else:
+        def to_px(p: np.ndarray) -> tuple[int, int]:
+            return int(p[0] * size), int(p[1] * size)
+    r = size // 16 * (2 if gripper_view else 1)
+    cv2.circle(img, to_px(target), r + 4, (40, 170, 60), -1)
+    bx, by = to_px(block)
+    cv2.rectangle(img, (bx - r, by - r), (bx + r, by + r), (200, 40, 40), -1)
+    hx, hy = to_px(hand)
+    cv2.rectangle(img, (hx - r // 2, hy - 2 * r), (hx + r // 3, hy + 2 * r), (60, 60, 70), -1)
+    return img
+
+
+def _write_video(path: Path, frames: list[np.ndarray], fps: int) -> None:
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height = frames[0].shape[1], frames[0].shape[0]
+        stream.pix_fmt = "yuv420p"
+        stream.bit_rate = 2_000_000
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def write_demo_dataset(root: str | Path, steps: int = 20, size: int = 256, fps: int = 10) -> Path:
+    """Create ``root/annotation/val/0.json`` + two videos; returns the annotation path."""
+    root = Path(root)
+    video_dir = root / "videos" / "val" / "0"
+    (root / "annotation" / "val").mkdir(parents=True, exist_ok=True)
+    video_dir.mkdir(parents=True, exist_ok=True)
+    ts = np.linspace(0.0, 1.0, steps)
+    for view, gripper in enumerate((False, True)):
+        _write_video(video_dir / f"{view}.mp4", [_scene(t, size, gripper) for t in ts], fps)
+    # State: block x, y, z, gripper; action: change of the hand position + gripper command.
+    states = np.stack([0.3 + 0.4 * ts, np.full(steps, 0.55), np.zeros(steps), np.ones(steps)], axis=1)
+    actions = np.diff(states, axis=0, append=states[-1:])
+    actions[:, 3] = 1.0
+    annotation = {
+        "task": "robot_trajectory_prediction",
+        "texts": [INSTRUCTION],
+        "videos": [{"video_path": f"videos/val/0/{v}.mp4"} for v in (0, 1)],
+        "episode_id": 0,
+        "video_length": steps,
+        "states": states.tolist(),
+        "actions": actions.tolist(),
+    }
+    path = root / "annotation" / "val" / "0.json"
+    path.write_text(json.dumps(annotation), encoding="utf-8")
+    return path
