@@ -76,3 +76,19 @@ def test_help(args, capsys):
     with pytest.raises(SystemExit) as exc:
         main(args)
     assert exc.value.code == 0 and "usage: vpp" in capsys.readouterr().out
+
+
+def test_doctor_reports_optional_components(capsys):
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "tensorrt" in out and "xhand_controller" in out and "torch" in out
+
+
+def test_missing_optional_component_is_one_clear_error():
+    from vpp_edge.errors import MissingDependencyError
+    from vpp_edge.extras import is_available, require
+
+    assert is_available("numpy") and not is_available("xhand_controller")
+    assert require("numpy").__name__ == "numpy"
+    with pytest.raises(MissingDependencyError, match="XHand driver.*'xhand_controller'.*not installed.*RobotEra"):
+        require("xhand_controller")

@@ -233,3 +233,52 @@ def test_actions_are_denormalised_with_the_stored_statistics(tiny_preset):
     frames = random_frames(tiny_preset)
     a, b = run(plain, tok, frames), run(scaled, tok, frames)
     torch.testing.assert_close(b, torch.from_numpy(norm.denormalize(a.numpy())))
+
+
+def reduced_width(name: str):
+    """A paper preset's shapes (views, frames, queries, actions) at tiny widths: runs for real."""
+    tiny = get_preset("tiny")
+    p = get_preset(name)
+    return p.replace(text=tiny.text.__dict__, tvp={**tiny.tvp.__dict__, "num_frames": p.tvp.num_frames},
+                     former={**tiny.former.__dict__, "num_frames": p.former.num_frames},
+                     action_head={**tiny.action_head.__dict__, "proprio_dim": p.action_head.proprio_dim})
+
+
+@pytest.mark.parametrize("name", ["calvin", "metaworld", "panda", "xhand"])
+def test_paper_presets_at_reduced_width_predict_denormalised_float32_chunks(name):
+    p = reduced_width(name)
+    low = tuple(-1.0 - i for i in range(p.action_dim))
+    norm = ActionNormalizer(mode="bounds", low=low, high=tuple(-x for x in low))
+    policy, tok = build_policy(p, seed=0, normalizer=norm)
+    frames = random_frames(p)
+    ids, mask = tokens(tok)
+    noise = policy.make_noise(1, 0)
+    assert noise.tvp.shape == (1, p.num_views, p.tvp.num_frames, 4, 32, 32)
+    with torch.inference_mode():
+        cond, goal = policy.encode_text(ids, mask)
+        feats = policy.predictive_features(frames, cond, noise.tvp)
+        toks = policy.former(feats)
+        normalised = policy.sample_actions(toks, goal, noise.action)
+        actions = policy.denormalize(normalised)
+    assert feats.shape == (1, p.former.num_frames, p.num_views * 16 * 16, policy.tvp.feature_channels)
+    assert toks.shape == (1, p.num_queries, p.former.dim)
+    assert actions.shape == (1, p.action_horizon, p.action_dim) and actions.dtype == torch.float32
+    torch.testing.assert_close(actions, normalised * torch.tensor([-x for x in low]))  # bounds symmetric about 0
+    assert torch.isfinite(actions).all()
+
+
+def test_predictor_encodes_an_instruction_once(tiny_policy, tiny_preset):
+    import numpy as np
+
+    from vpp_edge.training.predict import TorchPredictor
+
+    predictor = TorchPredictor(*tiny_policy)
+    frames = np.zeros((2, 256, 256, 3), np.uint8)
+    first = predictor.predict(frames, "open the drawer")
+    again = predictor.predict(frames, "open the drawer")
+    other = predictor.predict(frames, "close the drawer")
+    assert first.timings_ms["text"] > 0 and again.timings_ms["text"] == 0 and other.timings_ms["text"] > 0
+    np.testing.assert_array_equal(first.actions, again.actions)
+    assert first.actions.shape == (tiny_preset.action_horizon, tiny_preset.action_dim)
+    with pytest.raises(ValueError, match="expected uint8 frames"):
+        predictor.predict(frames[:1], "open the drawer")

@@ -156,6 +156,33 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import platform
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from vpp_edge.extras import is_available, report
+
+    table = Table(title=f"vpp-edge {__version__} on Python {platform.python_version()} ({platform.machine()})")
+    for col in ("component", "status", "used for"):
+        table.add_column(col)
+    for module, status, purpose in report():
+        table.add_row(module, status if status != "missing" else "[yellow]missing[/yellow]", purpose)
+    console = Console()
+    console.print(table)
+    if is_available("torch"):
+        import torch
+
+        cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
+        console.print(f"torch {torch.__version__}: {cuda}")
+    if is_available("onnxruntime"):
+        import onnxruntime
+
+        console.print(f"onnxruntime providers: {', '.join(onnxruntime.get_available_providers())}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vpp", description="Video Prediction Policy on the robot: "
                                      "predict, export, run and bridge.")
@@ -183,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list presets, or show one")
     p.add_argument("name", nargs="?", help="preset to show in full")
     p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("doctor", help="report which optional components (TensorRT, DALI, robot SDKs) are present")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("convert", help="convert official VPP weights into a vpp-edge checkpoint")
     _add_weight_args(p)
