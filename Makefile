@@ -7,7 +7,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo predict test test-fast style clean
+.PHONY: help install demo predict export build-engines test test-fast clean
+
+# make export [PRESET=calvin] [CKPT=checkpoints/run] [ARTIFACT=artifacts/name]
+PRESET   ?=
+CKPT     ?=
+ARTIFACT ?= artifacts/$(or $(PRESET),$(if $(CKPT),$(notdir $(CKPT)),tiny))
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -25,6 +30,12 @@ demo: $(STAMP)  ## the main job on the embedded default (tiny model, sample epis
 	$(BIN)/vpp predict
 
 predict: demo
+
+export: $(STAMP)  ## ONNX graphs + parity gates + FP16/INT8 into $(ARTIFACT) (CKPT=, PRESET=)
+	$(BIN)/vpp export $(if $(PRESET),--preset $(PRESET)) $(if $(CKPT),--checkpoint $(CKPT)) --out $(ARTIFACT)
+
+build-engines: $(STAMP)  ## TensorRT engines for $(ARTIFACT), built on this machine
+	$(BIN)/vpp build-engines $(ARTIFACT)
 
 test: $(STAMP)  ## run the test suite
 	$(BIN)/python -m pytest

@@ -261,6 +261,7 @@ def save_checkpoint(policy: VPPPolicy, tokenizer: InstructionTokenizer, folder: 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private
     try:
         config = {
             "format": FORMAT_NAME,

@@ -18,6 +18,10 @@ from vpp_edge.errors import VPPError
 
 log = logging.getLogger("vpp")
 
+EXIT_ERROR = 2  # bad input, missing or corrupt files
+EXIT_MISSING_DEPENDENCY = 3  # an optional component (TensorRT, DALI, an SDK) is not installed
+EXIT_PARITY = 4  # an exported graph failed its parity gate
+
 
 def _default_episode() -> Path:
     """First XHand sample episode if ``shared/vpp_samples`` is present, else a synthetic one."""
@@ -183,6 +187,47 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from vpp_edge.export.artifact import export_artifact, load_options
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = {}
+    if args.precisions:
+        overrides["precisions"] = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    if args.parity_samples is not None:
+        overrides["parity_samples"] = args.parity_samples
+    if args.calibration_samples is not None:
+        overrides["calibration_samples"] = args.calibration_samples
+    options = load_options(args.config, **overrides)
+    (policy, tokenizer), source = _load_policy(args)
+    out = args.out or Path("artifacts") / policy.preset.name
+    manifest = export_artifact(policy, tokenizer, out, options, source=source, progress=not args.quiet)
+    print((Path(out) / "parity.md").read_text())
+    graphs = sorted({k.split("/")[0] for k in manifest["graphs"]})
+    print(f"wrote {out}: {len(manifest['graphs'])} graphs ({', '.join(graphs)}), action head mode "
+          f"'{manifest['action_mode']}' ({manifest['action_mode_ms'][manifest['action_mode']]:.1f} ms)")
+    return 0
+
+
+def cmd_build_engines(args: argparse.Namespace) -> int:
+    from vpp_edge.errors import MissingDependencyError
+    from vpp_edge.export.tensorrt_build import build_engines
+    from vpp_edge.extras import is_available
+
+    if not is_available("tensorrt"):
+        raise MissingDependencyError(
+            "TensorRT not available on this machine: engines must be built where they run (Jetson: JetPack ships "
+            "TensorRT; x86: pip install tensorrt). The artifact's ONNX graphs run on ONNX Runtime meanwhile.")
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    manifest = build_engines(args.artifact, precisions, args.workspace_gb)
+    for key, entry in manifest["engines"].items():
+        print(f"{key}: {entry['file']} ({entry['gpu_name']}, TensorRT {entry['tensorrt_version']})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vpp", description="Video Prediction Policy on the robot: "
                                      "predict, export, run and bridge.")
@@ -207,6 +252,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="also write the result as JSON")
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("export", help="export ONNX graphs (FP32/FP16/INT8) with parity gates into an artifact",
+                       description="Export the text, TVP, Video Former and action-head graphs, check each against "
+                                   "PyTorch in ONNX Runtime on real frames, derive FP16 and INT8 (QDQ) variants, and "
+                                   "write an artifact folder with manifest.json and parity.md. Exits 4 if a gate fails.")
+    _add_weight_args(p)
+    p.add_argument("--out", type=Path, help="artifact folder (default artifacts/<preset>)")
+    p.add_argument("--config", type=Path, help="YAML overriding export/defaults.yaml (gates, FP16/INT8 options)")
+    p.add_argument("--precisions", help="comma list from fp32,fp16,int8 (default all)")
+    p.add_argument("--parity-samples", type=int, help="held-out observations for the gates")
+    p.add_argument("--calibration-samples", type=int, help="observations for INT8 calibration")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("build-engines", help="build TensorRT engines for an artifact on this machine",
+                       description="Build TensorRT engines from the artifact's ONNX graphs here (engines are not "
+                                   "portable across GPUs or TensorRT versions). Exits 3 if TensorRT is missing.")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--precisions", default="fp16", help="comma list from fp16,int8 (default fp16)")
+    p.add_argument("--workspace-gb", type=float, default=4.0, help="builder workspace limit (default 4 GiB)")
+    p.set_defaults(func=cmd_build_engines)
+
     p = sub.add_parser("presets", help="list presets, or show one")
     p.add_argument("name", nargs="?", help="preset to show in full")
     p.set_defaults(func=cmd_presets)
@@ -225,11 +292,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from vpp_edge.errors import MissingDependencyError
+
     try:
         return args.func(args)
+    except MissingDependencyError as exc:
+        print(f"vpp {args.command}: {exc}", file=sys.stderr)
+        return EXIT_MISSING_DEPENDENCY
     except VPPError as exc:
+        from vpp_edge.export.parity import ParityError
+
         print(f"vpp {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_PARITY if isinstance(exc, ParityError) else EXIT_ERROR
+    except OSError as exc:  # disk full, permissions, ...: one line, not a traceback
+        print(f"vpp {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"vpp {args.command}: interrupted", file=sys.stderr)
         return 130

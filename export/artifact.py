@@ -1,0 +1,290 @@
+"""``vpp export``: checkpoint + preset -> a self-describing artifact folder.
+
+    <artifact>/manifest.json      graphs (and later engines) with hashes and IO specs
+    <artifact>/parity.json, .md   every parity figure and gate verdict
+    <artifact>/tokenizer.json     the instruction tokenizer (tokenizers library)
+    <artifact>/{fp32,fp16,int8}/  text, tvp, former, action_context, action_step, action_sampler .onnx
+
+Everything is written into a temporary sibling folder and renamed into place at the
+end: a failed gate, a full disk or Ctrl-C leaves no half-written artifact.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from vpp_edge import __version__
+from vpp_edge.calibrate.frames import Observation, sample_observations
+from vpp_edge.errors import VPPError
+from vpp_edge.runtime.predict_step import ACTION_MODES, predict_actions
+from vpp_edge.tokenizer import InstructionTokenizer
+from vpp_edge.training.models.policy import VPPPolicy
+
+from . import onnx_io
+from .graphs import GRAPHS, reference_run
+from .manifest import FORMAT_NAME, FORMAT_VERSION, PRECISIONS, read_manifest, write_manifest
+from .parity import ParityError, compare, passes, summary_table, worst
+
+log = logging.getLogger(__name__)
+DEFAULTS_FILE = Path(__file__).with_name("defaults.yaml")
+
+
+def load_options(path: str | Path | None = None, **overrides: Any) -> dict[str, Any]:
+    """Export options: ``defaults.yaml``, then a user YAML file, then keyword overrides."""
+    options = yaml.safe_load(DEFAULTS_FILE.read_text())
+    layers = [yaml.safe_load(Path(path).read_text()) if path else {}, overrides]
+    for layer in layers:
+        for key, value in (layer or {}).items():
+            if key not in options:
+                raise VPPError(f"unknown export option '{key}'; allowed: {sorted(options)}")
+            options[key] = {**options[key], **value} if isinstance(options[key], dict) else value
+    bad = [p for p in options["precisions"] if p not in PRECISIONS]
+    if bad or "fp32" not in options["precisions"]:
+        raise VPPError(f"precisions must include fp32 and come from {list(PRECISIONS)}, got {options['precisions']}")
+    return options
+
+
+def reference(policy: VPPPolicy, tokenizer: InstructionTokenizer, obs: Observation, seed: int) -> dict:
+    ids, mask = (torch.from_numpy(a) for a in tokenizer([obs.instruction]))
+    noise = policy.make_noise(1, seed)
+    frames = torch.from_numpy(obs.frames).unsqueeze(0)
+    return reference_run(policy, ids, mask, frames, noise.tvp, noise.action)
+
+
+def runner(sessions: dict[str, Any]) -> Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    def run(name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        sess = sessions[name]
+        outs = sess.run(None, feeds)
+        return {o.name: v for o, v in zip(sess.get_outputs(), outs)}
+
+    return run
+
+
+def _feeds(graph: str, ref: dict) -> dict[str, np.ndarray]:
+    return {name: ref[name].numpy() for name in GRAPHS[graph].inputs}
+
+
+def _chain(run, ref: dict, sigmas: list[float], mode: str) -> np.ndarray:
+    out = run("text", _feeds("text", ref))
+    return predict_actions(run, out["condition"], out["goal"], ref["frames"].numpy(), ref["noise"].numpy(),
+                           ref["action_noise"].numpy(), sigmas, mode)
+
+
+def evaluate_precision(precision: str, sessions: dict, refs: list[dict], sigmas: list[float], mode: str,
+              scale: np.ndarray, offset: np.ndarray, gates: dict) -> dict:
+    """Per-graph figures (each graph fed the PyTorch inputs) and the chained action chunk."""
+    graphs = {}
+    for name, gdef in GRAPHS.items():
+        stats = {o: [] for o in gdef.outputs}
+        run = runner(sessions)
+        for ref in refs:
+            got = run(name, _feeds(name, ref))
+            for o in gdef.outputs:
+                stats[o].append(compare(ref[o].numpy(), got[o]))
+        graphs[name] = {o: worst(s) for o, s in stats.items()}
+    chained = [_chain(runner(sessions), ref, sigmas, mode) for ref in refs]
+    actions = worst([compare(ref["actions"].numpy(), c) for ref, c in zip(refs, chained)])
+    denorm = worst([compare(ref["actions_denormalized"].numpy(), c * scale + offset) for ref, c in zip(refs, chained)])
+    if precision == "fp32":
+        gate = f"cosine >= {gates['fp32_action_cosine']}, every graph >= {gates['fp32_graph_cosine']}"
+        ok = passes(actions, gates["fp32_action_cosine"])
+        for outputs in graphs.values():
+            for s in outputs.values():
+                s["gate"] = "pass" if passes(s, gates["fp32_graph_cosine"]) else "FAIL"
+                ok = ok and s["gate"] == "pass"
+    elif precision == "fp16":
+        gate = f"cosine >= {gates['fp16_action_cosine']}"
+        ok = passes(actions, gates["fp16_action_cosine"])
+    else:
+        gate = f"cosine >= {gates['int8_action_cosine']}, max-abs <= {gates['int8_action_max_abs']}"
+        ok = passes(actions, gates["int8_action_cosine"], gates["int8_action_max_abs"])
+    return {"graphs": graphs, "actions": actions, "actions_denormalized": denorm, "gate": gate, "passed": bool(ok)}
+
+
+def _time_action_modes(sessions: dict, ref: dict, sigmas: list[float], repeats: int = 5) -> dict[str, float]:
+    """Median ms of the action head per mode: unrolled sampler graph vs. step-graph loop."""
+    run = runner(sessions)
+    tokens, goal, noise = (ref[k].numpy() for k in ("tokens", "goal", "action_noise"))
+    timings = {}
+    for mode in ACTION_MODES:
+        samples = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            if mode == "sampler":
+                run("action_sampler", {"tokens": tokens, "goal": goal, "action_noise": noise})
+            else:
+                context = run("action_context", {"tokens": tokens, "goal": goal})["context"]
+                x = noise * np.float32(sigmas[0])
+                for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+                    x = run("action_step", {"context": context, "x": x, "sigma": np.array([s], np.float32),
+                                            "sigma_next": np.array([s_next], np.float32)})["x_next"]
+            samples.append((time.perf_counter() - start) * 1e3)
+        timings[mode] = statistics.median(samples[1:])
+    return timings
+
+
+def _toolchain() -> dict[str, str]:
+    out = {"python": platform.python_version(), "machine": platform.machine()}
+    for dist in ("torch", "onnx", "onnxruntime", "diffusers", "transformers"):
+        out[dist] = version(dist)
+    return out
+
+
+def export_artifact(policy: VPPPolicy, tokenizer: InstructionTokenizer, out: str | Path,
+                    options: dict[str, Any] | None = None, observations: list[Observation] | None = None,
+                    source: str = "", progress: bool = True) -> dict[str, Any]:
+    """Export, convert, gate and package; returns the manifest. Raises :class:`ParityError`
+    (after saving the report next to ``out``) when a gate fails."""
+    opts = options or load_options()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    preset = policy.preset
+    precisions = [p for p in PRECISIONS if p in opts["precisions"]]
+    n_parity = int(opts["parity_samples"])
+    n_calib = int(opts["calibration_samples"]) if "int8" in precisions else 0
+    if n_parity < 1:
+        raise VPPError("parity_samples must be at least 1")
+    if "int8" in precisions and n_calib < 1:
+        raise VPPError("INT8 needs calibration_samples >= 1 (an empty calibration set cannot set scales)")
+    policy = policy.eval()
+    threads = torch.get_num_threads()
+    steps = len(GRAPHS) * len(precisions) + 3  # reference, graphs per precision, action timing, parity
+    bar = tqdm(total=steps, desc="export", unit="step", disable=not progress)
+
+    def advance(what: str) -> None:
+        bar.set_description(what)
+        bar.update(1)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the artifact is deployed and read by services
+    try:
+        obs = observations or sample_observations(preset.num_views, preset.image_size, n_parity + n_calib)
+        if len(obs) < n_parity + n_calib:
+            raise VPPError(f"need {n_parity + n_calib} observations, got {len(obs)}")
+        refs = [reference(policy, tokenizer, o, seed=k) for k, o in enumerate(obs[:n_parity])]
+        calib_refs = [reference(policy, tokenizer, o, seed=100 + k) for k, o in enumerate(obs[n_parity:])]
+        advance("reference run")
+        sigmas = list(policy.action_head.sigmas)
+        scale, offset = (torch.stack([policy.action_scale, policy.action_offset]).numpy())
+
+        paths: dict[str, dict[str, Path]] = {p: {} for p in precisions}
+        for name, gdef in GRAPHS.items():
+            bar.set_description(f"export fp32/{name}")
+            path = tmp / "fp32" / f"{name}.onnx"
+            onnx_io.export_onnx(gdef.adapter(policy), tuple(refs[0][i] for i in gdef.inputs), gdef.inputs,
+                                gdef.outputs, path, opts["opset"])
+            paths["fp32"][name] = path
+            advance(f"exported fp32/{name}")
+
+        sessions = {"fp32": {n: onnx_io.session(p, threads) for n, p in paths["fp32"].items()}}
+        mode_ms = _time_action_modes(sessions["fp32"], refs[0], sigmas)
+        action_mode = min(mode_ms, key=mode_ms.get)
+        advance(f"action head: {action_mode} wins")
+
+        quant_info = {}
+        for precision in precisions[1:]:
+            for name in GRAPHS:
+                src, dst = paths["fp32"][name], tmp / precision / f"{name}.onnx"
+                bar.set_description(f"{precision}/{name}")
+                if precision == "fp16":
+                    onnx_io.convert_fp16(src, dst, opts["fp16"]["keep_fp32_ops"])
+                elif name in opts["int8"]["graphs"]:
+                    feeds = [_feeds(name, r) for r in calib_refs]
+                    quant_info[name] = onnx_io.quantize_int8(src, dst, feeds, opts["int8"]["op_types"],
+                                                             opts["int8"]["exclude_modules"],
+                                                             opts["int8"]["calibration"])
+                else:  # e.g. the text graph: runs once per instruction, kept FP32
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    for f in [src, *onnx_io.external_files(src)]:
+                        shutil.copy2(f, dst.parent / f.name)
+                paths[precision][name] = dst
+                advance(f"{precision}/{name}")
+            sessions[precision] = {n: onnx_io.session(p, threads) for n, p in paths[precision].items()}
+
+        report: dict[str, Any] = {
+            "preset": preset.name,
+            "observations": [o.source for o in obs[:n_parity]],
+            "calibration_observations": [o.source for o in obs[n_parity:]],
+            "action_mode": action_mode,
+            "action_mode_ms": mode_ms,
+            "gates": opts["gates"],
+            "precisions": {},
+        }
+        for precision in precisions:
+            bar.set_description(f"parity {precision}")
+            report["precisions"][precision] = evaluate_precision(precision, sessions[precision], refs, sigmas, action_mode,
+                                                        scale, offset, opts["gates"])
+        if "int8" in precisions:
+            report["precisions"]["int8"]["quantization"] = quant_info
+        advance("parity checked")
+        bar.close()
+
+        table = summary_table(report)
+        failed = [p for p, s in report["precisions"].items() if not s["passed"]]
+        (tmp / "parity.json").write_text(_dumps(report))
+        (tmp / "parity.md").write_text(f"# Parity: {preset.name}\n\n{table}\n")
+        if failed:
+            failed_report = out.parent / f"{out.name}.parity-failed.md"
+            shutil.copy2(tmp / "parity.md", failed_report)
+            raise ParityError(f"parity gate failed for {', '.join(failed)} (report: {failed_report})\n{table}")
+
+        tokenizer.save(tmp)
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "vpp_edge_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "source": source,
+            "preset": preset.to_dict(),
+            "normalization": policy.normalizer.to_dict(),
+            "tokenizer": "tokenizer.json",
+            "text_max_length": preset.text.max_length,
+            "sigmas": sigmas,
+            "action_mode": action_mode,
+            "action_mode_ms": mode_ms,
+            "parity": "parity.json",
+            "graphs": {f"{p}/{n}": onnx_io.graph_entry(path, tmp, p, opts["opset"])
+                       for p, graph_paths in paths.items() for n, path in graph_paths.items()},
+            "engines": {},
+            "toolchain": _toolchain(),
+        }
+        write_manifest(tmp, manifest)
+        _replace_dir(tmp, out)
+        return read_manifest(out)
+    except BaseException:
+        bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move a finished folder into place, replacing an older one with a rename, not a merge."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _dumps(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o))

@@ -1,0 +1,99 @@
+"""The artifact manifest: what every graph and engine is, where it came from, and checks
+that a file is the one the manifest describes and an engine fits this machine.
+
+numpy/JSON only: the runtime reads and verifies artifacts with this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vpp_edge.errors import VPPError
+
+MANIFEST_FILE = "manifest.json"
+FORMAT_NAME = "vpp-edge-artifact"
+FORMAT_VERSION = 1
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+class ArtifactError(VPPError):
+    """An artifact is incomplete, tampered with, or does not fit this machine."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, static shape and numpy dtype name of one graph input or output."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TensorSpec":
+        return cls(d["name"], tuple(int(x) for x in d["shape"]), d["dtype"])
+
+
+def read_manifest(artifact: str | Path) -> dict[str, Any]:
+    """Parse and sanity-check ``<artifact>/manifest.json``."""
+    path = Path(artifact) / MANIFEST_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{path}: not found (is {artifact} an export artifact? run 'vpp export')")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc})") from None
+    if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: not a {FORMAT_NAME} v{FORMAT_VERSION} manifest")
+    for key in ("preset", "graphs", "sigmas"):
+        if key not in manifest:
+            raise ArtifactError(f"{path}: missing '{key}'")
+    return manifest
+
+
+def write_manifest(artifact: str | Path, manifest: dict[str, Any]) -> Path:
+    """Write the manifest through a temporary file and a rename (never half-written)."""
+    path = Path(artifact) / MANIFEST_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def verify_entry(artifact: str | Path, key: str, entry: dict[str, Any]) -> Path:
+    """The file of a graph/engine entry, after checking it exists and its hash matches."""
+    path = Path(artifact) / entry["file"]
+    if not path.is_file():
+        raise ArtifactError(f"{path}: file of '{key}' is missing")
+    digest = sha256_file(path)
+    if digest != entry["sha256"]:
+        raise ArtifactError(f"{path}: sha256 {digest[:12]}... does not match the manifest's "
+                            f"{entry['sha256'][:12]}... for '{key}' (file changed after export)")
+    for extra in entry.get("external_data", []):
+        data = Path(artifact) / extra["file"]
+        if not data.is_file() or sha256_file(data) != extra["sha256"]:
+            raise ArtifactError(f"{data}: external data of '{key}' is missing or changed")
+    return path
+
+
+def check_engine_fits(key: str, entry: dict[str, Any], machine: dict[str, Any]) -> None:
+    """Refuse an engine built for another GPU or TensorRT version (engines are not portable)."""
+    for field in ("tensorrt_version", "gpu_name", "compute_capability"):
+        built, here = entry.get(field), machine.get(field)
+        if built != here:
+            raise ArtifactError(f"engine '{key}' was built with {field}={built!r}, this machine has {here!r}; "
+                                "rebuild it here with 'vpp build-engines'")

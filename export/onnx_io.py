@@ -1,0 +1,228 @@
+"""ONNX files: export from PyTorch, check, FP16 and INT8 (QDQ) variants, ORT sessions."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from vpp_edge.errors import VPPError
+
+from .manifest import TensorSpec, sha256_file
+
+log = logging.getLogger(__name__)
+TWO_GB = 2**31
+
+
+class ExportError(VPPError):
+    """A graph could not be exported, checked or converted."""
+
+
+def export_onnx(module, args: tuple, input_names: Sequence[str], output_names: Sequence[str], path: Path,
+                opset: int) -> None:
+    """Export ``module`` with torch's ONNX exporter (static shapes), then check it by path."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    quiet = io.StringIO()
+    try:
+        with torch.no_grad(), contextlib.redirect_stdout(quiet):
+            program = torch.onnx.export(module.eval(), args, input_names=list(input_names),
+                                        output_names=list(output_names), dynamo=True, opset_version=opset,
+                                        verbose=False, optimize=True)
+            program.save(str(path))  # initializers go to <name>.data beyond 2 GB
+    except Exception as exc:
+        raise ExportError(f"{path.name}: torch.onnx.export failed: {exc}\n{quiet.getvalue()[-2000:]}") from exc
+    check(path)
+
+
+def check(path: Path) -> None:
+    """``onnx.checker`` by path, so models with external data beyond 2 GB are checked too."""
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"{path}: ONNX checker: {exc}") from None
+
+
+def external_files(path: Path) -> list[Path]:
+    """External-data files a model refers to."""
+    model = onnx.load(str(path), load_external_data=False)
+    names = set()
+    for init in model.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                names.add(entry.value)
+    return [path.parent / n for n in sorted(names)]
+
+
+def graph_entry(path: Path, root: Path, precision: str, opset: int) -> dict:
+    """Manifest entry: file hash, external data, precision, opset, IO names/shapes/dtypes."""
+    model = onnx.load(str(path), load_external_data=False)
+
+    def specs(values: Iterable) -> list[dict]:
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+            out.append(TensorSpec(v.name, tuple(d.dim_value for d in t.shape.dim), dtype).to_dict())
+        return out
+
+    return {
+        "file": str(path.relative_to(root)),
+        "sha256": sha256_file(path),
+        "bytes": path.stat().st_size,
+        "external_data": [{"file": str(p.relative_to(root)), "sha256": sha256_file(p)} for p in external_files(path)],
+        "precision": precision,
+        "opset": opset,
+        "inputs": specs(model.graph.input),
+        "outputs": specs(model.graph.output),
+    }
+
+
+def session(path: Path, threads: int = 0) -> ort.InferenceSession:
+    """A CPU ONNX Runtime session with full graph optimisation and quiet logging."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _drop_duplicate_nodes(graph: onnx.GraphProto) -> None:
+    """Remove repeated identical nodes that redefine an output.
+
+    The FP16 converter inserts one Cast per (value, FP32-kept consumer) and names it after
+    the value, so a value (or a constant the exporter deduplicated) feeding two kept
+    consumers gets two identical Casts with the same output name. The first suffices.
+    """
+    seen: dict[str, bytes] = {}
+    keep = []
+    for node in graph.node:
+        key = node.SerializeToString(deterministic=True)
+        clash = [o for o in node.output if o in seen]
+        if clash:
+            first = seen[clash[0]]
+            if _same_computation(first, node):
+                continue
+            raise ExportError(f"two different nodes define '{clash[0]}' in graph '{graph.name}'")
+        for o in node.output:
+            seen[o] = key
+        keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+
+
+def _same_computation(first: bytes, node: onnx.NodeProto) -> bool:
+    a = onnx.NodeProto.FromString(first)
+    return (a.op_type, list(a.input), list(a.output), [x.SerializeToString() for x in a.attribute]) == (
+        node.op_type, list(node.input), list(node.output), [x.SerializeToString() for x in node.attribute])
+
+
+def convert_fp16(src: Path, dst: Path, keep_fp32_ops: Sequence[str]) -> None:
+    """FP16 weights and activations, FP32 inputs/outputs, ``keep_fp32_ops`` in FP32."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(src))
+    model16 = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(keep_fp32_ops),
+                                       disable_shape_infer=False)
+    _drop_duplicate_nodes(model16.graph)
+    _toposort(model16.graph)  # the converter appends some Cast nodes after their consumers
+    _save(model16, dst)
+
+
+def _toposort(graph: onnx.GraphProto) -> None:
+    """Reorder nodes so every input is produced before it is consumed (stable Kahn sort)."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ExportError(f"graph '{graph.name}' has a cycle or an undefined input "
+                              f"(e.g. {[i for i in pending[0].input if i not in available]})")
+        ready_ids = {id(n) for n in ready}
+        for n in ready:
+            ordered.append(n)
+            available.update(n.output)
+        pending = [n for n in pending if id(n) not in ready_ids]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def _save(model: onnx.ModelProto, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    large = model.ByteSize() >= TWO_GB if not any(i.external_data for i in model.graph.initializer) else True
+    onnx.save(model, str(dst), save_as_external_data=large, location=f"{dst.name}.data" if large else None)
+    check(dst)
+
+
+def module_path(node: onnx.NodeProto) -> str:
+    """The PyTorch module a node came from (the exporter records name scopes)."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            scopes = [s.strip(" '") for s in prop.value.strip("[]").split(",")]
+            return scopes[-2] if len(scopes) > 1 else ""
+    return ""
+
+
+def nodes_matching(path: Path, patterns: Sequence[str], op_types: Sequence[str]) -> list[str]:
+    """Names of ``op_types`` nodes whose module path matches any regex in ``patterns``."""
+    model = onnx.load(str(path), load_external_data=False)
+    rx = [re.compile(p) for p in patterns]
+    return [n.name for n in model.graph.node
+            if n.op_type in op_types and any(r.search(module_path(n)) for r in rx)]
+
+
+class _Feeds:
+    """onnxruntime CalibrationDataReader over a list of feed dicts."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]):
+        self._it = iter(feeds)
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self):  # pragma: no cover - part of the reader protocol
+        pass
+
+
+def quantize_int8(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]], op_types: Sequence[str],
+                  exclude_modules: Sequence[str], method: str) -> dict:
+    """Explicit (QDQ) INT8: symmetric int8 weights per channel and activations, as TensorRT
+    expects; returns what was excluded. Calibration feeds are real observations."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    if method not in methods:
+        raise ExportError(f"INT8 calibration '{method}' unknown; allowed: {sorted(methods)}")
+    if not calibration:
+        raise ExportError(f"{src.name}: INT8 calibration needs at least one observation")
+    excluded = nodes_matching(src, exclude_modules, op_types)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    large = src.stat().st_size + sum(p.stat().st_size for p in external_files(src)) >= TWO_GB
+    # No ORT pre-processing on purpose: its fusions are ORT-specific and TensorRT builds from
+    # these graphs; the quantizer's root-logger advice about it is silenced.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_static(str(src), str(dst), _Feeds(calibration), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=list(op_types), per_channel=True, weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QInt8, nodes_to_exclude=excluded,
+                        calibrate_method=methods[method], use_external_data_format=large,
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    finally:
+        root.setLevel(level)
+    check(dst)
+    model = onnx.load(str(dst), load_external_data=False)
+    n_q = sum(1 for n in model.graph.node if n.op_type == "QuantizeLinear")
+    return {"excluded_nodes": len(excluded), "quantize_nodes": n_q}

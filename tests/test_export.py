@@ -1,0 +1,228 @@
+"""vpp export: graphs, parity gates, FP16/INT8 variants, manifest and engine selection."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from vpp_edge.calibrate.frames import sample_observations
+from vpp_edge.cli import EXIT_MISSING_DEPENDENCY, EXIT_PARITY, main
+from vpp_edge.errors import VPPError
+from vpp_edge.export import artifact as art
+from vpp_edge.export import onnx_io
+from vpp_edge.export.graphs import GRAPHS
+from vpp_edge.export.manifest import ArtifactError, check_engine_fits, read_manifest, sha256_file, verify_entry
+from vpp_edge.export.parity import ParityError, compare
+from vpp_edge.export.tensorrt_build import select_graphs
+from vpp_edge.runtime.predict_step import encode_text, predict_actions
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_policy, tmp_path_factory):
+    policy, tok = tiny_policy
+    out = tmp_path_factory.mktemp("artifacts") / "tiny"
+    options = art.load_options(parity_samples=1, calibration_samples=2)
+    manifest = art.export_artifact(policy, tok, out, options, source="test", progress=False)
+    return out, manifest
+
+
+def test_artifact_is_complete_and_self_describing(exported, tiny_preset):
+    out, manifest = exported
+    assert read_manifest(out) == manifest
+    assert set(manifest["graphs"]) == {f"{p}/{g}" for p in ("fp32", "fp16", "int8") for g in GRAPHS}
+    for key, entry in manifest["graphs"].items():
+        assert verify_entry(out, key, entry).is_file()
+        assert entry["opset"] >= 17
+    tvp = manifest["graphs"]["fp32/tvp"]
+    assert tvp["inputs"][0] == {"name": "frames", "shape": [1, 2, 256, 256, 3], "dtype": "uint8"}
+    assert tvp["inputs"][2]["shape"] == [1, 2, tiny_preset.tvp.num_frames, 4, 32, 32]
+    assert manifest["graphs"]["fp32/action_sampler"]["outputs"][0]["shape"] == [1, 10, 7]
+    assert manifest["action_mode"] in ("sampler", "step") and set(manifest["action_mode_ms"]) == {"sampler", "step"}
+    assert len(manifest["sigmas"]) == tiny_preset.action_head.num_steps + 1
+    assert (out / "tokenizer.json").is_file() and manifest["preset"]["name"] == "tiny"
+    report = json.loads((out / "parity.json").read_text())
+    assert all(section["passed"] for section in report["precisions"].values())
+    assert report["precisions"]["fp32"]["actions"]["cosine"] >= 0.9999
+    assert report["precisions"]["int8"]["quantization"]["tvp"]["quantize_nodes"] > 0
+    assert "| fp16 | **action chunk** |" in (out / "parity.md").read_text()
+
+
+def test_graphs_are_deterministic_and_quantised_as_asked(exported):
+    out, manifest = exported
+    for key in manifest["graphs"]:
+        model = onnx.load(str(out / manifest["graphs"][key]["file"]), load_external_data=False)
+        ops = {n.op_type for n in model.graph.node}
+        assert not ops & {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial"}
+        if key.startswith("int8/") and not key.endswith("/text"):
+            assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+        if key == "fp32/tvp":
+            assert {"LayerNormalization", "Softmax", "MatMul"} <= ops  # native norms; attention as MatMul-Softmax
+    int8_tvp = onnx.load(str(out / "int8/tvp.onnx"))
+    zero_points = [numpy_helper.to_array(i) for i in int8_tvp.graph.initializer if i.name.endswith("zero_point")]
+    assert zero_points and all(np.all(z == 0) for z in zero_points), "symmetric, as TensorRT expects"
+
+
+def test_onnx_chain_reproduces_pytorch_on_new_observations(exported, tiny_policy, tiny_preset):
+    """What the runtime will do: tokens -> text graph -> TVP -> Former -> action head in ORT."""
+    out, manifest = exported
+    policy, tok = tiny_policy
+    sessions = {g: onnx_io.session(out / manifest["graphs"][f"fp32/{g}"]["file"]) for g in GRAPHS}
+    run = art.runner(sessions)
+    obs = sample_observations(tiny_preset.num_views, tiny_preset.image_size, 1, offset=5)[0]
+    ref = art.reference(policy, tok, obs, seed=42)
+    ids, mask = tok([obs.instruction])
+    condition, goal = encode_text(run, ids, mask)
+    for mode in ("sampler", "step"):
+        actions = predict_actions(run, condition, goal, obs.frames[None], ref["noise"].numpy(),
+                                  ref["action_noise"].numpy(), manifest["sigmas"], mode)
+        assert compare(ref["actions"].numpy(), actions)["cosine"] > 0.9999
+    with pytest.raises(ValueError, match="action_mode 'fast' unknown"):
+        predict_actions(run, condition, goal, obs.frames[None], ref["noise"].numpy(), ref["action_noise"].numpy(),
+                        manifest["sigmas"], "fast")
+
+
+def test_a_perturbed_graph_fails_its_gate(exported, tiny_policy, tiny_preset, tmp_path):
+    out, manifest = exported
+    policy, tok = tiny_policy
+    bad = tmp_path / "former.onnx"
+    model = onnx.load(str(out / "fp32" / "former.onnx"))
+    weights = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+    arr = numpy_helper.to_array(weights)
+    weights.CopyFrom(numpy_helper.from_array(arr + np.random.default_rng(0).normal(0, 0.5, arr.shape).astype(arr.dtype),
+                                             weights.name))
+    onnx.save(model, str(bad))
+    sessions = {g: onnx_io.session(out / "fp32" / f"{g}.onnx") for g in GRAPHS}
+    sessions["former"] = onnx_io.session(bad)
+    obs = sample_observations(tiny_preset.num_views, tiny_preset.image_size, 1)
+    refs = [art.reference(policy, tok, obs[0], seed=0)]
+    gates = art.load_options()["gates"]
+    scale, offset = np.ones(7, np.float32), np.zeros(7, np.float32)
+    section = art.evaluate_precision("fp32", sessions, refs, manifest["sigmas"], "sampler", scale, offset, gates)
+    assert not section["passed"]
+    assert section["graphs"]["former"]["tokens"]["gate"] == "FAIL"
+    assert section["graphs"]["tvp"]["features"]["gate"] == "pass"
+
+
+def test_failed_gate_stops_export_and_leaves_no_artifact(tiny_policy, tmp_path, monkeypatch, capsys):
+    """Export with a graph corrupted on the way out: exit 4, no artifact, a report beside it."""
+    real_export = onnx_io.export_onnx
+
+    def corrupting_export(module, args, inputs, outputs, path, opset):
+        real_export(module, args, inputs, outputs, path, opset)
+        if path.stem == "action_context":
+            model = onnx.load(str(path))
+            for init in model.graph.initializer:
+                arr = numpy_helper.to_array(init)
+                if arr.dtype == np.float32 and arr.size > 100:
+                    init.CopyFrom(numpy_helper.from_array(-arr, init.name))
+            onnx.save(model, str(path))
+
+    monkeypatch.setattr(onnx_io, "export_onnx", corrupting_export)
+    out = tmp_path / "art"
+    code = main(["export", "--preset", "tiny", "--out", str(out), "--precisions", "fp32", "--parity-samples", "1",
+                 "--quiet"])
+    assert code == EXIT_PARITY
+    assert "parity gate failed for fp32" in capsys.readouterr().err
+    assert not out.exists() and (tmp_path / "art.parity-failed.md").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], "temporary folder removed"
+
+
+def test_interrupted_export_leaves_nothing(tiny_policy, tmp_path, monkeypatch):
+    policy, tok = tiny_policy
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx_io, "export_onnx", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        art.export_artifact(policy, tok, tmp_path / "art", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_export_options_are_clear(tmp_path):
+    with pytest.raises(VPPError, match="unknown export option 'colour'"):
+        art.load_options(colour="red")
+    with pytest.raises(VPPError, match="must include fp32"):
+        art.load_options(precisions=["fp16"])
+    with pytest.raises(VPPError, match="fp8"):
+        art.load_options(precisions=["fp32", "fp8"])
+    with pytest.raises(onnx_io.ExportError, match="at least one observation"):
+        onnx_io.quantize_int8(tmp_path / "x.onnx", tmp_path / "y.onnx", [], ["MatMul"], [], "minmax")
+    with pytest.raises(onnx_io.ExportError, match="calibration 'magic' unknown"):
+        onnx_io.quantize_int8(tmp_path / "x.onnx", tmp_path / "y.onnx", [{}], ["MatMul"], [], "magic")
+
+
+def test_empty_calibration_set_is_refused(tiny_policy, tmp_path):
+    policy, tok = tiny_policy
+    options = art.load_options(calibration_samples=0)
+    with pytest.raises(VPPError, match="empty calibration set"):
+        art.export_artifact(policy, tok, tmp_path / "art", options, progress=False)
+
+
+def test_tampered_or_missing_files_are_refused(exported, tmp_path):
+    out, manifest = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    entry = manifest["graphs"]["fp32/former"]
+    with open(copy / entry["file"], "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ArtifactError, match="does not match the manifest.*fp32/former"):
+        verify_entry(copy, "fp32/former", entry)
+    (copy / entry["file"]).unlink()
+    with pytest.raises(ArtifactError, match="file of 'fp32/former' is missing"):
+        verify_entry(copy, "fp32/former", entry)
+    with pytest.raises(ArtifactError, match="not found"):
+        read_manifest(tmp_path)
+
+
+def test_external_data_is_recorded_and_verified(tmp_path):
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 256])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 256])
+    w = numpy_helper.from_array(np.ones((256, 256), np.float32), "w")
+    graph = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y], [w])
+    path = tmp_path / "m.onnx"
+    onnx.save(onnx.helper.make_model(graph), str(path), save_as_external_data=True, location="m.onnx.data",
+              size_threshold=0)
+    entry = onnx_io.graph_entry(path, tmp_path, "fp32", 18)
+    assert entry["external_data"] == [{"file": "m.onnx.data", "sha256": sha256_file(tmp_path / "m.onnx.data")}]
+    verify_entry(tmp_path, "m", entry)
+    (tmp_path / "m.onnx.data").write_bytes(b"changed")
+    with pytest.raises(ArtifactError, match="external data of 'm' is missing or changed"):
+        verify_entry(tmp_path, "m", entry)
+
+
+def test_engine_selection_and_compatibility(exported):
+    out, manifest = exported
+    assert set(select_graphs(manifest, "fp16").values()) == {f"fp32/{g}" for g in GRAPHS}
+    assert set(select_graphs(manifest, "int8").values()) == {f"int8/{g}" for g in GRAPHS}
+    only_fp32 = {**manifest, "graphs": {k: v for k, v in manifest["graphs"].items() if k.startswith("fp32/")}}
+    with pytest.raises(ArtifactError, match="no int8 graphs"):
+        select_graphs(only_fp32, "int8")
+    with pytest.raises(ArtifactError, match="engine precision 'fp64' unknown"):
+        select_graphs(manifest, "fp64")
+    engine = {"tensorrt_version": "10.3.0", "gpu_name": "Orin", "compute_capability": "8.7"}
+    check_engine_fits("fp16/tvp", engine, dict(engine))
+    with pytest.raises(ArtifactError, match="gpu_name='Orin', this machine has 'NVIDIA H100'"):
+        check_engine_fits("fp16/tvp", engine, {**engine, "gpu_name": "NVIDIA H100"})
+
+
+def test_build_engines_without_tensorrt_says_so(exported, capsys):
+    out, _ = exported
+    before = (out / "manifest.json").read_bytes()
+    assert main(["build-engines", str(out)]) == EXIT_MISSING_DEPENDENCY
+    assert "TensorRT not available" in capsys.readouterr().err
+    assert (out / "manifest.json").read_bytes() == before
+
+
+def test_parity_compare_handles_edge_cases():
+    assert compare(np.zeros(3), np.zeros(3)) == {"max_abs": 0.0, "cosine": 1.0}
+    assert compare(np.ones(3), np.array([1.0, np.nan, 1.0]))["max_abs"] == float("inf")
+    with pytest.raises(ParityError, match="shape mismatch"):
+        compare(np.ones(3), np.ones(4))
+    assert torch.is_tensor(torch.zeros(1))  # torch stays importable next to onnxruntime
