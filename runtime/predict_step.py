@@ -7,12 +7,28 @@ the same way. numpy only.
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Sequence
 
 import numpy as np
 
 GraphRunner = Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]
 ACTION_MODES = ("sampler", "step")
+STAGE_OF_GRAPH = {"text": "text", "tvp": "tvp", "former": "former", "action_context": "action_head",
+                  "action_step": "action_head", "action_sampler": "action_head"}
+
+
+def timed(run: GraphRunner, timings_ms: dict[str, float]) -> GraphRunner:
+    """``run`` that adds each call's wall time (ms) to ``timings_ms`` under its stage name."""
+
+    def wrapped(graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        out = run(graph, feeds)
+        stage = STAGE_OF_GRAPH.get(graph, graph)
+        timings_ms[stage] = timings_ms.get(stage, 0.0) + (time.perf_counter() - start) * 1e3
+        return out
+
+    return wrapped
 
 
 def encode_text(run: GraphRunner, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -28,6 +28,18 @@ def tiny_policy(tiny_preset):
 
 
 @pytest.fixture(scope="session")
+def exported(tiny_policy, tmp_path_factory):
+    """The tiny policy exported once (FP32/FP16/INT8) for every test that needs an artifact."""
+    from vpp_edge.export import artifact as art
+
+    policy, tok = tiny_policy
+    out = tmp_path_factory.mktemp("artifacts") / "tiny"
+    options = art.load_options(parity_samples=1, calibration_samples=2)
+    manifest = art.export_artifact(policy, tok, out, options, source="test", progress=False)
+    return out, manifest
+
+
+@pytest.fixture(scope="session")
 def samples_dir() -> Path:
     """``shared/vpp_samples`` (real robot episodes); tests using it skip when it is absent."""
     path = find_samples_dir()

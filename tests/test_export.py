@@ -23,15 +23,6 @@ from vpp_edge.runtime.predict_step import encode_text, predict_actions
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def exported(tiny_policy, tmp_path_factory):
-    policy, tok = tiny_policy
-    out = tmp_path_factory.mktemp("artifacts") / "tiny"
-    options = art.load_options(parity_samples=1, calibration_samples=2)
-    manifest = art.export_artifact(policy, tok, out, options, source="test", progress=False)
-    return out, manifest
-
-
 def test_artifact_is_complete_and_self_describing(exported, tiny_preset):
     out, manifest = exported
     assert read_manifest(out) == manifest

@@ -1,0 +1,53 @@
+"""An export artifact as the runtime sees it: manifest, verified graph files, tokenizer,
+action statistics, sampler sigmas. numpy only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vpp_edge.export.manifest import ArtifactError, TensorSpec, read_manifest, verify_entry
+from vpp_edge.normalization import ActionNormalizer
+from vpp_edge.presets import Preset, preset_from_dict
+from vpp_edge.tokenizer import InstructionTokenizer, load_tokenizer
+
+GRAPH_NAMES = ("text", "tvp", "former", "action_context", "action_step", "action_sampler")
+
+
+@dataclass
+class Artifact:
+    root: Path
+    manifest: dict[str, Any]
+    preset: Preset
+    normalizer: ActionNormalizer
+
+    @classmethod
+    def open(cls, root: str | Path) -> "Artifact":
+        root = Path(root)
+        manifest = read_manifest(root)
+        preset = preset_from_dict(manifest["preset"], source=str(root / "manifest.json"))
+        return cls(root, manifest, preset, ActionNormalizer.from_dict(manifest.get("normalization")))
+
+    @property
+    def sigmas(self) -> list[float]:
+        return [float(s) for s in self.manifest["sigmas"]]
+
+    @property
+    def action_mode(self) -> str:
+        return self.manifest.get("action_mode", "sampler")
+
+    def precisions(self) -> list[str]:
+        return sorted({k.split("/")[0] for k in self.manifest["graphs"]})
+
+    def graph(self, precision: str, name: str) -> tuple[Path, list[TensorSpec], list[TensorSpec]]:
+        """A graph's verified file and its IO specs; refuses missing or modified files."""
+        key = f"{precision}/{name}"
+        entry = self.manifest["graphs"].get(key)
+        if entry is None:
+            raise ArtifactError(f"{self.root}: no graph '{key}' (precisions here: {', '.join(self.precisions())})")
+        path = verify_entry(self.root, key, entry)
+        return path, [TensorSpec.from_dict(d) for d in entry["inputs"]], [TensorSpec.from_dict(d) for d in entry["outputs"]]
+
+    def tokenizer(self) -> InstructionTokenizer:
+        return load_tokenizer(self.root, int(self.manifest["text_max_length"]))
