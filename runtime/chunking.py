@@ -1,0 +1,141 @@
+"""Latency-aware action chunking.
+
+A chunk predicted from an observation taken at ``obs_stamp`` holds actions for the
+control ticks ``obs_stamp + i * dt``. By the time it arrives, inference latency has
+passed: actions whose time is gone are skipped. The rest are merged with the current
+plan by a smoothing policy, because consecutive chunks disagree at their boundary:
+
+* ``none``: the new chunk replaces the plan from its first still-valid action;
+* ``ensemble``: ACT-style temporal ensembling: every chunk that covers a tick votes,
+  weighted ``exp(-m * k)`` with k = 0 for the oldest prediction;
+* ``crossfade``: the first ``k`` overlapping ticks blend linearly from old to new.
+
+The control loop asks for one action per tick; an empty plan is *starvation* (the
+caller holds the last safe target). numpy only; no locking: one owner thread.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SMOOTHING = ("none", "ensemble", "crossfade")
+
+
+class LatencyTracker:
+    """Recent observation-to-chunk latencies (s): p50 / p95 / max over a sliding window."""
+
+    def __init__(self, window: int = 50):
+        self._values: deque[float] = deque(maxlen=window)
+
+    def add(self, seconds: float) -> None:
+        self._values.append(seconds)
+
+    def stats(self) -> dict[str, float]:
+        if not self._values:
+            return {"p50": 0.0, "p95": 0.0, "max": 0.0, "n": 0}
+        arr = np.asarray(self._values)
+        return {"p50": float(np.percentile(arr, 50)), "p95": float(np.percentile(arr, 95)),
+                "max": float(arr.max()), "n": len(arr)}
+
+
+@dataclass
+class _Slot:
+    tick: int
+    votes: list[np.ndarray] = field(default_factory=list)  # predictions for this tick, oldest first
+    chunk_seq: int = -1  # the chunk that last wrote this tick
+
+
+@dataclass
+class MergeStats:
+    skipped: int  # actions whose time had passed on arrival
+    used: int  # actions added to the plan
+    latency_s: float
+
+
+class ActionPlan:
+    """Time-indexed plan of future actions on the control grid ``tick * dt``."""
+
+    def __init__(self, dt: float, smoothing: str = "none", crossfade_steps: int = 3, ensemble_m: float = 0.1,
+                 latency: LatencyTracker | None = None):
+        if smoothing not in SMOOTHING:
+            raise ValueError(f"smoothing '{smoothing}' unknown; allowed: {list(SMOOTHING)}")
+        if dt <= 0:
+            raise ValueError(f"dt must be positive, got {dt}")
+        self.dt = dt
+        self.smoothing = smoothing
+        self.crossfade_steps = max(1, int(crossfade_steps))
+        self.ensemble_m = float(ensemble_m)
+        self.latency = latency or LatencyTracker()
+        self._slots: deque[_Slot] = deque()
+        self._last_seq = -1
+        self.boundary_jumps: list[float] = []  # |a_t - a_{t-1}| when the source chunk changes
+        self.inner_jumps: list[float] = []  # the same within one chunk, for comparison
+        self._prev: tuple[np.ndarray, int] | None = None
+
+    def tick_of(self, stamp: float) -> int:
+        """The control tick at or after ``stamp`` (ticks are multiples of dt on the monotonic clock)."""
+        return math.ceil(stamp / self.dt - 1e-9)
+
+    def add_chunk(self, actions: np.ndarray, obs_stamp: float, now: float, seq: int) -> MergeStats:
+        """Merge a chunk (actions [T, A] for ticks from ``obs_stamp``) into the plan."""
+        self.latency.add(max(0.0, now - obs_stamp))
+        first = self.tick_of(obs_stamp)
+        current = self.tick_of(now)
+        skipped = max(0, min(len(actions), current - first))
+        new = {first + i: actions[i] for i in range(skipped, len(actions))}
+        while self._slots and self._slots[0].tick < current:
+            self._slots.popleft()
+        existing = {s.tick: s for s in self._slots}
+        if self.smoothing == "none":
+            existing = {t: s for t, s in existing.items() if t < min(new, default=current)}
+        overlap = 0
+        for tick in sorted(new):
+            slot = existing.get(tick)
+            if slot is None or not slot.votes:
+                existing[tick] = _Slot(tick, [new[tick]], seq)
+                continue
+            if self.smoothing == "ensemble":
+                slot.votes.append(new[tick])
+            else:  # crossfade: old -> new over the first k overlapping ticks, then new only
+                alpha = min(1.0, (overlap + 1) / (self.crossfade_steps + 1))
+                slot.votes = [(1 - alpha) * self._value(slot) + alpha * new[tick]]
+                overlap += 1
+            slot.chunk_seq = seq
+        self._slots = deque(existing[t] for t in sorted(existing))
+        self._last_seq = seq
+        return MergeStats(skipped=skipped, used=len(new), latency_s=max(0.0, now - obs_stamp))
+
+    def _value(self, slot: _Slot) -> np.ndarray:
+        if len(slot.votes) == 1:
+            return slot.votes[0]
+        w = np.exp(-self.ensemble_m * np.arange(len(slot.votes)))
+        return np.tensordot(w / w.sum(), np.stack(slot.votes), axes=1)
+
+    def pop(self, now: float) -> np.ndarray | None:
+        """The action for the current tick, or None (starvation) when the plan has none."""
+        current = self.tick_of(now)
+        while self._slots and self._slots[0].tick < current:
+            self._slots.popleft()
+        if not self._slots or self._slots[0].tick != current:
+            return None
+        slot = self._slots.popleft()
+        action = self._value(slot)
+        if self._prev is not None:
+            jump = float(np.linalg.norm(action - self._prev[0]))
+            (self.boundary_jumps if slot.chunk_seq != self._prev[1] else self.inner_jumps).append(jump)
+        self._prev = (action, slot.chunk_seq)
+        return action
+
+    def remaining(self, now: float) -> int:
+        """Planned actions from the current tick on."""
+        current = self.tick_of(now)
+        return sum(1 for s in self._slots if s.tick >= current)
+
+    def needs_inference(self, now: float, margin_steps: int = 1) -> bool:
+        """True when the plan would run dry before a new chunk could arrive (p95 latency)."""
+        lead = math.ceil(self.latency.stats()["p95"] / self.dt) + margin_steps
+        return self.remaining(now) <= lead

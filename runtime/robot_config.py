@@ -1,0 +1,82 @@
+"""Per-robot runtime limits and rates, as data (``runtime/robots/<name>.yaml``)."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from vpp_edge.errors import VPPError
+
+ROBOT_DIR = Path(__file__).with_name("robots")
+
+
+class ConfigError(VPPError, ValueError):
+    """A robot config is missing, unknown or inconsistent."""
+
+
+@dataclass(frozen=True)
+class RobotConfig:
+    name: str
+    control_hz: float
+    action_dim: int
+    action_low: tuple[float, ...]
+    action_high: tuple[float, ...]
+    max_delta: tuple[float, ...]  # largest change of each action dimension per control step
+    stale_observation_s: float
+    watchdog_hold_s: float
+    watchdog_stop_s: float
+
+    @property
+    def dt(self) -> float:
+        return 1.0 / self.control_hz
+
+    @property
+    def low(self) -> np.ndarray:
+        return np.asarray(self.action_low, np.float64)
+
+    @property
+    def high(self) -> np.ndarray:
+        return np.asarray(self.action_high, np.float64)
+
+    @property
+    def delta(self) -> np.ndarray:
+        return np.asarray(self.max_delta, np.float64)
+
+
+def robot_config_from_dict(data: dict, source: str = "robot config") -> RobotConfig:
+    names = {f.name for f in fields(RobotConfig)}
+    if not isinstance(data, dict) or set(data) != names:
+        got = set(data) if isinstance(data, dict) else set()
+        raise ConfigError(f"{source}: keys differ (missing {sorted(names - got)}, unknown {sorted(got - names)})")
+    cfg = RobotConfig(**{k: tuple(float(x) for x in v) if isinstance(v, list) else v for k, v in data.items()})
+    n = cfg.action_dim
+    for key in ("action_low", "action_high", "max_delta"):
+        if len(getattr(cfg, key)) != n:
+            raise ConfigError(f"{source}: '{key}' has {len(getattr(cfg, key))} values, action_dim is {n}")
+    if np.any(cfg.low >= cfg.high) or np.any(cfg.delta <= 0):
+        raise ConfigError(f"{source}: need action_low < action_high and max_delta > 0 in every dimension")
+    if not 0 < cfg.watchdog_hold_s < cfg.watchdog_stop_s or cfg.control_hz <= 0 or cfg.stale_observation_s <= 0:
+        raise ConfigError(f"{source}: need control_hz > 0, stale_observation_s > 0 and "
+                          "0 < watchdog_hold_s < watchdog_stop_s")
+    return cfg
+
+
+def load_robot_config(name_or_path: str) -> RobotConfig:
+    """A shipped robot config by name, or a YAML file."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        known = sorted(p.stem for p in ROBOT_DIR.glob("*.yaml"))
+        if name_or_path not in known:
+            close = difflib.get_close_matches(name_or_path, known, n=1)
+            raise ConfigError(f"unknown robot '{name_or_path}'{f'; did you mean {close[0]!r}?' if close else ''} "
+                              f"(available: {', '.join(known)})")
+        path = ROBOT_DIR / f"{name_or_path}.yaml"
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read ({exc})") from None
+    return robot_config_from_dict(data, str(path))

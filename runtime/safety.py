@@ -1,0 +1,114 @@
+"""Safety between the policy and the robot: every action is finite and within the
+robot's limits and per-step rate, a watchdog holds then stops when chunks stop coming,
+and an e-stop latch that only an explicit reset clears. Every event is counted and
+logged (by the caller, off the control thread's hot path)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+from .robot_config import RobotConfig
+
+
+class Mode(str, Enum):
+    OK = "ok"
+    HOLD = "hold"  # keep the last safe target
+    STOP = "stop"  # stop the motion
+    ESTOP = "estop"  # latched until reset
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: np.ndarray | None  # what may be sent (None: send nothing new)
+    events: tuple[str, ...]
+
+
+class SafetyGate:
+    """Checks and clamps actions; owns the watchdog and the e-stop latch."""
+
+    def __init__(self, cfg: RobotConfig):
+        self.cfg = cfg
+        self.counts: Counter[str] = Counter()
+        self._last_safe: np.ndarray | None = None
+        self._last_fresh: float | None = None
+        self._estop_reason: str | None = None
+
+    # --- e-stop latch --------------------------------------------------------------
+    def estop(self, reason: str) -> None:
+        if self._estop_reason is None:
+            self._estop_reason = reason
+            self.counts["estop_latched"] += 1
+
+    def reset(self) -> None:
+        """The only way out of an e-stop; the watchdog restarts from scratch."""
+        self._estop_reason = None
+        self._last_fresh = None
+        self.counts["reset"] += 1
+
+    @property
+    def estopped(self) -> bool:
+        return self._estop_reason is not None
+
+    # --- watchdog ------------------------------------------------------------------
+    def fresh_chunk(self, now: float) -> None:
+        """A valid chunk arrived at ``now``."""
+        self._last_fresh = now
+
+    def mode(self, now: float) -> Mode:
+        if self.estopped:
+            return Mode.ESTOP
+        if self._last_fresh is None:
+            return Mode.HOLD
+        silent = now - self._last_fresh
+        if silent > self.cfg.watchdog_stop_s:
+            return Mode.STOP
+        if silent > self.cfg.watchdog_hold_s:
+            return Mode.HOLD
+        return Mode.OK
+
+    # --- actions -------------------------------------------------------------------
+    def check_chunk(self, actions: np.ndarray, obs_stamp: float, now: float) -> str | None:
+        """Why a whole chunk must be dropped, or None if it may be planned."""
+        if actions.ndim != 2 or actions.shape[1] != self.cfg.action_dim:
+            reason = "chunk_shape"
+        elif not np.all(np.isfinite(actions)):
+            reason = "chunk_nan"
+        elif now - obs_stamp > self.cfg.stale_observation_s:
+            reason = "chunk_stale_observation"
+        else:
+            return None
+        self.counts[reason] += 1
+        return reason
+
+    def filter(self, action: np.ndarray | None, now: float) -> Verdict:
+        """The action to send this tick: clamped to limits and rate, or the hold target."""
+        mode = self.mode(now)
+        events: list[str] = []
+        if mode in (Mode.ESTOP, Mode.STOP):
+            events.append(mode.value)
+            self.counts[mode.value] += 1
+            return Verdict(None, tuple(events))
+        if mode is Mode.HOLD or action is None:
+            events.append("hold" if mode is Mode.HOLD else "starvation")
+            self.counts[events[-1]] += 1
+            return Verdict(self._last_safe, tuple(events))
+        action = np.asarray(action, np.float64)
+        if action.shape != (self.cfg.action_dim,) or not np.all(np.isfinite(action)):
+            self.counts["action_invalid"] += 1
+            return Verdict(self._last_safe, ("action_invalid",))
+        clamped = np.clip(action, self.cfg.low, self.cfg.high)
+        if not np.array_equal(clamped, action):
+            events.append("clamped_limits")
+        if self._last_safe is not None:
+            limited = np.clip(clamped, self._last_safe - self.cfg.delta, self._last_safe + self.cfg.delta)
+            if not np.array_equal(limited, clamped):
+                events.append("clamped_rate")
+            clamped = limited
+        for e in events:
+            self.counts[e] += 1
+        self._last_safe = clamped
+        return Verdict(clamped, tuple(events))

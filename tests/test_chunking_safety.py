@@ -1,0 +1,140 @@
+"""Latency-aware chunking, smoothing policies, safety gate, watchdog and e-stop latch."""
+
+import numpy as np
+import pytest
+
+from vpp_edge.runtime.chunking import ActionPlan
+from vpp_edge.runtime.robot_config import ConfigError, load_robot_config, robot_config_from_dict
+from vpp_edge.runtime.safety import Mode, SafetyGate
+
+DT = 0.1
+
+
+def ramp(start, n=10, dim=2):
+    return np.stack([np.full(dim, start + i, np.float64) for i in range(n)])
+
+
+def test_actions_whose_time_passed_are_skipped():
+    plan = ActionPlan(DT)
+    stats = plan.add_chunk(ramp(0), obs_stamp=10.0, now=10.25, seq=0)
+    assert stats.skipped == 3 and stats.used == 7 and stats.latency_s == pytest.approx(0.25)
+    assert plan.pop(10.3)[0] == 3, "the action for the current tick, not the first of the chunk"
+    assert plan.pop(10.4)[0] == 4
+    assert plan.pop(10.65)[0] == 7, "a late tick gets the next tick's action and skips what it missed"
+    assert plan.remaining(10.75) == 2
+    for t in (10.8, 10.9):
+        assert plan.pop(t) is not None
+    assert plan.pop(11.0) is None, "an empty plan is starvation"
+    assert plan.add_chunk(ramp(0), obs_stamp=5.0, now=20.0, seq=1).used == 0
+
+
+def test_smoothing_policies_on_overlapping_chunks():
+    def merged(smoothing, **kw):
+        plan = ActionPlan(DT, smoothing=smoothing, **kw)
+        plan.add_chunk(np.zeros((10, 1)), obs_stamp=0.0, now=0.0, seq=0)
+        plan.add_chunk(np.ones((10, 1)), obs_stamp=0.2, now=0.2, seq=1)
+        return [float(plan.pop(round(0.2 + k * DT, 6))[0]) for k in range(10)]
+
+    assert merged("none") == [1.0] * 10
+    assert merged("crossfade", crossfade_steps=3) == pytest.approx([0.25, 0.5, 0.75] + [1.0] * 7)
+    w = np.exp(-0.5 * np.arange(2))
+    expected = (w[1] * 1.0) / w.sum()  # oldest vote (0) weighs most, as in ACT
+    out = merged("ensemble", ensemble_m=0.5)
+    assert out[:8] == pytest.approx([expected] * 8) and out[8:] == [1.0, 1.0]
+    with pytest.raises(ValueError, match="smoothing 'rtc2' unknown"):
+        ActionPlan(DT, smoothing="rtc2")
+
+
+def boundary_jumps(smoothing, chunks=20, seed=0):
+    """Chunks that disagree at their boundary (offset noise), replanned every 5 ticks."""
+    rng = np.random.default_rng(seed)
+    plan = ActionPlan(DT, smoothing=smoothing, crossfade_steps=4)
+    t = 0.0
+    for k in range(chunks):
+        base = np.linspace(t, t + 0.9, 10)[:, None] + rng.normal(0, 0.5)
+        plan.add_chunk(base, obs_stamp=t, now=t + 0.1, seq=k)
+        for _ in range(5):
+            t = round(t + DT, 6)
+            plan.pop(t)
+    return max(plan.boundary_jumps)
+
+
+def test_crossfade_and_ensembling_reduce_boundary_jumps():
+    none = boundary_jumps("none")
+    assert boundary_jumps("crossfade") < 0.6 * none
+    assert boundary_jumps("ensemble") < none
+
+
+def test_inference_is_triggered_before_the_plan_runs_dry():
+    plan = ActionPlan(DT)
+    for k in range(5):
+        plan.latency.add(0.3)
+    plan.add_chunk(ramp(0), obs_stamp=0.0, now=0.0, seq=0)
+    assert not plan.needs_inference(0.0)  # 10 left, lead = 3 + 1
+    assert plan.needs_inference(0.6)  # 4 left
+    assert plan.latency.stats()["p95"] == pytest.approx(0.3)
+
+
+@pytest.fixture
+def gate():
+    return SafetyGate(load_robot_config("sim"))
+
+
+def test_limits_rate_and_invalid_actions(gate):
+    cfg = gate.cfg
+    gate.fresh_chunk(0.0)
+    first = gate.filter(np.full(7, 5.0), 0.01)
+    assert np.all(first.action == cfg.high) and first.events == ("clamped_limits",)
+    second = gate.filter(np.full(7, -1.0), 0.02)
+    assert np.allclose(second.action, cfg.high - cfg.delta) and "clamped_rate" in second.events
+    bad = gate.filter(np.array([np.nan] * 7), 0.03)
+    assert np.array_equal(bad.action, second.action) and bad.events == ("action_invalid",)
+    starving = gate.filter(None, 0.04)
+    assert np.array_equal(starving.action, second.action) and starving.events == ("starvation",)
+    assert gate.counts["clamped_limits"] == 1 and gate.counts["starvation"] == 1
+
+
+def test_watchdog_holds_then_stops(gate):
+    assert gate.mode(0.0) is Mode.HOLD, "nothing moves before the first chunk"
+    gate.fresh_chunk(1.0)
+    gate.filter(np.zeros(7), 1.0)
+    assert gate.mode(1.4) is Mode.OK
+    held = gate.filter(np.full(7, 0.1), 1.0 + gate.cfg.watchdog_hold_s + 0.01)
+    assert held.events == ("hold",) and np.array_equal(held.action, np.zeros(7))
+    stopped = gate.filter(np.full(7, 0.1), 1.0 + gate.cfg.watchdog_stop_s + 0.01)
+    assert stopped.action is None and stopped.events == ("stop",)
+    gate.fresh_chunk(5.0)
+    assert gate.mode(5.0) is Mode.OK
+
+
+def test_estop_latches_until_reset(gate):
+    gate.fresh_chunk(0.0)
+    gate.estop("operator")
+    gate.estop("again")
+    gate.fresh_chunk(0.1)
+    assert gate.mode(0.1) is Mode.ESTOP and gate.filter(np.zeros(7), 0.1).action is None
+    assert gate.counts["estop_latched"] == 1
+    gate.reset()
+    assert gate.mode(0.2) is Mode.HOLD, "after a reset the watchdog waits for a fresh chunk"
+    gate.fresh_chunk(0.3)
+    assert gate.mode(0.3) is Mode.OK
+
+
+def test_whole_chunks_are_checked(gate):
+    assert gate.check_chunk(np.zeros((10, 7)), 0.0, 0.1) is None
+    assert gate.check_chunk(np.zeros((10, 6)), 0.0, 0.1) == "chunk_shape"
+    assert gate.check_chunk(np.full((10, 7), np.inf), 0.0, 0.1) == "chunk_nan"
+    assert gate.check_chunk(np.zeros((10, 7)), 0.0, 5.0) == "chunk_stale_observation"
+
+
+def test_robot_configs():
+    for name in ("sim", "panda", "xarm_xhand"):
+        cfg = load_robot_config(name)
+        assert len(cfg.action_low) == cfg.action_dim and cfg.dt > 0
+    with pytest.raises(ConfigError, match="did you mean 'panda'"):
+        load_robot_config("pandas")
+    data = {**load_robot_config("sim").__dict__, "action_low": [0.0] * 7}
+    data = {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+    data["action_high"] = [0.0] * 7
+    with pytest.raises(ConfigError, match="action_low < action_high"):
+        robot_config_from_dict(data)
