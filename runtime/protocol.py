@@ -27,7 +27,8 @@ ALLOWED_DTYPES = frozenset({"float32", "float64", "int32", "int64", "uint8", "bo
 
 # Default endpoints: loopback only. A link that leaves the machine must use CurveZMQ.
 ACTION_ENDPOINT = "tcp://127.0.0.1:5701"  # runtime PUSH/PUB -> bridge: action chunks
-STATE_ENDPOINT = "tcp://127.0.0.1:5702"  # bridge PUB -> runtime SUB (conflated): robot state, events
+STATE_ENDPOINT = "tcp://127.0.0.1:5702"  # bridge PUB -> runtime SUB (conflated): robot state
+EVENT_ENDPOINT = "tcp://127.0.0.1:5704"  # bridge PUB -> runtime SUB (every message): safety events
 COMMAND_ENDPOINT = "tcp://127.0.0.1:5703"  # runtime DEALER -> bridge ROUTER: commands / replies
 
 

@@ -1,0 +1,69 @@
+"""Bridge configs as data (``firmware_bridge/robots/<name>.yaml``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from vpp_edge.errors import VPPError
+
+CONFIG_DIR = Path(__file__).with_name("robots")
+_VECTORS = ("setpoint_low", "setpoint_high", "max_step", "max_vel", "max_acc")
+
+
+class BridgeConfigError(VPPError, ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class BridgeConfig:
+    name: str
+    dim: int
+    servo_hz: float
+    state_hz: float
+    delta_dims: tuple[bool, ...]  # action = change of the setpoint (True) or an absolute value (False)
+    setpoint_low: tuple[float, ...]
+    setpoint_high: tuple[float, ...]
+    max_step: tuple[float, ...]
+    max_vel: tuple[float, ...]
+    max_acc: tuple[float, ...]
+    hold_after_s: float
+    stop_after_s: float
+
+    def vec(self, name: str) -> np.ndarray:
+        return np.asarray(getattr(self, name), np.float64)
+
+
+def bridge_config_from_dict(data: dict, source: str = "bridge config") -> BridgeConfig:
+    names = {f.name for f in fields(BridgeConfig)}
+    if not isinstance(data, dict) or set(data) != names:
+        got = set(data) if isinstance(data, dict) else set()
+        raise BridgeConfigError(f"{source}: keys differ (missing {sorted(names - got)}, unknown {sorted(got - names)})")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    cfg = BridgeConfig(**values)
+    for key in (*_VECTORS, "delta_dims"):
+        if len(getattr(cfg, key)) != cfg.dim:
+            raise BridgeConfigError(f"{source}: '{key}' has {len(getattr(cfg, key))} values, dim is {cfg.dim}")
+    if np.any(cfg.vec("setpoint_low") >= cfg.vec("setpoint_high")):
+        raise BridgeConfigError(f"{source}: setpoint_low must be below setpoint_high")
+    if any(np.any(cfg.vec(k) <= 0) for k in ("max_step", "max_vel", "max_acc")):
+        raise BridgeConfigError(f"{source}: max_step, max_vel and max_acc must be positive")
+    if not (cfg.servo_hz > 0 and cfg.state_hz > 0 and 0 < cfg.hold_after_s < cfg.stop_after_s):
+        raise BridgeConfigError(f"{source}: need positive rates and 0 < hold_after_s < stop_after_s")
+    return cfg
+
+
+def load_bridge_config(name_or_path: str) -> BridgeConfig:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+            raise BridgeConfigError(f"unknown bridge robot '{name_or_path}' (available: {', '.join(known)})")
+    try:
+        return bridge_config_from_dict(yaml.safe_load(path.read_text()), str(path))
+    except (OSError, yaml.YAMLError) as exc:
+        raise BridgeConfigError(f"{path}: cannot read ({exc})") from None
