@@ -26,10 +26,11 @@ $(STAMP): pyproject.toml requirements/lock.txt
 
 install: $(STAMP)  ## create .venv and install the pinned dependencies
 
-demo: $(STAMP)  ## the main job on the embedded default (tiny model, sample episode, CPU)
-	$(BIN)/vpp predict
+demo: $(STAMP)  ## the main job, closed loop: tiny model on ONNX Runtime + replay cameras + sim bridge (10 s)
+	$(BIN)/vpp demo --artifact artifacts/tiny
 
-predict: demo
+predict: $(STAMP)  ## one predict step of the tiny model on a sample episode, with per-stage timings
+	$(BIN)/vpp predict
 
 export: $(STAMP)  ## ONNX graphs + parity gates + FP16/INT8 into $(ARTIFACT) (CKPT=, PRESET=)
 	$(BIN)/vpp export $(if $(PRESET),--preset $(PRESET)) $(if $(CKPT),--checkpoint $(CKPT)) --out $(ARTIFACT)

@@ -63,7 +63,8 @@ class Bridge:
     def start(self) -> "Bridge":
         setpoint = self.driver.connect()
         self._interp = LimitedInterpolator(setpoint, self.cfg.vec("max_vel"), self.cfg.vec("max_acc"),
-                                           1.0 / self.cfg.servo_hz)
+                                           1.0 / self.cfg.servo_hz, self.cfg.vec("setpoint_low"),
+                                           self.cfg.vec("setpoint_high"))
         self._target = setpoint.copy()
         self._action_sock = make_socket(self._ctx, zmq.PULL, self.endpoints.action, bind=True, timeout_ms=50)
         self._state_sock = make_socket(self._ctx, zmq.PUB, self.endpoints.state, bind=True, timeout_ms=50)
@@ -124,6 +125,8 @@ class Bridge:
             return self._reject("malformed", str(exc))
         if not isinstance(msg, P.ActionChunk):
             return self._reject("wrong_type", f"expected action_chunk, got {msg.TYPE.value}")
+        if now - msg.stamp > self.cfg.hold_after_s:  # queued while the link was down: never replay it
+            return self._reject("stale_target", f"sent {now - msg.stamp:.2f} s ago")
         action = msg.actions[0].astype(np.float64)
         if action.shape != (self.cfg.dim,):
             return self._reject("wrong_dim", f"action has {action.shape[0]} values, robot takes {self.cfg.dim}")

@@ -11,7 +11,10 @@ class LimitedInterpolator:
     as to stop at the target. The braking speed is the discrete-time one: from speed
     n * a * dt, n braking steps cover a * dt^2 * n (n + 1) / 2."""
 
-    def __init__(self, position: np.ndarray, max_vel: np.ndarray, max_acc: np.ndarray, dt: float):
+    def __init__(self, position: np.ndarray, max_vel: np.ndarray, max_acc: np.ndarray, dt: float,
+                 low: np.ndarray | None = None, high: np.ndarray | None = None):
+        self.low = None if low is None else np.asarray(low, np.float64)
+        self.high = None if high is None else np.asarray(high, np.float64)
         self.p = np.asarray(position, np.float64).copy()
         self.v = np.zeros_like(self.p)
         self.max_vel = np.asarray(max_vel, np.float64)
@@ -31,6 +34,11 @@ class LimitedInterpolator:
         land = np.abs(step) >= np.abs(err)
         self.p = np.where(land, target, self.p + step)
         self.v = np.where(land, 0.0, self.v)
+        if self.low is not None and self.high is not None:
+            # Braking after a reversal can carry past the old target: never past the bounds.
+            clipped = np.clip(self.p, self.low, self.high)
+            self.v = np.where(clipped != self.p, 0.0, self.v)
+            self.p = clipped
         return self.p.copy()
 
     def halt(self) -> None:

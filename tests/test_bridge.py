@@ -177,6 +177,14 @@ def test_interpolator_never_jumps_and_settles():
     assert np.allclose(path[-1], [0.5, -0.2])
 
 
+def test_interpolator_never_leaves_the_bounds_on_a_reversal():
+    interp = LimitedInterpolator(np.array([0.0]), np.array([4.0]), np.array([10.0]), 0.005,
+                                 low=np.array([0.0]), high=np.array([1.0]))
+    path = [interp.step(np.array([1.0]))[0] for _ in range(60)]  # racing towards the upper bound
+    path += [interp.step(np.array([0.0]))[0] for _ in range(200)]  # reverse at speed
+    assert max(path) <= 1.0 and min(path) >= 0.0
+
+
 def test_bridge_configs():
     assert load_bridge_config("sim").dim == 7
     with pytest.raises(BridgeConfigError, match="unknown bridge robot"):

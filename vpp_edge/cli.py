@@ -228,6 +228,128 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bridge(args: argparse.Namespace) -> int:
+    import time
+
+    from vpp_edge.firmware_bridge.bridge import Bridge
+    from vpp_edge.firmware_bridge.config import load_bridge_config
+    from vpp_edge.firmware_bridge.driver import KinematicSimDriver
+
+    cfg = load_bridge_config(str(args.config) if args.config else args.robot)
+    if args.robot != "sim":
+        raise VPPError(f"bridge for '{args.robot}' is not available yet in this build; use --robot sim")
+    with Bridge(KinematicSimDriver(cfg.dim), cfg) as bridge:
+        print(f"{args.robot} bridge up: {bridge.bound()}", flush=True)
+        end = time.monotonic() + args.duration if args.duration else float("inf")
+        try:
+            while time.monotonic() < end:
+                time.sleep(0.1)
+        except KeyboardInterrupt:
+            pass
+        print(f"bridge counters: {dict(bridge.counts)}", flush=True)
+    return 0
+
+
+def _run_runtime(args: argparse.Namespace) -> dict:
+    from vpp_edge.episodes import load_episode
+    from vpp_edge.runtime.artifact import Artifact
+    from vpp_edge.runtime.cameras import ReplayCameras
+    from vpp_edge.runtime.engines import create_engine
+    from vpp_edge.runtime.link import BridgeLink
+    from vpp_edge.runtime.loop import RunOptions, Runtime
+    from vpp_edge.runtime.metrics import Metrics
+    from vpp_edge.runtime.policy import RuntimePolicy
+    from vpp_edge.runtime.robot_config import load_robot_config
+
+    artifact = Artifact.open(args.artifact)
+    robot = load_robot_config(args.robot)
+    episode = load_episode(args.episode or _default_episode())
+    preset = artifact.preset
+    cameras = [ReplayCameras(episode, preset.num_views, preset.image_size, fps=args.camera_fps)]
+    metrics = Metrics(args.log, status=not args.quiet and sys.stderr.isatty())
+    link = BridgeLink()
+    with create_engine(artifact, args.backend, args.precision) as engine:
+        policy = RuntimePolicy(artifact, engine, seed=args.seed)
+        policy.set_instruction(args.instruction or episode.instruction)
+        runtime = Runtime(policy, cameras, robot, link, RunOptions(duration_s=args.duration, smoothing=args.smoothing),
+                          metrics)
+        try:
+            summary = runtime.run()
+        finally:
+            metrics.close()
+            link.close()
+    summary["backend"] = f"{engine.backend}/{engine.precision}"
+    return summary
+
+
+def _print_run(summary: dict) -> None:
+    from vpp_edge.runtime.metrics import print_summary
+
+    print_summary(summary)
+    bj = summary["boundary_jump"]
+    print(f"engine {summary['backend']}; boundary jump max {bj['max']:.4f} mean {bj['mean']:.4f} "
+          f"(within chunks {bj['inner_mean']:.4f}); safety {summary['safety']}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    summary = _run_runtime(args)
+    _print_run(summary)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2, default=float))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The embedded default, closed loop: export the tiny model if needed, start the sim
+    bridge in its own process, run the runtime against it over ZeroMQ, print the summary."""
+    import subprocess
+    import time
+
+    artifact = Path(args.artifact)
+    if not (artifact / "manifest.json").is_file():
+        print(f"no artifact at {artifact}: exporting the tiny preset first (about two minutes on 2 cores)")
+        code = main(["export", "--preset", "tiny", "--out", str(artifact)])
+        if code:
+            return code
+    bridge = subprocess.Popen([sys.executable, "-m", "vpp_edge.cli", "bridge", "--robot", "sim",
+                               "--duration", str(args.duration + 30)], stdout=subprocess.PIPE, text=True)
+    try:
+        ready = bridge.stdout.readline() if bridge.stdout else ""
+        if "bridge up" not in ready:
+            raise VPPError(f"the sim bridge did not start: {ready.strip()}")
+        print(ready.strip())
+        time.sleep(0.3)
+        summary = _run_runtime(args)
+    finally:
+        bridge.send_signal(2)
+        try:
+            out, _ = bridge.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            bridge.kill()
+            out, _ = bridge.communicate()
+    _print_run(summary)
+    print(out.strip().splitlines()[-1] if out and out.strip() else "")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2, default=float))
+    return 0
+
+
+def _add_run_args(p: argparse.ArgumentParser, duration: float) -> None:
+    p.add_argument("--artifact", type=Path, default=Path("artifacts/tiny"), help="export artifact (default artifacts/tiny)")
+    p.add_argument("--robot", default="sim", help="runtime robot config (limits, rates): sim, panda, xarm_xhand or a YAML")
+    p.add_argument("--backend", default="auto", help="auto | tensorrt | onnxruntime | torch")
+    p.add_argument("--precision", help="fp32 | fp16 | int8 (default: the backend's)")
+    p.add_argument("--episode", type=Path, help="episode replayed as the cameras (default: the demo episode)")
+    p.add_argument("--camera-fps", type=float, help="replay rate (default: the recorded rate)")
+    p.add_argument("--instruction", help="task instruction (default: the episode's)")
+    p.add_argument("--smoothing", default="crossfade", help="none | ensemble | crossfade (default crossfade)")
+    p.add_argument("--duration", type=float, default=duration, help=f"seconds to run (default {duration:g})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log", type=Path, help="JSONL log of chunks and events")
+    p.add_argument("--json", type=Path, help="write the summary as JSON")
+    p.add_argument("--quiet", action="store_true", help="no live status line")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vpp", description="Video Prediction Policy on the robot: "
                                      "predict, export, run and bridge.")
@@ -273,6 +395,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precisions", default="fp16", help="comma list from fp16,int8 (default fp16)")
     p.add_argument("--workspace-gb", type=float, default=4.0, help="builder workspace limit (default 4 GiB)")
     p.set_defaults(func=cmd_build_engines)
+
+    p = sub.add_parser("run", help="run the policy on the robot: cameras -> engine -> chunking -> safety -> bridge")
+    _add_run_args(p, 10.0)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("bridge", help="run a robot bridge (ZeroMQ <-> robot controller)")
+    p.add_argument("--robot", default="sim", help="sim (panda and xarm_xhand drivers come next)")
+    p.add_argument("--config", type=Path, help="bridge YAML (default firmware_bridge/robots/<robot>.yaml)")
+    p.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (default: run until Ctrl-C)")
+    p.set_defaults(func=cmd_bridge)
+
+    p = sub.add_parser("demo", help="the embedded default, closed loop: tiny model + replay cameras + sim bridge")
+    _add_run_args(p, 10.0)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("presets", help="list presets, or show one")
     p.add_argument("name", nargs="?", help="preset to show in full")

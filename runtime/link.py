@@ -1,0 +1,71 @@
+"""The runtime's side of the ZeroMQ link to a bridge. Nothing here blocks the control
+thread: targets go out with NOBLOCK on a latest-only socket, state and events are
+drained without waiting, commands wait at most their timeout."""
+
+from __future__ import annotations
+
+import numpy as np
+import zmq
+
+from . import protocol as P
+from .transport import make_socket, recv, send
+
+
+class BridgeLink:
+    def __init__(self, action: str = P.ACTION_ENDPOINT, state: str = P.STATE_ENDPOINT,
+                 events: str = P.EVENT_ENDPOINT, command: str = P.COMMAND_ENDPOINT,
+                 context: zmq.Context | None = None, command_timeout_ms: int = 1000):
+        self._ctx = context or zmq.Context.instance()
+        # Latest-only: a bridge that reconnects gets the newest target, never a backlog.
+        self._push = make_socket(self._ctx, zmq.PUSH, action, bind=False, conflate=True, timeout_ms=0)
+        self._state = make_socket(self._ctx, zmq.SUB, state, bind=False, conflate=True, timeout_ms=0)
+        self._events = make_socket(self._ctx, zmq.SUB, events, bind=False, timeout_ms=0)
+        self._cmd = make_socket(self._ctx, zmq.DEALER, command, bind=False, timeout_ms=command_timeout_ms)
+        self._seq = 0
+        self.last_state: P.RobotState | None = None
+
+    def send_target(self, action: np.ndarray, obs_stamp: float, dt: float) -> bool:
+        """This tick's target (robot units); False if it could not be queued."""
+        self._seq += 1
+        msg = P.ActionChunk(seq=self._seq, stamp=P.now(), obs_stamp=obs_stamp, dt=dt,
+                            actions=np.asarray(action, np.float32)[None])
+        return send(self._push, msg, flags=zmq.NOBLOCK)
+
+    def poll(self) -> tuple[P.RobotState | None, list[P.Event]]:
+        """Newest state (if any arrived) and every event since the last poll."""
+        state = None
+        while True:
+            try:
+                msg = recv(self._state)
+            except P.ProtocolError:
+                continue
+            if msg is None:
+                break
+            if isinstance(msg, P.RobotState):
+                state = self.last_state = msg
+        events = []
+        while True:
+            try:
+                msg = recv(self._events)
+            except P.ProtocolError:
+                continue
+            if msg is None:
+                break
+            if isinstance(msg, P.Event):
+                events.append(msg)
+        return state, events
+
+    def command(self, name: str) -> P.Reply | None:
+        """Send a command and wait for its correlated reply (None on timeout)."""
+        self._seq += 1
+        seq = self._seq
+        if not send(self._cmd, P.CommandMsg(seq=seq, stamp=P.now(), command=name)):
+            return None
+        while True:
+            reply = recv(self._cmd)
+            if reply is None or (isinstance(reply, P.Reply) and reply.request_seq == seq):
+                return reply
+
+    def close(self) -> None:
+        for sock in (self._push, self._state, self._events, self._cmd):
+            sock.close(linger=0)

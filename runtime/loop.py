@@ -1,0 +1,198 @@
+"""The runtime: cameras -> inference worker -> action plan -> safety -> bridge, at the
+robot's control rate.
+
+Threads: each camera keeps its newest frame; one inference worker runs at most one
+inference at a time, always on the newest observation, when the plan is about to run
+dry; the control loop (the caller's thread) ticks at a fixed rate, merges finished
+chunks, sends one checked target per tick, and never blocks on the network or a log.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .cameras.base import Camera, StaleFrameError
+from .chunking import ActionPlan
+from .link import BridgeLink
+from .metrics import Metrics
+from .policy import Chunk, EngineOutputError, RuntimePolicy
+from .robot_config import RobotConfig
+from .safety import Mode, SafetyGate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    duration_s: float = 10.0
+    smoothing: str = "crossfade"
+    crossfade_steps: int = 3
+    margin_steps: int = 2
+    action_dt: float | None = None  # spacing of the chunk's actions (default: the control period)
+
+
+class InferenceWorker:
+    """Runs the policy on the newest observation whenever triggered; one at a time."""
+
+    def __init__(self, policy: RuntimePolicy, cameras: Sequence[Camera], max_age_s: float, metrics: Metrics):
+        self.policy, self.cameras, self.max_age_s, self.metrics = policy, cameras, max_age_s, metrics
+        self._trigger = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._done: list[tuple[Chunk, float, float]] = []  # (chunk, obs_stamp, finished)
+        self.busy = False
+        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+
+    def start(self) -> "InferenceWorker":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._trigger.set()
+        self._thread.join(timeout=30.0)
+
+    def trigger(self) -> None:
+        if not self.busy:
+            self.busy = True
+            self._trigger.set()
+
+    def take(self) -> list[tuple[Chunk, float, float]]:
+        with self._lock:
+            done, self._done = self._done, []
+        return done
+
+    def observe(self) -> tuple[np.ndarray, float]:
+        """All views, newest frames; the observation time is the oldest view's capture time."""
+        now = time.monotonic()
+        frames = [cam.latest(self.max_age_s, now) for cam in self.cameras]
+        self.metrics.observe("frame_age_ms", (now - min(f.stamp for f in frames)) * 1e3)
+        return np.concatenate([f.image for f in frames]), min(f.stamp for f in frames)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._trigger.wait(0.1)
+            if self._stop.is_set() or not self._trigger.is_set():
+                continue
+            self._trigger.clear()
+            try:
+                frames, obs_stamp = self.observe()
+                chunk = self.policy.infer(frames)
+                finished = time.monotonic()
+                for stage, ms in chunk.timings_ms.items():
+                    self.metrics.observe(f"{stage}_ms", ms)
+                self.metrics.observe("end_to_end_ms", (finished - obs_stamp) * 1e3)
+                with self._lock:
+                    self._done.append((chunk, obs_stamp, finished))
+            except StaleFrameError as exc:
+                self.metrics.count("stale_observation")
+                self.metrics.record("event", kind="stale_observation", detail=str(exc))
+                self._stop.wait(0.02)
+            except EngineOutputError as exc:
+                self.metrics.count("engine_invalid")
+                self.metrics.record("event", kind="engine_invalid", detail=str(exc))
+            finally:
+                self.busy = False
+
+
+class Runtime:
+    def __init__(self, policy: RuntimePolicy, cameras: Sequence[Camera], robot: RobotConfig, link: BridgeLink,
+                 options: RunOptions, metrics: Metrics):
+        if robot.action_dim != policy.preset.action_dim:
+            raise ValueError(f"robot '{robot.name}' takes {robot.action_dim} actions, the model outputs "
+                             f"{policy.preset.action_dim}")
+        self.policy, self.cameras, self.robot, self.link, self.options = policy, cameras, robot, link, options
+        self.metrics = metrics
+        self.safety = SafetyGate(robot)
+        self.plan = ActionPlan(options.action_dt or robot.dt, options.smoothing, options.crossfade_steps)
+        self.worker = InferenceWorker(policy, cameras, robot.stale_observation_s, metrics)
+        self._instruction_lock = threading.Lock()
+        self._pending_instruction: str | None = None
+
+    def set_instruction(self, text: str) -> None:
+        """Change the task at run time (the text graph re-runs once, before the next inference)."""
+        with self._instruction_lock:
+            self._pending_instruction = text
+
+    def run(self) -> dict:
+        """Run for ``duration_s`` (or until Ctrl-C); returns the summary."""
+        dt = self.robot.dt
+        for cam in self.cameras:
+            cam.start()
+        self.worker.start()
+        start = time.monotonic()
+        tick_time = start
+        try:
+            while tick_time - start < self.options.duration_s:
+                now = time.monotonic()
+                self.metrics.observe("jitter_ms", abs(now - tick_time) * 1e3)
+                self._tick(now)
+                tick_time += dt
+                delay = tick_time - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                else:
+                    self.metrics.count("overrun")
+                    if -delay > 5 * dt:  # far behind: skip ticks rather than burst
+                        tick_time = time.monotonic()
+        except KeyboardInterrupt:
+            self.metrics.count("interrupted")
+        finally:
+            self.worker.stop()
+            for cam in self.cameras:
+                cam.stop()
+            self.link.command("hold")
+        summary = self.metrics.summary()
+        summary["safety"] = dict(self.safety.counts)
+        summary["boundary_jump"] = {"max": max(self.plan.boundary_jumps, default=0.0),
+                                    "mean": float(np.mean(self.plan.boundary_jumps)) if self.plan.boundary_jumps else 0.0,
+                                    "inner_mean": float(np.mean(self.plan.inner_jumps)) if self.plan.inner_jumps else 0.0}
+        summary["latency_tracker_s"] = self.plan.latency.stats()
+        return summary
+
+    def _tick(self, now: float) -> None:
+        with self._instruction_lock:
+            text, self._pending_instruction = self._pending_instruction, None
+        if text is not None and not self.worker.busy:
+            self.policy.set_instruction(text)
+            self.metrics.record("event", kind="instruction", detail=text)
+        for chunk, obs_stamp, finished in self.worker.take():
+            reason = self.safety.check_chunk(chunk.actions, obs_stamp, now)
+            if reason is not None:
+                self.metrics.count("chunk_rejected")
+                self.metrics.record("event", kind="chunk_rejected", detail=reason)
+                continue
+            stats = self.plan.add_chunk(chunk.actions, obs_stamp, now, seq=int(self.metrics.counts["chunks"]))
+            self.safety.fresh_chunk(now)
+            self.metrics.count("chunks")
+            self.metrics.count("actions_skipped_late", stats.skipped)
+            self.metrics.record("chunk", obs_stamp=obs_stamp, skipped=stats.skipped, used=stats.used,
+                                latency_s=stats.latency_s, timings_ms=chunk.timings_ms)
+        state, events = self.link.poll()
+        for event in events:
+            self.metrics.count(f"bridge_{event.kind}")
+            self.metrics.record("bridge_event", kind=event.kind, detail=event.detail)
+            if event.kind == "estop":
+                self.safety.estop("bridge e-stop")
+        if state is not None and state.estopped:
+            self.safety.estop("bridge reports e-stop")
+        if state is None and self.link.last_state is not None and now - self.link.last_state.stamp > 1.0:
+            self.metrics.count("bridge_silent")
+        action = self.plan.pop(now)
+        verdict = self.safety.filter(action, now)
+        for e in verdict.events:
+            self.metrics.count(e)
+        self.metrics.observe("queue_depth", self.plan.remaining(now))
+        # Only fresh, checked actions go out. Holding means sending nothing: the bridge keeps
+        # its last absolute setpoint (re-sending a delta action would keep moving the robot).
+        if verdict.action is not None and not {"hold", "starvation"} & set(verdict.events):
+            if not self.link.send_target(verdict.action, now, self.robot.dt):
+                self.metrics.count("bridge_unreachable")
+        if self.safety.mode(now) is not Mode.ESTOP and self.plan.needs_inference(now, self.options.margin_steps):
+            self.worker.trigger()

@@ -1,0 +1,110 @@
+"""Runtime metrics: per-stage latency percentiles, control jitter, counters, a JSONL log
+written by its own thread (never on the control thread's hot path), a live status line
+and the summary table at exit."""
+
+from __future__ import annotations
+
+import json
+import queue
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"n": 0, "p50": float("nan"), "p95": float("nan"), "p99": float("nan"), "max": float("nan")}
+    arr = np.asarray(values)
+    return {"n": len(values), "p50": float(np.percentile(arr, 50)), "p95": float(np.percentile(arr, 95)),
+            "p99": float(np.percentile(arr, 99)), "max": float(arr.max())}
+
+
+class Metrics:
+    """Thread-safe enough for one writer per series; readers take snapshots."""
+
+    def __init__(self, log_path: str | Path | None = None, status_every_s: float = 0.5, status: bool = False):
+        self.series: dict[str, list[float]] = defaultdict(list)
+        self.counts: Counter[str] = Counter()
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=10000)
+        self._log_path = Path(log_path) if log_path else None
+        self._status = status
+        self._status_every = status_every_s
+        self._thread = threading.Thread(target=self._writer, name="metrics-log", daemon=True)
+        self._thread.start()
+
+    def observe(self, name: str, value: float) -> None:
+        self.series[name].append(float(value))
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counts[name] += n
+
+    def record(self, record: str, **data: Any) -> None:
+        """Queue a JSONL record; dropped (and counted) rather than ever blocking the caller."""
+        try:
+            self._queue.put_nowait({"t": time.monotonic(), "record": record, **data})
+        except queue.Full:
+            self.counts["log_dropped"] += 1
+
+    def _writer(self) -> None:
+        f = open(self._log_path, "a", encoding="utf-8") if self._log_path else None
+        last_status = 0.0
+        try:
+            while True:
+                try:
+                    item = self._queue.get(timeout=self._status_every)
+                except queue.Empty:
+                    item = {}
+                if item is None:
+                    break
+                if item and f is not None:
+                    f.write(json.dumps(item, default=float) + "\n")
+                now = time.monotonic()
+                if self._status and now - last_status >= self._status_every:
+                    last_status = now
+                    sys.stderr.write("\r" + self.status_line() + "   ")
+                    sys.stderr.flush()
+        finally:
+            if f is not None:
+                f.close()
+            if self._status:
+                sys.stderr.write("\n")
+
+    def status_line(self) -> str:
+        e2e = self.series.get("end_to_end_ms", [])[-20:]
+        jit = self.series.get("jitter_ms", [])[-200:]
+        return (f"chunks {self.counts['chunks']}  e2e {np.median(e2e) if e2e else float('nan'):.0f} ms  "
+                f"jitter p99 {np.percentile(jit, 99) if jit else float('nan'):.2f} ms  "
+                f"starved {self.counts['starvation']}  holds {self.counts['hold']}  "
+                f"rejected {self.counts['chunk_rejected']}")
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=5.0)
+
+    def summary(self) -> dict[str, Any]:
+        return {"latency_ms": {k: percentiles(v) for k, v in sorted(self.series.items())},
+                "counts": dict(sorted(self.counts.items()))}
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="runtime summary: latency and jitter (ms)")
+    for col in ("series", "n", "p50", "p95", "p99", "max"):
+        table.add_column(col, justify="right" if col != "series" else "left")
+    for name, s in summary["latency_ms"].items():
+        table.add_row(name, str(s["n"]), *(f"{s[k]:.2f}" for k in ("p50", "p95", "p99", "max")))
+    console = Console()
+    console.print(table)
+    counts = Table(title="events and counters")
+    counts.add_column("counter")
+    counts.add_column("value", justify="right")
+    for name, value in summary["counts"].items():
+        counts.add_row(name, str(value))
+    console.print(counts)
