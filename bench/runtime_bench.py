@@ -1,0 +1,130 @@
+"""Runtime benchmark on this machine (tiny preset), printed as a table and written as JSON.
+
+    python bench/runtime_bench.py [--artifact artifacts/tiny] [--repeats 20] [--loop-seconds 10]
+
+1. predict step: ONNX Runtime vs PyTorch eager, run alternately (side by side, so machine
+   noise hits both), median and p95, and their ratio;
+2. runtime overhead outside the engines per inference (tokenizer-free path: noise draw,
+   chaining, checks, de-normalisation), p50/p99;
+3. control-loop jitter at 50 Hz while inference runs continuously (sim bridge over
+   loopback ZeroMQ).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--artifact", type=Path, default=Path("artifacts/tiny"))
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--loop-seconds", type=float, default=10.0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path, default=Path("bench/results/runtime_cpu.json"))
+    args = ap.parse_args()
+
+    import torch
+    import zmq
+
+    from vpp_edge.cli import _default_episode
+    from vpp_edge.episodes import load_episode
+    from vpp_edge.firmware_bridge.bridge import Bridge, Endpoints
+    from vpp_edge.firmware_bridge.config import load_bridge_config
+    from vpp_edge.firmware_bridge.driver import KinematicSimDriver
+    from vpp_edge.runtime.artifact import Artifact
+    from vpp_edge.runtime.cameras import ReplayCameras
+    from vpp_edge.runtime.engines.onnxruntime import OrtEngine
+    from vpp_edge.runtime.engines.torch_backend import TorchEngine
+    from vpp_edge.runtime.link import BridgeLink
+    from vpp_edge.runtime.loop import RunOptions, Runtime
+    from vpp_edge.runtime.metrics import Metrics, percentiles
+    from vpp_edge.runtime.policy import RuntimePolicy
+    from vpp_edge.runtime.robot_config import load_robot_config
+    from vpp_edge.training.checkpoints import save_checkpoint
+    from vpp_edge.training.models import build_policy
+
+    torch.set_num_threads(args.threads)
+    artifact = Artifact.open(args.artifact)
+    if artifact.preset.name != "tiny" or "untrained" not in artifact.manifest.get("source", "untrained"):
+        print("note: the PyTorch side uses the untrained tiny weights (seed 0), as 'make export' does")
+    ckpt = save_checkpoint(*build_policy(artifact.preset, seed=0), Path(tempfile.mkdtemp()) / "ck")
+    episode = load_episode(_default_episode())
+    from vpp_edge.calibrate.frames import sample_observations
+
+    obs = sample_observations(artifact.preset.num_views, artifact.preset.image_size, 1)[0]
+
+    results: dict = {"machine": {"threads": args.threads}, "preset": artifact.preset.name}
+    engines = {"onnxruntime_fp32": OrtEngine(artifact, "fp32", threads=args.threads).load(),
+               "pytorch_eager_fp32": TorchEngine(artifact, "fp32", checkpoint=ckpt).load()}
+    policies = {name: RuntimePolicy(artifact, eng, seed=0) for name, eng in engines.items()}
+    for p in policies.values():
+        p.set_instruction(obs.instruction)
+        p.infer(obs.frames)  # warm-up
+    step = {name: [] for name in policies}
+    overhead = []
+    for _ in range(args.repeats):
+        for name, p in policies.items():  # alternate: machine noise hits both the same
+            start = time.perf_counter()
+            chunk = p.infer(obs.frames)
+            total = (time.perf_counter() - start) * 1e3
+            step[name].append(total)
+            if name == "onnxruntime_fp32":
+                overhead.append(total - sum(chunk.timings_ms.values()))
+    results["predict_step_ms"] = {n: {"median": statistics.median(v), "p95": float(np.percentile(v, 95))}
+                                  for n, v in step.items()}
+    ratio = results["predict_step_ms"]["pytorch_eager_fp32"]["median"] / results["predict_step_ms"]["onnxruntime_fp32"]["median"]
+    results["onnxruntime_speedup_vs_pytorch"] = ratio
+    results["runtime_overhead_ms"] = percentiles(overhead)
+
+    # Control loop at 50 Hz with inference running back to back.
+    ctx = zmq.Context()
+    any_ = Endpoints(*(["tcp://127.0.0.1:*"] * 4))
+    bridge = Bridge(KinematicSimDriver(7), load_bridge_config("sim"), any_, ctx).start()
+    ends = bridge.bound()
+    link = BridgeLink(ends.action, ends.state, ends.events, ends.command, context=ctx)
+    robot = dataclasses.replace(load_robot_config("sim"), control_hz=50.0)
+    metrics = Metrics()
+    cams = [ReplayCameras(episode, artifact.preset.num_views, artifact.preset.image_size)]
+    runtime = Runtime(policies["onnxruntime_fp32"], cams, robot, link,
+                      RunOptions(duration_s=args.loop_seconds, action_dt=0.1, margin_steps=100), metrics)
+    summary = runtime.run()
+    metrics.close()
+    link.close()
+    bridge.close()
+    ctx.destroy(linger=0)
+    results["control_loop_50hz"] = {"jitter_ms": summary["latency_ms"]["jitter_ms"],
+                                    "inferences": summary["counts"].get("chunks", 0)}
+
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"runtime benchmark, tiny preset, {args.threads} threads")
+    t.add_column("measure")
+    t.add_column("value", justify="right")
+    for n, s in results["predict_step_ms"].items():
+        t.add_row(f"predict step {n} (median / p95 ms)", f"{s['median']:.1f} / {s['p95']:.1f}")
+    t.add_row("ONNX Runtime speed-up vs PyTorch eager (x)", f"{ratio:.2f}")
+    o = results["runtime_overhead_ms"]
+    t.add_row("overhead outside engines per inference (p50 / p99 ms)", f"{o['p50']:.3f} / {o['p99']:.3f}")
+    j = results["control_loop_50hz"]["jitter_ms"]
+    t.add_row("control jitter at 50 Hz during inference (p50 / p99 / max ms)",
+              f"{j['p50']:.3f} / {j['p99']:.3f} / {j['max']:.3f}")
+    t.add_row("inferences during the loop", str(results["control_loop_50hz"]["inferences"]))
+    Console().print(t)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
