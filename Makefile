@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo predict export build-engines test test-fast clean
+.PHONY: help install demo predict export build-engines test test-fast lint clean
 
 # make export [PRESET=calvin] [CKPT=checkpoints/run] [ARTIFACT=artifacts/name]
 PRESET   ?=
@@ -43,6 +43,9 @@ test: $(STAMP)  ## run the test suite
 
 test-fast: $(STAMP)  ## the tests without the slow ones
 	$(BIN)/python -m pytest -m "not slow"
+
+lint: $(STAMP)  ## static checks (ruff: undefined names, unused imports, syntax)
+	$(BIN)/ruff check --select F,E9 --line-length 120 vpp_edge training export calibrate runtime firmware_bridge tests bench
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache build *.egg-info

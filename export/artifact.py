@@ -12,11 +12,9 @@ end: a failed gate, a full disk or Ctrl-C leaves no half-written artifact.
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import shutil
 import statistics
-import tempfile
 import time
 from datetime import datetime, timezone
 from importlib.metadata import version
@@ -29,6 +27,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from vpp_edge import __version__
+from vpp_edge.atomic import atomic_dir
 from vpp_edge.calibrate.frames import Observation, sample_observations
 from vpp_edge.errors import VPPError
 from vpp_edge.runtime.predict_step import ACTION_MODES, predict_actions
@@ -152,8 +151,6 @@ def export_artifact(policy: VPPPolicy, tokenizer: InstructionTokenizer, out: str
     (after saving the report next to ``out``) when a gate fails."""
     opts = options or load_options()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    preset = policy.preset
     precisions = [p for p in PRECISIONS if p in opts["precisions"]]
     n_parity = int(opts["parity_samples"])
     n_calib = int(opts["calibration_samples"]) if "int8" in precisions else 0
@@ -170,118 +167,110 @@ def export_artifact(policy: VPPPolicy, tokenizer: InstructionTokenizer, out: str
         bar.set_description(what)
         bar.update(1)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the artifact is deployed and read by services
     try:
-        obs = observations or sample_observations(preset.num_views, preset.image_size, n_parity + n_calib)
-        if len(obs) < n_parity + n_calib:
-            raise VPPError(f"need {n_parity + n_calib} observations, got {len(obs)}")
-        refs = [reference(policy, tokenizer, o, seed=k) for k, o in enumerate(obs[:n_parity])]
-        calib_refs = [reference(policy, tokenizer, o, seed=100 + k) for k, o in enumerate(obs[n_parity:])]
-        advance("reference run")
-        sigmas = list(policy.action_head.sigmas)
-        scale, offset = (torch.stack([policy.action_scale, policy.action_offset]).numpy())
-
-        paths: dict[str, dict[str, Path]] = {p: {} for p in precisions}
-        for name, gdef in GRAPHS.items():
-            bar.set_description(f"export fp32/{name}")
-            path = tmp / "fp32" / f"{name}.onnx"
-            onnx_io.export_onnx(gdef.adapter(policy), tuple(refs[0][i] for i in gdef.inputs), gdef.inputs,
-                                gdef.outputs, path, opts["opset"])
-            paths["fp32"][name] = path
-            advance(f"exported fp32/{name}")
-
-        sessions = {"fp32": {n: onnx_io.session(p, threads) for n, p in paths["fp32"].items()}}
-        mode_ms = _time_action_modes(sessions["fp32"], refs[0], sigmas)
-        action_mode = min(mode_ms, key=mode_ms.get)
-        advance(f"action head: {action_mode} wins")
-
-        quant_info = {}
-        for precision in precisions[1:]:
-            for name in GRAPHS:
-                src, dst = paths["fp32"][name], tmp / precision / f"{name}.onnx"
-                bar.set_description(f"{precision}/{name}")
-                if precision == "fp16":
-                    onnx_io.convert_fp16(src, dst, opts["fp16"]["keep_fp32_ops"])
-                elif name in opts["int8"]["graphs"]:
-                    feeds = [_feeds(name, r) for r in calib_refs]
-                    quant_info[name] = onnx_io.quantize_int8(src, dst, feeds, opts["int8"]["op_types"],
-                                                             opts["int8"]["exclude_modules"],
-                                                             opts["int8"]["calibration"])
-                else:  # e.g. the text graph: runs once per instruction, kept FP32
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    for f in [src, *onnx_io.external_files(src)]:
-                        shutil.copy2(f, dst.parent / f.name)
-                paths[precision][name] = dst
-                advance(f"{precision}/{name}")
-            sessions[precision] = {n: onnx_io.session(p, threads) for n, p in paths[precision].items()}
-
-        report: dict[str, Any] = {
-            "preset": preset.name,
-            "observations": [o.source for o in obs[:n_parity]],
-            "calibration_observations": [o.source for o in obs[n_parity:]],
-            "action_mode": action_mode,
-            "action_mode_ms": mode_ms,
-            "gates": opts["gates"],
-            "precisions": {},
-        }
-        for precision in precisions:
-            bar.set_description(f"parity {precision}")
-            report["precisions"][precision] = evaluate_precision(precision, sessions[precision], refs, sigmas, action_mode,
-                                                        scale, offset, opts["gates"])
-        if "int8" in precisions:
-            report["precisions"]["int8"]["quantization"] = quant_info
-        advance("parity checked")
+        with atomic_dir(out) as tmp:
+            _export_into(tmp, policy, tokenizer, out, opts, precisions, n_parity, n_calib, observations,
+                         source, threads, bar, advance)
+    finally:
         bar.close()
-
-        table = summary_table(report)
-        failed = [p for p, s in report["precisions"].items() if not s["passed"]]
-        (tmp / "parity.json").write_text(_dumps(report))
-        (tmp / "parity.md").write_text(f"# Parity: {preset.name}\n\n{table}\n")
-        if failed:
-            failed_report = out.parent / f"{out.name}.parity-failed.md"
-            shutil.copy2(tmp / "parity.md", failed_report)
-            raise ParityError(f"parity gate failed for {', '.join(failed)} (report: {failed_report})\n{table}")
-
-        tokenizer.save(tmp)
-        manifest = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "vpp_edge_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "source": source,
-            "preset": preset.to_dict(),
-            "normalization": policy.normalizer.to_dict(),
-            "tokenizer": "tokenizer.json",
-            "text_max_length": preset.text.max_length,
-            "sigmas": sigmas,
-            "action_mode": action_mode,
-            "action_mode_ms": mode_ms,
-            "parity": "parity.json",
-            "graphs": {f"{p}/{n}": onnx_io.graph_entry(path, tmp, p, opts["opset"])
-                       for p, graph_paths in paths.items() for n, path in graph_paths.items()},
-            "engines": {},
-            "toolchain": _toolchain(),
-        }
-        write_manifest(tmp, manifest)
-        _replace_dir(tmp, out)
-        return read_manifest(out)
-    except BaseException:
-        bar.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return read_manifest(out)
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move a finished folder into place, replacing an older one with a rename, not a merge."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, out: Path, opts: dict[str, Any],
+                 precisions: list[str], n_parity: int, n_calib: int, observations: list[Observation] | None,
+                 source: str, threads: int, bar: tqdm, advance: Callable[[str], None]) -> None:
+    preset = policy.preset
+    obs = observations or sample_observations(preset.num_views, preset.image_size, n_parity + n_calib)
+    if len(obs) < n_parity + n_calib:
+        raise VPPError(f"need {n_parity + n_calib} observations, got {len(obs)}")
+    refs = [reference(policy, tokenizer, o, seed=k) for k, o in enumerate(obs[:n_parity])]
+    calib_refs = [reference(policy, tokenizer, o, seed=100 + k) for k, o in enumerate(obs[n_parity:])]
+    advance("reference run")
+    sigmas = list(policy.action_head.sigmas)
+    scale, offset = (torch.stack([policy.action_scale, policy.action_offset]).numpy())
+
+    paths: dict[str, dict[str, Path]] = {p: {} for p in precisions}
+    for name, gdef in GRAPHS.items():
+        bar.set_description(f"export fp32/{name}")
+        path = tmp / "fp32" / f"{name}.onnx"
+        onnx_io.export_onnx(gdef.adapter(policy), tuple(refs[0][i] for i in gdef.inputs), gdef.inputs,
+                            gdef.outputs, path, opts["opset"])
+        paths["fp32"][name] = path
+        advance(f"exported fp32/{name}")
+
+    sessions = {"fp32": {n: onnx_io.session(p, threads) for n, p in paths["fp32"].items()}}
+    mode_ms = _time_action_modes(sessions["fp32"], refs[0], sigmas)
+    action_mode = min(mode_ms, key=mode_ms.get)
+    advance(f"action head: {action_mode} wins")
+
+    quant_info = {}
+    for precision in precisions[1:]:
+        for name in GRAPHS:
+            src, dst = paths["fp32"][name], tmp / precision / f"{name}.onnx"
+            bar.set_description(f"{precision}/{name}")
+            if precision == "fp16":
+                onnx_io.convert_fp16(src, dst, opts["fp16"]["keep_fp32_ops"])
+            elif name in opts["int8"]["graphs"]:
+                feeds = [_feeds(name, r) for r in calib_refs]
+                quant_info[name] = onnx_io.quantize_int8(src, dst, feeds, opts["int8"]["op_types"],
+                                                         opts["int8"]["exclude_modules"],
+                                                         opts["int8"]["calibration"])
+            else:  # e.g. the text graph: runs once per instruction, kept FP32
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                for f in [src, *onnx_io.external_files(src)]:
+                    shutil.copy2(f, dst.parent / f.name)
+            paths[precision][name] = dst
+            advance(f"{precision}/{name}")
+        sessions[precision] = {n: onnx_io.session(p, threads) for n, p in paths[precision].items()}
+
+    report: dict[str, Any] = {
+        "preset": preset.name,
+        "observations": [o.source for o in obs[:n_parity]],
+        "calibration_observations": [o.source for o in obs[n_parity:]],
+        "action_mode": action_mode,
+        "action_mode_ms": mode_ms,
+        "gates": opts["gates"],
+        "precisions": {},
+    }
+    for precision in precisions:
+        bar.set_description(f"parity {precision}")
+        report["precisions"][precision] = evaluate_precision(precision, sessions[precision], refs, sigmas, action_mode,
+                                                    scale, offset, opts["gates"])
+    if "int8" in precisions:
+        report["precisions"]["int8"]["quantization"] = quant_info
+    advance("parity checked")
+    bar.close()
+
+    table = summary_table(report)
+    failed = [p for p, s in report["precisions"].items() if not s["passed"]]
+    (tmp / "parity.json").write_text(_dumps(report))
+    (tmp / "parity.md").write_text(f"# Parity: {preset.name}\n\n{table}\n")
+    if failed:
+        failed_report = out.parent / f"{out.name}.parity-failed.md"
+        shutil.copy2(tmp / "parity.md", failed_report)
+        raise ParityError(f"parity gate failed for {', '.join(failed)} (report: {failed_report})\n{table}")
+
+    tokenizer.save(tmp)
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "vpp_edge_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": source,
+        "preset": preset.to_dict(),
+        "normalization": policy.normalizer.to_dict(),
+        "tokenizer": "tokenizer.json",
+        "text_max_length": preset.text.max_length,
+        "sigmas": sigmas,
+        "action_mode": action_mode,
+        "action_mode_ms": mode_ms,
+        "parity": "parity.json",
+        "graphs": {f"{p}/{n}": onnx_io.graph_entry(path, tmp, p, opts["opset"])
+                   for p, graph_paths in paths.items() for n, path in graph_paths.items()},
+        "engines": {},
+        "toolchain": _toolchain(),
+    }
+    write_manifest(tmp, manifest)
 
 
 def _dumps(obj: Any) -> str:

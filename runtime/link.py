@@ -33,27 +33,10 @@ class BridgeLink:
 
     def poll(self) -> tuple[P.RobotState | None, list[P.Event]]:
         """Newest state (if any arrived) and every event since the last poll."""
-        state = None
-        while True:
-            try:
-                msg = recv(self._state)
-            except P.ProtocolError:
-                continue
-            if msg is None:
-                break
-            if isinstance(msg, P.RobotState):
-                state = self.last_state = msg
-        events = []
-        while True:
-            try:
-                msg = recv(self._events)
-            except P.ProtocolError:
-                continue
-            if msg is None:
-                break
-            if isinstance(msg, P.Event):
-                events.append(msg)
-        return state, events
+        states = _drain(self._state, P.RobotState)
+        if states:
+            self.last_state = states[-1]
+        return (states[-1] if states else None), _drain(self._events, P.Event)
 
     def command(self, name: str) -> P.Reply | None:
         """Send a command and wait for its correlated reply (None on timeout)."""
@@ -69,3 +52,17 @@ class BridgeLink:
     def close(self) -> None:
         for sock in (self._push, self._state, self._events, self._cmd):
             sock.close(linger=0)
+
+
+def _drain(sock: zmq.Socket, kind: type) -> list:
+    """Every message of ``kind`` waiting on ``sock``, without blocking (malformed ones dropped)."""
+    out = []
+    while True:
+        try:
+            msg = recv(sock)
+        except P.ProtocolError:
+            continue
+        if msg is None:
+            return out
+        if isinstance(msg, kind):
+            out.append(msg)

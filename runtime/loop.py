@@ -162,7 +162,7 @@ class Runtime:
         if text is not None and not self.worker.busy:
             self.policy.set_instruction(text)
             self.metrics.record("event", kind="instruction", detail=text)
-        for chunk, obs_stamp, finished in self.worker.take():
+        for chunk, obs_stamp, _finished in self.worker.take():
             reason = self.safety.check_chunk(chunk.actions, obs_stamp, now)
             if reason is not None:
                 self.metrics.count("chunk_rejected")

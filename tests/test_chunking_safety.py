@@ -67,7 +67,7 @@ def test_crossfade_and_ensembling_reduce_boundary_jumps():
 
 def test_inference_is_triggered_before_the_plan_runs_dry():
     plan = ActionPlan(DT)
-    for k in range(5):
+    for _ in range(5):
         plan.latency.add(0.3)
     plan.add_chunk(ramp(0), obs_stamp=0.0, now=0.0, seq=0)
     assert not plan.needs_inference(0.0)  # 10 left, lead = 3 + 1
@@ -91,7 +91,7 @@ def test_limits_rate_and_invalid_actions(gate):
     assert np.array_equal(bad.action, second.action) and bad.events == ("action_invalid",)
     starving = gate.filter(None, 0.04)
     assert np.array_equal(starving.action, second.action) and starving.events == ("starvation",)
-    assert gate.counts["clamped_limits"] == 1 and gate.counts["starvation"] == 1
+    assert gate.counts["clamped_limits"] == 2 and gate.counts["starvation"] == 1
 
 
 def test_watchdog_holds_then_stops(gate):

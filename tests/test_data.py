@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from vpp_edge.demo_data import INSTRUCTION, write_demo_dataset
+from vpp_edge.demo_data import INSTRUCTION
 from vpp_edge.episodes import decode_video, list_episodes, load_episode
 from vpp_edge.errors import CheckpointError, DataError
 from vpp_edge.normalization import ActionNormalizer

@@ -96,7 +96,7 @@ def test_fuzzed_messages_never_escape_as_other_exceptions():
     rng = random.Random(0)
     seeds = [P.encode(m) for m in MESSAGES]
     accepted = rejected = 0
-    for i in range(3000):
+    for _ in range(3000):
         frames = [bytearray(f) for f in rng.choice(seeds)]
         for _ in range(rng.randint(1, 4)):
             target = rng.randrange(len(frames))

@@ -19,9 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -34,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from vpp_edge import __version__
+from vpp_edge.atomic import atomic_dir
 from vpp_edge.errors import CheckpointError
 from vpp_edge.normalization import ActionNormalizer
 from vpp_edge.presets import Preset, preset_from_dict
@@ -259,10 +257,7 @@ def save_checkpoint(policy: VPPPolicy, tokenizer: InstructionTokenizer, folder: 
     interrupted save never leaves a half-written checkpoint.
     """
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private
-    try:
+    with atomic_dir(folder) as tmp:
         config = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -282,17 +277,6 @@ def save_checkpoint(policy: VPPPolicy, tokenizer: InstructionTokenizer, folder: 
         state = {k: v.detach().contiguous().cpu() for k, v in policy.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
         tokenizer.save(tmp)
-        if folder.exists():
-            backup = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(folder, backup)
-            os.replace(tmp, folder)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

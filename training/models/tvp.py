@@ -129,7 +129,7 @@ class TVPFeatureExtractor(nn.Module):
         x = unet.mid_block(hidden_states=x, temb=emb, encoder_hidden_states=context, image_only_indicator=indicator)
 
         outputs = []
-        for i, block in enumerate(unet.up_blocks[: self.extract_layer_idx + 1]):
+        for block in unet.up_blocks[: self.extract_layer_idx + 1]:
             res, skips = skips[-len(block.resnets):], skips[: -len(block.resnets)]
             if getattr(block, "has_cross_attention", False):
                 x = block(hidden_states=x, temb=emb, res_hidden_states_tuple=res,
