@@ -196,6 +196,11 @@ class Bridge:
                         why = "expected a command"
                     if isinstance(msg, P.CommandMsg):
                         reply = self.handle_command(msg)
+                    elif isinstance(msg, P.Hello):  # connect handshake: same schema (decoded), robot shape
+                        self._seq += 1
+                        reply = P.Reply(seq=self._seq, stamp=P.now(), request_seq=msg.seq, ok=True,
+                                        status={"robot": self.driver.name, "dim": self.cfg.dim,
+                                                "version": P.PROTOCOL_VERSION})
                     else:
                         self._reject("malformed_command", why)
                         self._seq += 1

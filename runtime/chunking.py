@@ -8,7 +8,9 @@ plan by a smoothing policy, because consecutive chunks disagree at their boundar
 * ``none``: the new chunk replaces the plan from its first still-valid action;
 * ``ensemble``: ACT-style temporal ensembling: every chunk that covers a tick votes,
   weighted ``exp(-m * k)`` with k = 0 for the oldest prediction;
-* ``crossfade``: the first ``k`` overlapping ticks blend linearly from old to new.
+* ``crossfade``: the first ``k`` overlapping ticks blend linearly from old to new;
+* ``rtc``: real-time chunking: the sampler itself inpaints the plan's remaining actions
+  into the new chunk (see ``predict_step.predict_actions``), which then replaces the plan.
 
 The control loop asks for one action per tick; an empty plan is *starvation* (the
 caller holds the last safe target). numpy only; no locking: one owner thread.
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-SMOOTHING = ("none", "ensemble", "crossfade")
+SMOOTHING = ("none", "ensemble", "crossfade", "rtc")
 
 
 class LatencyTracker:
@@ -90,7 +92,7 @@ class ActionPlan:
         while self._slots and self._slots[0].tick < current:
             self._slots.popleft()
         existing = {s.tick: s for s in self._slots}
-        if self.smoothing == "none":
+        if self.smoothing in ("none", "rtc"):
             existing = {t: s for t, s in existing.items() if t < min(new, default=current)}
         overlap = 0
         for tick in sorted(new):
@@ -129,6 +131,18 @@ class ActionPlan:
             (self.boundary_jumps if slot.chunk_seq != self._prev[1] else self.inner_jumps).append(jump)
         self._prev = (action, slot.chunk_seq)
         return action
+
+    def snapshot(self, now: float) -> tuple[int, np.ndarray]:
+        """(first tick, actions [n, A]) planned contiguously from the current tick on."""
+        current = self.tick_of(now)
+        actions = []
+        for slot in self._slots:
+            if slot.tick < current:
+                continue
+            if slot.tick != current + len(actions):
+                break
+            actions.append(self._value(slot))
+        return current, (np.stack(actions) if actions else np.zeros((0, 0)))
 
     def remaining(self, now: float) -> int:
         """Planned actions from the current tick on."""

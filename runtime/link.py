@@ -38,16 +38,35 @@ class BridgeLink:
             self.last_state = states[-1]
         return (states[-1] if states else None), _drain(self._events, P.Event)
 
+    def handshake(self, robot: str, action_dim: int) -> dict:
+        """Hello at connect: the bridge must answer in this schema version and take ``action_dim``."""
+        self._seq += 1
+        seq = self._seq
+        if not send(self._cmd, P.Hello(seq=seq, stamp=P.now(), role="runtime", robot=robot, action_dim=action_dim)):
+            raise P.ProtocolError("bridge not reachable for the handshake")
+        reply = self._reply(seq)
+        if reply is None:
+            raise P.ProtocolError("no handshake reply from the bridge (is it running? same endpoints?)")
+        if not reply.ok:
+            raise P.ProtocolError(f"bridge refused the handshake: {reply.reason}")
+        if reply.status.get("dim") != action_dim:
+            raise P.ProtocolError(f"bridge '{reply.status.get('robot')}' takes {reply.status.get('dim')} actions, "
+                                  f"the runtime sends {action_dim}")
+        return reply.status
+
+    def _reply(self, seq: int) -> P.Reply | None:
+        while True:
+            reply = recv(self._cmd)
+            if reply is None or (isinstance(reply, P.Reply) and reply.request_seq == seq):
+                return reply
+
     def command(self, name: str) -> P.Reply | None:
         """Send a command and wait for its correlated reply (None on timeout)."""
         self._seq += 1
         seq = self._seq
         if not send(self._cmd, P.CommandMsg(seq=seq, stamp=P.now(), command=name)):
             return None
-        while True:
-            reply = recv(self._cmd)
-            if reply is None or (isinstance(reply, P.Reply) and reply.request_seq == seq):
-                return reply
+        return self._reply(seq)
 
     def close(self) -> None:
         for sock in (self._push, self._state, self._events, self._cmd):

@@ -47,6 +47,10 @@ class InferenceWorker:
         self._lock = threading.Lock()
         self._done: list[tuple[Chunk, float, float]] = []  # (chunk, obs_stamp, finished)
         self.busy = False
+        self._prefix: tuple[int, np.ndarray] | None = None  # plan snapshot for real-time chunking
+        self._instruction: str | None = None  # applied before the next inference
+        self.plan_dt = 0.0
+        self.delay_steps = 0
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
 
     def start(self) -> "InferenceWorker":
@@ -58,10 +62,25 @@ class InferenceWorker:
         self._trigger.set()
         self._thread.join(timeout=30.0)
 
-    def trigger(self) -> None:
+    def set_instruction(self, text: str) -> None:
+        """Change the task; the text graph runs once, on this thread, before the next inference."""
+        with self._lock:
+            self._instruction = text
+
+    def trigger(self, prefix: tuple[int, np.ndarray] | None = None) -> None:
+        """Start an inference; ``prefix`` (first tick, actions) is what the plan still holds."""
         if not self.busy:
             self.busy = True
+            self._prefix = prefix
             self._trigger.set()
+
+    def _aligned_prefix(self, obs_stamp: float) -> np.ndarray | None:
+        """The plan's actions from the new chunk's first tick on (what must be continued)."""
+        if self._prefix is None or not len(self._prefix[1]):
+            return None
+        first, actions = self._prefix
+        offset = int(np.ceil(obs_stamp / self.plan_dt - 1e-9)) - first
+        return actions[offset:] if 0 <= offset < len(actions) else None
 
     def take(self) -> list[tuple[Chunk, float, float]]:
         with self._lock:
@@ -82,8 +101,14 @@ class InferenceWorker:
                 continue
             self._trigger.clear()
             try:
+                with self._lock:
+                    text, self._instruction = self._instruction, None
+                if text is not None:
+                    self.metrics.observe("text_ms", self.policy.set_instruction(text))
+                    self.metrics.record("event", kind="instruction", detail=text)
                 frames, obs_stamp = self.observe()
-                chunk = self.policy.infer(frames)
+                prefix = self._aligned_prefix(obs_stamp) if self.plan_dt else None
+                chunk = self.policy.infer(frames, prefix=prefix, delay_steps=self.delay_steps)
                 finished = time.monotonic()
                 for stage, ms in chunk.timings_ms.items():
                     self.metrics.observe(f"{stage}_ms", ms)
@@ -112,17 +137,17 @@ class Runtime:
         self.safety = SafetyGate(robot)
         self.plan = ActionPlan(options.action_dt or robot.dt, options.smoothing, options.crossfade_steps)
         self.worker = InferenceWorker(policy, cameras, robot.stale_observation_s, metrics)
-        self._instruction_lock = threading.Lock()
-        self._pending_instruction: str | None = None
+        if options.smoothing == "rtc":
+            self.worker.plan_dt = self.plan.dt
 
     def set_instruction(self, text: str) -> None:
         """Change the task at run time (the text graph re-runs once, before the next inference)."""
-        with self._instruction_lock:
-            self._pending_instruction = text
+        self.worker.set_instruction(text)
 
     def run(self) -> dict:
         """Run for ``duration_s`` (or until Ctrl-C); returns the summary."""
         dt = self.robot.dt
+        self.link.handshake(self.robot.name, self.robot.action_dim)
         for cam in self.cameras:
             cam.start()
         self.worker.start()
@@ -157,11 +182,6 @@ class Runtime:
         return summary
 
     def _tick(self, now: float) -> None:
-        with self._instruction_lock:
-            text, self._pending_instruction = self._pending_instruction, None
-        if text is not None and not self.worker.busy:
-            self.policy.set_instruction(text)
-            self.metrics.record("event", kind="instruction", detail=text)
         for chunk, obs_stamp, _finished in self.worker.take():
             reason = self.safety.check_chunk(chunk.actions, obs_stamp, now)
             if reason is not None:
@@ -195,4 +215,8 @@ class Runtime:
             if not self.link.send_target(verdict.action, now, self.robot.dt):
                 self.metrics.count("bridge_unreachable")
         if self.safety.mode(now) is not Mode.ESTOP and self.plan.needs_inference(now, self.options.margin_steps):
-            self.worker.trigger()
+            if self.options.smoothing == "rtc" and not self.worker.busy:
+                self.worker.delay_steps = int(np.ceil(self.plan.latency.stats()["p95"] / self.plan.dt))
+                self.worker.trigger(self.plan.snapshot(now))
+            else:
+                self.worker.trigger()

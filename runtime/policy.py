@@ -12,7 +12,7 @@ from vpp_edge.errors import VPPError
 
 from .artifact import Artifact
 from .engines.base import Engine
-from .predict_step import encode_text, predict_actions, timed
+from .predict_step import encode_text, inpainting_weights, predict_actions, timed
 
 
 class EngineOutputError(VPPError):
@@ -53,9 +53,14 @@ class RuntimePolicy:
         self.instruction = instruction
         return (time.perf_counter() - start) * 1e3
 
-    def infer(self, frames: np.ndarray, noise: np.ndarray | None = None,
-              action_noise: np.ndarray | None = None) -> Chunk:
-        """uint8 frames [V, S, S, 3] -> action chunk; noise drawn from the seeded generator."""
+    def infer(self, frames: np.ndarray, noise: np.ndarray | None = None, action_noise: np.ndarray | None = None,
+              prefix: np.ndarray | None = None, delay_steps: int = 0) -> Chunk:
+        """uint8 frames [V, S, S, 3] -> action chunk; noise drawn from the seeded generator.
+
+        ``prefix``: actions (robot units, [k, A]) the robot will still execute at this
+        chunk's first k ticks; the sampler inpaints them (real-time chunking), holding the
+        first ``delay_steps`` firmly and letting the rest fade.
+        """
         if self._text is None:
             raise VPPError("set an instruction before the first inference")
         if frames.shape != self.frame_shape or frames.dtype != np.uint8:
@@ -65,8 +70,11 @@ class RuntimePolicy:
                         if action_noise is None else action_noise)
         timings: dict[str, float] = {}
         condition, goal = self._text
+        known = None if prefix is None or not len(prefix) else ((prefix - self.offset) / self.scale).astype(np.float32)
+        weights = None if known is None else inpainting_weights(len(known), delay_steps)
         normalized = predict_actions(timed(self.engine.run, timings), condition, goal, frames[None], noise,
-                                     action_noise, self.artifact.sigmas, self.artifact.action_mode)[0]
+                                     action_noise, self.artifact.sigmas, self.artifact.action_mode, known,
+                                     weights)[0]
         if normalized.shape != self.action_shape[1:] or not np.all(np.isfinite(normalized)):
             raise EngineOutputError(f"engine '{self.engine.backend}' returned an invalid chunk "
                                     f"(shape {normalized.shape}, finite={bool(np.all(np.isfinite(normalized)))})")

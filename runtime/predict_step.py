@@ -37,24 +37,49 @@ def encode_text(run: GraphRunner, input_ids: np.ndarray, attention_mask: np.ndar
     return out["condition"], out["goal"]
 
 
+def inpainting_weights(overlap: int, delay: int) -> np.ndarray:
+    """Real-time-chunking soft mask over the overlap with the previous chunk: 1 for the
+    actions that will run while this inference is in flight, then decaying to 0."""
+    if overlap <= 0:
+        return np.zeros(0, np.float32)
+    i = np.arange(overlap)
+    fade = 1.0 - (i - delay + 1) / (overlap - delay + 1)
+    return np.where(i < delay, 1.0, np.clip(fade, 0.0, 1.0)).astype(np.float32)
+
+
 def predict_actions(run: GraphRunner, condition: np.ndarray, goal: np.ndarray, frames: np.ndarray,
                     noise: np.ndarray, action_noise: np.ndarray, sigmas: Sequence[float],
-                    action_mode: str = "sampler") -> np.ndarray:
+                    action_mode: str = "sampler", prefix: np.ndarray | None = None,
+                    prefix_weights: np.ndarray | None = None) -> np.ndarray:
     """Normalised action chunk [1, T, A] from uint8 frames [1, V, S, S, 3] and the noises.
 
     ``action_mode`` ``sampler`` runs the unrolled sampler graph; ``step`` runs the context
     graph once and the one-step graph ``len(sigmas) - 1`` times.
+
+    With ``prefix`` (normalised actions [k, A] that the previous chunk still has planned
+    for this chunk's first k ticks) the sampler inpaints: after every step the first k
+    actions are pulled, with ``prefix_weights`` [k], towards the prefix noised to the
+    step's noise level, so the new chunk continues what the robot is already doing
+    (real-time chunking). Needs the step graph.
     """
     features = run("tvp", {"frames": frames, "condition": condition, "noise": noise})["features"]
     tokens = run("former", {"features": features})["tokens"]
+    if prefix is not None and len(prefix):
+        action_mode = "step"
     if action_mode == "sampler":
         return run("action_sampler", {"tokens": tokens, "goal": goal, "action_noise": action_noise})["actions"]
     if action_mode != "step":
         raise ValueError(f"action_mode '{action_mode}' unknown; allowed: {list(ACTION_MODES)}")
     context = run("action_context", {"tokens": tokens, "goal": goal})["context"]
     x = (action_noise * np.float32(sigmas[0])).astype(np.float32)
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+    k = 0 if prefix is None else min(len(prefix), x.shape[1])
+    w = None if not k else (np.ones(k, np.float32) if prefix_weights is None else prefix_weights[:k])[None, :, None]
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
         feeds = {"context": context, "x": x, "sigma": np.array([sigma], np.float32),
                  "sigma_next": np.array([sigma_next], np.float32)}
         x = run("action_step", feeds)["x_next"]
+        if k:
+            known = prefix[None, :k] + np.float32(sigma_next) * action_noise[:, :k]
+            x = x.copy()
+            x[:, :k] = w * known + (1.0 - w) * x[:, :k]
     return x

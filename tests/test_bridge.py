@@ -191,3 +191,17 @@ def test_bridge_configs():
         load_bridge_config("hal9000")
     with pytest.raises(BridgeConfigError, match="hold_after_s < stop_after_s"):
         config(hold_after_s=2.0)
+
+
+def test_handshake_checks_schema_and_action_shape(rig):
+    from vpp_edge.runtime.link import BridgeLink
+
+    bridge, driver, client = rig
+    ends = bridge.bound()
+    link = BridgeLink(ends.action, ends.state, ends.events, ends.command)
+    try:
+        assert link.handshake("sim", 7) == {"robot": "sim", "dim": 7, "version": P.PROTOCOL_VERSION}
+        with pytest.raises(P.ProtocolError, match="takes 7 actions, the runtime sends 18"):
+            link.handshake("xarm_xhand", 18)
+    finally:
+        link.close()

@@ -129,3 +129,34 @@ print("HEAVY", heavy, chunk.actions.shape)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "HEAVY [] (10, 7)" in out.stdout
+
+
+def test_real_time_chunking_inpaints_the_previous_chunk(exported):
+    """The sampler continues the plan: the new chunk starts where the old one was going."""
+    from vpp_edge.runtime.predict_step import inpainting_weights
+
+    w = inpainting_weights(6, 2)
+    assert w.tolist()[:2] == [1.0, 1.0] and np.all(np.diff(w[1:]) < 0) and 0 < w[-1] < w[2]
+    artifact = Artifact.open(exported[0])
+    with create_engine(artifact, "onnxruntime") as engine:
+        policy = RuntimePolicy(artifact, engine, seed=0)
+        policy.set_instruction("open the drawer")
+        first = policy.infer(frames_of(artifact.preset, 1))
+        delay = 2
+        prefix = first.actions[delay:]
+        free = policy.infer(frames_of(artifact.preset, 2))
+        rtc = policy.infer(frames_of(artifact.preset, 2), prefix=prefix, delay_steps=len(prefix))
+        soft = policy.infer(frames_of(artifact.preset, 2), prefix=prefix, delay_steps=delay)
+    np.testing.assert_allclose(rtc.actions[: len(prefix)], prefix, atol=1e-5)  # hard mask: kept exactly
+    np.testing.assert_allclose(soft.actions[:delay], prefix[:delay], atol=1e-5)  # in-flight actions kept
+
+    def jump(chunk):  # step from the last action of the old chunk to the first of the new one
+        return float(np.linalg.norm(chunk.actions[0] - first.actions[delay - 1]))
+
+    within = float(np.linalg.norm(first.actions[delay] - first.actions[delay - 1]))
+    assert jump(soft) == pytest.approx(within, abs=1e-4), "switching adds no jump of its own"
+
+    def disagreement(chunk):  # how far the new chunk departs from what the robot was going to do
+        return float(np.linalg.norm(chunk.actions[: len(prefix)] - prefix))
+
+    assert disagreement(soft) < 0.5 * disagreement(free)

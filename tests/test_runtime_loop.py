@@ -34,12 +34,13 @@ def loop_rig(exported, demo_episode, tmp_path):
     artifact = Artifact.open(exported[0])
     metrics = Metrics(tmp_path / "run.jsonl")
 
-    def make(engine_cls=OrtEngine, loop_camera=True, fps=20.0):
+    def make(engine_cls=OrtEngine, loop_camera=True, fps=20.0, smoothing="crossfade"):
         engine = engine_cls(artifact, "fp32").load()
         policy = RuntimePolicy(artifact, engine, seed=0)
         policy.set_instruction("push the red block to the green target")
         cams = [ReplayCameras(load_episode(demo_episode), 2, 256, fps=fps, loop=loop_camera)]
-        return Runtime(policy, cams, load_robot_config("sim"), link, RunOptions(duration_s=3.0), metrics)
+        return Runtime(policy, cams, load_robot_config("sim"), link, RunOptions(duration_s=3.0, smoothing=smoothing),
+                       metrics)
 
     yield make, bridge, driver, metrics, tmp_path
     metrics.close()
@@ -105,3 +106,9 @@ def test_instruction_changes_at_run_time(loop_rig):
     threading.Timer(1.0, runtime.set_instruction, args=("open the drawer",)).start()
     runtime.run()
     assert calls.count("text") == 1 and runtime.policy.instruction == "open the drawer"
+
+
+def test_closed_loop_with_real_time_chunking(loop_rig):
+    make, bridge, driver, metrics, _ = loop_rig
+    summary = make(smoothing="rtc").run()
+    assert summary["counts"]["chunks"] >= 3 and bridge.counts["accepted"] >= 5

@@ -342,7 +342,7 @@ def _add_run_args(p: argparse.ArgumentParser, duration: float) -> None:
     p.add_argument("--episode", type=Path, help="episode replayed as the cameras (default: the demo episode)")
     p.add_argument("--camera-fps", type=float, help="replay rate (default: the recorded rate)")
     p.add_argument("--instruction", help="task instruction (default: the episode's)")
-    p.add_argument("--smoothing", default="crossfade", help="none | ensemble | crossfade (default crossfade)")
+    p.add_argument("--smoothing", default="crossfade", help="none | ensemble | crossfade | rtc (default crossfade)")
     p.add_argument("--duration", type=float, default=duration, help=f"seconds to run (default {duration:g})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log", type=Path, help="JSONL log of chunks and events")

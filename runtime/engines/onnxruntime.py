@@ -37,6 +37,9 @@ class OrtEngine(Engine):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.threads:
             opts.intra_op_num_threads = self.threads
+        # Idle worker threads must sleep, not spin: spinning steals the cores the control
+        # loop and the camera threads need between inferences.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         ort_device = "cuda" if self.device == "cuda" else "cpu"
         for name in self.graphs:
             path, _, outputs = self.artifact.graph(self.precision, name)
