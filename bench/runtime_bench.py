@@ -30,6 +30,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--loop-seconds", type=float, default=10.0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rt-priority", type=int, default=0, help="SCHED_FIFO priority of the control thread")
     ap.add_argument("--json", type=Path, default=Path("bench/results/runtime_cpu.json"))
     args = ap.parse_args()
 
@@ -96,7 +97,8 @@ def main() -> int:
     metrics = Metrics()
     cams = [ReplayCameras(episode, artifact.preset.num_views, artifact.preset.image_size)]
     runtime = Runtime(policies["onnxruntime_fp32"], cams, robot, link,
-                      RunOptions(duration_s=args.loop_seconds, action_dt=0.1, margin_steps=100), metrics)
+                      RunOptions(duration_s=args.loop_seconds, action_dt=0.1, margin_steps=100,
+                                 realtime_priority=args.rt_priority), metrics)
     summary = runtime.run()
     metrics.close()
     link.close()

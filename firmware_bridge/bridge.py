@@ -58,6 +58,7 @@ class Bridge:
         self._last_chunk_seq = -1
         self._seq = 0
         self._pending_events: list[tuple[str, str]] = []
+        self._resume_pending = False  # the servo thread re-enables the robot after a stop
 
     # --- lifecycle ---------------------------------------------------------------------
     def start(self) -> "Bridge":
@@ -140,10 +141,14 @@ class Bridge:
             if np.any(step > self.cfg.vec("max_step")):
                 return self._reject("step_too_large", f"step {np.round(step, 4).tolist()} exceeds max_step")
             low, high = self.cfg.vec("setpoint_low"), self.cfg.vec("setpoint_high")
-            if np.any(target < low) or np.any(target > high):
+            tol = 1e-6  # float32 on the wire: a target exactly at a bound may read 1e-8 beyond it
+            if np.any(target < low - tol) or np.any(target > high + tol):
                 return self._reject("out_of_limits", f"target {np.round(target, 4).tolist()} outside workspace")
+            target = np.clip(target, low, high)
             self._target, self._last_rx, self._last_chunk_seq = target, now, msg.seq
             self.counts["accepted"] += 1
+            if self.mode == "stopped":
+                self._resume_pending = True
             if self.mode in ("idle", "hold", "stopped"):
                 self._event("tracking", f"chunk {msg.seq}")
             self.mode = "tracking"
@@ -156,11 +161,12 @@ class Bridge:
                 if self._estop is None:
                     self._estop = "operator"
                     self._event("estop", "latched by command")
-                self.driver.stop()
+                self.driver.estop()  # directly, not via the servo thread: every millisecond counts
                 self.mode = "estop"
             elif cmd.command == P.Command.RESET.value:
                 if self._estop is not None:
                     self._event("reset", "e-stop cleared")
+                    self._resume_pending = True
                 self._estop, self._last_rx = None, None
                 self._target = self._interp.p.copy()
                 self._interp.halt()
@@ -225,6 +231,7 @@ class Bridge:
                 self._event("watchdog_stop", f"no target for {silent:.2f} s")
                 self.driver.stop()
                 self._interp.halt()
+                self._target = self._interp.p.copy()  # resume from where it stopped
             return None
         if silent > self.cfg.hold_after_s:
             if self.mode != "hold":
@@ -242,6 +249,17 @@ class Bridge:
             while not self._stop_flag.is_set():
                 now = time.monotonic()
                 with self._lock:
+                    for kind, detail in self.driver.events():
+                        self._event(kind, detail)
+                        if kind == "driver_error" and self._estop is None:  # the robot faulted: latch
+                            self._estop, self.mode = detail, "estop"
+                            self.driver.estop()
+                    if self._resume_pending and self._estop is None:
+                        self._resume_pending = False
+                        self._interp.p = self.driver.resume()
+                        self._interp.halt()
+                        if self._last_rx is None:
+                            self._target = self._interp.p.copy()
                     target = self._watchdog(now)
                     if target is not None:
                         self.driver.servo(self._interp.step(target))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ class BridgeConfig:
     max_acc: tuple[float, ...]
     hold_after_s: float
     stop_after_s: float
+    driver: dict = field(default_factory=dict)  # driver-specific settings (addresses, gains)
 
     def vec(self, name: str) -> np.ndarray:
         return np.asarray(getattr(self, name), np.float64)
@@ -39,10 +40,14 @@ class BridgeConfig:
 
 def bridge_config_from_dict(data: dict, source: str = "bridge config") -> BridgeConfig:
     names = {f.name for f in fields(BridgeConfig)}
+    if isinstance(data, dict):
+        data = {"driver": {}, **data}
     if not isinstance(data, dict) or set(data) != names:
         got = set(data) if isinstance(data, dict) else set()
         raise BridgeConfigError(f"{source}: keys differ (missing {sorted(names - got)}, unknown {sorted(got - names)})")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    if not isinstance(values["driver"], dict):
+        raise BridgeConfigError(f"{source}: 'driver' must be a mapping")
     cfg = BridgeConfig(**values)
     for key in (*_VECTORS, "delta_dims"):
         if len(getattr(cfg, key)) != cfg.dim:

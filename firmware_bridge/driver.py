@@ -27,9 +27,21 @@ class RobotDriver(ABC):
 
     @abstractmethod
     def stop(self) -> None:
-        """Stop all motion now (watchdog stop and e-stop)."""
+        """Stop all motion now (watchdog stop)."""
 
-    def disconnect(self) -> None:
+    def estop(self) -> None:
+        """Emergency stop (the hardware's own, where it has one)."""
+        self.stop()
+
+    def resume(self) -> np.ndarray:
+        """Make the robot commandable again after a stop; returns the current setpoint."""
+        return self.connect()
+
+    def events(self) -> list[tuple[str, str]]:
+        """Driver-side events since the last call (errors, warnings), as (kind, detail)."""
+        return []
+
+    def disconnect(self) -> None:  # noqa: B027 - optional hook
         """Release the hardware (called in a finally block)."""
 
 

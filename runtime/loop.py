@@ -35,6 +35,7 @@ class RunOptions:
     crossfade_steps: int = 3
     margin_steps: int = 2
     action_dt: float | None = None  # spacing of the chunk's actions (default: the control period)
+    realtime_priority: int = 0  # >0: SCHED_FIFO priority for the control thread (needs CAP_SYS_NICE)
 
 
 class InferenceWorker:
@@ -148,6 +149,8 @@ class Runtime:
         """Run for ``duration_s`` (or until Ctrl-C); returns the summary."""
         dt = self.robot.dt
         self.link.handshake(self.robot.name, self.robot.action_dim)
+        if self.options.realtime_priority > 0:
+            _realtime(self.options.realtime_priority, self.metrics)
         for cam in self.cameras:
             cam.start()
         self.worker.start()
@@ -220,3 +223,17 @@ class Runtime:
                 self.worker.trigger(self.plan.snapshot(now))
             else:
                 self.worker.trigger()
+
+
+def _realtime(priority: int, metrics: Metrics) -> None:
+    """Run the calling (control) thread under SCHED_FIFO so inference threads cannot delay
+    its ticks; on Linux, pid 0 means the calling thread. Without permission it stays
+    best-effort and says so."""
+    import os
+
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+        metrics.record("event", kind="realtime", detail=f"SCHED_FIFO {priority}")
+    except (AttributeError, PermissionError, OSError) as exc:
+        metrics.count("realtime_denied")
+        log.warning("control thread stays best-effort: SCHED_FIFO %d not permitted (%s)", priority, exc)

@@ -233,12 +233,10 @@ def cmd_bridge(args: argparse.Namespace) -> int:
 
     from vpp_edge.firmware_bridge.bridge import Bridge
     from vpp_edge.firmware_bridge.config import load_bridge_config
-    from vpp_edge.firmware_bridge.driver import KinematicSimDriver
+    from vpp_edge.firmware_bridge.factory import make_driver
 
     cfg = load_bridge_config(str(args.config) if args.config else args.robot)
-    if args.robot != "sim":
-        raise VPPError(f"bridge for '{args.robot}' is not available yet in this build; use --robot sim")
-    with Bridge(KinematicSimDriver(cfg.dim), cfg) as bridge:
+    with Bridge(make_driver(cfg), cfg) as bridge:
         print(f"{args.robot} bridge up: {bridge.bound()}", flush=True)
         end = time.monotonic() + args.duration if args.duration else float("inf")
         try:
@@ -401,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("bridge", help="run a robot bridge (ZeroMQ <-> robot controller)")
-    p.add_argument("--robot", default="sim", help="sim (panda and xarm_xhand drivers come next)")
+    p.add_argument("--robot", default="sim", help="sim | xarm_xhand (panda: next)")
     p.add_argument("--config", type=Path, help="bridge YAML (default firmware_bridge/robots/<robot>.yaml)")
     p.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (default: run until Ctrl-C)")
     p.set_defaults(func=cmd_bridge)

@@ -1,0 +1,22 @@
+"""Drivers by robot name (the bridge config's ``name``)."""
+
+from __future__ import annotations
+
+from vpp_edge.errors import VPPError
+
+from .config import BridgeConfig
+from .driver import KinematicSimDriver, RobotDriver
+
+ROBOTS = ("sim", "xarm_xhand", "panda")
+
+
+def make_driver(cfg: BridgeConfig) -> RobotDriver:
+    if cfg.name == "sim":
+        return KinematicSimDriver(cfg.dim)
+    if cfg.name == "xarm_xhand":
+        from .xarm_xhand import XArmXHandDriver
+
+        return XArmXHandDriver(cfg.driver, cfg.servo_hz)
+    if cfg.name == "panda":
+        raise VPPError("the Franka Panda driver (franky) is not implemented yet; use sim or xarm_xhand")
+    raise VPPError(f"no driver for robot '{cfg.name}'; known: {', '.join(ROBOTS)}")

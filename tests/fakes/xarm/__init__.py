@@ -1,0 +1,1 @@
+"""Fake of UFACTORY's xarm-python-sdk (only what the driver calls)."""
