@@ -59,6 +59,7 @@ class Bridge:
         self._seq = 0
         self._pending_events: list[tuple[str, str]] = []
         self._resume_pending = False  # the servo thread re-enables the robot after a stop
+        self._estop_pending = False  # the servo thread triggers the hardware e-stop
 
     # --- lifecycle ---------------------------------------------------------------------
     def start(self) -> "Bridge":
@@ -84,7 +85,10 @@ class Bridge:
         for t in self._threads:
             t.join(timeout=2.0)
         try:
-            self.driver.stop()
+            if any(t.is_alive() for t in self._threads):  # stuck inside the driver: do not call it again
+                log.error("bridge threads did not stop; not calling the driver from another thread")
+            else:
+                self.driver.stop()
         finally:
             self.driver.disconnect()
             for sock in ("_action_sock", "_state_sock", "_event_sock", "_cmd_sock"):
@@ -161,7 +165,9 @@ class Bridge:
                 if self._estop is None:
                     self._estop = "operator"
                     self._event("estop", "latched by command")
-                self.driver.estop()  # directly, not via the servo thread: every millisecond counts
+                # The servo thread calls driver.estop() on its next tick (<= one servo period):
+                # SDKs such as franky are not safe to call from two threads at once.
+                self._estop_pending = True
                 self.mode = "estop"
             elif cmd.command == P.Command.RESET.value:
                 if self._estop is not None:
@@ -254,6 +260,9 @@ class Bridge:
                         if kind == "driver_error" and self._estop is None:  # the robot faulted: latch
                             self._estop, self.mode = detail, "estop"
                             self.driver.estop()
+                    if self._estop_pending:
+                        self._estop_pending = False
+                        self.driver.estop()
                     if self._resume_pending and self._estop is None:
                         self._resume_pending = False
                         self._interp.p = self.driver.resume()
@@ -262,7 +271,11 @@ class Bridge:
                             self._target = self._interp.p.copy()
                     target = self._watchdog(now)
                     if target is not None:
-                        self.driver.servo(self._interp.step(target))
+                        if self.driver.plans_own_trajectory:
+                            self._interp.p = np.asarray(target, np.float64).copy()
+                            self.driver.servo(self._interp.p)
+                        else:
+                            self.driver.servo(self._interp.step(target))
                     events, self._pending_events = self._pending_events, []
                     publish = tick % state_every == 0
                     state = (self.mode, self._estop is not None, self._last_chunk_seq, self._target)

@@ -18,5 +18,7 @@ def make_driver(cfg: BridgeConfig) -> RobotDriver:
 
         return XArmXHandDriver(cfg.driver, cfg.servo_hz)
     if cfg.name == "panda":
-        raise VPPError("the Franka Panda driver (franky) is not implemented yet; use sim or xarm_xhand")
+        from .franka import FrankaDriver
+
+        return FrankaDriver(cfg.driver)
     raise VPPError(f"no driver for robot '{cfg.name}'; known: {', '.join(ROBOTS)}")

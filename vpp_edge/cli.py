@@ -399,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("bridge", help="run a robot bridge (ZeroMQ <-> robot controller)")
-    p.add_argument("--robot", default="sim", help="sim | xarm_xhand (panda: next)")
+    p.add_argument("--robot", default="sim", help="sim | panda | xarm_xhand")
     p.add_argument("--config", type=Path, help="bridge YAML (default firmware_bridge/robots/<robot>.yaml)")
     p.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (default: run until Ctrl-C)")
     p.set_defaults(func=cmd_bridge)
