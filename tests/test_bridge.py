@@ -107,7 +107,8 @@ def test_watchdog_holds_then_stops(rig):
 
 def test_estop_latches_until_reset(rig):
     bridge, driver, client = rig
-    assert client.command("estop").ok and driver.stopped and bridge.mode == "estop"
+    assert client.command("estop").ok and bridge.mode == "estop"
+    assert wait_until(lambda: driver.stopped), "the servo thread triggers the hardware e-stop within a tick"
     before = driver.setpoint.copy()
     client.target(np.array([0.05, 0, 0, 0, 0, 0, 0]))
     assert wait_until(lambda: bridge.counts["rejected_estopped"] == 1)

@@ -269,8 +269,8 @@ def _run_runtime(args: argparse.Namespace) -> dict:
     with create_engine(artifact, args.backend, args.precision) as engine:
         policy = RuntimePolicy(artifact, engine, seed=args.seed)
         policy.set_instruction(args.instruction or episode.instruction)
-        runtime = Runtime(policy, cameras, robot, link, RunOptions(duration_s=args.duration, smoothing=args.smoothing),
-                          metrics)
+        options = RunOptions(duration_s=args.duration, smoothing=args.smoothing, realtime_priority=args.rt_priority)
+        runtime = Runtime(policy, cameras, robot, link, options, metrics)
         try:
             summary = runtime.run()
         finally:
@@ -343,6 +343,8 @@ def _add_run_args(p: argparse.ArgumentParser, duration: float) -> None:
     p.add_argument("--smoothing", default="crossfade", help="none | ensemble | crossfade | rtc (default crossfade)")
     p.add_argument("--duration", type=float, default=duration, help=f"seconds to run (default {duration:g})")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rt-priority", type=int, default=0,
+                   help="SCHED_FIFO priority for the control thread (needs CAP_SYS_NICE; 0 = off)")
     p.add_argument("--log", type=Path, help="JSONL log of chunks and events")
     p.add_argument("--json", type=Path, help="write the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no live status line")
