@@ -29,6 +29,8 @@ def main() -> int:
     ap.add_argument("--artifact", type=Path, default=Path("artifacts/tiny"))
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--loop-seconds", type=float, default=10.0)
+    ap.add_argument("--checkpoint", type=Path,
+                    help="checkpoint the artifact was exported from (default: the untrained tiny one)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rt-priority", type=int, default=0, help="SCHED_FIFO priority of the control thread")
     ap.add_argument("--json", type=Path, default=Path("bench/results/runtime_cpu.json"))
@@ -56,9 +58,12 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     artifact = Artifact.open(args.artifact)
-    if artifact.preset.name != "tiny" or "untrained" not in artifact.manifest.get("source", "untrained"):
-        print("note: the PyTorch side uses the untrained tiny weights (seed 0), as 'make export' does")
-    ckpt = save_checkpoint(*build_policy(artifact.preset, seed=0), Path(tempfile.mkdtemp()) / "ck")
+    if args.checkpoint:
+        ckpt = args.checkpoint
+    elif "untrained" in artifact.manifest.get("source", ""):  # 'make export' without CKPT: rebuild those weights
+        ckpt = save_checkpoint(*build_policy(artifact.preset, seed=0), Path(tempfile.mkdtemp()) / "ck")
+    else:
+        ap.error("this artifact comes from a checkpoint: pass it with --checkpoint")
     episode = load_episode(_default_episode())
     from vpp_edge.calibrate.frames import sample_observations
 

@@ -9,6 +9,7 @@ the orientation at connect* (so the usual gripper-down pose is near 0, far from 
 from __future__ import annotations
 
 import importlib
+import logging
 
 import numpy as np
 
@@ -16,6 +17,8 @@ from vpp_edge.extras import require
 
 from .driver import RobotDriver
 from .rotations import matrix_to_rpy, rpy_to_matrix
+
+log = logging.getLogger(__name__)
 
 
 class FrankaDriver(RobotDriver):
@@ -104,5 +107,5 @@ class FrankaDriver(RobotDriver):
         if self.robot is not None:
             try:
                 self.robot.stop()
-            except Exception:  # already stopped or disconnected
-                pass
+            except Exception as exc:  # already stopped or the link is gone: nothing left to stop
+                log.info("franky stop at disconnect: %s", exc)

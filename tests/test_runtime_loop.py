@@ -112,3 +112,16 @@ def test_closed_loop_with_real_time_chunking(loop_rig):
     make, bridge, driver, metrics, _ = loop_rig
     summary = make(smoothing="rtc").run()
     assert summary["counts"]["chunks"] >= 3 and bridge.counts["accepted"] >= 5
+
+
+def test_an_absent_v4l2_camera_is_reported_not_used():
+    import time as _time
+
+    from vpp_edge.runtime.cameras.base import StaleFrameError
+    from vpp_edge.runtime.cameras.opencv import OpenCVCamera
+
+    cam = OpenCVCamera("/dev/video-does-not-exist", 256).start()
+    _time.sleep(0.5)
+    cam.stop()
+    with pytest.raises(StaleFrameError, match="has produced no frame.*cannot open V4L2 device"):
+        cam.latest(max_age_s=0.5)
