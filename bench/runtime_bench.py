@@ -39,7 +39,7 @@ def main() -> int:
     import torch
     import zmq
 
-    from vpp_edge.cli import _default_episode
+    from vpp_edge.demo_data import default_episode
     from vpp_edge.episodes import load_episode
     from vpp_edge.firmware_bridge.bridge import Bridge, Endpoints
     from vpp_edge.firmware_bridge.config import load_bridge_config
@@ -64,7 +64,7 @@ def main() -> int:
         ckpt = save_checkpoint(*build_policy(artifact.preset, seed=0), Path(tempfile.mkdtemp()) / "ck")
     else:
         ap.error("this artifact comes from a checkpoint: pass it with --checkpoint")
-    episode = load_episode(_default_episode())
+    episode = load_episode(default_episode())
     from vpp_edge.calibrate.frames import sample_observations
 
     obs = sample_observations(artifact.preset.num_views, artifact.preset.image_size, 1)[0]

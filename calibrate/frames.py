@@ -47,9 +47,9 @@ def sample_observations(num_views: int, size: int, count: int, offset: int = 0,
     if not episodes:
         if roots:
             raise DataError(f"no episode in {', '.join(map(str, roots))} has {num_views} camera views")
-        from vpp_edge.cli import _default_episode
+        from vpp_edge.demo_data import default_episode
 
-        episodes = [load_episode(_default_episode())]
+        episodes = [load_episode(default_episode())]
     out = []
     for k in range(count):
         episode = episodes[k % len(episodes)]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -21,23 +20,6 @@ log = logging.getLogger("vpp")
 EXIT_ERROR = 2  # bad input, missing or corrupt files
 EXIT_MISSING_DEPENDENCY = 3  # an optional component (TensorRT, DALI, an SDK) is not installed
 EXIT_PARITY = 4  # an exported graph failed its parity gate
-
-
-def _default_episode() -> Path:
-    """First XHand sample episode if ``shared/vpp_samples`` is present, else a synthetic one."""
-    from vpp_edge.episodes import find_samples_dir, list_episodes
-
-    samples = find_samples_dir()
-    if samples is not None and (samples / "xhand").is_dir():
-        return list_episodes(samples / "xhand")[0]
-    from vpp_edge.demo_data import write_demo_dataset
-
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vpp-edge" / "demo_episode"
-    annotation = cache / "annotation" / "val" / "0.json"
-    if not annotation.is_file():
-        log.info("shared/vpp_samples not found; writing a synthetic demo episode to %s", cache)
-        annotation = write_demo_dataset(cache)
-    return annotation
 
 
 def _load_policy(args: argparse.Namespace):
@@ -90,7 +72,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise VPPError(f"--index {args.index} out of range: {args.dataset} has {len(episodes)} episodes")
         annotation = episodes[args.index]
     else:
-        annotation = args.episode or _default_episode()
+        from vpp_edge.demo_data import default_episode
+
+        annotation = args.episode or default_episode()
     episode = load_episode(annotation)
     instruction = args.instruction or episode.instruction
     preset = policy.preset
@@ -261,7 +245,9 @@ def _run_runtime(args: argparse.Namespace) -> dict:
 
     artifact = Artifact.open(args.artifact)
     robot = load_robot_config(args.robot)
-    episode = load_episode(args.episode or _default_episode())
+    from vpp_edge.demo_data import default_episode
+
+    episode = load_episode(args.episode or default_episode())
     preset = artifact.preset
     cameras = [ReplayCameras(episode, preset.num_views, preset.image_size, fps=args.camera_fps)]
     metrics = Metrics(args.log, status=not args.quiet and sys.stderr.isatty())

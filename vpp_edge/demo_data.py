@@ -7,6 +7,8 @@ the same decoding path as recorded data.
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 
 import av
@@ -14,6 +16,7 @@ import cv2
 import numpy as np
 
 INSTRUCTION = "push the red block to the green target"
+log = logging.getLogger(__name__)
 
 
 def _scene(t: float, size: int, gripper_view: bool) -> np.ndarray:
@@ -75,3 +78,19 @@ def write_demo_dataset(root: str | Path, steps: int = 20, size: int = 256, fps: 
     path = root / "annotation" / "val" / "0.json"
     path.write_text(json.dumps(annotation), encoding="utf-8")
     return path
+
+
+def default_episode() -> Path:
+    """First XHand sample episode if ``shared/vpp_samples`` is present, else the synthetic
+    episode (written once to ``$XDG_CACHE_HOME/vpp-edge/demo_episode``)."""
+    from vpp_edge.episodes import find_samples_dir, list_episodes
+
+    samples = find_samples_dir()
+    if samples is not None and (samples / "xhand").is_dir():
+        return list_episodes(samples / "xhand")[0]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vpp-edge" / "demo_episode"
+    annotation = cache / "annotation" / "val" / "0.json"
+    if not annotation.is_file():
+        log.info("shared/vpp_samples not found; writing a synthetic demo episode to %s", cache)
+        annotation = write_demo_dataset(cache)
+    return annotation
