@@ -27,7 +27,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from vpp_edge import __version__
-from vpp_edge.atomic import atomic_dir
+from vpp_edge.files import atomic_dir
 from vpp_edge.calibrate.frames import Observation, sample_observations
 from vpp_edge.errors import VPPError
 from vpp_edge.runtime.predict_step import ACTION_MODES, predict_actions

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vpp_edge.errors import VPPError
+from vpp_edge.files import read_json
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_NAME = "vpp-edge-artifact"
@@ -51,12 +52,7 @@ class TensorSpec:
 def read_manifest(artifact: str | Path) -> dict[str, Any]:
     """Parse and sanity-check ``<artifact>/manifest.json``."""
     path = Path(artifact) / MANIFEST_FILE
-    if not path.is_file():
-        raise ArtifactError(f"{path}: not found (is {artifact} an export artifact? run 'vpp export')")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path}: not valid JSON ({exc})") from None
+    manifest = read_json(path, ArtifactError, f"is {artifact} an export artifact? run 'vpp export'")
     if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path}: not a {FORMAT_NAME} v{FORMAT_VERSION} manifest")
     for key in ("preset", "graphs", "sigmas"):

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from vpp_edge import __version__
-from vpp_edge.atomic import atomic_dir
+from vpp_edge.files import atomic_dir, read_json
 from vpp_edge.errors import CheckpointError
 from vpp_edge.normalization import ActionNormalizer
 from vpp_edge.presets import Preset, preset_from_dict
@@ -295,12 +295,7 @@ def read_checkpoint_config(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     _require_dir(folder, "checkpoint folder")
     path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not found (is {folder} a vpp-edge checkpoint?)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    config = read_json(path, CheckpointError, f"is {folder} a vpp-edge checkpoint?")
     if config.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path}: 'format' is {config.get('format')!r}, expected '{FORMAT_NAME}'")
     if config.get("format_version") != FORMAT_VERSION:

@@ -1,8 +1,9 @@
-"""Write a folder all at once: into a temporary sibling, then one rename into place."""
+"""File helpers: folders written all at once, JSON read with errors that name the file."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -31,3 +32,16 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
             os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_json(path: Path, error: type[Exception], hint: str) -> dict:
+    """A JSON object from ``path``; ``error`` names the file (missing: with ``hint``) instead of a traceback."""
+    if not path.is_file():
+        raise error(f"{path}: not found ({hint})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object")
+    return data
