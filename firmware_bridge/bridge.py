@@ -5,8 +5,9 @@
   can move anything; a rejected one is counted and published as an event with the reason.
 * A fixed-rate servo thread interpolates towards the current target with per-joint
   velocity and acceleration limits, and publishes robot state at ``state_hz``.
-* Watchdog: no target for ``hold_after_s`` -> hold the current setpoint; for
-  ``stop_after_s`` -> stop the motion. E-stop latches until an explicit ``reset``.
+* Watchdog: no target for ``hold_after_s`` -> hold the current setpoint; neither a
+  target nor a runtime heartbeat for ``stop_after_s`` -> stop the motion. E-stop
+  latches until an explicit ``reset``.
 * Commands (enable, reset, estop, status, hold) arrive on a ROUTER socket and are
   answered with a correlated reply.
 """
@@ -38,6 +39,7 @@ class Endpoints:
     state: str = P.STATE_ENDPOINT
     events: str = P.EVENT_ENDPOINT
     command: str = P.COMMAND_ENDPOINT
+    camera: str = P.CAMERA_ENDPOINT  # bound only by drivers that render cameras (simulators)
 
 
 class Bridge:
@@ -55,6 +57,7 @@ class Bridge:
         self._estop: str | None = None
         self._target: np.ndarray | None = None
         self._last_rx: float | None = None
+        self._last_heartbeat = float("-inf")
         self._last_chunk_seq = -1
         self._seq = 0
         self._pending_events: list[tuple[str, str]] = []
@@ -72,6 +75,8 @@ class Bridge:
         self._state_sock = make_socket(self._ctx, zmq.PUB, self.endpoints.state, bind=True, timeout_ms=50)
         self._event_sock = make_socket(self._ctx, zmq.PUB, self.endpoints.events, bind=True, timeout_ms=50)
         self._cmd_sock = make_socket(self._ctx, zmq.ROUTER, self.endpoints.command, bind=True, timeout_ms=50)
+        self._camera_sock = (make_socket(self._ctx, zmq.PUB, self.endpoints.camera, bind=True, timeout_ms=50)
+                             if hasattr(self.driver, "take_frames") else None)
         self._stop_flag.clear()
         self._threads = [threading.Thread(target=self._servo_loop, name="bridge-servo", daemon=True),
                          threading.Thread(target=self._net_loop, name="bridge-net", daemon=True)]
@@ -91,8 +96,8 @@ class Bridge:
                 self.driver.stop()
         finally:
             self.driver.disconnect()
-            for sock in ("_action_sock", "_state_sock", "_event_sock", "_cmd_sock"):
-                if hasattr(self, sock):
+            for sock in ("_action_sock", "_state_sock", "_event_sock", "_cmd_sock", "_camera_sock"):
+                if getattr(self, sock, None) is not None:
                     getattr(self, sock).close(linger=0)
 
     def bound(self) -> Endpoints:
@@ -101,7 +106,7 @@ class Bridge:
             return sock.getsockopt(zmq.LAST_ENDPOINT).decode()
 
         return Endpoints(last(self._action_sock), last(self._state_sock), last(self._event_sock),
-                         last(self._cmd_sock))
+                         last(self._cmd_sock), last(self._camera_sock) if self._camera_sock else "")
 
     def __enter__(self) -> "Bridge":
         return self.start()
@@ -128,6 +133,13 @@ class Bridge:
             msg = P.from_wire(data)
         except P.ProtocolError as exc:
             return self._reject("malformed", str(exc))
+        if isinstance(msg, P.Heartbeat):  # the runtime is alive but has no new target (holding)
+            if now - msg.stamp > self.cfg.hold_after_s:
+                return self._reject("stale_heartbeat", f"sent {now - msg.stamp:.2f} s ago")
+            with self._lock:
+                self._last_heartbeat = now
+            self.counts["heartbeats"] += 1
+            return None
         if not isinstance(msg, P.ActionChunk):
             return self._reject("wrong_type", f"expected action_chunk, got {msg.TYPE.value}")
         if now - msg.stamp > self.cfg.hold_after_s:  # queued while the link was down: never replay it
@@ -231,7 +243,8 @@ class Bridge:
         if self._last_rx is None:
             return self._target
         silent = now - self._last_rx
-        if silent > self.cfg.stop_after_s:
+        # A runtime that still sends heartbeats is alive but starved: hold, do not stop.
+        if min(silent, now - self._last_heartbeat) > self.cfg.stop_after_s:
             if self.mode != "stopped":
                 self.mode = "stopped"
                 self._event("watchdog_stop", f"no target for {silent:.2f} s")
@@ -278,10 +291,15 @@ class Bridge:
                             self.driver.servo(self._interp.step(target))
                     events, self._pending_events = self._pending_events, []
                     publish = tick % state_every == 0
+                    frames = self.driver.take_frames() if self._camera_sock is not None else None
                     state = (self.mode, self._estop is not None, self._last_chunk_seq, self._target)
                 for kind, detail in events:
                     self._seq += 1
                     send(self._event_sock, P.Event(seq=self._seq, stamp=now, kind=kind, detail=detail))
+                if frames is not None:
+                    self._seq += 1
+                    send(self._camera_sock, P.CameraFrames(seq=self._seq, stamp=frames[1], index=frames[2],
+                                                           images=frames[0]))
                 if publish:
                     joints, ee = self.driver.read_state()
                     self._seq += 1

@@ -7,12 +7,16 @@ from vpp_edge.errors import VPPError
 from .config import BridgeConfig
 from .driver import KinematicSimDriver, RobotDriver
 
-ROBOTS = ("sim", "xarm_xhand", "panda")
+ROBOTS = ("sim", "metaworld", "xarm_xhand", "panda")
 
 
 def make_driver(cfg: BridgeConfig) -> RobotDriver:
     if cfg.name == "sim":
         return KinematicSimDriver(cfg.dim)
+    if cfg.name == "metaworld":
+        from .metaworld_sim import MetaWorldDriver
+
+        return MetaWorldDriver(cfg.driver)
     if cfg.name == "xarm_xhand":
         from .xarm_xhand import XArmXHandDriver
 

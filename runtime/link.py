@@ -31,6 +31,11 @@ class BridgeLink:
                             actions=np.asarray(action, np.float32)[None])
         return send(self._push, msg, flags=zmq.NOBLOCK)
 
+    def send_heartbeat(self) -> bool:
+        """Tell the bridge the runtime is alive while it has no new target (holding)."""
+        self._seq += 1
+        return send(self._push, P.Heartbeat(seq=self._seq, stamp=P.now(), sender="runtime"), flags=zmq.NOBLOCK)
+
     def poll(self) -> tuple[P.RobotState | None, list[P.Event]]:
         """Newest state (if any arrived) and every event since the last poll."""
         states = _drain(self._state, P.RobotState)

@@ -217,6 +217,8 @@ class Runtime:
         if verdict.action is not None and not {"hold", "starvation"} & set(verdict.events):
             if not self.link.send_target(verdict.action, now, self.robot.dt):
                 self.metrics.count("bridge_unreachable")
+        elif self.safety.mode(now) is not Mode.ESTOP:  # alive but holding: the bridge holds, not stops
+            self.link.send_heartbeat()
         if self.safety.mode(now) is not Mode.ESTOP and self.plan.needs_inference(now, self.options.margin_steps):
             if self.options.smoothing == "rtc" and not self.worker.busy:
                 self.worker.delay_steps = int(np.ceil(self.plan.latency.stats()["p95"] / self.plan.dt))

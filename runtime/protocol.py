@@ -30,6 +30,7 @@ ACTION_ENDPOINT = "tcp://127.0.0.1:5701"  # runtime PUSH/PUB -> bridge: action c
 STATE_ENDPOINT = "tcp://127.0.0.1:5702"  # bridge PUB -> runtime SUB (conflated): robot state
 EVENT_ENDPOINT = "tcp://127.0.0.1:5704"  # bridge PUB -> runtime SUB (every message): safety events
 COMMAND_ENDPOINT = "tcp://127.0.0.1:5703"  # runtime DEALER -> bridge ROUTER: commands / replies
+CAMERA_ENDPOINT = "tcp://127.0.0.1:5705"  # simulator bridge PUB -> runtime SUB (conflated): rendered views
 
 
 class ProtocolError(VPPError):
@@ -44,6 +45,7 @@ class MsgType(str, Enum):
     REPLY = "reply"
     HEARTBEAT = "heartbeat"
     EVENT = "event"
+    CAMERA = "camera"
 
 
 class Command(str, Enum):
@@ -145,8 +147,23 @@ class Event(Message):
     detail: str = ""
 
 
+@dataclass(frozen=True)
+class CameraFrames(Message):
+    """Images of every view taken at ``stamp`` (a simulator's cameras, streamed like a network camera)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.CAMERA
+    ARRAYS: ClassVar[tuple[str, ...]] = ("images",)
+    index: int = 0
+    images: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0, 3), np.uint8))
+
+    def check(self) -> None:
+        if self.images.ndim != 4 or self.images.shape[-1] != 3 or self.images.dtype != np.uint8:
+            raise ProtocolError(f"camera: images must be uint8 [V, H, W, 3], got {self.images.dtype} "
+                                f"{self.images.shape}")
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.TYPE.value: cls for cls in (Hello, ActionChunk, RobotState, CommandMsg, Reply, Heartbeat, Event)
+    cls.TYPE.value: cls for cls in (Hello, ActionChunk, RobotState, CommandMsg, Reply, Heartbeat, Event, CameraFrames)
 }
 
 

@@ -42,6 +42,10 @@ class Client:
                               actions=np.asarray([action], np.float32))
         assert send(self.push, chunk)
 
+    def heartbeat(self, stamp=None):
+        self.seq += 1
+        assert send(self.push, P.Heartbeat(seq=self.seq, stamp=P.now() if stamp is None else stamp, sender="test"))
+
     def command(self, name):
         self.seq += 1
         assert send(self.cmd, P.CommandMsg(seq=self.seq, stamp=P.now(), command=name))
@@ -103,6 +107,20 @@ def test_watchdog_holds_then_stops(rig):
     assert kinds.index("watchdog_hold") < kinds.index("watchdog_stop")
     client.target(np.zeros(7))
     assert wait_until(lambda: bridge.mode == "tracking"), "a fresh target resumes tracking"
+
+
+def test_heartbeats_keep_a_starved_runtime_in_hold_not_stop(rig):
+    bridge, driver, client = rig
+    client.target(np.array([0.05, 0, 0, 0, 0, 0, 0]))
+    assert wait_until(lambda: bridge.mode == "hold")
+    end = time.monotonic() + 2 * bridge.cfg.stop_after_s
+    while time.monotonic() < end:  # alive, no new target: hold indefinitely, never stop
+        client.heartbeat()
+        time.sleep(0.05)
+    assert bridge.mode == "hold" and not driver.stopped and bridge.counts["heartbeats"] > 10
+    client.heartbeat(stamp=P.now() - 5.0)  # one queued while the link was down proves nothing
+    assert wait_until(lambda: bridge.counts["rejected_stale_heartbeat"] == 1)
+    assert wait_until(lambda: bridge.mode == "stopped") and driver.stopped, "heartbeats stopped: stop"
 
 
 def test_estop_latches_until_reset(rig):

@@ -21,6 +21,7 @@ MESSAGES = [
     P.Reply(seq=2, stamp=4.1, request_seq=1, ok=False, reason="latched", status={"mode": "estop", "n": 3}),
     P.Heartbeat(seq=3, stamp=5.0, sender="runtime"),
     P.Event(seq=4, stamp=6.0, kind="watchdog_hold", detail="no chunk for 0.31 s"),
+    P.CameraFrames(seq=6, stamp=7.0, index=12, images=np.arange(2 * 4 * 5 * 3, dtype=np.uint8).reshape(2, 4, 5, 3)),
 ]
 
 

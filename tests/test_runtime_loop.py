@@ -82,6 +82,7 @@ def test_a_camera_that_stops_is_reported_and_the_robot_holds(loop_rig):
     summary = runtime.run()
     assert summary["counts"]["stale_observation"] >= 1
     assert summary["safety"].get("hold", 0) > 0, "no fresh chunks -> the watchdog holds"
+    assert bridge.counts["heartbeats"] > 0 and not driver.stopped, "alive while holding: heartbeats, no stop"
 
 
 def test_nan_from_the_engine_reaches_nothing(loop_rig):

@@ -235,7 +235,7 @@ def cmd_bridge(args: argparse.Namespace) -> int:
 def _run_runtime(args: argparse.Namespace) -> dict:
     from vpp_edge.episodes import load_episode
     from vpp_edge.runtime.artifact import Artifact
-    from vpp_edge.runtime.cameras import ReplayCameras
+    from vpp_edge.runtime.cameras.factory import make_cameras
     from vpp_edge.runtime.engines import create_engine
     from vpp_edge.runtime.link import BridgeLink
     from vpp_edge.runtime.loop import RunOptions, Runtime
@@ -249,7 +249,7 @@ def _run_runtime(args: argparse.Namespace) -> dict:
 
     episode = load_episode(args.episode or default_episode())
     preset = artifact.preset
-    cameras = [ReplayCameras(episode, preset.num_views, preset.image_size, fps=args.camera_fps)]
+    cameras = make_cameras(args.cameras, preset.num_views, preset.image_size, episode, args.camera_fps, args.dali_device)
     metrics = Metrics(args.log, status=not args.quiet and sys.stderr.isatty())
     link = BridgeLink()
     with create_engine(artifact, args.backend, args.precision) as engine:
@@ -323,6 +323,10 @@ def _add_run_args(p: argparse.ArgumentParser, duration: float) -> None:
     p.add_argument("--robot", default="sim", help="runtime robot config (limits, rates): sim, panda, xarm_xhand or a YAML")
     p.add_argument("--backend", default="auto", help="auto | tensorrt | onnxruntime | torch")
     p.add_argument("--precision", help="fp32 | fp16 | int8 (default: the backend's)")
+    p.add_argument("--cameras", default="replay", metavar="SPEC",
+                   help="replay | replay-dali | v4l2:DEV[,DEV] | dali:DEV[,DEV] (one device per view, "
+                        "e.g. dali:/dev/video0,/dev/video2; default replay)")
+    p.add_argument("--dali-device", default="auto", help="DALI decode on auto | gpu | cpu (default auto)")
     p.add_argument("--episode", type=Path, help="episode replayed as the cameras (default: the demo episode)")
     p.add_argument("--camera-fps", type=float, help="replay rate (default: the recorded rate)")
     p.add_argument("--instruction", help="task instruction (default: the episode's)")

@@ -19,3 +19,7 @@ class DataError(VPPError):
 
 class MissingDependencyError(VPPError, ImportError):
     """An optional component (TensorRT, DALI, a robot SDK, ...) is not installed."""
+
+
+class ConfigError(VPPError, ValueError):
+    """A configuration file or command-line value that cannot be used."""

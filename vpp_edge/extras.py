@@ -32,6 +32,7 @@ EXTRAS: dict[str, Extra] = {
         Extra("torch_tensorrt", "torch-tensorrt", "torch-tensorrt compilation", "pip install torch-tensorrt"),
         Extra("polygraphy", "polygraphy", "TensorRT engine building/inspection", "pip install polygraphy"),
         Extra("nvidia.dali", "nvidia-dali-cuda120", "DALI camera decoding", "pip install nvidia-dali-cuda120"),
+        Extra("metaworld", "metaworld", "MetaWorld simulator bridge and evaluation", "make install"),
         Extra("zmq", "pyzmq", "ZeroMQ link runtime <-> bridge", "pip install pyzmq"),
         Extra("franky", "franky-control", "Franka Panda driver", "pip install franky-control"),
         Extra("xarm", "xarm-python-sdk", "xArm driver", "pip install xarm-python-sdk"),

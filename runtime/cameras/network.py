@@ -1,0 +1,42 @@
+"""Cameras streamed over ZeroMQ (a simulator bridge's rendered views, or any camera
+server speaking the protocol's ``camera`` message): latest-only, timestamped at capture."""
+
+from __future__ import annotations
+
+import numpy as np
+import zmq
+
+from vpp_edge.preprocess import prepare_frame
+
+from .. import protocol as P
+from ..transport import make_socket, recv
+from .base import Camera, Frame
+
+
+class ZmqCameras(Camera):
+    """All views from one ``CameraFrames`` stream, prepared for the model."""
+
+    def __init__(self, endpoint: str, views: int, size: int, context: zmq.Context | None = None):
+        super().__init__(f"zmq:{endpoint}")
+        self.endpoint, self.views, self.size = endpoint, views, size
+        self._ctx = context or zmq.Context.instance()
+
+    def capture_loop(self) -> None:
+        sock = make_socket(self._ctx, zmq.SUB, self.endpoint, bind=False, conflate=True, timeout_ms=100)
+        try:
+            while not self._stop.is_set():
+                try:
+                    msg = recv(sock)
+                except P.ProtocolError as exc:
+                    self.error = f"bad camera message: {exc}"
+                    continue
+                if not isinstance(msg, P.CameraFrames):
+                    continue
+                if msg.images.shape[0] < self.views:
+                    self.error = f"stream has {msg.images.shape[0]} view(s), the model needs {self.views}"
+                    continue
+                self.error = None
+                images = [prepare_frame(view, self.size) for view in msg.images[: self.views]]
+                self._publish(Frame(np.stack(images), msg.stamp, msg.index))
+        finally:
+            sock.close(linger=0)
