@@ -7,7 +7,10 @@
 2. runtime overhead outside the engines per inference (tokenizer-free path: noise draw,
    chaining, checks, de-normalisation), p50/p99;
 3. control-loop jitter at 50 Hz while inference runs continuously (sim bridge over
-   loopback ZeroMQ).
+   loopback ZeroMQ);
+4. starvation at a 10 Hz control rate when each predict step is padded to Jetson-class
+   latencies (``--inject-ms``, e.g. 150/200/300 ms), per chunk-smoothing policy: ticks
+   without a fresh action, actions skipped as late, chunk latency p95, boundary jumps.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ def main() -> int:
                     help="checkpoint the artifact was exported from (default: the untrained tiny one)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rt-priority", type=int, default=0, help="SCHED_FIFO priority of the control thread")
+    ap.add_argument("--inject-ms", default="150,200,300",
+                    help="predict-step latencies to simulate for the starvation runs ('' to skip)")
+    ap.add_argument("--starvation-seconds", type=float, default=8.0)
     ap.add_argument("--json", type=Path, default=Path("bench/results/runtime_cpu.json"))
     args = ap.parse_args()
 
@@ -92,25 +98,58 @@ def main() -> int:
     results["onnxruntime_speedup_vs_pytorch"] = ratio
     results["runtime_overhead_ms"] = percentiles(overhead)
 
+    def closed_loop(policy, robot, options) -> dict:
+        """The runtime against a sim bridge over loopback ZeroMQ; its summary."""
+        ctx = zmq.Context()
+        any_ = Endpoints(*(["tcp://127.0.0.1:*"] * 4))
+        bridge = Bridge(KinematicSimDriver(7), load_bridge_config("sim"), any_, ctx).start()
+        ends = bridge.bound()
+        link = BridgeLink(ends.action, ends.state, ends.events, ends.command, context=ctx)
+        metrics = Metrics()
+        cams = [ReplayCameras(episode, artifact.preset.num_views, artifact.preset.image_size)]
+        try:
+            return Runtime(policy, cams, robot, link, options, metrics).run()
+        finally:
+            metrics.close()
+            link.close()
+            bridge.close()
+            ctx.destroy(linger=0)
+
     # Control loop at 50 Hz with inference running back to back.
-    ctx = zmq.Context()
-    any_ = Endpoints(*(["tcp://127.0.0.1:*"] * 4))
-    bridge = Bridge(KinematicSimDriver(7), load_bridge_config("sim"), any_, ctx).start()
-    ends = bridge.bound()
-    link = BridgeLink(ends.action, ends.state, ends.events, ends.command, context=ctx)
-    robot = dataclasses.replace(load_robot_config("sim"), control_hz=50.0)
-    metrics = Metrics()
-    cams = [ReplayCameras(episode, artifact.preset.num_views, artifact.preset.image_size)]
-    runtime = Runtime(policies["onnxruntime_fp32"], cams, robot, link,
-                      RunOptions(duration_s=args.loop_seconds, action_dt=0.1, margin_steps=100,
-                                 realtime_priority=args.rt_priority), metrics)
-    summary = runtime.run()
-    metrics.close()
-    link.close()
-    bridge.close()
-    ctx.destroy(linger=0)
+    summary = closed_loop(policies["onnxruntime_fp32"], dataclasses.replace(load_robot_config("sim"), control_hz=50.0),
+                          RunOptions(duration_s=args.loop_seconds, action_dt=0.1, margin_steps=100,
+                                     realtime_priority=args.rt_priority))
     results["control_loop_50hz"] = {"jitter_ms": summary["latency_ms"]["jitter_ms"],
                                     "inferences": summary["counts"].get("chunks", 0)}
+
+    # Starvation when inference is as slow as on a Jetson: pad each step to the target latency.
+    class PaddedOrt(OrtEngine):
+        pad_s = 0.0
+
+        def run(self, graph, feeds):
+            out = super().run(graph, feeds)
+            if graph == "tvp":
+                time.sleep(self.pad_s)
+            return out
+
+    base_ms = results["predict_step_ms"]["onnxruntime_fp32"]["median"]
+    results["starvation_10hz"] = []
+    for target_ms in [float(v) for v in args.inject_ms.split(",") if v]:
+        for smoothing in ("crossfade", "rtc"):
+            engine = PaddedOrt(artifact, "fp32", threads=args.threads).load()
+            engine.pad_s = max(0.0, target_ms - base_ms) / 1e3
+            policy = RuntimePolicy(artifact, engine, seed=0)
+            policy.set_instruction(obs.instruction)
+            s = closed_loop(policy, load_robot_config("sim"),
+                            RunOptions(duration_s=args.starvation_seconds, smoothing=smoothing))
+            ticks = s["latency_ms"]["jitter_ms"]["n"]
+            results["starvation_10hz"].append({
+                "step_ms": target_ms, "smoothing": smoothing, "ticks": ticks,
+                "inferences": s["counts"].get("chunks", 0),
+                "starved_ticks": s["safety"].get("starvation", 0),
+                "actions_skipped_late": s["counts"].get("actions_skipped_late", 0),
+                "chunk_latency_p95_ms": s["latency_tracker_s"]["p95"] * 1e3,
+                "boundary_jump_mean": s["boundary_jump"]["mean"]})
 
     from rich.console import Console
     from rich.table import Table
@@ -127,7 +166,11 @@ def main() -> int:
     t.add_row("control jitter at 50 Hz during inference (p50 / p99 / max ms)",
               f"{j['p50']:.3f} / {j['p99']:.3f} / {j['max']:.3f}")
     t.add_row("inferences during the loop", str(results["control_loop_50hz"]["inferences"]))
-    Console().print(t)
+    for r in results["starvation_10hz"]:
+        t.add_row(f"10 Hz, step {r['step_ms']:.0f} ms, {r['smoothing']}: starved ticks / skipped late / "
+                  f"chunk p95 ms / jump", f"{r['starved_ticks']}/{r['ticks']} / {r['actions_skipped_late']} / "
+                  f"{r['chunk_latency_p95_ms']:.0f} / {r['boundary_jump_mean']:.4f}")
+    Console(width=max(140, Console().width)).print(t)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))
     return 0

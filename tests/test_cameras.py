@@ -62,3 +62,20 @@ def test_dali_cameras_stream_all_views_and_report_a_stalled_one(demo_episode):
         assert "replay-mjpeg" in (cams.error or "")
     finally:
         cams.stop()
+
+
+def test_camera_specs_are_checked(demo_episode):
+    from vpp_edge.errors import ConfigError
+    from vpp_edge.runtime import protocol as P
+    from vpp_edge.runtime.cameras.factory import make_cameras
+
+    with pytest.raises(ConfigError, match="unknown camera source 'usb'.*replay, replay-dali, v4l2, dali, zmq"):
+        make_cameras("usb:0", 2, 64)
+    with pytest.raises(ConfigError, match="lists 1 device.*takes 2 view"):
+        make_cameras("v4l2:/dev/video0", 2, 64)
+    with pytest.raises(ConfigError, match="needs an episode"):
+        make_cameras("replay", 2, 64)
+    (cam,) = make_cameras("zmq", 2, 64)
+    assert cam.endpoint == P.CAMERA_ENDPOINT
+    (cam,) = make_cameras("replay-dali", 2, 64, load_episode(demo_episode), dali_device="cpu")
+    assert [s.name.split(":")[-1] for s in cam.streams] == ["0", "1"] and cam.decoder.device == "cpu"

@@ -2,6 +2,7 @@
 MetaWorld's own success flag reports the task, rendered views stream to the runtime's
 network camera, and the bridge's limits still apply."""
 
+import ctypes.util
 import time
 
 import numpy as np
@@ -18,7 +19,9 @@ from vpp_edge.runtime.cameras.network import ZmqCameras
 from vpp_edge.runtime.link import BridgeLink
 
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not is_available("metaworld"), reason="metaworld is not installed (make install)")]
+              pytest.mark.skipif(not is_available("metaworld"), reason="metaworld is not installed (make install)"),
+              pytest.mark.skipif(ctypes.util.find_library("EGL") is None,
+                                 reason="no libEGL for off-screen rendering (make system-deps)")]
 ANY = Endpoints(*["tcp://127.0.0.1:*"] * 5)
 
 

@@ -117,7 +117,9 @@ import sys, numpy as np
 from vpp_edge.runtime.artifact import Artifact
 from vpp_edge.runtime.engines import create_engine
 from vpp_edge.runtime.policy import RuntimePolicy
-from vpp_edge.runtime import protocol, transport
+from vpp_edge.runtime import protocol, transport, loop, link
+from vpp_edge.runtime.cameras import factory, network, opencv
+from vpp_edge.firmware_bridge import bridge, factory as drivers
 art = Artifact.open({str(exported[0])!r})
 with create_engine(art, "onnxruntime") as engine:
     policy = RuntimePolicy(art, engine)
