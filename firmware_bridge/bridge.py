@@ -19,6 +19,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import zmq
@@ -99,6 +100,20 @@ class Bridge:
             for sock in ("_action_sock", "_state_sock", "_event_sock", "_cmd_sock", "_camera_sock"):
                 if getattr(self, sock, None) is not None:
                     getattr(self, sock).close(linger=0)
+
+    def new_episode(self, reset: Callable[[], np.ndarray]) -> np.ndarray:
+        """Start over in a simulator: ``reset`` puts the world in a new state and returns the
+        robot's setpoint there; the bridge forgets its targets and the interpolator starts
+        at that setpoint (it would otherwise glide from the old episode's pose)."""
+        with self._lock:  # the servo thread calls the driver only under this lock
+            setpoint = np.asarray(reset(), np.float64)
+            self._interp.p = setpoint.copy()
+            self._interp.halt()
+            self._target, self._last_rx, self._last_heartbeat = setpoint.copy(), None, float("-inf")
+            if self._estop is None:
+                self.mode = "idle"
+            self._event("new_episode", "world reset by the simulator")
+        return setpoint
 
     def bound(self) -> Endpoints:
         """The endpoints actually bound (resolves ``tcp://127.0.0.1:*`` to real ports)."""

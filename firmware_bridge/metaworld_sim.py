@@ -2,8 +2,10 @@
 
 The setpoint is the hand position target in the world frame (m) plus a gripper effort in
 [-1, 1]. Each servo tick advances the simulation by one MetaWorld step (5 MuJoCo steps of
-2.5 ms: run the bridge servo at 80 Hz and simulated time follows the wall clock), with the
-MetaWorld action that moves the hand's mocap towards the setpoint at most 1 cm per step.
+2.5 ms) with the MetaWorld action that moves the hand's mocap towards the setpoint, at
+most 1 cm per step. The servo rate therefore sets the simulation's speed: 80 Hz is real
+time; the bridge config runs it at 40 Hz (half speed), so a small model on a CPU acts
+about as often per simulated second as VPP does on the paper's GPU.
 
 Cameras are rendered off-screen (EGL) on a thread of their own from a snapshot of the
 simulation state, so rendering never delays the servo loop; the bridge streams them to the
@@ -49,11 +51,15 @@ class MetaWorldDriver(RobotDriver):
         self.cameras = list(settings.get("cameras", ["corner2", "gripperPOV"]))
         self.image_size = int(settings.get("image_size", 128))
         self.camera_hz = float(settings.get("camera_hz", 10.0))
+        self.max_steps = int(settings.get("max_steps", 500))  # MetaWorld itself refuses more than 500
         # MetaWorld's corner cameras are mounted upside down; turn their images upright.
         self.upright = set(settings.get("rotate_180", ["corner", "corner2", "corner3", "corner4"]))
         self._lock = threading.Lock()
         self._env = None
         self._state: tuple[np.ndarray, ...] = ()
+        self._renderer = None
+        self._gripper = -1.0
+        self.observation: np.ndarray | None = None  # MetaWorld's own observation (for its oracle policies)
         self._frames: tuple[np.ndarray, float, int] | None = None
         self._frame_index = 0
         self._render_stop = threading.Event()
@@ -70,17 +76,21 @@ class MetaWorldDriver(RobotDriver):
 
         with self._lock:
             if self._env is None:
-                self._env = gym.make("Meta-World/MT1", env_name=self.task, seed=self.seed)
-            self._env.reset(seed=seed)
-            self._env.unwrapped.curr_path_length = 0
+                self._env = gym.make("Meta-World/MT1", env_name=self.task, seed=self.seed, disable_env_checker=True)
+            self.observation, _ = self._env.reset(seed=seed)
+            self._gripper = -1.0
             self.status = SimStatus()
             self._frames = None
             self._snapshot()
             return self._setpoint()
 
     def _setpoint(self) -> np.ndarray:
-        hand = self._env.unwrapped.data.mocap_pos[0]
-        return np.array([*hand, -1.0])
+        return np.array([*self._env.unwrapped.data.mocap_pos[0], self._gripper])
+
+    def setpoint(self) -> np.ndarray:
+        """The current setpoint: hand (mocap) target xyz and the last gripper effort."""
+        with self._lock:
+            return self._setpoint()
 
     def _snapshot(self) -> None:
         data = self._env.unwrapped.data
@@ -89,25 +99,22 @@ class MetaWorldDriver(RobotDriver):
 
     # --- RobotDriver -------------------------------------------------------------------------
     def connect(self) -> np.ndarray:
-        setpoint = self.reset_episode(self.seed) if self._env is None else self._setpoint_locked()
+        setpoint = self.reset_episode(self.seed) if self._env is None else self.setpoint()
         if self._render_thread is None:
             self._render_thread = threading.Thread(target=self._render_loop, name="metaworld-render", daemon=True)
             self._render_thread.start()
         self.stopped = False
         return setpoint
 
-    def _setpoint_locked(self) -> np.ndarray:
-        with self._lock:
-            return self._setpoint()
-
     def servo(self, setpoint: np.ndarray) -> None:
         with self._lock:
             env = self._env
-            if self.status.steps >= env.unwrapped.max_path_length:  # MetaWorld refuses longer episodes
+            if self.status.steps >= min(self.max_steps, env.unwrapped.max_path_length):  # episode over: freeze
                 return
             delta = (np.asarray(setpoint[:3]) - env.unwrapped.data.mocap_pos[0]) / MOCAP_STEP
             action = np.clip(np.array([*delta, setpoint[3]]), -1.0, 1.0).astype(np.float32)
-            _, reward, _, _, info = env.step(action)
+            self._gripper = float(action[3])
+            self.observation, reward, _, _, info = env.step(action)
             self.status.steps += 1
             self.status.reward = float(reward)
             self.status.info = {k: float(v) for k, v in info.items() if np.isscalar(v)}
@@ -128,6 +135,9 @@ class MetaWorldDriver(RobotDriver):
         self._render_stop.set()
         if self._render_thread is not None:
             self._render_thread.join(timeout=2.0)
+        if self._renderer is not None and self._render_thread is None:  # rendered synchronously
+            self._renderer.close()
+            self._renderer = None
         with self._lock:
             if self._env is not None:
                 self._env.close()
@@ -145,32 +155,45 @@ class MetaWorldDriver(RobotDriver):
             frames, self._frames = self._frames, None
         return frames
 
-    def _render_loop(self) -> None:
+    def render(self) -> np.ndarray:
+        """Render every camera now from the latest simulation snapshot: uint8 [V, S, S, 3].
+
+        Call from one thread only (the GL context belongs to the thread that first renders).
+        """
         import mujoco
 
         model = self._env.unwrapped.model
-        model.vis.quality.shadowsize = 0  # shadows cost more than the rest of the frame in software GL
-        renderer = mujoco.Renderer(model, self.image_size, self.image_size)
-        data = mujoco.MjData(model)
+        if self._renderer is None:
+            model.vis.quality.shadowsize = 0  # shadows cost more than the rest of the frame in software GL
+            self._renderer = mujoco.Renderer(model, self.image_size, self.image_size)
+            self._render_data = mujoco.MjData(model)
+        data = self._render_data
+        with self._lock:  # render a snapshot so physics can go on meanwhile
+            data.qpos[:], data.qvel[:], data.mocap_pos[:], data.mocap_quat[:] = self._state
+        mujoco.mj_forward(model, data)
+        views = []
+        for camera in self.cameras:
+            self._renderer.update_scene(data, camera=camera)
+            self._renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+            image = self._renderer.render()
+            views.append(np.ascontiguousarray(image[::-1, ::-1] if camera in self.upright else image))
+        return np.stack(views)
+
+    def _render_loop(self) -> None:
         period, next_t = 1.0 / self.camera_hz, time.monotonic()
         try:
             while not self._render_stop.is_set():
-                with self._lock:  # render a snapshot so physics can go on meanwhile
-                    data.qpos[:], data.qvel[:], data.mocap_pos[:], data.mocap_quat[:] = self._state
+                with self._lock:
                     stamp = self._snapshot_time
-                mujoco.mj_forward(model, data)
-                views = []
-                for camera in self.cameras:
-                    renderer.update_scene(data, camera=camera)
-                    renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
-                    image = renderer.render()
-                    views.append(np.ascontiguousarray(image[::-1, ::-1] if camera in self.upright else image))
+                views = self.render()
                 with self._lock:
                     self._frame_index += 1
-                    self._frames = (np.stack(views), stamp, self._frame_index)
+                    self._frames = (views, stamp, self._frame_index)
                 next_t += period
                 self._render_stop.wait(max(0.0, next_t - time.monotonic()))
         except Exception as exc:  # reported through events(); the runtime sees the frames age
             self._render_error = f"{type(exc).__name__}: {exc}"
         finally:
-            renderer.close()
+            if self._renderer is not None:
+                self._renderer.close()
+                self._renderer = None

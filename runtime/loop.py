@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -36,6 +36,7 @@ class RunOptions:
     margin_steps: int = 2
     action_dt: float | None = None  # spacing of the chunk's actions (default: the control period)
     realtime_priority: int = 0  # >0: SCHED_FIFO priority for the control thread (needs CAP_SYS_NICE)
+    stop_when: Callable[[], bool] | None = None  # checked every tick: end the run early (e.g. task done)
 
 
 class InferenceWorker:
@@ -157,7 +158,8 @@ class Runtime:
         start = time.monotonic()
         tick_time = start
         try:
-            while tick_time - start < self.options.duration_s:
+            stop_when = self.options.stop_when
+            while tick_time - start < self.options.duration_s and not (stop_when and stop_when()):
                 now = time.monotonic()
                 self.metrics.observe("jitter_ms", abs(now - tick_time) * 1e3)
                 self._tick(now)

@@ -41,7 +41,7 @@ def test_reach_task_succeeds_through_the_bridge_with_streamed_cameras():
             for _ in range(60):
                 state = link.last_state
                 hand = state.ee_pose[:3] if state is not None else hand
-                delta = np.clip(goal - state.target[:3] if state is not None else goal - hand, -0.03, 0.03)
+                delta = np.clip(goal - hand, -0.03, 0.03)  # closed loop on the measured hand (tcp)
                 link.send_target(np.array([*delta, -1.0]), P.now(), 0.1)
                 time.sleep(0.1)
                 link.poll()

@@ -6,14 +6,14 @@ the same decoding path as recorded data.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
-import av
 import cv2
 import numpy as np
+
+from vpp_edge.episodes import write_episode
 
 INSTRUCTION = "push the red block to the green target"
 log = logging.getLogger(__name__)
@@ -40,44 +40,15 @@ def _scene(t: float, size: int, gripper_view: bool) -> np.ndarray:
     return img
 
 
-def _write_video(path: Path, frames: list[np.ndarray], fps: int) -> None:
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height = frames[0].shape[1], frames[0].shape[0]
-        stream.pix_fmt = "yuv420p"
-        stream.bit_rate = 2_000_000
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
 def write_demo_dataset(root: str | Path, steps: int = 20, size: int = 256, fps: int = 10) -> Path:
     """Create ``root/annotation/val/0.json`` + two videos; returns the annotation path."""
-    root = Path(root)
-    video_dir = root / "videos" / "val" / "0"
-    (root / "annotation" / "val").mkdir(parents=True, exist_ok=True)
-    video_dir.mkdir(parents=True, exist_ok=True)
     ts = np.linspace(0.0, 1.0, steps)
-    for view, gripper in enumerate((False, True)):
-        _write_video(video_dir / f"{view}.mp4", [_scene(t, size, gripper) for t in ts], fps)
+    views = [np.stack([_scene(t, size, gripper) for t in ts]) for gripper in (False, True)]
     # State: block x, y, z, gripper; action: change of the hand position + gripper command.
     states = np.stack([0.3 + 0.4 * ts, np.full(steps, 0.55), np.zeros(steps), np.ones(steps)], axis=1)
     actions = np.diff(states, axis=0, append=states[-1:])
     actions[:, 3] = 1.0
-    annotation = {
-        "task": "robot_trajectory_prediction",
-        "texts": [INSTRUCTION],
-        "videos": [{"video_path": f"videos/val/0/{v}.mp4"} for v in (0, 1)],
-        "episode_id": 0,
-        "video_length": steps,
-        "states": states.tolist(),
-        "actions": actions.tolist(),
-    }
-    path = root / "annotation" / "val" / "0.json"
-    path.write_text(json.dumps(annotation), encoding="utf-8")
-    return path
+    return write_episode(root, 0, INSTRUCTION, views, states, actions, fps)
 
 
 def default_episode() -> Path:

@@ -146,3 +146,42 @@ def list_episodes(dataset: str | Path, split: str = "val") -> list[Path]:
         raise DataError(f"{dataset}: no 'annotation/{split}' folder (is it in the VPP sample format?)")
     files = list(folder.glob("*.json"))
     return sorted(files, key=lambda p: (not p.stem.isdigit(), int(p.stem) if p.stem.isdigit() else 0, p.stem))
+
+
+def write_video(path: str | Path, frames: list[np.ndarray] | np.ndarray, fps: float) -> None:
+    """RGB uint8 frames [T, H, W, 3] -> an MPEG-4 video (PyAV)."""
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=round(fps))
+        stream.width, stream.height = frames[0].shape[1], frames[0].shape[0]
+        stream.pix_fmt = "yuv420p"
+        stream.bit_rate = 2_000_000
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def write_episode(dataset: str | Path, episode_id: int, instruction: str, views: list[np.ndarray],
+                  states: np.ndarray, actions: np.ndarray, fps: float, split: str = "val",
+                  extra: dict | None = None) -> Path:
+    """Write one episode in the sample format (one video per view); returns the annotation path.
+
+    ``views`` are RGB uint8 [T, H, W, 3] arrays; ``states``/``actions`` are [T, dims].
+    """
+    dataset = Path(dataset)
+    lengths = {len(v) for v in views} | {len(states), len(actions)}
+    if len(lengths) != 1:
+        raise DataError(f"episode {episode_id}: views, states and actions differ in length ({sorted(lengths)})")
+    video_dir = dataset / "videos" / split / str(episode_id)
+    video_dir.mkdir(parents=True, exist_ok=True)
+    (dataset / "annotation" / split).mkdir(parents=True, exist_ok=True)
+    for v, frames in enumerate(views):
+        write_video(video_dir / f"{v}.mp4", frames, fps)
+    annotation = {"task": "robot_trajectory_prediction", "texts": [instruction],
+                  "videos": [{"video_path": f"videos/{split}/{episode_id}/{v}.mp4"} for v in range(len(views))],
+                  "episode_id": episode_id, "video_length": len(states),
+                  "states": np.asarray(states).tolist(), "actions": np.asarray(actions).tolist(), **(extra or {})}
+    path = dataset / "annotation" / split / f"{episode_id}.json"
+    path.write_text(json.dumps(annotation), encoding="utf-8")
+    return path

@@ -16,9 +16,11 @@ from .base import Camera, Frame
 class ZmqCameras(Camera):
     """All views from one ``CameraFrames`` stream, prepared for the model."""
 
-    def __init__(self, endpoint: str, views: int, size: int, context: zmq.Context | None = None):
+    def __init__(self, endpoint: str, views: int, size: int, context: zmq.Context | None = None,
+                 not_before: float = 0.0):
         super().__init__(f"zmq:{endpoint}")
         self.endpoint, self.views, self.size = endpoint, views, size
+        self.not_before = not_before  # ignore frames taken earlier (e.g. before a simulator reset)
         self._ctx = context or zmq.Context.instance()
 
     def capture_loop(self) -> None:
@@ -30,7 +32,7 @@ class ZmqCameras(Camera):
                 except P.ProtocolError as exc:
                     self.error = f"bad camera message: {exc}"
                     continue
-                if not isinstance(msg, P.CameraFrames):
+                if not isinstance(msg, P.CameraFrames) or msg.stamp < self.not_before:
                     continue
                 if msg.images.shape[0] < self.views:
                     self.error = f"stream has {msg.images.shape[0]} view(s), the model needs {self.views}"

@@ -1,0 +1,239 @@
+"""The deployment bundle: what the robot gets, as one folder with a checksum manifest.
+
+    code/vpp_edge/...          the runtime code (no training/export-to-ONNX code, no torch)
+    artifact/...               the export artifact (ONNX graphs, manifest, tokenizer), engines excluded
+    units/*.service            rendered systemd units
+    config/deploy.json         the settings the target-side agent reads
+    bin/vpp, bin/vpp-agent     launchers that put this release's code on PYTHONPATH
+    requirements-robot.txt     pinned robot-side packages (from requirements/lock.txt)
+    constraints.txt            requirements/lock.txt, so their dependencies get the same pins
+    BUNDLE.json, SHA256SUMS    every file's SHA-256; the bundle id is the hash of that table
+
+Deterministic: the same code, artifact and settings give the same bytes and the same id,
+which is how a re-run finds there is nothing to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from string import Template
+from typing import Any
+
+from vpp_edge import __version__
+from vpp_edge.export.manifest import read_manifest
+from vpp_edge.files import atomic_dir
+
+from .checksums import BUNDLE_FILE, SUMS_FILE, BundleError, bundle_id, manifest_text, sha256_file, sums_text
+from .units import render_units
+
+SKIP_DIRS = {"__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache"}
+SKIP_SUFFIXES = (".pyc", ".pyo", ".tmp", ".swp")
+ARTIFACT_DIR = "artifact/"
+ARTIFACT_EXCLUDE = ("engines/",)  # built on the target: engines are tied to its GPU and TensorRT
+
+VPP_LAUNCHER = """#!/bin/sh
+# vpp-edge command of this release (written by `vpp deploy`): this release's code, the runtime's Python.
+here=$$(cd -P -- "$$(dirname -- "$$0")/.." && pwd)
+export PYTHONPATH="$$here/code"
+export PYTHONSAFEPATH=1  # the caller's folder never shadows this release's code
+exec ${python} -m ${module} "$$@"
+"""
+
+
+@dataclass(frozen=True)
+class BundleFile:
+    path: str  # relative, posix
+    sha256: str
+    size: int
+    executable: bool
+    source: Path | None = None  # file to copy (hard-linked when possible), or
+    data: bytes | None = None  # generated content
+
+    def entry(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "size": self.size, "executable": self.executable}
+
+
+@dataclass
+class Bundle:
+    files: dict[str, BundleFile] = field(default_factory=dict)
+    artifact: Path | None = None  # source folder of the artifact/ entries
+
+    def artifact_files(self) -> list[str]:
+        """Artifact paths relative to the artifact folder (rsync --files-from)."""
+        return sorted(p[len(ARTIFACT_DIR):] for p in self.files if p.startswith(ARTIFACT_DIR))
+
+    @property
+    def id(self) -> str:
+        return bundle_id(self.table())
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files.values())
+
+    def table(self) -> dict[str, dict[str, Any]]:
+        return {p: f.entry() for p, f in self.files.items()}
+
+    def add_file(self, path: str, source: Path, sha256: str | None = None) -> None:
+        st = source.stat()
+        self.files[path] = BundleFile(path, sha256 or sha256_file(source), st.st_size, bool(st.st_mode & 0o111),
+                                      source=source)
+
+    def add_data(self, path: str, data: str | bytes, executable: bool = False) -> None:
+        raw = data.encode() if isinstance(data, str) else data
+        self.files[path] = BundleFile(path, hashlib.sha256(raw).hexdigest(), len(raw), executable, data=raw)
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise BundleError(f"code package '{name}' not found in this Python (is vpp-edge installed?)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def code_packages(exclude: list[str]) -> list[tuple[str, Path]]:
+    """(package, folder) pairs to copy whole: the folders pyproject's package-dir maps
+    (nested ones come with their parent), or the installed vpp_edge folder."""
+    home = _package_dir("vpp_edge")
+    pyproject = home.parent / "pyproject.toml"
+    if pyproject.is_file():
+        mapping = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-dir"]
+        items = [(name, (home.parent / folder).resolve()) for name, folder in mapping.items()]
+    else:  # an installed wheel: every subpackage lives inside the vpp_edge folder
+        items = [("vpp_edge", home.resolve())]
+    keep = [(n, d) for n, d in items if not _excluded(n, exclude)]
+    return sorted((n, d) for n, d in keep if not any(o in d.parents for _, o in keep))
+
+
+def _excluded(package: str, exclude: list[str]) -> bool:
+    return any(package == e or package.startswith(e + ".") for e in exclude)
+
+
+def _tree(root: Path) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
+        out += [Path(dirpath) / f for f in sorted(filenames)
+                if not f.startswith(".") and not f.endswith(SKIP_SUFFIXES)]
+    return out
+
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def robot_requirements(names: list[str], lock: Path) -> str:
+    """requirements-robot.txt: ``names`` pinned to the versions in the lock file."""
+    pins = {}
+    for line in lock.read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_.-]+)==(\S+)", line.strip())
+        if m:
+            pins[_normalize(m.group(1))] = f"{m.group(1)}=={m.group(2)}"
+    missing = [n for n in names if _normalize(n) not in pins]
+    if missing:
+        raise BundleError(f"{lock}: no pin for robot requirement(s) {', '.join(missing)}")
+    lines = [pins[_normalize(n)] for n in names]
+    return ("# Robot-side packages of vpp-edge, pinned from requirements/lock.txt (written by `vpp deploy`).\n"
+            "# No torch: the runtime runs the artifact's ONNX graphs (ONNX Runtime) or TensorRT engines.\n"
+            + "\n".join(lines) + "\n")
+
+
+def find_lock_file() -> Path:
+    """requirements/lock.txt of the source tree this vpp-edge runs from."""
+    for base in (_package_dir("vpp_edge").parent, Path.cwd()):
+        lock = base / "requirements" / "lock.txt"
+        if lock.is_file():
+            return lock
+    raise BundleError("requirements/lock.txt not found beside the vpp-edge sources (run from the repository)")
+
+
+def add_artifact(bundle: Bundle, artifact: Path) -> None:
+    """Every artifact file except engines; graph files must match the artifact manifest
+    (a file changed after export fails here, before anything is uploaded)."""
+    manifest = read_manifest(artifact)
+    expected = {}
+    for key, entry in manifest["graphs"].items():
+        expected[entry["file"]] = (key, entry["sha256"])
+        for extra in entry.get("external_data", []):
+            expected[extra["file"]] = (key, extra["sha256"])
+    for path in _tree(artifact):
+        rel = path.relative_to(artifact).as_posix()
+        if rel.startswith(ARTIFACT_EXCLUDE):
+            continue
+        bundle.add_file(f"artifact/{rel}", path)
+        if rel in expected and bundle.files[f"artifact/{rel}"].sha256 != expected[rel][1]:
+            raise BundleError(f"{path}: sha256 does not match the artifact manifest for '{expected[rel][0]}' "
+                              "(file changed after export; re-export the artifact)")
+    missing = sorted(set(expected) - {p[len("artifact/"):] for p in bundle.files if p.startswith("artifact/")})
+    if missing:
+        raise BundleError(f"{artifact}: files listed in its manifest are missing: {', '.join(missing[:5])}")
+
+
+def target_settings(cfg: dict[str, Any], units: list[str]) -> dict[str, Any]:
+    """config/deploy.json: what the agent on the target needs (no workstation paths)."""
+    keys = ("install_root", "python", "venv_python", "service_manager", "unit_dir", "sudo", "robot", "keep_releases", "engines",
+            "selftest", "health", "timeouts", "robot_modules", "profile")
+    return {"vpp_edge_version": __version__, **{k: cfg[k] for k in keys}, "units": units}
+
+
+def plan_bundle(cfg: dict[str, Any], artifact: str | Path, user: str, lock: Path | None = None) -> Bundle:
+    """Everything the bundle will hold, hashed, without writing anything."""
+    artifact = Path(artifact)
+    bundle = Bundle(artifact=artifact)
+    for package, src in code_packages(cfg["code_exclude"]):
+        dest = "code/" + package.replace(".", "/")
+        for path in _tree(src):
+            rel = f"{dest}/{path.relative_to(src).as_posix()}"
+            if not _excluded(".".join(Path(rel).parent.parts[1:]), cfg["code_exclude"]):
+                bundle.add_file(rel, path)
+    add_artifact(bundle, artifact)
+    units = render_units(cfg, user)
+    for name, text in units.items():
+        bundle.add_data(f"units/{name}", text)
+    bundle.add_data("config/deploy.json", json.dumps(target_settings(cfg, list(units)), indent=1, sort_keys=True) + "\n")
+    runtime_python = cfg["python"] or f"{cfg['install_root']}/venv/bin/python"
+    launcher = Template(VPP_LAUNCHER)
+    bundle.add_data("bin/vpp", launcher.substitute(python=shlex.quote(runtime_python), module="vpp_edge.cli"),
+                    executable=True)
+    # The agent runs before the runtime's venv exists: the configured Python, or the system's.
+    bundle.add_data("bin/vpp-agent", launcher.substitute(python=shlex.quote(cfg["python"] or cfg["venv_python"]),
+                                                         module="vpp_edge.deploy.remote"), executable=True)
+    lock = lock or find_lock_file()
+    bundle.add_data("requirements-robot.txt", robot_requirements(cfg["robot_requirements"], lock))
+    bundle.add_data("constraints.txt", lock.read_text())  # pins the dependencies of the dependencies too
+    return bundle
+
+
+def write_bundle(bundle: Bundle, out: str | Path, with_artifact: bool = True) -> Path:
+    """Materialise the bundle at ``out`` (replaced atomically). Files are copied with their
+    mtime, so rsync --link-dest on the target shares unchanged files between releases.
+
+    ``with_artifact=False`` leaves out artifact/ (gigabytes for a full VPP): `vpp deploy`
+    sends it straight from the artifact folder (rsync --files-from) and the target checks
+    it against the same BUNDLE.json."""
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        for rel, f in sorted(bundle.files.items()):
+            if not with_artifact and rel.startswith(ARTIFACT_DIR):
+                continue
+            dest = tmp / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if f.data is not None:
+                dest.write_bytes(f.data)
+                dest.chmod(0o755 if f.executable else 0o644)
+                continue
+            shutil.copy2(f.source, dest)
+            if sha256_file(dest) != f.sha256:  # the source changed while we were bundling
+                raise BundleError(f"{f.source}: changed while the bundle was written; run the deploy again")
+        table = bundle.table()
+        (tmp / BUNDLE_FILE).write_text(manifest_text(table))
+        (tmp / SUMS_FILE).write_text(sums_text(table))
+    return out

@@ -1,0 +1,50 @@
+"""Arguments and entry of ``vpp deploy`` (registered in vpp_edge/cli.py). Kept light:
+argparse only at import, so ``vpp --help`` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", required=True, help="user@host of the robot computer (make deploy-jetson JETSON=...)")
+    p.add_argument("--artifact", type=Path, default=Path("artifacts/tiny"),
+                   help="export artifact to deploy (default artifacts/tiny)")
+    p.add_argument("--robot", help="robot of the runtime and bridge units: sim | panda | xarm_xhand (default sim)")
+    p.add_argument("--install-root", help="folder on the target (default /opt/vpp-edge)")
+    p.add_argument("--profile", help="target requirements: jetson-orin | linux | a YAML (default jetson-orin)")
+    p.add_argument("--python", help="Python on the target to run vpp-edge with, as it is (default: a venv at "
+                   "INSTALL_ROOT/venv with the bundle's requirements-robot.txt)")
+    p.add_argument("--venv-python", help="Python on the target that creates that venv (default python3; "
+                   "JetPack 6: python3.11)")
+    p.add_argument("--service-manager", help="systemctl-compatible command on the target (default systemctl; "
+                   "without systemd: 'PY -m vpp_edge.deploy.supervisor --unit-dir D --state-dir S')")
+    p.add_argument("--unit-dir", help="where the units go on the target (default /etc/systemd/system)")
+    p.add_argument("--ssh-option", action="append", default=[], metavar="OPTION",
+                   help="ssh/rsync option, as ssh -o OPTION (repeatable): Port=2222, IdentityFile=~/.ssh/robot, ...")
+    p.add_argument("--config", type=Path, help="YAML overriding vpp_edge/deploy/defaults.yaml")
+    p.add_argument("--no-bridge", action="store_true", help="do not run the bridge on this computer")
+    p.add_argument("--bundle-dir", type=Path, default=Path("build/deploy"),
+                   help="where bundles are written locally (default build/deploy)")
+    p.add_argument("--force", action="store_true", help="redeploy even if the target runs this bundle")
+    p.add_argument("--dry-run", action="store_true", help="print every step and command; run nothing")
+
+
+def run(args: argparse.Namespace) -> int:
+    from vpp_edge.firmware_bridge.config import load_bridge_config
+    from vpp_edge.runtime.robot_config import load_robot_config
+
+    from .config import load_config
+    from .deployer import Deployment
+
+    cfg = load_config(args.config, install_root=args.install_root, profile=args.profile, python=args.python,
+                      venv_python=args.venv_python,
+                      service_manager=args.service_manager, unit_dir=args.unit_dir, robot=args.robot,
+                      bridge=False if args.no_bridge else None)
+    load_robot_config(cfg["robot"])  # a typo fails here, not as a crash-looping unit on the robot
+    if cfg["bridge"]:
+        load_bridge_config(cfg["robot"])
+    deployment = Deployment(cfg, args.artifact, args.target, args.ssh_option, args.bundle_dir,
+                            out=lambda line: print(line, flush=True))
+    return deployment.run(dry_run=args.dry_run, force=args.force)

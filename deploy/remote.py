@@ -1,0 +1,341 @@
+"""The deployment agent that runs on the target, inside an uploaded release:
+
+    <root>/releases/<id>/bin/vpp-agent STEP
+
+Each step is one SSH call from ``vpp deploy`` and prints what it does and finds. Exit 0
+on success, 1 with an ``error:`` line on failure. The release it belongs to is the folder
+it was shipped in; its settings are ``config/deploy.json`` of that release, so a rollback
+runs the previous release's own agent with the previous release's own settings.
+
+Target layout::
+
+    <root>/releases/<id>/   verified bundles (code/, artifact/, units/, config/, bin/)
+    <root>/current          -> releases/<id>, switched atomically (rename of a symlink)
+    <root>/previous         -> the release that was current before
+    <root>/state.json       the last deployment that finished (id, time)
+    <root>/cache/           TensorRT timing cache, kept across releases
+    <root>/logs/            runtime JSONL log, deploy.jsonl (history)
+
+Standard library only: it runs before the robot's Python environment exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from vpp_edge.deploy import checks
+from vpp_edge.deploy.checksums import BundleError, verify_tree
+
+RELEASE = Path(__file__).resolve().parents[3]  # <release>/code/vpp_edge/deploy/remote.py
+ALL_UNITS = ("vpp-bridge.service", "vpp-runtime.service")  # start order; stopped in reverse
+EXIT_NO_TENSORRT = 3  # `vpp build-engines` exit code when TensorRT is missing
+
+
+class StepFailed(Exception):
+    pass
+
+
+def say(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+class Agent:
+    def __init__(self, release: Path):
+        self.release = release
+        try:
+            self.cfg = json.loads((release / "config" / "deploy.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise StepFailed(f"{release}/config/deploy.json: cannot read ({exc})") from None
+        self.root = Path(self.cfg["install_root"])
+        self.id = release.name
+        self.python = self.cfg["python"] or str(self.root / "venv" / "bin" / "python")
+        self.sm = shlex.split(self.cfg["service_manager"])
+        self.unit_dir = Path(self.cfg["unit_dir"])
+        self.units = list(self.cfg["units"])
+        sudo = self.cfg.get("sudo", "auto")
+        not_root = os.geteuid() != 0
+        self.sudo_sm = sudo == "always" or (sudo == "auto" and not_root and Path(self.sm[0]).name == "systemctl")
+        self.sudo_units = sudo == "always" or (sudo == "auto" and not_root and not os.access(self._probe(), os.W_OK))
+
+    def _probe(self) -> Path:
+        p = self.unit_dir
+        while not p.exists():
+            p = p.parent
+        return p
+
+    # -- helpers -------------------------------------------------------------
+    def _env(self, code: bool) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        if code:
+            env["PYTHONPATH"] = str(self.release / "code")
+            env["PYTHONSAFEPATH"] = "1"
+        return env
+
+    def _sm(self, *args: str, check: bool = True, quiet: bool = False) -> subprocess.CompletedProcess:
+        argv = (["sudo", "-n"] if self.sudo_sm else []) + self.sm + list(args)
+        proc = subprocess.run(argv, capture_output=True, text=True, env=self._env(False),
+                              timeout=self.cfg["timeouts"]["service"])
+        if not quiet:
+            say(f"  $ {shlex.join(argv)}" + (f"  [exit {proc.returncode}]" if proc.returncode else ""))
+        if check and proc.returncode != 0:
+            detail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-3:]
+            if self.sudo_sm and "password" in proc.stderr:
+                detail.append("the deploy user needs passwordless sudo for systemctl (or deploy as root)")
+            raise StepFailed(f"{shlex.join(argv)} failed: {' | '.join(detail)}")
+        return proc
+
+    def _vpp(self, *args: str, timeout: float) -> int:
+        """Run `vpp ARGS` with this release's code in the runtime Python; output streams through."""
+        argv = [self.python, "-m", "vpp_edge.cli", *args]
+        say(f"  $ {shlex.join(argv)}")
+        try:
+            return subprocess.run(argv, env=self._env(True), timeout=timeout, cwd=self.release).returncode
+        except FileNotFoundError:
+            raise StepFailed(f"{self.python}: no such Python on the target") from None
+        except subprocess.TimeoutExpired:
+            raise StepFailed(f"vpp {args[0]} did not finish within {timeout:.0f} s") from None
+
+    def _link(self, name: str, target: str) -> None:
+        """Point <root>/<name> at ``target`` atomically (new symlink renamed over the old)."""
+        link = self.root / name
+        tmp = self.root / f".{name}.{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+
+    def _current(self) -> str | None:
+        try:
+            return Path(os.readlink(self.root / "current")).name
+        except OSError:
+            return None
+
+    def _log(self, **event) -> None:
+        logs = self.root / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        event = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "release": self.id, **event}
+        with open(logs / "deploy.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(event) + "\n")
+
+    # -- steps ---------------------------------------------------------------
+    def verify(self) -> None:
+        try:
+            n, size = verify_tree(self.release, ignore=("artifact/engines/",))
+        except BundleError as exc:
+            raise StepFailed(str(exc)) from None
+        say(f"  {n} files, {size / 2**20:.1f} MiB match BUNDLE.json (bundle {self.id})")
+
+    def check(self) -> None:
+        profile = self.cfg["profile"]
+        say(f"  profile '{profile.get('name')}'")
+        python = self.python if Path(self.python).exists() or self.cfg["python"] else sys.executable
+        results = checks.run_checks(profile, python, self.root, (["sudo", "-n"] if self.sudo_sm else []) + self.sm)
+        for r in results:
+            say("  " + r.line())
+        failed = [r for r in results if r.failed]
+        if failed:
+            raise StepFailed("; ".join(f"{r.name}: {r.found}" for r in failed))
+
+    def env(self) -> None:
+        """The runtime's Python: the configured one as it is, or a venv with requirements-robot.txt."""
+        if not self.cfg["python"]:
+            venv = self.root / "venv"
+            requirements = self.release / "requirements-robot.txt"
+            constraints = self.release / "constraints.txt"
+            digest = hashlib.sha256(requirements.read_bytes() + constraints.read_bytes()).hexdigest()
+            stamp = venv / ".requirements.sha256"
+            if not (venv / "bin" / "python").exists():
+                # system site packages: JetPack's TensorRT Python bindings live there
+                self._run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], "service",
+                          hint=f"on Debian/Ubuntu: sudo apt-get install python{sys.version_info[0]}.{sys.version_info[1]}-venv")
+            if not stamp.is_file() or stamp.read_text().strip() != digest:
+                self._run([str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check",
+                           "-r", str(requirements), "-c", str(constraints)], "pip")
+                stamp.write_text(digest + "\n")
+            else:
+                say(f"  {venv}: requirements unchanged")
+        else:
+            say(f"  using {self.python} as it is (--python): nothing installed")
+        result = checks.import_check(self.python, self.cfg["robot_modules"])
+        say("  " + result.line())
+        if result.failed:
+            raise StepFailed(result.found)
+
+    def _run(self, argv: list[str], timeout_key: str, hint: str = "") -> None:
+        say(f"  $ {shlex.join(argv)}")
+        code = subprocess.run(argv, env=self._env(False), timeout=self.cfg["timeouts"][timeout_key]).returncode
+        if code:
+            raise StepFailed(f"{shlex.join(argv)} exited with {code}" + (f" ({hint})" if hint else ""))
+
+    def stop(self) -> None:
+        for unit in reversed(ALL_UNITS):
+            if (self.unit_dir / unit).exists():
+                self._sm("stop", unit, check=False)
+
+    def build_engines(self) -> None:
+        eng = self.cfg["engines"]
+        artifact = self.release / "artifact"
+        cache = self.root / "cache" / "timing.cache"
+        local_cache = artifact / "engines" / "timing.cache"
+        if cache.is_file():
+            local_cache.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(cache, local_cache)
+            say(f"  timing cache: {cache} ({cache.stat().st_size} bytes)")
+        code = self._vpp("build-engines", str(artifact), "--precisions", ",".join(eng["precisions"]),
+                         "--workspace-gb", str(eng["workspace_gb"]), timeout=self.cfg["timeouts"]["build_engines"])
+        if code == EXIT_NO_TENSORRT:
+            say("  TensorRT not available on the target: no engines built; the runtime falls back to "
+                "ONNX Runtime on the artifact's ONNX graphs")
+            return
+        if code:
+            raise StepFailed(f"vpp build-engines exited with {code}")
+        if local_cache.is_file():
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            shutil.copyfile(local_cache, tmp)
+            tmp.replace(cache)
+            say(f"  timing cache saved to {cache}")
+
+    def selftest(self) -> None:
+        st = self.cfg["selftest"]
+        args = ["doctor", "--artifact", str(self.release / "artifact"), "--selftest", "--backend", st["backend"],
+                "--runs", str(st["runs"])]
+        if st.get("precision"):
+            args += ["--precision", st["precision"]]
+        code = self._vpp(*args, timeout=self.cfg["timeouts"]["selftest"])
+        if code:
+            raise StepFailed(f"self-test failed (vpp doctor --selftest exited with {code})")
+
+    def install_units(self) -> None:
+        if not self.sudo_units:
+            self.unit_dir.mkdir(parents=True, exist_ok=True)
+        for unit in self.units:
+            src, dest = self.release / "units" / unit, self.unit_dir / unit
+            if dest.is_file() and dest.read_bytes() == src.read_bytes():
+                say(f"  {dest}: unchanged")
+                continue
+            if self.sudo_units:
+                self._run(["sudo", "-n", "install", "-m", "0644", str(src), str(dest)], "service")
+            else:
+                tmp = dest.with_name(f".{unit}.tmp")
+                shutil.copyfile(src, tmp)
+                tmp.chmod(0o644)
+                tmp.replace(dest)
+            say(f"  installed {dest}")
+        for unit in ALL_UNITS:  # a unit this release does not run (bridge disabled) must not run
+            if unit not in self.units and (self.unit_dir / unit).exists():
+                self._sm("stop", unit, check=False)
+                self._sm("disable", unit, check=False)
+        self._sm("daemon-reload")
+        self._sm("enable", *self.units)
+
+    def switch(self) -> None:
+        old = self._current()
+        (self.root / "releases").mkdir(parents=True, exist_ok=True)
+        if old and old != self.id:
+            self._link("previous", f"releases/{old}")
+        self._link("current", f"releases/{self.id}")
+        say(f"  current: {old or '(none)'} -> {self.id}")
+
+    def start(self) -> None:
+        for unit in ALL_UNITS:
+            if unit in self.units:
+                self._sm("restart", unit)
+
+    def health(self) -> None:
+        """Every unit stays active through the settle window (a crash-looping service shows
+        'activating' or 'failed' at some poll)."""
+        settle = float(self.cfg["health"]["settle_s"])
+        end = time.monotonic() + settle
+        while True:
+            for unit in self.units:
+                state = self._sm("is-active", unit, check=False, quiet=True).stdout.strip() or "unknown"
+                if state != "active":
+                    status = self._sm("status", "--no-pager", unit, check=False, quiet=True)
+                    text = (status.stdout + status.stderr).strip()
+                    say("\n".join("  | " + line for line in text.splitlines()[-12:]))
+                    raise StepFailed(f"{unit} is {state}, not active")
+            if time.monotonic() >= end:
+                break
+            time.sleep(0.25)
+        say(f"  {', '.join(self.units)} active for {settle:g} s")
+
+    def finish(self) -> None:
+        state = {"current": self.id, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        tmp = self.root / ".state.json.tmp"
+        tmp.write_text(json.dumps(state) + "\n")
+        tmp.replace(self.root / "state.json")
+        self._log(result="deployed")
+        self.prune()
+
+    def prune(self) -> None:
+        keep = int(self.cfg["keep_releases"])
+        releases = sorted((p for p in (self.root / "releases").iterdir() if p.is_dir()),
+                          key=lambda p: p.stat().st_mtime, reverse=True)
+        pinned = {self._current()}
+        try:
+            pinned.add(Path(os.readlink(self.root / "previous")).name)
+        except OSError:
+            pass
+        for old in releases[keep:]:
+            if old.name not in pinned:
+                shutil.rmtree(old, ignore_errors=True)
+                say(f"  removed old release {old.name}")
+
+    # -- rollback --------------------------------------------------------------
+    def reactivate(self, failed: str | None) -> None:
+        """Make this (previous, known-good) release current again and restart its units."""
+        say(f"  rolling back to {self.id}" + (f" (from failed {failed})" if failed else ""))
+        self.stop()
+        self.switch()
+        self.install_units()
+        self.start()
+        self.health()
+        self._log(result="rolled-back", failed=failed)
+
+    def deactivate(self) -> None:
+        """First deployment failed, nothing to go back to: stop the units, unlink current."""
+        self.stop()
+        if self._current() == self.id:
+            (self.root / "current").unlink()
+        self._log(result="failed-no-previous")
+        say("  no previous release to go back to: services stopped")
+
+
+STEPS = {"verify": Agent.verify, "check": Agent.check, "env": Agent.env, "stop": Agent.stop,
+         "build-engines": Agent.build_engines, "selftest": Agent.selftest, "install-units": Agent.install_units,
+         "switch": Agent.switch, "start": Agent.start, "health": Agent.health, "finish": Agent.finish,
+         "deactivate": Agent.deactivate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="vpp-agent", description="vpp-edge deployment steps on the target")
+    p.add_argument("step", choices=[*STEPS, "reactivate"])
+    p.add_argument("--failed", help="reactivate: id of the release that failed")
+    p.add_argument("--release", type=Path, default=RELEASE, help="release folder (default: the one shipping this agent)")
+    args = p.parse_args(argv)
+    try:
+        agent = Agent(args.release)
+        if args.step == "reactivate":
+            agent.reactivate(args.failed)
+        else:
+            STEPS[args.step](agent)
+    except StepFailed as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except subprocess.TimeoutExpired as exc:
+        print(f"error: {shlex.join(map(str, exc.cmd))} timed out after {exc.timeout:.0f} s", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""systemd units for the runtime and the bridge, rendered from ``deploy/units/*.service.in``
+(string.Template: ``${name}`` placeholders)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from string import Template
+from typing import Any
+
+TEMPLATES = Path(__file__).with_name("units")
+RUNTIME_UNIT = "vpp-runtime.service"
+BRIDGE_UNIT = "vpp-bridge.service"
+_PLAIN = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")
+
+
+def exec_quote(arg: str) -> str:
+    """One ExecStart argument as systemd parses it: specifiers (%) and variables ($)
+    doubled, double quotes around anything with spaces or quotes."""
+    arg = arg.replace("%", "%%").replace("$", "$$")
+    if arg and _PLAIN.match(arg):
+        return arg
+    return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def runtime_command(cfg: dict[str, Any]) -> list[str]:
+    """`vpp run` as the unit starts it (paths on the target; the artifact is relative to
+    the WorkingDirectory, i.e. the release `current` pointed to at start)."""
+    root, rt = cfg["install_root"], cfg["runtime"]
+    argv = [f"{root}/current/bin/vpp", "run", "--artifact", "artifact", "--robot", cfg["robot"],
+            "--backend", rt["backend"], "--duration", "inf", "--smoothing", rt["smoothing"],
+            "--rt-priority", str(rt["rt_priority"]), "--log", f"{root}/logs/runtime.jsonl", "--quiet"]
+    if rt.get("cameras"):
+        argv += ["--cameras", rt["cameras"]]
+    if rt.get("precision"):
+        argv += ["--precision", rt["precision"]]
+    return argv + [str(a) for a in rt.get("args", [])]
+
+
+def bridge_command(cfg: dict[str, Any]) -> list[str]:
+    return [f"{cfg['install_root']}/current/bin/vpp", "bridge", "--robot", cfg["robot"]]
+
+
+def render_units(cfg: dict[str, Any], user: str) -> dict[str, str]:
+    """{unit file name: content} for the units this configuration runs."""
+    common = {"root": cfg["install_root"], "robot": cfg["robot"], "user": user,
+              "rtprio": cfg["limits"]["rtprio"], "memlock": cfg["limits"]["memlock"],
+              "nofile": cfg["limits"]["nofile"]}
+    bridge = bool(cfg["bridge"])
+    out = {}
+    if bridge:
+        out[BRIDGE_UNIT] = _render("vpp-bridge.service.in", common,
+                                   exec_start=" ".join(map(exec_quote, bridge_command(cfg))))
+    out[RUNTIME_UNIT] = _render("vpp-runtime.service.in", common,
+                                exec_start=" ".join(map(exec_quote, runtime_command(cfg))),
+                                after=f" {BRIDGE_UNIT}" if bridge else "", wants=f" {BRIDGE_UNIT}" if bridge else "")
+    return out
+
+
+def _render(template: str, values: dict[str, Any], **more: Any) -> str:
+    return Template((TEMPLATES / template).read_text()).substitute({**values, **more})

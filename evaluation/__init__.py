@@ -1,0 +1,1 @@
+"""Closed-loop evaluation in simulators (MetaWorld) through the whole stack."""

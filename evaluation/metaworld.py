@@ -1,0 +1,231 @@
+"""MetaWorld through the whole stack: oracle demonstrations recorded into the sample
+format, and closed-loop evaluation of an exported policy.
+
+Both go through :class:`~vpp_edge.firmware_bridge.metaworld_sim.MetaWorldDriver`, so
+demonstrations see exactly the cameras, rates and action convention the runtime later
+acts with: one action per control step = the hand target's change over the MetaWorld
+steps of one control period (bridge servo rate / runtime control rate, 4) + the gripper
+effort. In evaluation the
+simulator sits behind a real bridge on loopback ZeroMQ, its cameras stream to the
+runtime's network camera, and the runtime (ONNX Runtime, safety, chunking) drives it
+exactly as it would a robot. Success is MetaWorld's own ``info["success"]``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vpp_edge.errors import ConfigError
+from vpp_edge.extras import require
+from vpp_edge.firmware_bridge.metaworld_sim import MOCAP_STEP, MetaWorldDriver
+
+def instruction_for(task: str) -> str:
+    """A plain-language instruction from a MetaWorld task name ('drawer-open-v3' -> 'drawer open')."""
+    name = task.rsplit("-v", 1)[0]
+    return name.replace("-", " ")
+
+
+def check_tasks(tasks: list[str]) -> list[str]:
+    require("metaworld", "MetaWorld tasks")
+    import metaworld
+
+    known = sorted(metaworld.ALL_V3_ENVIRONMENTS)
+    unknown = [t for t in tasks if t not in known]
+    if unknown or not tasks:
+        raise ConfigError(f"unknown MetaWorld task(s) {unknown or tasks}; e.g. {', '.join(known[:6])}, ...")
+    return tasks
+
+
+def _rates() -> tuple[object, object, int]:
+    """(bridge config, runtime robot config, MetaWorld steps per control step) for MetaWorld."""
+    from vpp_edge.firmware_bridge.config import load_bridge_config
+    from vpp_edge.runtime.robot_config import load_robot_config
+
+    bridge, robot = load_bridge_config("metaworld"), load_robot_config("metaworld")
+    return bridge, robot, max(1, round(bridge.servo_hz / robot.control_hz))
+
+
+# --- demonstrations -------------------------------------------------------------------------
+def record_demos(tasks: list[str], episodes: int, out: str | Path, image_size: int = 128, seed: int = 0,
+                 max_steps: int = 500, split: str = "train", progress: bool = True) -> dict:
+    """Record ``episodes`` successful oracle demonstrations per task into ``out`` (sample format).
+
+    Returns counts per task (recorded, failed attempts) and the totals; failed oracle
+    attempts are not written.
+    """
+    from metaworld.policies import ENV_POLICY_MAP
+    from tqdm import tqdm
+
+    from vpp_edge.episodes import write_episode
+
+    check_tasks(tasks)
+    cfg, robot, every = _rates()
+    out = Path(out)
+    summary: dict = {"tasks": {}, "steps_per_action": every, "control_hz": robot.control_hz, "image_size": image_size}
+    episode_id = 0
+    bar = tqdm(total=len(tasks) * episodes, desc="oracle demos", unit="ep", disable=not progress)
+    for task in tasks:
+        driver = MetaWorldDriver({**cfg.driver, "task": task, "image_size": image_size})
+        oracle = ENV_POLICY_MAP[task]()
+        recorded, failed, lengths, attempt = 0, 0, [], 0
+        try:
+            while recorded < episodes:
+                if failed > 2 * episodes + 5:
+                    raise RuntimeError(f"{task}: the oracle keeps failing ({failed} attempts)")
+                demo = _one_demo(driver, oracle, seed + attempt, every, max_steps)
+                attempt += 1
+                if demo is None:
+                    failed += 1
+                    continue
+                views, states, actions = demo
+                write_episode(out, episode_id, instruction_for(task), views, states, actions, robot.control_hz, split,
+                              extra={"metaworld_task": task, "seed": seed + attempt - 1})
+                episode_id += 1
+                recorded += 1
+                lengths.append(len(actions))
+                bar.update()
+        finally:
+            driver.disconnect()
+        summary["tasks"][task] = {"episodes": recorded, "failed_attempts": failed,
+                                  "mean_length": float(np.mean(lengths))}
+    bar.close()
+    summary["episodes"] = episode_id
+    (out / "demos.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _one_demo(driver: MetaWorldDriver, oracle, seed: int, every: int, max_steps: int):
+    """(views [V][T, S, S, 3], states [T, 4], actions [T, 4]) of one successful episode, or None."""
+    driver.reset_episode(seed)
+    frames, states, actions = [], [], []
+    after_success = 0
+    while driver.status.steps < max_steps and after_success < 2:  # two more steps: learn to settle
+        frames.append(driver.render())
+        hand, opening = driver.read_state()[1][:3], driver.read_state()[1][3]
+        states.append([*hand, opening])
+        start = driver.setpoint()
+        for _ in range(every):
+            a = np.clip(oracle.get_action(driver.observation), -1.0, 1.0)
+            target = driver.setpoint()[:3] + a[:3] * MOCAP_STEP
+            driver.servo(np.array([*target, a[3]]))
+        actions.append([*(driver.setpoint()[:3] - start[:3]), a[3]])
+        if driver.status.success:
+            after_success += 1
+    if not driver.status.success:
+        return None
+    views = [np.stack([f[v] for f in frames]) for v in range(frames[0].shape[0])]
+    return views, np.asarray(states), np.asarray(actions)
+
+
+# --- closed-loop evaluation -----------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalOptions:
+    tasks: tuple[str, ...]
+    episodes: int = 10
+    seed: int = 1000  # evaluation seeds start here, away from the demonstrations' seeds
+    max_steps: int = 200  # MetaWorld steps per episode (the oracles need < 100)
+    backend: str = "onnxruntime"
+    precision: str = "fp32"
+    smoothing: str = "crossfade"
+    threads: int = 0
+
+
+def evaluate(artifact_dir: str | Path, options: EvalOptions, progress: bool = True) -> dict:
+    """Run ``options.episodes`` closed-loop episodes per task; success from MetaWorld."""
+    import zmq
+    from tqdm import tqdm
+
+    from vpp_edge.firmware_bridge.bridge import Bridge, Endpoints
+    from vpp_edge.runtime.artifact import Artifact
+    from vpp_edge.runtime.cameras.network import ZmqCameras
+    from vpp_edge.runtime.engines import create_engine
+    from vpp_edge.runtime.link import BridgeLink
+    from vpp_edge.runtime.loop import RunOptions, Runtime
+    from vpp_edge.runtime.metrics import Metrics
+    from vpp_edge.runtime.policy import RuntimePolicy
+
+    check_tasks(list(options.tasks))
+    artifact = Artifact.open(artifact_dir)
+    preset = artifact.preset
+    cfg, robot, _ = _rates()
+    logging.getLogger("vpp_edge.firmware_bridge").setLevel(logging.WARNING)  # events are counted, not printed
+    if preset.action_dim != cfg.dim:
+        raise ConfigError(f"{artifact_dir}: the model acts in {preset.action_dim} dims, MetaWorld takes {cfg.dim}")
+    wall_limit = options.max_steps / cfg.servo_hz + 2.0
+    ctx = zmq.Context()
+    results: dict = {"artifact": str(artifact_dir), "precision": options.precision, "backend": options.backend,
+                     "episodes_per_task": options.episodes, "max_steps": options.max_steps, "tasks": {}}
+    latencies: list[float] = []
+    bar = tqdm(total=len(options.tasks) * options.episodes, desc="MetaWorld closed loop", unit="ep",
+               disable=not progress)
+    engine_options = {"threads": options.threads} if options.backend == "onnxruntime" else {}
+    with create_engine(artifact, options.backend, options.precision, **engine_options) as engine:
+        policy = RuntimePolicy(artifact, engine, seed=0)
+        for task in options.tasks:
+            driver = MetaWorldDriver({**cfg.driver, "task": task, "image_size": preset.image_size,
+                                      "max_steps": options.max_steps})
+            bridge = Bridge(driver, cfg, Endpoints(*["tcp://127.0.0.1:*"] * 5), ctx).start()
+            ends = bridge.bound()
+            link = BridgeLink(ends.action, ends.state, ends.events, ends.command, context=ctx)
+            policy.set_instruction(instruction_for(task))
+            episodes = []
+            try:
+                for i in range(options.episodes):
+                    bridge.new_episode(lambda: driver.reset_episode(options.seed + i))
+                    started = time.monotonic()
+                    cams = [ZmqCameras(ends.camera, preset.num_views, preset.image_size, ctx, not_before=started)]
+                    metrics = Metrics()
+                    status = driver.status
+                    run = RunOptions(duration_s=wall_limit, smoothing=options.smoothing,
+                                     stop_when=lambda: status.success or status.steps >= options.max_steps)
+                    summary = Runtime(policy, cams, robot, link, run, metrics).run()
+                    metrics.close()
+                    e2e = summary["latency_ms"].get("end_to_end_ms", {})
+                    if e2e.get("n"):
+                        latencies.append(e2e["p50"])
+                    episodes.append({"seed": options.seed + i, "success": bool(status.success),
+                                     "steps": status.first_success_step or status.steps,
+                                     "chunks": summary["counts"].get("chunks", 0),
+                                     "wall_s": time.monotonic() - started, "safety": summary["safety"]})
+                    bar.update()
+                    bar.set_postfix(task=task, success=sum(e["success"] for e in episodes))
+            finally:
+                link.close()
+                bridge.close()
+            successes = [e["success"] for e in episodes]
+            results["tasks"][task] = {
+                "success_rate": float(np.mean(successes)), "episodes": len(episodes),
+                "mean_steps_to_success": float(np.mean([e["steps"] for e in episodes if e["success"]]))
+                if any(successes) else None,
+                "mean_length": float(np.mean([e["steps"] for e in episodes])), "episodes_detail": episodes}
+    bar.close()
+    ctx.destroy(linger=0)
+    rates = [t["success_rate"] for t in results["tasks"].values()]
+    results["average_success"] = float(np.mean(rates))
+    results["end_to_end_ms_p50_median"] = float(np.median(latencies)) if latencies else None
+    return results
+
+
+def write_report(results: dict, out: str | Path) -> Path:
+    """results.json + results.md (a table per task) in ``out``; returns the Markdown path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    lines = [f"# MetaWorld closed loop: {results['artifact']} ({results['backend']}/{results['precision']})", "",
+             f"{results['episodes_per_task']} episodes per task, at most {results['max_steps']} MetaWorld steps; "
+             "success is MetaWorld's own flag.", "",
+             "| task | success | mean steps to success | mean episode steps |", "| --- | ---: | ---: | ---: |"]
+    for task, r in results["tasks"].items():
+        to_success = f"{r['mean_steps_to_success']:.0f}" if r["mean_steps_to_success"] is not None else "-"
+        lines.append(f"| {task} | {r['success_rate']:.2f} | {to_success} | {r['mean_length']:.0f} |")
+    lines += ["", f"Average success: **{results['average_success']:.3f}**; runtime end-to-end latency "
+              f"(median of per-episode p50): {results['end_to_end_ms_p50_median'] or float('nan'):.0f} ms."]
+    path = out / "results.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
