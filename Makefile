@@ -17,7 +17,8 @@ ARTIFACT ?= artifacts/$(or $(PRESET),$(if $(CKPT),$(notdir $(CKPT)),tiny))
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml requirements/lock.txt
+$(STAMP): pyproject.toml requirements/lock.txt requirements/apt.txt
+	@$(MAKE) --no-print-directory system-deps || echo "warning: system packages missing (see requirements/apt.txt): the SSH deployment and MetaWorld tests will skip"
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "vpp-edge needs Python >= 3.11, found " + sys.version.split()[0])'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements/lock.txt
@@ -37,6 +38,58 @@ export: $(STAMP)  ## ONNX graphs + parity gates + FP16/INT8 into $(ARTIFACT) (CK
 
 build-engines: $(STAMP)  ## TensorRT engines for $(ARTIFACT), built on this machine
 	$(BIN)/vpp build-engines $(ARTIFACT)
+
+# make train-policy [TRAIN_CONFIG=policy_tiny] [RUN=runs/policy-tiny]; multi-GPU: accelerate launch -m vpp_edge.cli train ...
+TRAIN_CONFIG ?=
+.PHONY: train-policy train-tvp
+train-policy: $(STAMP)  ## stage 2: Video Former + action head on frozen TVP features (tiny on the samples: minutes)
+	$(BIN)/vpp train policy --config $(or $(TRAIN_CONFIG),policy_tiny) --out $(or $(RUN),runs/policy-tiny)
+
+train-tvp: $(STAMP)  ## stage 1: fine-tune the TVP video model; prediction GIFs in <run>/samples
+	$(BIN)/vpp train tvp --config $(or $(TRAIN_CONFIG),tvp_tiny) --out $(or $(RUN),runs/tvp-tiny)
+
+# make calibrate [GRID=tiny] [CKPT=checkpoints/run]: resumable; report + recommended.yaml in artifacts/calibrate/$(GRID)
+GRID ?= tiny
+.PHONY: calibrate
+calibrate: $(STAMP)  ## latency/accuracy sweep + Pareto report + recommended runtime config (GRID=, CKPT=)
+	$(BIN)/vpp calibrate sweep --grid $(GRID) --out artifacts/calibrate/$(notdir $(basename $(GRID))) $(if $(CKPT),--checkpoint $(CKPT))
+
+# make deploy-jetson JETSON=user@host [ARTIFACT=artifacts/name] [ROBOT=sim] [DEPLOY_ARGS="--dry-run ..."]
+JETSON ?=
+ROBOT  ?=
+.PHONY: deploy-jetson system-deps
+deploy-jetson: $(STAMP)  ## bundle $(ARTIFACT), rsync it to JETSON=user@host, build engines, self-test, restart units
+	@test -n "$(JETSON)" || { echo "usage: make deploy-jetson JETSON=user@host [ARTIFACT=...] [ROBOT=sim] [DEPLOY_ARGS=--dry-run]"; exit 2; }
+	$(BIN)/vpp deploy --target $(JETSON) --artifact $(ARTIFACT) $(if $(ROBOT),--robot $(ROBOT)) $(DEPLOY_ARGS)
+
+system-deps:  ## apt-get install what requirements/apt.txt lists and is missing (needs root or sudo)
+	@missing=$$(for p in $$(grep -v '^#' requirements/apt.txt); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -z "$$missing" ]; then echo "system packages present: $$(grep -v '^#' requirements/apt.txt | xargs)"; exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=; elif command -v sudo >/dev/null; then sudo=sudo; \
+	else echo "system-deps: need root or sudo to install: $$missing" >&2; exit 1; fi; \
+	echo "installing: $$missing"; \
+	$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing
+
+# make metaworld-policy: the recipe behind the MetaWorld closed loop (about an hour on 2 cores):
+# oracle demos -> stage-2 training of metaworld_tiny -> export (FP32 + INT8) -> evaluation of both.
+MW_TASKS    ?= reach-v3,button-press-topdown-v3,drawer-close-v3,push-v3
+MW_EPISODES ?= 25
+MW_EVAL     ?= 10
+.PHONY: metaworld-policy
+metaworld-policy: $(STAMP)  ## record MetaWorld demos, train + export metaworld_tiny, evaluate it closed loop (FP32, INT8)
+	@test -f data/metaworld/demos.json || $(BIN)/vpp record metaworld --tasks $(MW_TASKS) --episodes $(MW_EPISODES) --out data/metaworld
+	$(BIN)/vpp train policy --config policy_metaworld --out runs/policy-metaworld
+	$(BIN)/vpp export --checkpoint runs/policy-metaworld/last --out artifacts/metaworld_tiny --precisions fp32,int8 --calibration-data data/metaworld
+	$(BIN)/vpp eval metaworld --artifact artifacts/metaworld_tiny --tasks $(MW_TASKS) --episodes $(MW_EVAL) --precision fp32 --out results/metaworld/fp32
+	$(BIN)/vpp eval metaworld --artifact artifacts/metaworld_tiny --tasks $(MW_TASKS) --episodes $(MW_EVAL) --precision int8 --out results/metaworld/int8
+
+.PHONY: bench
+bench: $(STAMP)  ## benchmarks: stages per engine vs eager PyTorch, paper-scale FLOPs, runtime loop (bench/results/*.json)
+	@test -f artifacts/tiny/manifest.json || $(BIN)/vpp export --preset tiny --out artifacts/tiny
+	$(BIN)/python bench/stages_bench.py --artifact artifacts/tiny --paper
+	$(BIN)/python bench/runtime_bench.py --artifact artifacts/tiny
+	$(BIN)/python bench/bridge_bench.py
 
 test: $(STAMP)  ## run the test suite
 	$(BIN)/python -m pytest

@@ -30,7 +30,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     options = EvalOptions(tasks=tuple(_tasks(args.tasks)), episodes=args.episodes, seed=args.seed,
                           max_steps=args.max_steps, backend=args.backend, precision=args.precision,
-                          smoothing=args.smoothing, threads=args.threads)
+                          smoothing=args.smoothing, threads=args.threads,
+                          video_dir=str(args.out / "videos") if args.video else None)
     results = evaluate(args.artifact, options, progress=not args.quiet)
     report = write_report(results, args.out)
     print(report.read_text())
@@ -66,6 +67,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--smoothing", default="crossfade", help="none | ensemble | crossfade | rtc")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default: its choice)")
     p.add_argument("--out", type=Path, default=Path("results/metaworld"), help="report folder")
+    p.add_argument("--video", action="store_true", help="save each episode's camera stream in OUT/videos")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)

@@ -134,6 +134,47 @@ class EvalOptions:
     precision: str = "fp32"
     smoothing: str = "crossfade"
     threads: int = 0
+    video_dir: str | None = None  # write each episode's camera stream as <task>_<seed>.mp4 here
+
+
+class StreamRecorder:
+    """Collects every frame a camera stream publishes (its own SUB socket) for a video."""
+
+    def __init__(self, endpoint: str, context) -> None:
+        import threading
+
+        import zmq
+
+        from vpp_edge.runtime.transport import make_socket
+
+        self._sock = make_socket(context, zmq.SUB, endpoint, bind=False, timeout_ms=100)
+        self.frames: list[np.ndarray] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stream-recorder", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from vpp_edge.runtime import protocol as P
+        from vpp_edge.runtime.transport import recv
+
+        while not self._stop.is_set():
+            try:
+                msg = recv(self._sock)
+            except P.ProtocolError:
+                continue
+            if isinstance(msg, P.CameraFrames):
+                self.frames.append(np.concatenate(list(msg.images), axis=1))  # views side by side
+
+    def save(self, path: Path, fps: float) -> Path | None:
+        from vpp_edge.episodes import write_video
+
+        self._stop.set()
+        self._thread.join(timeout=2.0)
+        self._sock.close(linger=0)
+        if not self.frames:
+            return None
+        write_video(path, self.frames, fps)
+        return path
 
 
 def evaluate(artifact_dir: str | Path, options: EvalOptions, progress: bool = True) -> dict:
@@ -181,11 +222,15 @@ def evaluate(artifact_dir: str | Path, options: EvalOptions, progress: bool = Tr
                     started = time.monotonic()
                     cams = [ZmqCameras(ends.camera, preset.num_views, preset.image_size, ctx, not_before=started)]
                     metrics = Metrics()
+                    recorder = StreamRecorder(ends.camera, ctx) if options.video_dir else None
                     status = driver.status
                     run = RunOptions(duration_s=wall_limit, smoothing=options.smoothing,
                                      stop_when=lambda: status.success or status.steps >= options.max_steps)
                     summary = Runtime(policy, cams, robot, link, run, metrics).run()
                     metrics.close()
+                    if recorder is not None:
+                        Path(options.video_dir).mkdir(parents=True, exist_ok=True)
+                        recorder.save(Path(options.video_dir) / f"{task}_{options.seed + i}.mp4", cfg.driver["camera_hz"])
                     e2e = summary["latency_ms"].get("end_to_end_ms", {})
                     if e2e.get("n"):
                         latencies.append(e2e["p50"])

@@ -222,6 +222,14 @@ def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, 
             paths[precision][name] = dst
             advance(f"{precision}/{name}")
         sessions[precision] = {n: onnx_io.session(p, threads) for n, p in paths[precision].items()}
+    if "int8" in precisions:  # calibration record + activation scales beside the INT8 graphs
+        from vpp_edge.calibrate.dataset import ObservationSet
+        from vpp_edge.calibrate.qdq import activation_scales, write_record
+
+        write_record(tmp / "int8", opts["int8"]["calibration"],
+                     {k: opts["int8"][k] for k in ("op_types", "exclude_modules")},
+                     {n: {**q, "activation_scales": activation_scales(paths["int8"][n])} for n, q in quant_info.items()},
+                     [o.source for o in obs[n_parity:]], ObservationSet.from_observations(obs[n_parity:]).digest())
 
     report: dict[str, Any] = {
         "preset": preset.name,

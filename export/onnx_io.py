@@ -195,18 +195,27 @@ class _Feeds:
 
 
 def quantize_int8(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]], op_types: Sequence[str],
-                  exclude_modules: Sequence[str], method: str) -> dict:
+                  exclude_modules: Sequence[str], method: str, exclude_nodes: Sequence[str] = (),
+                  calibration_cache: Path | None = None) -> dict:
     """Explicit (QDQ) INT8: symmetric int8 weights per channel and activations, as TensorRT
-    expects; returns what was excluded. Calibration feeds are real observations."""
+    expects; returns what was excluded. Calibration feeds are real observations.
+    ``exclude_nodes``: node-name regexes also kept in float. ``calibration_cache``: ONNX
+    Runtime's JSON of activation ranges: read instead of calibrating when it exists,
+    else written."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
     if method not in methods:
         raise ExportError(f"INT8 calibration '{method}' unknown; allowed: {sorted(methods)}")
-    if not calibration:
+    if not calibration and not (calibration_cache and Path(calibration_cache).is_file()):
         raise ExportError(f"{src.name}: INT8 calibration needs at least one observation")
     excluded = nodes_matching(src, exclude_modules, op_types)
+    if exclude_nodes:
+        rx = [re.compile(p) for p in exclude_nodes]
+        model = onnx.load(str(src), load_external_data=False)
+        excluded += [n.name for n in model.graph.node
+                     if n.name not in excluded and any(r.search(n.name) for r in rx)]
     dst.parent.mkdir(parents=True, exist_ok=True)
     large = src.stat().st_size + sum(p.stat().st_size for p in external_files(src)) >= TWO_GB
     # No ORT pre-processing on purpose: its fusions are ORT-specific and TensorRT builds from
@@ -219,6 +228,7 @@ def quantize_int8(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]
                         op_types_to_quantize=list(op_types), per_channel=True, weight_type=QuantType.QInt8,
                         activation_type=QuantType.QInt8, nodes_to_exclude=excluded,
                         calibrate_method=methods[method], use_external_data_format=large,
+                        calibration_cache_path=calibration_cache,
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
     finally:
         root.setLevel(level)

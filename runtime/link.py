@@ -31,6 +31,11 @@ class BridgeLink:
                             actions=np.asarray(action, np.float32)[None])
         return send(self._push, msg, flags=zmq.NOBLOCK)
 
+    @property
+    def last_seq(self) -> int:
+        """Sequence number of the last message sent (targets are acknowledged in the state's ``last_chunk_seq``)."""
+        return self._seq
+
     def send_heartbeat(self) -> bool:
         """Tell the bridge the runtime is alive while it has no new target (holding)."""
         self._seq += 1

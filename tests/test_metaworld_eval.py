@@ -50,11 +50,17 @@ def test_closed_loop_evaluation_runs_the_runtime_against_the_simulator(tmp_path,
     out = tmp_path / "mw"
     art.export_artifact(policy, tokenizer, out, art.load_options(precisions=["fp32"], parity_samples=1),
                         source="test", progress=False)
-    results = evaluate(out, EvalOptions(tasks=("reach-v3",), episodes=2, max_steps=40), progress=False)
+    videos = tmp_path / "videos"
+    results = evaluate(out, EvalOptions(tasks=("reach-v3",), episodes=2, max_steps=40, video_dir=str(videos)),
+                       progress=False)
     task = results["tasks"]["reach-v3"]
     assert task["episodes"] == 2 and 0.0 <= task["success_rate"] <= 1.0
     for episode in task["episodes_detail"]:
         assert episode["chunks"] >= 1, "the runtime produced chunks from the streamed cameras"
         assert episode["steps"] > 0, "the simulator advanced"
+    from vpp_edge.episodes import decode_video
+
+    clip = decode_video(videos / "reach-v3_1000.mp4")
+    assert clip.shape[0] >= 5 and clip.shape[1:] == (128, 256, 3), "both views side by side, every frame"
     report = write_report(results, tmp_path / "report")
     assert "| reach-v3 |" in report.read_text() and (tmp_path / "report" / "results.json").is_file()

@@ -159,7 +159,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         table.add_row(module, status if status != "missing" else "[yellow]missing[/yellow]", purpose)
     console = Console()
     console.print(table)
-    if is_available("torch"):
+    if is_available("torch") and not args.artifact:  # the robot path (--artifact) never imports torch
         import torch
 
         cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
@@ -168,7 +168,22 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         import onnxruntime
 
         console.print(f"onnxruntime providers: {', '.join(onnxruntime.get_available_providers())}")
+    if args.artifact:  # deployment self-test (issue 8): engines load, one inference, latency
+        from vpp_edge.deploy.selftest import format_report, run_selftest, verify_artifact
+
+        print(verify_artifact(args.artifact), flush=True)
+        if args.selftest:
+            result = run_selftest(args.artifact, args.backend, args.precision, args.runs)
+            print("\n".join(format_report(result)), flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from vpp_edge.deploy.cli import run
+
+    return run(args)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -188,7 +203,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     options = load_options(args.config, **overrides)
     (policy, tokenizer), source = _load_policy(args)
     out = args.out or Path("artifacts") / policy.preset.name
-    manifest = export_artifact(policy, tokenizer, out, options, source=source, progress=not args.quiet)
+    observations = None
+    if args.calibration_data:  # frames of the robot/simulator the model will see, not the samples
+        from vpp_edge.calibrate.frames import sample_observations
+
+        preset = policy.preset
+        observations = sample_observations(preset.num_views, preset.image_size,
+                                           options["parity_samples"] + options["calibration_samples"],
+                                           roots=list(args.calibration_data))
+    manifest = export_artifact(policy, tokenizer, out, options, observations, source=source, progress=not args.quiet)
     print((Path(out) / "parity.md").read_text())
     graphs = sorted({k.split("/")[0] for k in manifest["graphs"]})
     print(f"wrote {out}: {len(manifest['graphs'])} graphs ({', '.join(graphs)}), action head mode "
@@ -243,6 +266,10 @@ def _run_runtime(args: argparse.Namespace) -> dict:
     from vpp_edge.runtime.policy import RuntimePolicy
     from vpp_edge.runtime.robot_config import load_robot_config
 
+    if getattr(args, "runtime_config", None):  # from 'vpp calibrate': artifact, backend, precision
+        from vpp_edge.calibrate.runtime_config import apply_to_args
+
+        apply_to_args(args)
     artifact = Artifact.open(args.artifact)
     robot = load_robot_config(args.robot)
     from vpp_edge.demo_data import default_episode
@@ -283,12 +310,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+METAWORLD_ARTIFACT = Path("artifacts/metaworld_tiny")  # written by `make metaworld-policy`
+
+
+def _demo_metaworld(args: argparse.Namespace) -> int:
+    """The trained MetaWorld policy, closed loop on one task through bridge + runtime."""
+    from vpp_edge.evaluation.metaworld import EvalOptions, evaluate, write_report
+
+    print(f"trained MetaWorld policy found ({METAWORLD_ARTIFACT}): closed loop on {args.task}, "
+          f"{args.episodes} episodes (MetaWorld on MuJoCo -> cameras -> runtime -> bridge)")
+    out = Path("results/demo")
+    results = evaluate(METAWORLD_ARTIFACT, EvalOptions(tasks=(args.task,), episodes=args.episodes,
+                                                       smoothing=args.smoothing, video_dir=str(out)))
+    print(write_report(results, out).read_text())
+    print(f"videos of the episodes (scene and gripper camera, as the policy saw them): {out}/*.mp4")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The embedded default, closed loop: export the tiny model if needed, start the sim
-    bridge in its own process, run the runtime against it over ZeroMQ, print the summary."""
+    """The embedded default, closed loop. With a trained MetaWorld policy (make
+    metaworld-policy): MetaWorld episodes through bridge and runtime. Otherwise: export the
+    tiny model if needed, start the kinematic sim bridge in its own process, run the
+    runtime against it over ZeroMQ, print the summary."""
     import subprocess
     import time
 
+    from vpp_edge.extras import is_available
+
+    use_metaworld = args.sim == "metaworld" or (
+        args.sim == "auto" and (METAWORLD_ARTIFACT / "manifest.json").is_file() and is_available("metaworld"))
+    if use_metaworld:
+        return _demo_metaworld(args)
     artifact = Path(args.artifact)
     if not (artifact / "manifest.json").is_file():
         print(f"no artifact at {artifact}: exporting the tiny preset first (about two minutes on 2 cores)")
@@ -340,6 +392,46 @@ def _add_run_args(p: argparse.ArgumentParser, duration: float) -> None:
     p.add_argument("--quiet", action="store_true", help="no live status line")
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Stage 1 (tvp) or stage 2 (policy) training; works under accelerate launch / torchrun."""
+    from vpp_edge.training.train import load_config, train_policy, train_tvp
+
+    overrides = list(args.set or [])
+    if args.steps is not None:
+        overrides.append(f"steps={args.steps}")
+    config = args.config or f"{args.stage}_tiny"
+    cfg = load_config(config, overrides, stage=args.stage)
+    out = args.out or Path("runs") / f"{args.stage}-{Path(config).stem}"
+    train = train_policy if args.stage == "policy" else train_tvp
+    summary = train(cfg, out, resume=args.resume, progress=not args.quiet)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    first, last = summary["loss_first"], summary["loss_last"]
+    loss = f"loss {first:.4f} -> {last:.4f}" if first is not None else "no loss logged"
+    print(f"trained {summary['steps'] - summary['start_step']} steps in {summary['seconds']:.1f} s, {loss}; "
+          f"checkpoint {summary['checkpoint']}")
+    return 0
+
+
+def _add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train VPP: stage 1 (TVP video model) or stage 2 (policy)",
+                       description="Train from a config in training/configs (or a YAML file) into a run folder "
+                                   "with checkpoints/, last, metrics.csv, tensorboard/ and summary.json. Runs in "
+                                   "one process or under 'accelerate launch -m vpp_edge.cli train ...' / torchrun.")
+    p.add_argument("stage", choices=["policy", "tvp"], help="policy: Video Former + action head on frozen TVP "
+                   "features; tvp: fine-tune the video model")
+    p.add_argument("--config", default=None, help="config name (policy_tiny, tvp_tiny, ...) or YAML file "
+                   "(default: <stage>_tiny)")
+    p.add_argument("--out", type=Path, help="run folder (default runs/<stage>-<config>)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. "
+                   "--set optim.lr=3e-4 --set init.tvp=runs/tvp-tiny/last (repeatable; values are YAML)")
+    p.add_argument("--steps", type=int, help="total optimizer steps (overrides the config)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.add_argument("--json", type=Path, help="also write the summary here")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vpp", description="Video Prediction Policy on the robot: "
                                      "predict, export, run and bridge.")
@@ -374,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precisions", help="comma list from fp32,fp16,int8 (default all)")
     p.add_argument("--parity-samples", type=int, help="held-out observations for the gates")
     p.add_argument("--calibration-samples", type=int, help="observations for INT8 calibration")
+    p.add_argument("--calibration-data", type=Path, nargs="+", metavar="DIR",
+                   help="datasets (sample format) supplying the parity and calibration frames "
+                        "(default: ../shared/vpp_samples)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_export)
@@ -388,16 +483,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the policy on the robot: cameras -> engine -> chunking -> safety -> bridge")
     _add_run_args(p, 10.0)
+    p.add_argument("--runtime-config", type=Path, help="runtime config YAML (e.g. recommended.yaml from 'vpp "
+                   "calibrate'): its artifact, backend and precision replace --artifact/--backend/--precision")
     p.set_defaults(func=cmd_run)
 
+    from vpp_edge.calibrate.commands import add_parser as add_calibrate_parser
+
+    add_calibrate_parser(sub)  # vpp calibrate {sweep,report,dataset,knobs}
+
+    from vpp_edge.evaluation.commands import add_parsers as add_evaluation_parsers
+
+    add_evaluation_parsers(sub)  # vpp record metaworld, vpp eval metaworld
+
     p = sub.add_parser("bridge", help="run a robot bridge (ZeroMQ <-> robot controller)")
-    p.add_argument("--robot", default="sim", help="sim | panda | xarm_xhand")
+    p.add_argument("--robot", default="sim", help="sim | metaworld | panda | xarm_xhand")
     p.add_argument("--config", type=Path, help="bridge YAML (default firmware_bridge/robots/<robot>.yaml)")
     p.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (default: run until Ctrl-C)")
     p.set_defaults(func=cmd_bridge)
 
-    p = sub.add_parser("demo", help="the embedded default, closed loop: tiny model + replay cameras + sim bridge")
+    p = sub.add_parser("demo", help="the embedded default, closed loop: the trained MetaWorld policy if present, "
+                                    "else the tiny model + replay cameras + kinematic sim bridge")
     _add_run_args(p, 10.0)
+    p.add_argument("--sim", choices=["auto", "metaworld", "kinematic"], default="auto",
+                   help=f"auto: MetaWorld when {METAWORLD_ARTIFACT} exists (make metaworld-policy), else kinematic")
+    p.add_argument("--task", default="reach-v3", help="MetaWorld task of the demo (default reach-v3)")
+    p.add_argument("--episodes", type=int, default=3, help="MetaWorld episodes of the demo (default 3)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("presets", help="list presets, or show one")
@@ -405,12 +515,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_presets)
 
     p = sub.add_parser("doctor", help="report which optional components (TensorRT, DALI, robot SDKs) are present")
+    p.add_argument("--artifact", type=Path, help="also verify this artifact's files against its manifest")
+    p.add_argument("--selftest", action="store_true", help="with --artifact: load the engines, run inference, "
+                   "print latencies (exit 2 if anything fails)")
+    p.add_argument("--backend", default="auto", help="self-test backend: auto | tensorrt | onnxruntime (default auto)")
+    p.add_argument("--precision", help="self-test precision (default: the backend's)")
+    p.add_argument("--runs", type=int, default=3, help="self-test inferences (default 3)")
+    p.add_argument("--json", type=Path, help="write the self-test result as JSON")
     p.set_defaults(func=cmd_doctor)
+
+    from vpp_edge.deploy.cli import add_arguments as add_deploy_arguments
+
+    p = sub.add_parser("deploy", help="deploy an artifact to a robot computer (Jetson) over SSH",
+                       description="Bundle the runtime code, the artifact and the settings; copy them with rsync; "
+                                   "on the target check JetPack/CUDA/TensorRT/Python/memory, build TensorRT engines "
+                                   "(or fall back to ONNX Runtime), self-test, install and restart the systemd units; "
+                                   "roll back to the previous bundle if any step fails. Nothing changed: nothing done.")
+    add_deploy_arguments(p)
+    p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("convert", help="convert official VPP weights into a vpp-edge checkpoint")
     _add_weight_args(p)
     p.add_argument("--out", type=Path, required=True, help="output checkpoint folder")
     p.set_defaults(func=cmd_convert)
+
+    _add_train_parser(sub)  # vpp train {policy,tvp}
     return parser
 
 

@@ -1,0 +1,203 @@
+"""Calibration and held-out sets as files: numpy ``.npz`` archives, never pickle.
+
+Two forms are stored:
+
+* an :class:`ObservationSet`: camera frames of every view (uint8, prepared for the model)
+  plus the instruction and the source (``<annotation>#<frame>``) of each observation;
+* quantizer feeds (:func:`save_feeds`): for one graph, its inputs for every calibration
+  observation stacked on a leading axis, as the ONNX Runtime calibrator reads them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from vpp_edge.episodes import Episode
+from vpp_edge.errors import DataError
+
+from .frames import Observation, find_episodes, sample_observations
+
+OBSERVATIONS_FORMAT = "vpp-edge-observations/1"
+FEEDS_FORMAT = "vpp-edge-quantizer-feeds/1"
+
+
+class EmptyCalibrationSetError(DataError):
+    """A calibration (or held-out) set without a single observation."""
+
+
+def _load_npz(path: Path, what: str) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found")
+    if not zipfile.is_zipfile(path):  # np.load would try to unpickle anything else
+        raise DataError(f"{path}: not a readable .npz {what} (not a zip archive)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise DataError(f"{path}: not a readable .npz {what} ({exc})") from None
+    except ValueError as exc:  # object arrays would need pickle: refused on purpose
+        raise DataError(f"{path}: {what} holds Python objects, which are not loaded (no pickle): {exc}") from None
+
+
+@dataclass(frozen=True)
+class ObservationSet:
+    """Observations stacked for storage: frames uint8 [N, V, S, S, 3] and N instructions."""
+
+    frames: np.ndarray
+    instructions: tuple[str, ...]
+    sources: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        f = self.frames
+        if f.ndim != 5 or f.shape[-1] != 3 or f.dtype != np.uint8:
+            raise DataError(f"observation frames must be uint8 [N, V, S, S, 3], got {f.dtype} {list(f.shape)}")
+        if not len(self.instructions) == len(self.sources) == len(f):
+            raise DataError(f"{len(f)} observations but {len(self.instructions)} instructions and "
+                            f"{len(self.sources)} sources")
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    @property
+    def num_views(self) -> int:
+        return int(self.frames.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.frames.shape[2])
+
+    @classmethod
+    def from_observations(cls, observations: Sequence[Observation]) -> "ObservationSet":
+        if not observations:
+            raise EmptyCalibrationSetError("empty observation set: no observation was sampled")
+        return cls(np.stack([o.frames for o in observations]), tuple(o.instruction for o in observations),
+                   tuple(o.source for o in observations))
+
+    def observations(self) -> list[Observation]:
+        return [Observation(f, i, s) for f, i, s in zip(self.frames, self.instructions, self.sources)]
+
+    def digest(self) -> str:
+        """sha256 of the frames and instructions: what a cached result was computed from."""
+        h = hashlib.sha256(self.frames.tobytes())
+        h.update("\n".join(self.instructions).encode())
+        return h.hexdigest()
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp.npz")
+        np.savez_compressed(tmp, format=np.array(OBSERVATIONS_FORMAT), frames=self.frames,
+                            instructions=np.array(self.instructions, dtype=str),
+                            sources=np.array(self.sources, dtype=str))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, what: str = "calibration set") -> "ObservationSet":
+        """Read and check a set written by :meth:`save`; an empty set is an error."""
+        path = Path(path)
+        data = _load_npz(path, what)
+        if str(data.get("format", "")) != OBSERVATIONS_FORMAT:
+            raise DataError(f"{path}: not a {what} (expected format '{OBSERVATIONS_FORMAT}', written by "
+                            "'vpp calibrate dataset')")
+        missing = [k for k in ("frames", "instructions", "sources") if k not in data]
+        if missing:
+            raise DataError(f"{path}: {what} lacks {missing}")
+        if len(data["frames"]) == 0:
+            raise EmptyCalibrationSetError(f"{path}: empty {what} (0 observations)")
+        try:
+            return cls(data["frames"], tuple(str(s) for s in data["instructions"]),
+                       tuple(str(s) for s in data["sources"]))
+        except DataError as exc:
+            raise DataError(f"{path}: {exc}") from None
+
+
+def build_observation_set(num_views: int, image_size: int, count: int, episodes: list[Episode] | None = None,
+                          offset: int = 0, what: str = "calibration set") -> ObservationSet:
+    """``count`` observations of ``num_views`` cameras sampled across ``episodes``."""
+    if count < 1:
+        raise EmptyCalibrationSetError(f"empty {what}: asked for {count} observations (need at least 1)")
+    return ObservationSet.from_observations(sample_observations(num_views, image_size, count, offset,
+                                                                episodes=episodes))
+
+
+@dataclass(frozen=True)
+class DataSplit:
+    calibration: ObservationSet
+    heldout: ObservationSet
+    note: str  # how the held-out set was kept apart
+
+
+def build_split(num_views: int, image_size: int, calibration_samples: int, heldout_samples: int,
+                heldout_episodes: int = 1, roots: list[Path] | None = None) -> DataSplit:
+    """A calibration set and a held-out set from different episodes.
+
+    The last ``heldout_episodes`` episodes (in dataset order) are held out. With a single
+    episode (e.g. only the synthetic demo episode) both sets come from it, at different
+    time steps, and ``note`` says so.
+    """
+    if calibration_samples < 1:
+        raise EmptyCalibrationSetError(f"empty calibration set: calibration_samples is {calibration_samples}")
+    if heldout_samples < 1:
+        raise EmptyCalibrationSetError(f"empty held-out set: heldout_samples is {heldout_samples}")
+    episodes = find_episodes(num_views, roots)
+    k = max(1, int(heldout_episodes))
+    if len(episodes) > k:
+        calib_eps, held_eps = episodes[:-k], episodes[-k:]
+        note = (f"held-out: {len(held_eps)} episode(s) never used for calibration "
+                f"({', '.join(e.annotation.parent.parent.parent.name + '/' + e.episode_id for e in held_eps)})")
+    else:
+        calib_eps = held_eps = episodes
+        note = (f"only {len(episodes)} episode(s) with {num_views} views: held-out observations are other time "
+                "steps of the calibration episodes")
+    calibration = build_observation_set(num_views, image_size, calibration_samples, calib_eps, offset=0)
+    # Offset past the calibration draws: other time steps even when the episodes are shared.
+    heldout = build_observation_set(num_views, image_size, heldout_samples, held_eps, offset=calibration_samples,
+                                    what="held-out set")
+    return DataSplit(calibration, heldout, note)
+
+
+def save_feeds(path: str | Path, feeds: Sequence[dict[str, np.ndarray]]) -> Path:
+    """One graph's calibration feeds (a list of input dicts) as one ``.npz``."""
+    if not feeds:
+        raise EmptyCalibrationSetError(f"{path}: no calibration feeds to save")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(feeds[0])
+    arrays = {f"input:{n}": np.stack([np.asarray(f[n]) for f in feeds]) for n in names}
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, format=np.array(FEEDS_FORMAT), **arrays)
+    tmp.replace(path)
+    return path
+
+
+def load_feeds(path: str | Path) -> list[dict[str, np.ndarray]]:
+    """The feeds written by :func:`save_feeds`, as the list the quantizer iterates."""
+    path = Path(path)
+    data = _load_npz(path, "quantizer feed file")
+    if str(data.get("format", "")) != FEEDS_FORMAT:
+        raise DataError(f"{path}: not a quantizer feed file (format '{FEEDS_FORMAT}')")
+    arrays = {k.split(":", 1)[1]: v for k, v in data.items() if k.startswith("input:")}
+    n = {len(v) for v in arrays.values()}
+    if not arrays or n == {0}:
+        raise EmptyCalibrationSetError(f"{path}: empty calibration feeds")
+    if len(n) != 1:
+        raise DataError(f"{path}: inputs have different sample counts {sorted(n)}")
+    return [{k: v[i] for k, v in arrays.items()} for i in range(n.pop())]
+
+
+def feeds_digest(feeds: Sequence[dict[str, np.ndarray]]) -> str:
+    """sha256 over a feed list (names, shapes, dtypes and bytes)."""
+    h = hashlib.sha256()
+    for feed in feeds:
+        for name in sorted(feed):
+            a = np.ascontiguousarray(feed[name])
+            h.update(f"{name}:{a.dtype}:{a.shape};".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()

@@ -1,0 +1,90 @@
+"""calibrate/ end to end on a micro model: export with the graph cache, INT8 calibration
+with saved scales, measurement in worker processes, report, and the recommended runtime
+config run by the runtime. (Unit tests: test_calibrate.py.)"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from vpp_edge.calibrate.grid import spec_from_dict
+from vpp_edge.calibrate.runtime_config import load_runtime_config
+from vpp_edge.calibrate.sweep import run_sweep
+
+from tests.test_calibrate import MICRO
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    from vpp_edge.demo_data import write_demo_dataset
+
+    root = tmp_path_factory.mktemp("calib")
+    (root / "micro.yaml").write_text(yaml.safe_dump(MICRO))
+    write_demo_dataset(root / "datasets" / "demo", steps=12)
+    spec = spec_from_dict({
+        "name": "micro",
+        "model": {"preset": str(root / "micro.yaml")},
+        "data": {"calibration_samples": 2, "heldout_samples": 2, "roots": [str(root / "datasets")]},
+        "measure": {"warmup": 1, "repeats": 2, "threads": 2},
+        "int8": {"graphs": ["tvp", "former"]},  # the two that calibrate on camera features
+        "recommend": {"tolerance": {"action_mse": 1e-3, "action_max_abs": 0.1}},
+        "grid": [{"precision": ["fp32", "int8"]}, {"tvp_timesteps": [10]}],
+    }, "micro-sweep")
+    out = root / "out"
+    outcome = run_sweep(spec, out, progress=False, available_backends=["onnxruntime"])
+    return spec, out, outcome
+
+
+@pytest.mark.slow
+def test_sweep_measures_every_point_and_reuses_graphs(swept):
+    spec, out, outcome = swept
+    rows = {r["label"]: r for r in outcome.rows}
+    assert set(rows) == {"fp32", "int8", "fp32 tvp_timesteps=10"} and all(r["status"] == "ok" for r in rows.values())
+    # FP32 ONNX Runtime reproduces the PyTorch reference; INT8 does not, exactly
+    assert rows["fp32"]["action_mse"] < 1e-10 and rows["fp32"]["feature_cosine_min"] > 0.99999
+    assert 0 < rows["int8"]["action_max_abs"] < 0.25 and rows["int8"]["feature_cosine_min"] < 1.0
+    for r in rows.values():
+        assert 0 < r["tvp_p50_ms"] <= r["tvp_p99_ms"] and r["total_p50_ms"] >= r["tvp_p50_ms"]
+        assert r["peak_rss_mb"] > r["engine_rss_mb"] > 0 and r["latency_repeats"] == 2
+    # graphs are cached by what they compute: the scheduler-steps variant (same first noise
+    # level with Karras sigmas) exports nothing, the INT8 point only quantizes
+    assert len(rows["fp32"]["built"]) == 6 and rows["int8"]["built"] == ["int8/tvp", "int8/former"]
+    assert rows["fp32 tvp_timesteps=10"]["built"] == []
+    assert rows["fp32 tvp_timesteps=10"]["action_mse"] == rows["fp32"]["action_mse"]
+    # calibration record and QDQ scales saved with the INT8 artifact
+    record = json.loads((out / "cache" / "artifacts" / rows["int8"]["config"] / "int8" / "calibration.json")
+                        .read_text())
+    assert record["method"] == "minmax" and len(record["observations"]) == 2
+    scales = record["graphs"]["tvp"]["activation_scales"]
+    assert scales and all(s["scale"] and np.all(np.asarray(s["range"]) > 0) for s in scales.values())
+    assert record["graphs"]["text"] == record["graphs"]["action_sampler"] == {"kept": "fp32"}
+    # resuming a finished sweep measures nothing
+    again = run_sweep(spec, out, progress=False, available_backends=["onnxruntime"])
+    assert again.measured_now == 0 and len(again.rows) == 3
+
+
+@pytest.mark.slow
+def test_report_recommendation_runs_on_the_runtime(swept):
+    from vpp_edge.calibrate import knobs as K
+    from vpp_edge.calibrate.report import write_report
+    from vpp_edge.calibrate.sweep import base_preset
+    from vpp_edge.runtime.artifact import Artifact
+    from vpp_edge.runtime.engines import create_engine
+    from vpp_edge.runtime.policy import RuntimePolicy
+
+    spec, out, outcome = swept
+    report = write_report(out, spec, outcome.rows, K.base_values(base_preset(spec, None)), 1.0, "", "untrained")
+    pick = next(r for r in outcome.rows if r["id"] == report["recommended"])
+    assert pick["label"] in ("fp32", "int8", "fp32 tvp_timesteps=10")
+    assert report["recommended"] in report["frontier"]
+    config = load_runtime_config(out / "recommended.yaml")
+    artifact = Artifact.open(config.artifact)
+    assert artifact.preset.name == "micro" and config.precision == pick["precision"]
+    with create_engine(artifact, config.backend, config.precision) as engine:
+        policy = RuntimePolicy(artifact, engine)
+        policy.set_instruction("push the block")
+        chunk = policy.infer(np.zeros((2, 64, 64, 3), np.uint8))
+    assert chunk.actions.shape == (10, 7) and np.all(np.isfinite(chunk.actions))
