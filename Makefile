@@ -60,7 +60,7 @@ ROBOT  ?=
 .PHONY: deploy-jetson system-deps
 deploy-jetson: $(STAMP)  ## bundle $(ARTIFACT), rsync it to JETSON=user@host, build engines, self-test, restart units
 	@test -n "$(JETSON)" || { echo "usage: make deploy-jetson JETSON=user@host [ARTIFACT=...] [ROBOT=sim] [DEPLOY_ARGS=--dry-run]"; exit 2; }
-	$(BIN)/vpp deploy --target $(JETSON) --artifact $(ARTIFACT) $(if $(ROBOT),--robot $(ROBOT)) $(DEPLOY_ARGS)
+	$(BIN)/vpp deploy --target $(JETSON) $(if $(RUNTIME_CONFIG),--runtime-config $(RUNTIME_CONFIG),--artifact $(ARTIFACT)) $(if $(ROBOT),--robot $(ROBOT)) $(DEPLOY_ARGS)
 
 system-deps:  ## apt-get install what requirements/apt.txt lists and is missing (needs root or sudo)
 	@missing=$$(for p in $$(grep -v '^#' requirements/apt.txt); do \
@@ -83,6 +83,11 @@ metaworld-policy: $(STAMP)  ## record MetaWorld demos, train + export metaworld_
 	$(BIN)/vpp export --checkpoint runs/policy-metaworld/last --out artifacts/metaworld_tiny --precisions fp32,int8 --calibration-data data/metaworld
 	$(BIN)/vpp eval metaworld --artifact artifacts/metaworld_tiny --tasks $(MW_TASKS) --episodes $(MW_EVAL) --precision fp32 --out results/metaworld/fp32
 	$(BIN)/vpp eval metaworld --artifact artifacts/metaworld_tiny --tasks $(MW_TASKS) --episodes $(MW_EVAL) --precision int8 --out results/metaworld/int8
+
+.PHONY: franky-sim
+franky-sim: $(STAMP)  ## franky-control here + franky-sim in its own venv (it pins MuJoCo 4; MetaWorld pins 3.3)
+	$(BIN)/python -m pip install --quiet franky-control==2.0.0
+	test -x .venv-franky-sim/bin/franky-sim || { $(PYTHON) -m venv .venv-franky-sim && .venv-franky-sim/bin/python -m pip install --quiet franky-sim==1.0.4; }
 
 .PHONY: bench
 bench: $(STAMP)  ## benchmarks: stages per engine vs eager PyTorch, paper-scale FLOPs, runtime loop (bench/results/*.json)

@@ -11,6 +11,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", required=True, help="user@host of the robot computer (make deploy-jetson JETSON=...)")
     p.add_argument("--artifact", type=Path, default=Path("artifacts/tiny"),
                    help="export artifact to deploy (default artifacts/tiny)")
+    p.add_argument("--runtime-config", type=Path, help="runtime config YAML (recommended.yaml from 'vpp calibrate'): "
+                   "its artifact, backend and precision replace --artifact and the runtime settings")
     p.add_argument("--robot", help="robot of the runtime and bridge units: sim | panda | xarm_xhand (default sim)")
     p.add_argument("--install-root", help="folder on the target (default /opt/vpp-edge)")
     p.add_argument("--profile", help="target requirements: jetson-orin | linux | a YAML (default jetson-orin)")
@@ -38,10 +40,17 @@ def run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .deployer import Deployment
 
+    runtime = None
+    if args.runtime_config:  # what 'vpp calibrate' recommends for this robot computer
+        from vpp_edge.calibrate.runtime_config import load_runtime_config
+
+        recommended = load_runtime_config(args.runtime_config)
+        args.artifact = recommended.artifact
+        runtime = {"backend": recommended.backend, "precision": recommended.precision}
     cfg = load_config(args.config, install_root=args.install_root, profile=args.profile, python=args.python,
                       venv_python=args.venv_python,
                       service_manager=args.service_manager, unit_dir=args.unit_dir, robot=args.robot,
-                      bridge=False if args.no_bridge else None)
+                      bridge=False if args.no_bridge else None, runtime=runtime)
     load_robot_config(cfg["robot"])  # a typo fails here, not as a crash-looping unit on the robot
     if cfg["bridge"]:
         load_bridge_config(cfg["robot"])

@@ -458,3 +458,27 @@ def test_deploy_over_ssh_noop_and_rollbacks(exported, sshd, tmp_path, capsys):
         raise
     finally:
         target.stop_all()
+
+
+def test_deploy_takes_the_calibrated_runtime_config(exported, tmp_path, monkeypatch):
+    """`vpp calibrate`'s recommended.yaml picks the artifact, backend and precision the robot runs."""
+    from vpp_edge.calibrate.runtime_config import RuntimeConfig, write_runtime_config
+    from vpp_edge.deploy import deployer
+    from vpp_edge.deploy.units import runtime_command
+
+    config = write_runtime_config(tmp_path / "recommended.yaml",
+                                  RuntimeConfig(artifact=exported[0], backend="onnxruntime", precision="int8"))
+    seen = {}
+
+    class Recorder:
+        def __init__(self, cfg, artifact, *args, **kwargs):
+            seen.update(cfg=cfg, artifact=artifact)
+
+        def run(self, dry_run, force):
+            return 0
+
+    monkeypatch.setattr(deployer, "Deployment", Recorder)
+    assert main(["deploy", "--target", "robot@192.0.2.10", "--runtime-config", str(config), "--dry-run"]) == 0
+    assert Path(seen["artifact"]).resolve() == Path(exported[0]).resolve()
+    argv = runtime_command(seen["cfg"])
+    assert argv[argv.index("--backend") + 1] == "onnxruntime" and argv[argv.index("--precision") + 1] == "int8"
