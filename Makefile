@@ -103,7 +103,7 @@ test-fast: $(STAMP)  ## the tests without the slow ones
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: $(STAMP)  ## static checks (ruff: undefined names, unused imports, syntax)
-	$(BIN)/ruff check --select F,E9 --line-length 120 vpp_edge training export calibrate runtime firmware_bridge tests bench
+	$(BIN)/ruff check --select F,E9 --line-length 120 vpp_edge training export calibrate runtime firmware_bridge evaluation deploy tests bench
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache build *.egg-info
