@@ -6,7 +6,7 @@ from vpp_edge.presets import available_presets, get_preset, preset_from_dict
 
 
 def test_shipped_presets_match_the_paper_settings():
-    assert set(available_presets()) == {"calvin", "metaworld", "panda", "xhand", "tiny"}
+    assert set(available_presets()) == {"calvin", "metaworld", "panda", "xhand", "tiny", "metaworld_tiny"}
     expected = {  # name: (frames, horizon, action_dim, views)
         "calvin": (16, 10, 7, 2),
         "metaworld": (8, 4, 4, 2),
@@ -21,6 +21,10 @@ def test_shipped_presets_match_the_paper_settings():
         assert p.action_head.sigma_min == 0.001 and p.action_head.sigma_max == 80
         assert p.unet_config()["cross_attention_dim"] == 1024
     assert get_preset("calvin").num_queries == 224  # the official num_latents
+    # The CPU MetaWorld model keeps the paper preset's shapes; only widths and resolution shrink.
+    small, paper = get_preset("metaworld_tiny"), get_preset("metaworld")
+    assert (small.tvp.num_frames, small.action_horizon, small.action_dim, small.num_views) == (8, 4, 4, 2)
+    assert small.views == paper.views and small.image_size < paper.image_size
 
 
 def test_unknown_preset_suggests_closest():
