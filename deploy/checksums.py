@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from vpp_edge.errors import VPPError
+from vpp_edge.export.manifest import sha256_file
 
 BUNDLE_FILE = "BUNDLE.json"
 SUMS_FILE = "SHA256SUMS"  # the same hashes for `sha256sum -c` by hand
@@ -22,14 +23,6 @@ ID_LENGTH = 16  # hex digits of the id used in folder names (64 bits: collisions
 
 class BundleError(VPPError):
     """A bundle is incomplete, altered, or not a bundle."""
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def bundle_id(files: dict[str, dict]) -> str:

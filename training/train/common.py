@@ -88,6 +88,27 @@ def local_slice(global_tensor: torch.Tensor, accelerator: Accelerator) -> torch.
     return global_tensor[i * n:(i + 1) * n]
 
 
+def open_run(cfg: TrainConfig, run: Path, resume: bool) -> tuple[Accelerator, bool, Path | None]:
+    """The accelerator for a run folder, whether this is the main process, and the run's
+    last checkpoint. Refuses to write over a run's checkpoints unless resuming; the main
+    process saves the config."""
+    from .config import save_config
+    from .state import latest_checkpoint
+
+    accelerator = make_accelerator(cfg)
+    check_batch(cfg, accelerator)
+    main = accelerator.is_main_process
+    previous = latest_checkpoint(run)
+    if previous is not None and not resume:
+        raise VPPError(f"{run} already holds checkpoints (last: {previous.name}); pass --resume to continue "
+                       "or choose another output folder")
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run / "train_config.yaml")
+    accelerator.wait_for_everyone()
+    return accelerator, main, previous
+
+
 def check_batch(cfg: TrainConfig, accelerator: Accelerator) -> None:
     if cfg.batch_size % accelerator.num_processes:
         raise VPPError(f"batch_size {cfg.batch_size} must divide by the {accelerator.num_processes} processes "

@@ -41,9 +41,9 @@ from ..data.checks import BadDataReport, load_sources
 from ..data.datasets import ClipDataset, split_episodes
 from ..data.mixture import MixtureSampler
 from ..models.policy import VPPPolicy
-from .common import (check_batch, cpu_threads, initial_policy, local_slice, make_accelerator, set_lr,
+from .common import (cpu_threads, initial_policy, local_slice, open_run, set_lr,
                      step_generator)
-from .config import TrainConfig, save_config
+from .config import TrainConfig
 from .features import frames_to_input
 from .metrics import MetricsLog
 from .state import STATE_DIR, latest_checkpoint, load_training_state, save_training_state, write_checkpoint
@@ -260,17 +260,7 @@ def train_tvp(cfg: TrainConfig, run: str | Path, resume: bool = False, progress:
 
 def _train_tvp(cfg: TrainConfig, run: str | Path, resume: bool, progress: bool) -> dict[str, Any]:
     run = Path(run)
-    accelerator = make_accelerator(cfg)
-    check_batch(cfg, accelerator)
-    main = accelerator.is_main_process
-    previous = latest_checkpoint(run)
-    if previous is not None and not resume:
-        raise VPPError(f"{run} already holds checkpoints (last: {previous.name}); pass --resume to continue "
-                       "or choose another output folder")
-    if main:
-        run.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run / "train_config.yaml")
-    accelerator.wait_for_everyone()
+    accelerator, main, previous = open_run(cfg, run, resume)
     device = accelerator.device
 
     policy, tokenizer, init_source = initial_policy(cfg, cfg.resolve_preset())
