@@ -506,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p, 10.0)
     p.add_argument("--sim", choices=["auto", "metaworld", "kinematic"], default="auto",
                    help=f"auto: MetaWorld when {METAWORLD_ARTIFACT} exists (make metaworld-policy), else kinematic")
-    p.add_argument("--task", default="reach-v3", help="MetaWorld task of the demo (default reach-v3)")
+    p.add_argument("--task", default="drawer-close-v3", help="MetaWorld task of the demo (default drawer-close-v3)")
     p.add_argument("--episodes", type=int, default=3, help="MetaWorld episodes of the demo (default 3)")
     p.set_defaults(func=cmd_demo)
 
