@@ -20,11 +20,11 @@ import dataclasses
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from baseline import torch_checkpoint  # bench/baseline.py (scripts run from bench/)
 
 
 def main() -> int:
@@ -59,17 +59,13 @@ def main() -> int:
     from vpp_edge.runtime.metrics import Metrics, percentiles
     from vpp_edge.runtime.policy import RuntimePolicy
     from vpp_edge.runtime.robot_config import load_robot_config
-    from vpp_edge.training.checkpoints import save_checkpoint
-    from vpp_edge.training.models import build_policy
 
     torch.set_num_threads(args.threads)
     artifact = Artifact.open(args.artifact)
-    if args.checkpoint:
-        ckpt = args.checkpoint
-    elif "untrained" in artifact.manifest.get("source", ""):  # 'make export' without CKPT: rebuild those weights
-        ckpt = save_checkpoint(*build_policy(artifact.preset, seed=0), Path(tempfile.mkdtemp()) / "ck")
-    else:
-        ap.error("this artifact comes from a checkpoint: pass it with --checkpoint")
+    try:
+        ckpt = torch_checkpoint(artifact, args.checkpoint)
+    except ValueError as exc:
+        ap.error(str(exc))
     episode = load_episode(default_episode())
     from vpp_edge.calibrate.frames import sample_observations
 

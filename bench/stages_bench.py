@@ -18,11 +18,11 @@ import json
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from baseline import torch_checkpoint  # bench/baseline.py (scripts run from bench/)
 
 STAGES = ("text", "tvp", "former", "action_head")
 
@@ -163,17 +163,14 @@ def main() -> int:
     from vpp_edge.runtime.artifact import Artifact
     from vpp_edge.runtime.engines.onnxruntime import OrtEngine
     from vpp_edge.runtime.engines.torch_backend import TorchEngine
-    from vpp_edge.training.checkpoints import load_checkpoint, save_checkpoint
-    from vpp_edge.training.models import build_policy
+    from vpp_edge.training.checkpoints import load_checkpoint
 
     torch.set_num_threads(args.threads)
     artifact = Artifact.open(args.artifact)
-    if args.checkpoint:
-        ckpt = args.checkpoint
-    elif "untrained" in artifact.manifest.get("source", ""):
-        ckpt = save_checkpoint(*build_policy(artifact.preset, seed=0), Path(tempfile.mkdtemp()) / "ck")
-    else:
-        ap.error("this artifact comes from a checkpoint: pass it with --checkpoint")
+    try:
+        ckpt = torch_checkpoint(artifact, args.checkpoint)
+    except ValueError as exc:
+        ap.error(str(exc))
     from vpp_edge.calibrate.frames import sample_observations
 
     frames = sample_observations(artifact.preset.num_views, artifact.preset.image_size, 1)[0].frames

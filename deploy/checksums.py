@@ -13,6 +13,7 @@ from pathlib import Path
 
 from vpp_edge.errors import VPPError
 from vpp_edge.export.manifest import sha256_file
+from vpp_edge.files import read_json
 
 BUNDLE_FILE = "BUNDLE.json"
 SUMS_FILE = "SHA256SUMS"  # the same hashes for `sha256sum -c` by hand
@@ -58,12 +59,7 @@ def _walk(root: Path) -> list[str]:
 
 def read_bundle_manifest(root: str | Path) -> dict:
     path = Path(root) / BUNDLE_FILE
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BundleError(f"{path}: not found (not a vpp-edge bundle)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc})") from None
+    doc = read_json(path, BundleError, "not a vpp-edge bundle")
     if doc.get("format") != FORMAT_NAME or doc.get("format_version") != FORMAT_VERSION:
         raise BundleError(f"{path}: not a {FORMAT_NAME} v{FORMAT_VERSION} manifest")
     return doc

@@ -107,8 +107,7 @@ def _one_demo(driver: MetaWorldDriver, oracle, seed: int, every: int, max_steps:
     after_success = 0
     while driver.status.steps < max_steps and after_success < 2:  # two more steps: learn to settle
         frames.append(driver.render())
-        hand, opening = driver.read_state()[1][:3], driver.read_state()[1][3]
-        states.append([*hand, opening])
+        states.append(driver.read_state()[1][:4])  # hand (tcp) xyz and finger opening
         start = driver.setpoint()
         for _ in range(every):
             a = np.clip(oracle.get_action(driver.observation), -1.0, 1.0)

@@ -8,7 +8,7 @@ centre crop, resize), decoded once per episode view and kept in a small LRU.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -36,6 +36,12 @@ def split_episodes(episodes: Sequence[CheckedEpisode], val_fraction: float
         train += eps[: len(eps) - n_val]
         val += eps[len(eps) - n_val:]
     return train, val
+
+
+def _source_sizes(episodes: Sequence[CheckedEpisode], samples: Sequence) -> list[int]:
+    """Samples per mixture source, in source order (for the mixture's sampling weights)."""
+    counts = Counter(episodes[s.episode].source_index for s in samples)
+    return [counts[k] for k in sorted(counts)]
 
 
 class FrameStore:
@@ -116,11 +122,7 @@ class PolicyDataset(Dataset):
 
     @property
     def source_sizes(self) -> list[int]:
-        counts: dict[int, int] = {}
-        for s in self.samples:
-            src = self.episodes[s.episode].source_index
-            counts[src] = counts.get(src, 0) + 1
-        return [counts[k] for k in sorted(counts)]
+        return _source_sizes(self.episodes, self.samples)
 
     @property
     def source_indices(self) -> list[int]:
@@ -191,11 +193,7 @@ class ClipDataset(Dataset):
 
     @property
     def source_sizes(self) -> list[int]:
-        counts: dict[int, int] = {}
-        for s in self.samples:
-            src = self.episodes[s.episode].source_index
-            counts[src] = counts.get(src, 0) + 1
-        return [counts[k] for k in sorted(counts)]
+        return _source_sizes(self.episodes, self.samples)
 
     def __len__(self) -> int:
         return len(self.samples)
