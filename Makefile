@@ -84,10 +84,15 @@ metaworld-policy: $(STAMP)  ## record MetaWorld demos, train + export metaworld_
 	$(BIN)/vpp eval metaworld --artifact artifacts/metaworld_tiny --tasks $(MW_TASKS) --episodes $(MW_EVAL) --precision fp32 --out results/metaworld/fp32
 	$(BIN)/vpp eval metaworld --artifact artifacts/metaworld_tiny --tasks $(MW_TASKS) --episodes $(MW_EVAL) --precision int8 --out results/metaworld/int8
 
+# franky-sim pins MuJoCo 4 and MetaWorld MuJoCo 3.3: the simulator gets its own venv.
+FRANKY_SIM_STAMP := .venv-franky-sim/.installed-stamp
+$(FRANKY_SIM_STAMP): requirements/franky-sim.txt
+	$(PYTHON) -m venv .venv-franky-sim
+	.venv-franky-sim/bin/python -m pip install --quiet --disable-pip-version-check -r requirements/franky-sim.txt
+	@touch $@
+
 .PHONY: franky-sim
-franky-sim: $(STAMP)  ## franky-control here + franky-sim in its own venv (it pins MuJoCo 4; MetaWorld pins 3.3)
-	$(BIN)/python -m pip install --quiet franky-control==2.0.0
-	test -x .venv-franky-sim/bin/franky-sim || { $(PYTHON) -m venv .venv-franky-sim && .venv-franky-sim/bin/python -m pip install --quiet franky-sim==1.0.4; }
+franky-sim: $(STAMP) $(FRANKY_SIM_STAMP)  ## franky-sim (the Franka simulator the Panda bridge is tested against) in .venv-franky-sim
 
 .PHONY: bench
 bench: $(STAMP)  ## benchmarks: stages per engine vs eager PyTorch, paper-scale FLOPs, runtime loop (bench/results/*.json)
@@ -96,7 +101,12 @@ bench: $(STAMP)  ## benchmarks: stages per engine vs eager PyTorch, paper-scale 
 	$(BIN)/python bench/runtime_bench.py --artifact artifacts/tiny
 	$(BIN)/python bench/bridge_bench.py
 
+.PHONY: bench-gpu
+bench-gpu: $(STAMP)  ## paper-scale predict step on a CUDA GPU: eager FP32 vs BF16 vs compiled + CUDA graph
+	$(BIN)/python bench/gpu_bench.py
+
 test: $(STAMP)  ## run the test suite
+	@$(MAKE) --no-print-directory franky-sim || echo "warning: franky-sim did not install: the Franka simulator tests will skip"
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)  ## the tests without the slow ones

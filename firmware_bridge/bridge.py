@@ -169,10 +169,10 @@ class Bridge:
             base = self._target if self._target is not None else self._interp.p
             target = np.where(delta, base + action, action)
             step = np.abs(target - base)
-            if np.any(step > self.cfg.vec("max_step")):
+            tol = 1e-6  # float32 on the wire: an action exactly at a limit may read 1e-8 beyond it
+            if np.any(step > self.cfg.vec("max_step") + tol):
                 return self._reject("step_too_large", f"step {np.round(step, 4).tolist()} exceeds max_step")
             low, high = self.cfg.vec("setpoint_low"), self.cfg.vec("setpoint_high")
-            tol = 1e-6  # float32 on the wire: a target exactly at a bound may read 1e-8 beyond it
             if np.any(target < low - tol) or np.any(target > high + tol):
                 return self._reject("out_of_limits", f"target {np.round(target, 4).tolist()} outside workspace")
             target = np.clip(target, low, high)
@@ -239,7 +239,8 @@ class Bridge:
                         self._seq += 1
                         reply = P.Reply(seq=self._seq, stamp=P.now(), request_seq=msg.seq, ok=True,
                                         status={"robot": self.driver.name, "dim": self.cfg.dim,
-                                                "version": P.PROTOCOL_VERSION})
+                                                "version": P.PROTOCOL_VERSION,
+                                                "delta_dims": [bool(d) for d in self.cfg.delta_dims]})
                     else:
                         self._reject("malformed_command", why)
                         self._seq += 1
@@ -299,11 +300,7 @@ class Bridge:
                             self._target = self._interp.p.copy()
                     target = self._watchdog(now)
                     if target is not None:
-                        if self.driver.plans_own_trajectory:
-                            self._interp.p = np.asarray(target, np.float64).copy()
-                            self.driver.servo(self._interp.p)
-                        else:
-                            self.driver.servo(self._interp.step(target))
+                        self.driver.servo(self._interp.step(target))
                     events, self._pending_events = self._pending_events, []
                     publish = tick % state_every == 0
                     frames = self.driver.take_frames() if self._camera_sock is not None else None

@@ -12,9 +12,6 @@ class RobotDriver(ABC):
     """Setpoints in, measured state out. Called from the bridge's servo thread only."""
 
     name: str = "robot"
-    # True when the controller plans its own limited trajectory to each target (franky's
-    # Ruckig): the bridge then hands over targets, not its own interpolated setpoints.
-    plans_own_trajectory: bool = False
 
     @abstractmethod
     def connect(self) -> np.ndarray:

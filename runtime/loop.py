@@ -149,7 +149,8 @@ class Runtime:
     def run(self) -> dict:
         """Run for ``duration_s`` (or until Ctrl-C); returns the summary."""
         dt = self.robot.dt
-        self.link.handshake(self.robot.name, self.robot.action_dim)
+        status = self.link.handshake(self.robot.name, self.robot.action_dim)
+        self.safety.absolute = ~np.asarray(status.get("delta_dims", [True] * self.robot.action_dim), bool)
         if self.options.realtime_priority > 0:
             _realtime(self.options.realtime_priority, self.metrics)
         for cam in self.cameras:
@@ -205,8 +206,12 @@ class Runtime:
             self.metrics.record("bridge_event", kind=event.kind, detail=event.detail)
             if event.kind == "estop":
                 self.safety.estop("bridge e-stop")
-        if state is not None and state.estopped:
-            self.safety.estop("bridge reports e-stop")
+            elif event.kind == "rejected":
+                self.safety.resync()
+        if state is not None:
+            self.safety.robot_target(state.target)
+            if state.estopped:
+                self.safety.estop("bridge reports e-stop")
         if state is None and self.link.last_state is not None and now - self.link.last_state.stamp > 1.0:
             self.metrics.count("bridge_silent")
         action = self.plan.pop(now)

@@ -36,6 +36,19 @@ class SafetyGate:
         self._last_safe: np.ndarray | None = None
         self._last_fresh: float | None = None
         self._estop_reason: str | None = None
+        # Dimensions the robot takes as absolute setpoints (e.g. finger joints): their first
+        # action is rate-limited from the robot's own target, not from nothing.
+        self.absolute = np.zeros(cfg.action_dim, bool)
+        self._robot_target: np.ndarray | None = None
+
+    def robot_target(self, target: np.ndarray) -> None:
+        """The bridge's current setpoint (from its state stream)."""
+        self._robot_target = np.asarray(target, np.float64)
+
+    def resync(self) -> None:
+        """The robot refused an action: rate-limit the next one from the robot's target again."""
+        self._last_safe = None
+        self.counts["resync"] += 1
 
     # --- e-stop latch --------------------------------------------------------------
     def estop(self, reason: str) -> None:
@@ -103,8 +116,12 @@ class SafetyGate:
         clamped = np.clip(action, self.cfg.low, self.cfg.high)
         if not np.array_equal(clamped, action):
             events.append("clamped_limits")
-        if self._last_safe is not None:
-            limited = np.clip(clamped, self._last_safe - self.cfg.delta, self._last_safe + self.cfg.delta)
+        reference = self._last_safe
+        if reference is None and self.absolute.any() and self._robot_target is not None:
+            # Absolute dimensions start from where the robot is; delta dimensions are free.
+            reference = np.where(self.absolute, self._robot_target, clamped)
+        if reference is not None:
+            limited = np.clip(clamped, reference - self.cfg.delta, reference + self.cfg.delta)
             if not np.array_equal(limited, clamped):
                 events.append("clamped_rate")
             clamped = limited

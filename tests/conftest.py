@@ -40,6 +40,56 @@ def exported(tiny_policy, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def exported_xhand(tiny_preset, tmp_path_factory):
+    """The tiny architecture with the xArm + XHand action space (18), FP32 only, its action
+    normaliser spanning the robot config's action bounds."""
+    import dataclasses
+
+    from vpp_edge.export import artifact as art
+    from vpp_edge.normalization import ActionNormalizer
+    from vpp_edge.runtime.robot_config import load_robot_config
+    from vpp_edge.training.models import build_policy
+
+    robot = load_robot_config("xarm_xhand")
+    preset = dataclasses.replace(tiny_preset, name="tiny_xhand", action_dim=robot.action_dim)
+    norm = ActionNormalizer(mode="bounds", low=tuple(robot.action_low), high=tuple(robot.action_high))
+    policy, tok = build_policy(preset, seed=0, normalizer=norm)
+    out = tmp_path_factory.mktemp("artifacts") / "tiny_xhand"
+    options = art.load_options(precisions=["fp32"], parity_samples=1)
+    art.export_artifact(policy, tok, out, options, source="test", progress=False)
+    return out
+
+
+def closed_loop(artifact_dir: Path, robot: str, bridge, episode: Path, ctx, tmp_path: Path, *,
+                engine_cls=None, duration_s: float = 3.0, loop_camera: bool = True, fps: float = 20.0,
+                smoothing: str = "crossfade"):
+    """The runtime as `vpp run` builds it (replay cameras, ONNX Runtime FP32, the robot's
+    config, a BridgeLink over real sockets) pointed at ``bridge``: (Runtime, Metrics, BridgeLink)."""
+    from vpp_edge.episodes import load_episode
+    from vpp_edge.runtime.artifact import Artifact
+    from vpp_edge.runtime.cameras import ReplayCameras
+    from vpp_edge.runtime.engines.onnxruntime import OrtEngine
+    from vpp_edge.runtime.link import BridgeLink
+    from vpp_edge.runtime.loop import RunOptions, Runtime
+    from vpp_edge.runtime.metrics import Metrics
+    from vpp_edge.runtime.policy import RuntimePolicy
+    from vpp_edge.runtime.robot_config import load_robot_config
+
+    ends = bridge.bound()
+    link = BridgeLink(ends.action, ends.state, ends.events, ends.command, context=ctx)
+    artifact = Artifact.open(artifact_dir)
+    engine = (engine_cls or OrtEngine)(artifact, "fp32").load()
+    policy = RuntimePolicy(artifact, engine, seed=0)
+    policy.set_instruction("push the red block to the green target")
+    cams = [ReplayCameras(load_episode(episode), artifact.preset.num_views, artifact.preset.image_size,
+                          fps=fps, loop=loop_camera)]
+    metrics = Metrics(tmp_path / "run.jsonl")
+    runtime = Runtime(policy, cams, load_robot_config(robot), link,
+                      RunOptions(duration_s=duration_s, smoothing=smoothing), metrics)
+    return runtime, metrics, link
+
+
+@pytest.fixture(scope="session")
 def samples_dir() -> Path:
     """``shared/vpp_samples`` (real robot episodes); tests using it skip when it is absent."""
     path = find_samples_dir()

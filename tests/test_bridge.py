@@ -212,6 +212,22 @@ def test_bridge_configs():
         config(hold_after_s=2.0)
 
 
+@pytest.mark.parametrize("robot", ["sim", "metaworld", "panda", "xarm_xhand"])
+def test_runtime_limits_fit_inside_the_bridge_limits(robot):
+    """Whatever the runtime's safety gate lets through, the bridge accepts: delta actions no
+    larger than one accepted step, absolute ones inside the setpoint bounds."""
+    from vpp_edge.runtime.robot_config import load_robot_config
+
+    rt, br = load_robot_config(robot), load_bridge_config(robot)
+    delta = np.asarray(br.delta_dims, bool)
+    biggest = np.maximum(np.abs(rt.low), np.abs(rt.high))
+    assert rt.action_dim == br.dim
+    assert np.all(biggest[delta] <= br.vec("max_step")[delta] + 1e-12)
+    assert np.all(rt.low[~delta] >= br.vec("setpoint_low")[~delta])
+    assert np.all(rt.high[~delta] <= br.vec("setpoint_high")[~delta])
+    assert np.all(rt.delta[~delta] <= br.vec("max_step")[~delta])
+
+
 def test_handshake_checks_schema_and_action_shape(rig):
     from vpp_edge.runtime.link import BridgeLink
 
@@ -219,7 +235,8 @@ def test_handshake_checks_schema_and_action_shape(rig):
     ends = bridge.bound()
     link = BridgeLink(ends.action, ends.state, ends.events, ends.command)
     try:
-        assert link.handshake("sim", 7) == {"robot": "sim", "dim": 7, "version": P.PROTOCOL_VERSION}
+        assert link.handshake("sim", 7) == {"robot": "sim", "dim": 7, "version": P.PROTOCOL_VERSION,
+                                            "delta_dims": [True] * 6 + [False]}
         with pytest.raises(P.ProtocolError, match="takes 7 actions, the runtime sends 18"):
             link.handshake("xarm_xhand", 18)
     finally:

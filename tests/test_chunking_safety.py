@@ -94,6 +94,25 @@ def test_limits_rate_and_invalid_actions(gate):
     assert gate.counts["clamped_limits"] == 2 and gate.counts["starvation"] == 1
 
 
+def test_absolute_dims_start_from_the_robots_target_and_resync_after_a_refusal():
+    gate = SafetyGate(load_robot_config("xarm_xhand"))
+    cfg = gate.cfg
+    gate.absolute = np.arange(18) >= 6  # finger joints are absolute setpoints
+    robot = np.zeros(18)
+    robot[6:] = 0.1
+    gate.robot_target(robot)
+    gate.fresh_chunk(0.0)
+    wanted = np.concatenate([np.full(6, 0.015), np.full(12, 1.2)])
+    first = gate.filter(wanted, 0.01).action
+    assert np.allclose(first[:6], 0.015), "delta dimensions are not rate-limited from nothing"
+    assert np.allclose(first[6:], 0.1 + cfg.delta[6:]), "fingers ramp from where the hand is"
+    gate.resync()
+    robot[6:] = 0.5  # the bridge refused; the hand is elsewhere
+    gate.robot_target(robot)
+    assert np.allclose(gate.filter(wanted, 0.02).action[6:], np.minimum(0.5 + cfg.delta[6:], cfg.high[6:]))
+    assert gate.counts["resync"] == 1
+
+
 def test_watchdog_holds_then_stops(gate):
     assert gate.mode(0.0) is Mode.HOLD, "nothing moves before the first chunk"
     gate.fresh_chunk(1.0)

@@ -7,18 +7,12 @@ import numpy as np
 import pytest
 import zmq
 
-from vpp_edge.episodes import load_episode
 from vpp_edge.firmware_bridge.bridge import Bridge, Endpoints
 from vpp_edge.firmware_bridge.config import load_bridge_config
 from vpp_edge.firmware_bridge.driver import KinematicSimDriver
-from vpp_edge.runtime.artifact import Artifact
-from vpp_edge.runtime.cameras import ReplayCameras
 from vpp_edge.runtime.engines.onnxruntime import OrtEngine
-from vpp_edge.runtime.link import BridgeLink
-from vpp_edge.runtime.loop import RunOptions, Runtime
-from vpp_edge.runtime.metrics import Metrics
-from vpp_edge.runtime.policy import RuntimePolicy
-from vpp_edge.runtime.robot_config import load_robot_config
+
+from .conftest import closed_loop
 
 pytestmark = pytest.mark.slow
 ANY = Endpoints("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", "tcp://127.0.0.1:*", "tcp://127.0.0.1:*")
@@ -29,28 +23,25 @@ def loop_rig(exported, demo_episode, tmp_path):
     ctx = zmq.Context()
     driver = KinematicSimDriver(7)
     bridge = Bridge(driver, load_bridge_config("sim"), ANY, ctx).start()
-    ends = bridge.bound()
-    link = BridgeLink(ends.action, ends.state, ends.events, ends.command, context=ctx)
-    artifact = Artifact.open(exported[0])
-    metrics = Metrics(tmp_path / "run.jsonl")
+    opened = []
 
     def make(engine_cls=OrtEngine, loop_camera=True, fps=20.0, smoothing="crossfade"):
-        engine = engine_cls(artifact, "fp32").load()
-        policy = RuntimePolicy(artifact, engine, seed=0)
-        policy.set_instruction("push the red block to the green target")
-        cams = [ReplayCameras(load_episode(demo_episode), 2, 256, fps=fps, loop=loop_camera)]
-        return Runtime(policy, cams, load_robot_config("sim"), link, RunOptions(duration_s=3.0, smoothing=smoothing),
-                       metrics)
+        runtime, metrics, link = closed_loop(exported[0], "sim", bridge, demo_episode, ctx, tmp_path,
+                                             engine_cls=engine_cls, loop_camera=loop_camera, fps=fps,
+                                             smoothing=smoothing)
+        opened.append((metrics, link))
+        return runtime
 
-    yield make, bridge, driver, metrics, tmp_path
-    metrics.close()
-    link.close()
+    yield make, bridge, driver, lambda: opened[-1][0], tmp_path
+    for metrics, link in opened:
+        metrics.close()
+        link.close()
     bridge.close()
     ctx.destroy(linger=0)
 
 
 def test_closed_loop_moves_the_sim_robot_within_limits(loop_rig):
-    make, bridge, driver, metrics, tmp_path = loop_rig
+    make, bridge, driver, last_metrics, tmp_path = loop_rig
     runtime = make()
     summary = runtime.run()
     counts = summary["counts"]
@@ -62,13 +53,13 @@ def test_closed_loop_moves_the_sim_robot_within_limits(loop_rig):
     assert np.all(history >= cfg.vec("setpoint_low") - 1e-9) and np.all(history <= cfg.vec("setpoint_high") + 1e-9)
     assert np.any(np.abs(history[-1] - history[0]) > 0), "the robot moved"
     assert "starvation" not in counts or counts["starvation"] < counts["chunks"], "inference keeps ahead"
-    metrics.close()
+    last_metrics().close()
     lines = (tmp_path / "run.jsonl").read_text().splitlines()
     assert any('"record": "chunk"' in line for line in lines)
 
 
 def test_runtime_survives_the_bridge_going_away(loop_rig):
-    make, bridge, driver, metrics, _ = loop_rig
+    make, bridge, driver, _, _ = loop_rig
     runtime = make()
     threading.Timer(1.0, bridge.close).start()
     summary = runtime.run()  # no exception: the control loop keeps its rate and counts
@@ -77,7 +68,7 @@ def test_runtime_survives_the_bridge_going_away(loop_rig):
 
 
 def test_a_camera_that_stops_is_reported_and_the_robot_holds(loop_rig):
-    make, bridge, driver, metrics, _ = loop_rig
+    make, bridge, driver, _, _ = loop_rig
     runtime = make(loop_camera=False, fps=20.0)  # 20 frames: the stream ends after 1 s
     summary = runtime.run()
     assert summary["counts"]["stale_observation"] >= 1
@@ -86,7 +77,7 @@ def test_a_camera_that_stops_is_reported_and_the_robot_holds(loop_rig):
 
 
 def test_nan_from_the_engine_reaches_nothing(loop_rig):
-    make, bridge, driver, metrics, _ = loop_rig
+    make, bridge, driver, _, _ = loop_rig
 
     class NaNEngine(OrtEngine):  # fault injection at the engine boundary
         def run(self, graph, feeds):
@@ -99,7 +90,7 @@ def test_nan_from_the_engine_reaches_nothing(loop_rig):
 
 
 def test_instruction_changes_at_run_time(loop_rig):
-    make, bridge, driver, metrics, _ = loop_rig
+    make, bridge, driver, _, _ = loop_rig
     runtime = make()
     calls = []
     run = runtime.policy.engine.run
@@ -110,7 +101,7 @@ def test_instruction_changes_at_run_time(loop_rig):
 
 
 def test_closed_loop_with_real_time_chunking(loop_rig):
-    make, bridge, driver, metrics, _ = loop_rig
+    make, bridge, driver, _, _ = loop_rig
     summary = make(smoothing="rtc").run()
     assert summary["counts"]["chunks"] >= 3 and bridge.counts["accepted"] >= 5
 

@@ -1,0 +1,52 @@
+"""The GPU predict step (BF16, channels-last, compile, one CUDA graph) computes what the
+FP32 policy computes. The CUDA-graph half needs a GPU and skips without one."""
+
+import copy
+
+import pytest
+import torch
+
+from vpp_edge.training.models.fast_step import FastPredictStep, FastStepOptions
+
+from .conftest import random_frames, tokens
+
+
+def step_inputs(policy, tokenizer, preset, seed=0, device="cpu"):
+    tvp_shape, action_shape = policy.noise_shapes(1)
+    gen = torch.Generator().manual_seed(seed)
+    x = (random_frames(preset, seed), *tokens(tokenizer), torch.randn(tvp_shape, generator=gen),
+         torch.randn(action_shape, generator=gen))
+    return tuple(t.to(device) for t in x)
+
+
+def test_low_precision_step_matches_the_fp32_policy(tiny_policy, tiny_preset):
+    policy, tok = tiny_policy
+    x = step_inputs(policy, tok, tiny_preset)
+    with torch.inference_mode():
+        reference = policy(*x)
+    fast = FastPredictStep(copy.deepcopy(policy), FastStepOptions(torch.bfloat16, compile=False))
+    out = fast(*x)
+    convs = [m for m in fast.policy.tvp.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.dtype == torch.bfloat16 for c in convs)
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    assert all(p.dtype == torch.float32 for p in fast.policy.action_head.parameters()), "sampler stays FP32"
+    assert out.dtype == torch.float32 and out.shape == reference.shape
+    cos = torch.nn.functional.cosine_similarity(out.flatten(), reference.flatten(), dim=0)
+    assert cos > 0.999 and (out - reference).abs().max() < 0.05
+    assert not fast.uses_cuda_graph
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_replays_the_step_for_new_inputs(tiny_preset):
+    from vpp_edge.training.models import build_policy
+
+    policy, tok = build_policy(tiny_preset, seed=0, device="cuda")
+    eager = FastPredictStep(copy.deepcopy(policy), FastStepOptions(compile=False, cuda_graph=False))
+    graphed = FastPredictStep(policy, FastStepOptions(compile=False))
+    a = step_inputs(policy, tok, tiny_preset, seed=0, device="cuda")
+    b = step_inputs(policy, tok, tiny_preset, seed=1, device="cuda")
+    out_a = graphed(*a).clone()
+    out_b = graphed(*b).clone()
+    assert graphed.uses_cuda_graph
+    assert torch.allclose(out_a, eager(*a), atol=1e-3) and torch.allclose(out_b, eager(*b), atol=1e-3)
+    assert not torch.allclose(out_a, out_b), "the replay reads the new inputs"
