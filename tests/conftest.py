@@ -89,6 +89,23 @@ def closed_loop(artifact_dir: Path, robot: str, bridge, episode: Path, ctx, tmp_
     return runtime, metrics, link
 
 
+def drive(bridge, artifact_dir: Path, robot: str, episode: Path, ctx, tmp_path: Path, min_accepted: int) -> dict:
+    """Run the runtime against a robot bridge for 3 s and check the link: chunks planned, at
+    least ``min_accepted`` targets taken, none refused except for leaving the workspace (the
+    runtime cannot know it: that is the bridge's to refuse). Returns the runtime's summary."""
+    runtime, metrics, link = closed_loop(artifact_dir, robot, bridge, episode, ctx, tmp_path)
+    try:
+        summary = runtime.run()
+    finally:
+        metrics.close()
+        link.close()
+    assert summary["counts"]["chunks"] >= 3 and bridge.counts["accepted"] >= min_accepted, \
+        f"runtime {sorted(summary['counts'].items())}, bridge {sorted(bridge.counts.items())}"
+    refused = {k for k, n in bridge.counts.items() if k.startswith("rejected_") and n}
+    assert bridge.mode != "estop" and refused <= {"rejected_out_of_limits"}, dict(bridge.counts)
+    return summary
+
+
 @pytest.fixture(scope="session")
 def samples_dir() -> Path:
     """``shared/vpp_samples`` (real robot episodes); tests using it skip when it is absent."""
