@@ -17,3 +17,18 @@ def torch_checkpoint(artifact, checkpoint: Path | None) -> Path:
     from vpp_edge.training.models import build_policy
 
     return save_checkpoint(*build_policy(artifact.preset, seed=0), Path(tempfile.mkdtemp()) / "ck")
+
+
+def open_benchmark(ap, args):
+    """Torch threads from ``--threads``, the ``--artifact`` and its baseline checkpoint
+    (``--checkpoint`` or the rebuilt untrained one); a usage error when it cannot be had."""
+    import torch
+
+    from vpp_edge.runtime.artifact import Artifact
+
+    torch.set_num_threads(args.threads)
+    artifact = Artifact.open(args.artifact)
+    try:
+        return artifact, torch_checkpoint(artifact, args.checkpoint)
+    except ValueError as exc:
+        ap.error(str(exc))

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from baseline import torch_checkpoint  # bench/baseline.py (scripts run from bench/)
+from baseline import open_benchmark  # bench/baseline.py (scripts run from bench/)
 
 
 def main() -> int:
@@ -42,7 +42,6 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=Path("bench/results/runtime_cpu.json"))
     args = ap.parse_args()
 
-    import torch
     import zmq
 
     from vpp_edge.demo_data import default_episode
@@ -50,7 +49,6 @@ def main() -> int:
     from vpp_edge.firmware_bridge.bridge import Bridge, Endpoints
     from vpp_edge.firmware_bridge.config import load_bridge_config
     from vpp_edge.firmware_bridge.driver import KinematicSimDriver
-    from vpp_edge.runtime.artifact import Artifact
     from vpp_edge.runtime.cameras import ReplayCameras
     from vpp_edge.runtime.engines.onnxruntime import OrtEngine
     from vpp_edge.runtime.engines.torch_backend import TorchEngine
@@ -60,12 +58,7 @@ def main() -> int:
     from vpp_edge.runtime.policy import RuntimePolicy
     from vpp_edge.runtime.robot_config import load_robot_config
 
-    torch.set_num_threads(args.threads)
-    artifact = Artifact.open(args.artifact)
-    try:
-        ckpt = torch_checkpoint(artifact, args.checkpoint)
-    except ValueError as exc:
-        ap.error(str(exc))
+    artifact, ckpt = open_benchmark(ap, args)
     episode = load_episode(default_episode())
     from vpp_edge.calibrate.frames import sample_observations
 

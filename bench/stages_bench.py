@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from baseline import torch_checkpoint  # bench/baseline.py (scripts run from bench/)
+from baseline import open_benchmark  # bench/baseline.py (scripts run from bench/)
 
 STAGES = ("text", "tvp", "former", "action_head")
 
@@ -160,17 +160,11 @@ def main() -> int:
 
     import torch
 
-    from vpp_edge.runtime.artifact import Artifact
     from vpp_edge.runtime.engines.onnxruntime import OrtEngine
     from vpp_edge.runtime.engines.torch_backend import TorchEngine
     from vpp_edge.training.checkpoints import load_checkpoint
 
-    torch.set_num_threads(args.threads)
-    artifact = Artifact.open(args.artifact)
-    try:
-        ckpt = torch_checkpoint(artifact, args.checkpoint)
-    except ValueError as exc:
-        ap.error(str(exc))
+    artifact, ckpt = open_benchmark(ap, args)
     from vpp_edge.calibrate.frames import sample_observations
 
     frames = sample_observations(artifact.preset.num_views, artifact.preset.image_size, 1)[0].frames

@@ -9,6 +9,7 @@ import numpy as np
 import yaml
 
 from vpp_edge.errors import VPPError
+from vpp_edge.files import named_config
 
 CONFIG_DIR = Path(__file__).with_name("robots")
 _VECTORS = ("setpoint_low", "setpoint_high", "max_step", "max_vel", "max_acc")
@@ -62,12 +63,7 @@ def bridge_config_from_dict(data: dict, source: str = "bridge config") -> Bridge
 
 
 def load_bridge_config(name_or_path: str) -> BridgeConfig:
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = CONFIG_DIR / f"{name_or_path}.yaml"
-        if not path.is_file():
-            known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-            raise BridgeConfigError(f"unknown bridge robot '{name_or_path}' (available: {', '.join(known)})")
+    path = named_config(name_or_path, CONFIG_DIR, BridgeConfigError, "bridge robot")
     try:
         return bridge_config_from_dict(yaml.safe_load(path.read_text()), str(path))
     except (OSError, yaml.YAMLError) as exc:

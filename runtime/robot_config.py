@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 import yaml
 
 from vpp_edge.errors import VPPError
+from vpp_edge.files import named_config
 
 ROBOT_DIR = Path(__file__).with_name("robots")
 
@@ -67,14 +67,7 @@ def robot_config_from_dict(data: dict, source: str = "robot config") -> RobotCon
 
 def load_robot_config(name_or_path: str) -> RobotConfig:
     """A shipped robot config by name, or a YAML file."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        known = sorted(p.stem for p in ROBOT_DIR.glob("*.yaml"))
-        if name_or_path not in known:
-            close = difflib.get_close_matches(name_or_path, known, n=1)
-            raise ConfigError(f"unknown robot '{name_or_path}'{f'; did you mean {close[0]!r}?' if close else ''} "
-                              f"(available: {', '.join(known)})")
-        path = ROBOT_DIR / f"{name_or_path}.yaml"
+    path = named_config(name_or_path, ROBOT_DIR, ConfigError, "robot")
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:

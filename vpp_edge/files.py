@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import os
 import shutil
@@ -45,3 +46,17 @@ def read_json(path: Path, error: type[Exception], hint: str) -> dict:
     if not isinstance(data, dict):
         raise error(f"{path}: expected a JSON object")
     return data
+
+
+def named_config(name_or_path: str | Path, folder: Path, error: type[Exception], what: str) -> Path:
+    """A config file: a bare name is ``folder/<name>.yaml`` (an unknown one raises ``error``
+    with a did-you-mean and the known names); anything with a suffix is a path as given."""
+    path = Path(name_or_path)
+    if path.suffix:
+        return path
+    known = sorted(p.stem for p in folder.glob("*.yaml"))
+    if path.name not in known:
+        close = difflib.get_close_matches(path.name, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise error(f"unknown {what} '{name_or_path}'{hint} (available: {', '.join(known)})")
+    return folder / f"{path.name}.yaml"
