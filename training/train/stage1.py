@@ -28,10 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import EulerDiscreteScheduler
-from diffusers.training_utils import EMAModel
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from vpp_edge.errors import VPPError
@@ -39,14 +38,14 @@ from vpp_edge.errors import VPPError
 from ..checkpoints import _quiet_hf  # no per-file progress bars inside the training bar
 from ..data.checks import BadDataReport, load_sources
 from ..data.datasets import ClipDataset, split_episodes
-from ..data.mixture import MixtureSampler
 from ..models.policy import VPPPolicy
 from .common import (cpu_threads, initial_policy, local_slice, open_run, set_lr,
                      step_generator)
 from .config import TrainConfig
 from .features import frames_to_input
+from .loop import LossLog, ema_applied, finish_run, make_optimizer, mixture_loader, resume_step, update
 from .metrics import MetricsLog
-from .state import STATE_DIR, latest_checkpoint, load_training_state, save_training_state, write_checkpoint
+from .state import STATE_DIR, latest_checkpoint, save_training_state, write_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -294,23 +293,10 @@ def _train_tvp(cfg: TrainConfig, run: str | Path, resume: bool, progress: bool) 
     if cfg.tvp.latent_cache:
         items = CachedClipDataset(train_ds, LatentCache.build(policy, train_ds, run / "cache", "train", accelerator,
                                                               progress))
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                  weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
-    ema = (EMAModel(trainable, decay=cfg.ema.decay, use_ema_warmup=cfg.ema.warmup, power=cfg.ema.power)
-           if cfg.ema.enabled else None)
-    start = 0
-    if resume and previous is not None:
-        start = int(load_training_state(previous / STATE_DIR, denoiser, optimizer, ema)["step"])
-        log.info("resuming from %s (step %d)", previous, start)
-    if start >= cfg.steps:
-        raise VPPError(f"{run}: already trained {start} steps (steps: {cfg.steps}); raise steps to continue")
-
-    batch = cfg.batch_size
+    optimizer, ema = make_optimizer(cfg, trainable)
+    start = resume_step(cfg, run, previous, resume, denoiser, optimizer, ema)
     weights = [cfg.data.sources[i].weight for i in sorted({e.source_index for e in train_ds.episodes})]
-    sampler = MixtureSampler(train_ds.source_sizes, weights, (cfg.steps - start) * batch, seed=cfg.seed,
-                             offset=start * batch)
-    loader = DataLoader(items, batch_size=batch, sampler=sampler, num_workers=cfg.num_workers, drop_last=True,
-                        persistent_workers=cfg.num_workers > 0)
+    _, loader = mixture_loader(cfg, items, train_ds.source_sizes, weights, start)
     denoiser_ddp, optimizer, loader = accelerator.prepare(denoiser, optimizer, loader)
     batcher = _Batcher(policy, cfg, accelerator)
     metrics = MetricsLog(run, enabled=main)
@@ -321,16 +307,8 @@ def _train_tvp(cfg: TrainConfig, run: str | Path, resume: bool, progress: bool) 
                  init_source)
 
     def with_ema(fn):
-        if ema is not None:
-            ema.store(trainable)
-            ema.copy_to(trainable)
-        unet.eval()
-        try:
+        with ema_applied(ema, trainable, unet):
             return fn()
-        finally:
-            unet.train()
-            if ema is not None:
-                ema.restore(trainable)
 
     val_rows = sorted({i * len(val_ds) // min(8, len(val_ds)) for i in range(min(8, len(val_ds)))})
 
@@ -363,9 +341,7 @@ def _train_tvp(cfg: TrainConfig, run: str | Path, resume: bool, progress: bool) 
         return write_checkpoint(run, step, write, cfg.keep_checkpoints)
 
     bar = tqdm(total=cfg.steps, initial=start, desc="stage 1 (TVP)", disable=not (progress and main))
-    window: list[float] = []
-    first_loss: float | None = None
-    last_loss = float("nan")
+    losses = LossLog(metrics, bar, cfg)
     val_metrics: dict[str, float] = {}
     first_val: dict[str, float] = {}
     step = start
@@ -379,21 +355,9 @@ def _train_tvp(cfg: TrainConfig, run: str | Path, resume: bool, progress: bool) 
         with accelerator.autocast():
             inputs = batcher(batch_data, step)
             loss = denoiser_ddp(**inputs)
-        accelerator.backward(loss)
-        if cfg.optim.grad_clip > 0:
-            accelerator.clip_grad_norm_(trainable, cfg.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.step(trainable)
+        reduced = update(accelerator, loss, trainable, optimizer, ema, cfg.optim.grad_clip)
         step += 1
-        window.append(float(accelerator.reduce(loss.detach().float(), "mean")))
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            last_loss = float(np.mean(window))
-            first_loss = last_loss if first_loss is None else first_loss
-            metrics.log(step, {"train/loss": last_loss, "train/lr": lr})
-            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
-            window = []
+        losses.add(step, reduced, lr)
         if main and (step % cfg.val_every == 0 or step == cfg.steps):
             val_metrics = with_ema(validate)
             metrics.log(step, val_metrics)
@@ -407,16 +371,8 @@ def _train_tvp(cfg: TrainConfig, run: str | Path, resume: bool, progress: bool) 
         bar.update(1)
     bar.close()
     seconds = time.perf_counter() - started
-    summary = {"stage": "tvp", "steps": step, "start_step": start, "seconds": round(seconds, 2),
-               "loss_first": first_loss, "loss_last": last_loss, **val_metrics,
+    summary = {"stage": "tvp", "steps": step, "start_step": start, "seconds": round(seconds, 2), **val_metrics,
                **{f"{k}@0": v for k, v in first_val.items()}, "train_clips": len(train_ds),
                "processes": accelerator.num_processes, "skipped_episodes": report.skipped,
                "checkpoint": str(latest_checkpoint(run)), "init": init_source}
-    if main:
-        metrics.plot()
-        (run / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        log.info("stage 1 done: %d steps in %.1f s, loss %.4f -> %.4f; checkpoint %s", step - start, seconds,
-                 first_loss or float("nan"), last_loss, summary["checkpoint"])
-    metrics.close()
-    accelerator.wait_for_everyone()
-    return summary
+    return finish_run(run, summary, losses, metrics, main, accelerator, "stage 1")

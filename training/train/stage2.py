@@ -13,27 +13,22 @@ why N processes train the same model as one.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers.training_utils import EMAModel
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from vpp_edge.errors import VPPError
 from vpp_edge.normalization import ActionNormalizer
 
 from ..checkpoints import save_checkpoint
 from ..data.checks import BadDataReport, load_sources
 from ..data.datasets import PolicyDataset, split_episodes
-from ..data.mixture import MixtureSampler
 from ..data.stats import STATS_FILE, fit_statistics, load_statistics, save_statistics
 from ..models.edm import sample_log_logistic
 from ..models.policy import VPPPolicy
@@ -41,15 +36,15 @@ from .common import (cpu_threads, initial_policy, local_slice, open_run, set_lr,
                      step_generator, stream_seed)
 from .config import TrainConfig
 from .features import CachedPolicyDataset, FeatureCache, sample_noise, tvp_features
+from .loop import LossLog, ema_applied, finish_run, make_optimizer, mixture_loader, resume_step, update
 from .metrics import MetricsLog
-from .state import STATE_DIR, latest_checkpoint, load_training_state, save_training_state, write_checkpoint
+from .state import STATE_DIR, latest_checkpoint, save_training_state, write_checkpoint
 
 log = logging.getLogger(__name__)
 
 # Parts of the action head the VPP forward pass never uses; the official trainer freezes them.
 UNUSED_PREFIXES = ("action_head.inner_model.goal_emb.", "action_head.inner_model.proprio_emb.",
                    "action_head.inner_model.pos_emb")
-SUMMARY_FILE = "summary.json"
 
 
 class PolicyHead(nn.Module):
@@ -165,23 +160,11 @@ def _train_policy(cfg: TrainConfig, run: str | Path, resume: bool, progress: boo
         if val_ds is not None:
             val_items = CachedPolicyDataset(val_ds, FeatureCache.build(policy, val_ds, name="val", **build))
 
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                  weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
-    ema = (EMAModel(trainable, decay=cfg.ema.decay, use_ema_warmup=cfg.ema.warmup, power=cfg.ema.power)
-           if cfg.ema.enabled else None)
-    start = 0
-    if resume and previous is not None:
-        start = int(load_training_state(previous / STATE_DIR, head, optimizer, ema)["step"])
-        log.info("resuming from %s (step %d)", previous, start)
-    if start >= cfg.steps:
-        raise VPPError(f"{run}: already trained {start} steps (steps: {cfg.steps}); raise steps to continue")
-
+    optimizer, ema = make_optimizer(cfg, trainable)
+    start = resume_step(cfg, run, previous, resume, head, optimizer, ema)
     weights = [cfg.data.sources[i].weight for i in train_ds.source_indices]
     batch = cfg.batch_size
-    sampler = MixtureSampler(train_ds.source_sizes, weights, (cfg.steps - start) * batch, seed=cfg.seed,
-                             offset=start * batch)
-    loader = DataLoader(train_items, batch_size=batch, sampler=sampler, num_workers=cfg.num_workers, drop_last=True,
-                        persistent_workers=cfg.num_workers > 0)
+    sampler, loader = mixture_loader(cfg, train_items, train_ds.source_sizes, weights, start)
     head_ddp, optimizer, loader = accelerator.prepare(head, optimizer, loader)
 
     validator = (_Validator(policy, val_items, cfg.policy.feature_cache, cfg.seed, batch, device)
@@ -199,24 +182,16 @@ def _train_policy(cfg: TrainConfig, run: str | Path, resume: bool, progress: boo
                 "world_size": accelerator.num_processes}
 
         def write(folder: Path) -> None:
-            if ema is not None:
-                ema.store(trainable)
-                ema.copy_to(trainable)
-            try:
+            with ema_applied(ema, trainable, head):
                 save_checkpoint(policy, tokenizer, folder, extra={"training": {
                     "stage": "policy", "step": step, "ema": ema is not None, "init": init_source,
                     "state_normalization": stats.get("states"), "skipped_episodes": len(report)}})
-            finally:
-                if ema is not None:
-                    ema.restore(trainable)
             save_training_state(folder / STATE_DIR, head.state_dict(), optimizer, ema, meta)
 
         return write_checkpoint(run, step, write, cfg.keep_checkpoints)
 
     bar = tqdm(total=cfg.steps, initial=start, desc="stage 2 (policy)", disable=not (progress and main))
-    window: list[float] = []
-    first_loss: float | None = None
-    last_loss = float("nan")
+    losses = LossLog(metrics, bar, cfg)
     val_metrics: dict[str, float] = {}
     first_val: dict[str, float] = {}
     step = start
@@ -243,21 +218,9 @@ def _train_policy(cfg: TrainConfig, run: str | Path, resume: bool, progress: boo
         torch.manual_seed(stream_seed(cfg.seed, step, f"dropout-{accelerator.process_index}"))
         with accelerator.autocast():
             loss = head_ddp(features, goal, actions, noise, sigma)
-        accelerator.backward(loss)
-        if cfg.optim.grad_clip > 0:
-            accelerator.clip_grad_norm_(trainable, cfg.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.step(trainable)
+        reduced = update(accelerator, loss, trainable, optimizer, ema, cfg.optim.grad_clip)
         step += 1
-        window.append(float(accelerator.reduce(loss.detach().float(), "mean")))
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            last_loss = float(np.mean(window))
-            first_loss = last_loss if first_loss is None else first_loss
-            metrics.log(step, {"train/loss": last_loss, "train/lr": lr})
-            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
-            window = []
+        losses.add(step, reduced, lr)
         if validator is not None and (step % cfg.val_every == 0 or step == cfg.steps):
             val_metrics = _validate(validator, head, ema, trainable)
             metrics.log(step, val_metrics)
@@ -268,30 +231,14 @@ def _train_policy(cfg: TrainConfig, run: str | Path, resume: bool, progress: boo
         bar.update(1)
     bar.close()
     seconds = time.perf_counter() - started
-    summary = {"stage": "policy", "steps": step, "start_step": start, "seconds": round(seconds, 2),
-               "loss_first": first_loss, "loss_last": last_loss, **val_metrics,
+    summary = {"stage": "policy", "steps": step, "start_step": start, "seconds": round(seconds, 2), **val_metrics,
                **{f"{k}@0": v for k, v in first_val.items()}, "train_samples": len(train_ds),
                "val_samples": len(val_ds) if val_ds else 0,
                "processes": accelerator.num_processes, "skipped_episodes": report.skipped,
                "checkpoint": str(latest_checkpoint(run)), "init": init_source}
-    if main:
-        metrics.plot()
-        (run / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        log.info("stage 2 done: %d steps in %.1f s, loss %.4f -> %.4f; checkpoint %s", step - start, seconds,
-                 first_loss or float("nan"), last_loss, summary["checkpoint"])
-    metrics.close()
-    accelerator.wait_for_everyone()
-    return summary
+    return finish_run(run, summary, losses, metrics, main, accelerator, "stage 2")
 
 
 def _validate(validator: _Validator, head: PolicyHead, ema: EMAModel | None, trainable: list) -> dict[str, float]:
-    if ema is not None:
-        ema.store(trainable)
-        ema.copy_to(trainable)
-    head.eval()
-    try:
+    with ema_applied(ema, trainable, head):
         return validator()
-    finally:
-        head.train()
-        if ema is not None:
-            ema.restore(trainable)
