@@ -11,7 +11,6 @@ from typing import Any
 import yaml
 
 from vpp_edge.errors import VPPError
-from vpp_edge.files import named_config
 
 HERE = Path(__file__).parent
 DEFAULTS = HERE / "defaults.yaml"
@@ -65,7 +64,12 @@ def load_profile(name_or_path: str | dict) -> dict[str, Any]:
     """A profile by name (deploy/profiles/<name>.yaml) or YAML path; dicts pass through."""
     if isinstance(name_or_path, dict):
         return copy.deepcopy(name_or_path)
-    path = named_config(name_or_path, PROFILES, DeployConfigError, "target profile")
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PROFILES / f"{name_or_path}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in PROFILES.glob("*.yaml"))
+            raise DeployConfigError(f"target profile '{name_or_path}' unknown; known: {', '.join(known)}")
     profile = _read_yaml(path)
     profile.setdefault("name", path.stem)
     return profile
