@@ -149,7 +149,7 @@ def main() -> int:
     ap.add_argument("--checkpoint", type=Path, help="checkpoint the artifact came from (default: untrained tiny)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--precisions", default="fp32,fp16,int8", help="ONNX Runtime precisions to include")
+    ap.add_argument("--precisions", default="fp32,fp16,int8,int8_cpu", help="ONNX Runtime precisions to include")
     ap.add_argument("--compile", action="store_true", help="also PyTorch with torch.compile (slow to compile)")
     ap.add_argument("--paper", action="store_true",
                     help="also paper-scale FLOPs (CALVIN shapes) and one paper-width TVP forward")

@@ -17,7 +17,7 @@ Layout under ``root``::
 
     graphs/<precision>/<graph>-<key>/   <graph>.onnx (+ .data), info.json, scales.json (INT8)
     feeds/<graph>-<digest>.npz          quantizer feeds (calibrate.dataset.save_feeds)
-    artifacts/<config key>/             manifest.json + fp32/ fp16/ int8/ (hard links into graphs/)
+    artifacts/<config key>/             manifest.json + fp32/ fp16/ int8/ int8_cpu/ (hard links into graphs/)
     checkpoints/<preset key>/           the configuration's weights, for the PyTorch backend
 
 Every entry is written to a temporary folder and renamed into place, so Ctrl-C never
@@ -26,21 +26,17 @@ leaves a half-written graph that a later run would trust.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
-import logging
 import os
 import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -48,7 +44,7 @@ import torch
 from vpp_edge import __version__
 from vpp_edge.export import onnx_io
 from vpp_edge.export.graphs import GRAPHS, reference_run
-from vpp_edge.export.manifest import FORMAT_NAME, FORMAT_VERSION, write_manifest
+from vpp_edge.export.manifest import FORMAT_NAME, FORMAT_VERSION, INT8_PRECISIONS, PRECISIONS, write_manifest
 from vpp_edge.files import atomic_dir
 from vpp_edge.presets import Preset
 from vpp_edge.tokenizer import InstructionTokenizer
@@ -74,25 +70,6 @@ def _code_digest() -> str:
     folder = Path(onnx_io.__file__).parent
     return _sha(*[(folder / f).read_bytes() for f in _EXPORT_CODE], version("torch"), version("onnx"),
                 version("onnxruntime"), __version__)
-
-
-@contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    """torch.onnx / onnxscript report every pass at INFO (and torchvision's absence at
-    WARNING), ONNX Runtime's FP16 converter dumps nodes at INFO; the sweep's progress bar
-    says what is being exported instead."""
-    loggers = [logging.getLogger(n) for n in ("onnxscript", "onnx_ir", "torch.onnx", "onnxruntime")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", UserWarning)
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -142,9 +119,11 @@ class ArtifactBuilder:
     def __init__(self, root: str | Path, policy: VPPPolicy, tokenizer: InstructionTokenizer,
                  calibration: ObservationSet, options: dict[str, Any], int8: dict[str, Any], source: str,
                  checkpoint: Path | None = None, status: Callable[[str], None] = lambda s: None):
-        """``options``: export options (``load_options()``: opset, fp16, int8 defaults);
-        ``int8``: ``exclude_modules``, ``exclude_nodes``, ``op_types``, ``graphs`` and
-        calibrator ``options`` (method-specific, see :func:`qdq.calibrator_options`)."""
+        """``options``: export options (``load_options()``: opset, fp16, int8, int8_cpu
+        defaults); ``int8``: ``exclude_modules``, ``exclude_nodes``, ``op_types``, ``graphs``
+        and calibrator ``options`` (method-specific, see :func:`qdq.calibrator_options`).
+        ``int8_cpu`` graphs take ``op_types``, ``graphs`` and ``exclude_modules`` from
+        ``options["int8_cpu"]``."""
         self.root = Path(root)
         self.base = policy.eval()
         self.tokenizer = tokenizer
@@ -198,9 +177,8 @@ class ArtifactBuilder:
         gdef = GRAPHS[name]
 
         def make(path: Path) -> dict[str, Any]:
-            with _quiet_exporter():
-                onnx_io.export_onnx(gdef.adapter(policy), tuple(ref[i] for i in gdef.inputs), gdef.inputs,
-                                    gdef.outputs, path, self.options["opset"])
+            onnx_io.export_onnx(gdef.adapter(policy), tuple(ref[i] for i in gdef.inputs), gdef.inputs,
+                                gdef.outputs, path, self.options["opset"])
             return {"graph": name, "precision": "fp32"}
 
         return self._entry("fp32", name, key, make, built)
@@ -210,44 +188,51 @@ class ArtifactBuilder:
         key16 = _sha(key, keep)[:20]
 
         def make(path: Path) -> dict[str, Any]:
-            with _quiet_exporter():
-                onnx_io.convert_fp16(fp32 / f"{name}.onnx", path, keep)
+            onnx_io.convert_fp16(fp32 / f"{name}.onnx", path, keep)
             return {"graph": name, "precision": "fp16", "keep_fp32_ops": keep}
 
         return self._entry("fp16", name, key16, make, built), key16
 
+    def int8_settings(self, precision: str) -> dict[str, Any]:
+        """Quantizer settings of an INT8 ``precision`` (``int8`` or ``int8_cpu``)."""
+        if precision == "int8":
+            return self.int8
+        return {**self.int8, **{k: self.options[precision][k] for k in ("op_types", "graphs", "exclude_modules")}}
+
     def _int8(self, name: str, fp32: Path, key: str, preset: Preset, method: str,
-              built: list[str]) -> tuple[Path, str]:
+              built: list[str], precision: str = "int8") -> tuple[Path, str]:
         gdef = GRAPHS[name]
         _, refs = self.variant(preset, len(self.calibration))
         feeds = [{i: r[i].numpy() for i in gdef.inputs} for r in refs]
         digest = feeds_digest(feeds)
-        s = self.int8
+        s = self.int8_settings(precision)
         calib = qdq.calibrator_options(method, s.get("options"))
-        key8 = _sha(key, digest, method, calib, s["op_types"], s["exclude_modules"], s.get("exclude_nodes", []))[:20]
+        key8 = _sha(key, digest, method, calib, s["op_types"], s["exclude_modules"], s.get("exclude_nodes", []),
+                    onnx_io.INT8_FORMATS[precision])[:20]
 
         def make(path: Path) -> dict[str, Any]:
             feed_file = save_feeds(self.root / "feeds" / f"{name}-{digest[:20]}.npz", feeds)
             ranges = path.with_name(f"{name}{qdq.RANGES_SUFFIX}")
-            quiet = io.StringIO()  # the histogram calibrators print their progress
-            with contextlib.redirect_stdout(quiet), _quiet_exporter():
-                qdq.compute_ranges(fp32 / f"{name}.onnx", feeds, method, s.get("options"), s["op_types"], ranges)
+            with onnx_io.quiet_tools():  # the histogram calibrators print their progress
+                qdq.compute_ranges(fp32 / f"{name}.onnx", feeds, method, s.get("options"), s["op_types"], ranges,
+                                   symmetric=onnx_io.INT8_FORMATS[precision]["symmetric"])
                 info = onnx_io.quantize_int8(fp32 / f"{name}.onnx", path, feeds, s["op_types"], s["exclude_modules"],
-                                             method, s.get("exclude_nodes", []), calibration_cache=ranges)
+                                             method, s.get("exclude_nodes", []), calibration_cache=ranges,
+                                             variant=precision)
             scales = qdq.activation_scales(path)
             (path.parent / "scales.json").write_text(json.dumps(scales, indent=1))
-            return {"graph": name, "precision": "int8", "method": method, "calibrator_options": calib,
+            return {"graph": name, "precision": precision, "method": method, "calibrator_options": calib,
                     "feeds": str(feed_file.relative_to(self.root)), "feeds_sha256": digest,
                     "samples": len(feeds), **info}
 
-        return self._entry("int8", name, key8, make, built), key8
+        return self._entry(precision, name, key8, make, built), key8
 
     # ---- artifacts -----------------------------------------------------------------------
     def build(self, preset: Preset, precisions: list[str], action_mode: str, method: str = "minmax",
               label: str = "") -> BuiltConfig:
         """The artifact of ``preset`` with ``precisions`` (fp32 always), from cached graphs."""
         start = time.perf_counter()
-        precisions = ["fp32"] + [p for p in ("fp16", "int8") if p in precisions]
+        precisions = ["fp32"] + [p for p in PRECISIONS[1:] if p in precisions]
         policy, refs = self.variant(preset, 1)
         built: list[str] = []
         entries: dict[str, Path] = {}
@@ -258,14 +243,16 @@ class ArtifactBuilder:
             keys[f"fp32/{name}"] = key
             if "fp16" in precisions:
                 entries[f"fp16/{name}"], keys[f"fp16/{name}"] = self._fp16(name, fp32, key, built)
-            if "int8" in precisions:
-                if name in self.int8["graphs"]:
-                    entries[f"int8/{name}"], keys[f"int8/{name}"] = self._int8(name, fp32, key, preset, method, built)
+            for p in INT8_PRECISIONS:
+                if p not in precisions:
+                    continue
+                if name in self.int8_settings(p)["graphs"]:
+                    entries[f"{p}/{name}"], keys[f"{p}/{name}"] = self._int8(name, fp32, key, preset, method, built, p)
                 else:  # e.g. the text graph: runs once per instruction, kept FP32
-                    entries[f"int8/{name}"], keys[f"int8/{name}"] = fp32, key
+                    entries[f"{p}/{name}"], keys[f"{p}/{name}"] = fp32, key
         sigmas = list(policy.action_head.sigmas)
         config_key = _sha(preset.to_dict(), self.base.normalizer.to_dict(), self._tok_sha, action_mode, sigmas,
-                          sorted(keys.items()), method if "int8" in precisions else None)[:16]
+                          sorted(keys.items()), method if set(INT8_PRECISIONS) & set(precisions) else None)[:16]
         folder = self.root / "artifacts" / config_key
         if not (folder / "manifest.json").is_file():
             self.status("artifact")
@@ -276,7 +263,7 @@ class ArtifactBuilder:
     def _assemble(self, tmp: Path, preset: Preset, precisions: list[str], entries: dict[str, Path],
                   sigmas: list[float], action_mode: str, method: str, label: str) -> None:
         graphs: dict[str, Any] = {}
-        int8_graphs: dict[str, Any] = {}
+        int8_graphs: dict[str, dict[str, Any]] = {p: {} for p in INT8_PRECISIONS}
         for key, entry in entries.items():
             precision, name = key.split("/")
             (tmp / precision).mkdir(exist_ok=True)
@@ -287,16 +274,18 @@ class ArtifactBuilder:
             g = dict(info["entry"], precision=precision, file=f"{precision}/{info['entry']['file']}")
             g["external_data"] = [dict(x, file=f"{precision}/{x['file']}") for x in g["external_data"]]
             graphs[key] = g
-            if precision == "int8":
+            if precision in INT8_PRECISIONS:
                 scales = entry / "scales.json"
-                int8_graphs[name] = ({k: info[k] for k in ("excluded_nodes", "quantize_nodes", "samples")}
+                int8_graphs[precision][name] = ({k: info[k] for k in ("excluded_nodes", "quantize_nodes", "samples")}
                                      | {"activation_scales": json.loads(scales.read_text())}
                                      if scales.is_file() else {"kept": "fp32"})
-        if "int8" in precisions:
-            qdq.write_record(tmp / "int8", method, {"calibrator": qdq.calibrator_options(method, self.int8.get(
-                "options")), "op_types": self.int8["op_types"], "exclude_modules": self.int8["exclude_modules"],
-                "exclude_nodes": self.int8.get("exclude_nodes", [])}, int8_graphs, list(self.calibration.sources),
-                self.calibration.digest())
+        int8 = [p for p in INT8_PRECISIONS if p in precisions]
+        for p in int8:
+            s = self.int8_settings(p)
+            qdq.write_record(tmp / p, method, {"calibrator": qdq.calibrator_options(method, s.get("options")),
+                                               "op_types": s["op_types"], "exclude_modules": s["exclude_modules"],
+                                               "exclude_nodes": s.get("exclude_nodes", [])},
+                             int8_graphs[p], list(self.calibration.sources), self.calibration.digest())
         self.tokenizer.save(tmp)
         manifest = {
             "format": FORMAT_NAME,
@@ -314,8 +303,8 @@ class ArtifactBuilder:
             "engines": {},
             "toolchain": {d: version(d) for d in ("torch", "onnx", "onnxruntime")},
         }
-        if "int8" in precisions:
-            manifest["calibration"] = f"int8/{qdq.CALIBRATION_FILE}"
+        if int8:
+            manifest["calibration"] = {p: f"{p}/{qdq.CALIBRATION_FILE}" for p in int8}
         write_manifest(tmp, manifest)
 
     def checkpoint_for(self, preset: Preset) -> Path:

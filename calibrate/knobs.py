@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from vpp_edge.errors import VPPError
+from vpp_edge.export.manifest import INT8_PRECISIONS, PRECISIONS
 from vpp_edge.presets import Preset
 
-PRECISIONS = ("fp32", "fp16", "int8")
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
 ACTION_MODES = ("sampler", "step")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -67,7 +67,7 @@ def _extract_layer_check(v: Any, p: Preset) -> str | None:
 
 
 KNOBS: dict[str, Knob] = {k.name: k for k in (
-    Knob("precision", "runtime", "graph precision: fp32 | fp16 | int8 (QDQ)",
+    Knob("precision", "runtime", "graph precision: fp32 | fp16 | int8 (QDQ for TensorRT) | int8_cpu (QDQ for ONNX Runtime CPU)",
          lambda p: "fp32", _choice(PRECISIONS)),
     Knob("backend", "runtime", "engine backend: onnxruntime | torch | tensorrt (the ones installed)",
          lambda p: "onnxruntime", _choice(BACKENDS)),
@@ -118,7 +118,7 @@ def check_value(name: str, value: Any, preset: Preset, where: str = "") -> None:
 def normalize(values: dict[str, Any]) -> dict[str, Any]:
     """Knob values with the ones that do not apply blanked, so equal points compare equal."""
     out = dict(values)
-    if out.get("precision") != "int8":
+    if out.get("precision") not in INT8_PRECISIONS:
         out["calibration"] = NOT_APPLICABLE
     elif out.get("calibration") == NOT_APPLICABLE:
         raise KnobError("an INT8 point needs a calibration method")

@@ -67,9 +67,10 @@ class _Reader:
 
 
 def compute_ranges(model: str | Path, feeds: list[dict[str, np.ndarray]], method: str, options: dict[str, Any],
-                   op_types: list[str], cache: str | Path) -> Path:
+                   op_types: list[str], cache: str | Path, symmetric: bool = True) -> Path:
     """Calibrate ``model`` on ``feeds`` with ``method`` and write ONNX Runtime's calibration
-    cache (symmetric activation ranges) to ``cache``, for ``quantize_int8(calibration_cache=)``."""
+    cache (activation ranges, ``symmetric`` for TensorRT) to ``cache``, for
+    ``quantize_int8(calibration_cache=)``."""
     from onnxruntime.quantization import CalibrationMethod
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
@@ -77,7 +78,7 @@ def compute_ranges(model: str | Path, feeds: list[dict[str, np.ndarray]], method
                "percentile": CalibrationMethod.Percentile}
     if not feeds:
         raise ValueError(f"{model}: INT8 calibration needs at least one observation")
-    extra = {"symmetric": True, **calibrator_options(method, options)}
+    extra = {"symmetric": symmetric, **calibrator_options(method, options)}
     with tempfile.TemporaryDirectory(prefix="vpp-calib-") as tmp:
         calibrator = create_calibrator(Path(model), list(op_types), augmented_model_path=str(Path(tmp) / "aug.onnx"),
                                        calibrate_method=methods[method], extra_options=extra,
@@ -97,7 +98,9 @@ def _array(init: onnx.TensorProto, base: Path) -> np.ndarray:
 
 def activation_scales(path: str | Path) -> dict[str, dict[str, Any]]:
     """``{tensor: {"scale", "zero_point", "range"}}`` of every QuantizeLinear in a QDQ graph
-    (the activations: quantized weights are stored already quantized, without one)."""
+    (the activations: quantized weights are stored already quantized, without one).
+    ``range`` is the float interval [low, high] the integer type covers: [-127, 127] * scale
+    for symmetric int8 (TensorRT's), [0 - zp, 255 - zp] * scale for uint8 with zero point zp."""
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
     inits = {i.name: i for i in model.graph.initializer}
@@ -107,9 +110,11 @@ def activation_scales(path: str | Path) -> dict[str, dict[str, Any]]:
             continue
         scale = _array(inits[node.input[1]], path.parent).astype(np.float64)
         zero = _array(inits[node.input[2]], path.parent) if len(node.input) > 2 and node.input[2] in inits else None
+        low, high = (0.0 - zero, 255.0 - zero) if zero is not None and zero.dtype == np.uint8 else (-127.0, 127.0)
+        span = [(low * scale).tolist(), (high * scale).tolist()]
         entry: dict[str, Any] = {"scale": scale.tolist(),
                                  "zero_point": None if zero is None else zero.tolist(),
-                                 "range": (scale * 127.0).tolist()}  # symmetric int8: |x| <= 127 * scale
+                                 "range": span}
         out[node.input[0]] = entry
     return out
 

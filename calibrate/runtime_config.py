@@ -8,7 +8,7 @@ numpy/YAML only (the robot side imports this). Schema (format version 1)::
     format_version: 1
     artifact: recommended/artifact   # export artifact folder; relative paths are relative to this file
     backend: onnxruntime             # auto | onnxruntime | torch | tensorrt: what was measured
-    precision: int8                  # fp32 | fp16 | int8: graphs of the artifact to run
+    precision: int8                  # fp32 | fp16 | int8 | int8_cpu: graphs of the artifact to run
     threads: 2                       # CPU threads the measurement used (0: the backend's choice)
     knobs: {...}                     # informational: every knob of the chosen point
     measured: {...}                  # informational: latency (ms), errors, memory (MB) as measured
@@ -29,11 +29,11 @@ from typing import Any
 import yaml
 
 from vpp_edge.errors import VPPError
+from vpp_edge.export.manifest import PRECISIONS, ArtifactError, read_manifest
 
 FORMAT_NAME = "vpp-edge-runtime-config"
 FORMAT_VERSION = 1
 BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8")
 _KEYS = {"format", "format_version", "artifact", "backend", "precision", "threads", "knobs", "measured", "sweep"}
 
 
@@ -75,8 +75,6 @@ def write_runtime_config(path: str | Path, config: RuntimeConfig) -> Path:
 
 def load_runtime_config(path: str | Path) -> RuntimeConfig:
     """Read and check a runtime config; the artifact must exist and hold the precision."""
-    from vpp_edge.export.manifest import ArtifactError, read_manifest
-
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))

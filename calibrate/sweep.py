@@ -247,7 +247,7 @@ class PointRunner:
 
         v = point.values
         preset = K.model_preset(self.policy.preset, v)
-        method = v["calibration"] if v["precision"] == "int8" else "minmax"
+        method = v["calibration"] if v["precision"] in K.INT8_PRECISIONS else "minmax"
         built = self.builder.build(preset, precisions, v["action_mode"], method, point.label)
         m = self.spec["measure"]
         job = {"artifact": str(built.artifact), "backend": v["backend"], "precision": v["precision"],

@@ -3,7 +3,7 @@
     <artifact>/manifest.json      graphs (and later engines) with hashes and IO specs
     <artifact>/parity.json, .md   every parity figure and gate verdict
     <artifact>/tokenizer.json     the instruction tokenizer (tokenizers library)
-    <artifact>/{fp32,fp16,int8}/  text, tvp, former, action_context, action_step, action_sampler .onnx
+    <artifact>/{fp32,fp16,int8,int8_cpu}/  text, tvp, former, action_context, action_step, action_sampler .onnx
 
 Everything is written into a temporary sibling folder and renamed into place at the
 end: a failed gate, a full disk or Ctrl-C leaves no half-written artifact.
@@ -36,7 +36,7 @@ from vpp_edge.training.models.policy import VPPPolicy
 
 from . import onnx_io
 from .graphs import GRAPHS, reference_run
-from .manifest import FORMAT_NAME, FORMAT_VERSION, PRECISIONS, read_manifest, write_manifest
+from .manifest import FORMAT_NAME, FORMAT_VERSION, INT8_PRECISIONS, PRECISIONS, read_manifest, write_manifest
 from .parity import ParityError, compare, passes, summary_table, worst
 
 log = logging.getLogger(__name__)
@@ -153,10 +153,11 @@ def export_artifact(policy: VPPPolicy, tokenizer: InstructionTokenizer, out: str
     out = Path(out)
     precisions = [p for p in PRECISIONS if p in opts["precisions"]]
     n_parity = int(opts["parity_samples"])
-    n_calib = int(opts["calibration_samples"]) if "int8" in precisions else 0
+    int8 = [p for p in precisions if p in INT8_PRECISIONS]
+    n_calib = int(opts["calibration_samples"]) if int8 else 0
     if n_parity < 1:
         raise VPPError("parity_samples must be at least 1")
-    if "int8" in precisions and n_calib < 1:
+    if int8 and n_calib < 1:
         raise VPPError("INT8 needs calibration_samples >= 1 (an empty calibration set cannot set scales)")
     policy = policy.eval()
     threads = torch.get_num_threads()
@@ -203,18 +204,19 @@ def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, 
     action_mode = min(mode_ms, key=mode_ms.get)
     advance(f"action head: {action_mode} wins")
 
-    quant_info = {}
+    int8 = [p for p in precisions if p in INT8_PRECISIONS]
+    quant_info: dict[str, dict[str, Any]] = {p: {} for p in int8}
     for precision in precisions[1:]:
         for name in GRAPHS:
             src, dst = paths["fp32"][name], tmp / precision / f"{name}.onnx"
             bar.set_description(f"{precision}/{name}")
             if precision == "fp16":
                 onnx_io.convert_fp16(src, dst, opts["fp16"]["keep_fp32_ops"])
-            elif name in opts["int8"]["graphs"]:
+            elif name in opts[precision]["graphs"]:
                 feeds = [_feeds(name, r) for r in calib_refs]
-                quant_info[name] = onnx_io.quantize_int8(src, dst, feeds, opts["int8"]["op_types"],
-                                                         opts["int8"]["exclude_modules"],
-                                                         opts["int8"]["calibration"])
+                quant_info[precision][name] = onnx_io.quantize_int8(
+                    src, dst, feeds, opts[precision]["op_types"], opts[precision]["exclude_modules"],
+                    opts["int8"]["calibration"], variant=precision)
             else:  # e.g. the text graph: runs once per instruction, kept FP32
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 for f in [src, *onnx_io.external_files(src)]:
@@ -222,13 +224,14 @@ def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, 
             paths[precision][name] = dst
             advance(f"{precision}/{name}")
         sessions[precision] = {n: onnx_io.session(p, threads) for n, p in paths[precision].items()}
-    if "int8" in precisions:  # calibration record + activation scales beside the INT8 graphs
+    for precision in int8:  # calibration record + activation scales beside the INT8 graphs
         from vpp_edge.calibrate.dataset import ObservationSet
         from vpp_edge.calibrate.qdq import activation_scales, write_record
 
-        write_record(tmp / "int8", opts["int8"]["calibration"],
-                     {k: opts["int8"][k] for k in ("op_types", "exclude_modules")},
-                     {n: {**q, "activation_scales": activation_scales(paths["int8"][n])} for n, q in quant_info.items()},
+        write_record(tmp / precision, opts["int8"]["calibration"],
+                     {k: opts[precision][k] for k in ("op_types", "exclude_modules")},
+                     {n: {**q, "activation_scales": activation_scales(paths[precision][n])}
+                      for n, q in quant_info[precision].items()},
                      [o.source for o in obs[n_parity:]], ObservationSet.from_observations(obs[n_parity:]).digest())
 
     report: dict[str, Any] = {
@@ -244,8 +247,8 @@ def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, 
         bar.set_description(f"parity {precision}")
         report["precisions"][precision] = evaluate_precision(precision, sessions[precision], refs, sigmas, action_mode,
                                                     scale, offset, opts["gates"])
-    if "int8" in precisions:
-        report["precisions"]["int8"]["quantization"] = quant_info
+    for precision in int8:
+        report["precisions"][precision]["quantization"] = quant_info[precision]
     advance("parity checked")
     bar.close()
 

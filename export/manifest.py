@@ -18,7 +18,9 @@ from vpp_edge.files import read_json
 MANIFEST_FILE = "manifest.json"
 FORMAT_NAME = "vpp-edge-artifact"
 FORMAT_VERSION = 1
-PRECISIONS = ("fp32", "fp16", "int8")
+# int8: Q/DQ graphs for TensorRT; int8_cpu: Q/DQ graphs for ONNX Runtime's CPU kernels.
+PRECISIONS = ("fp32", "fp16", "int8", "int8_cpu")
+INT8_PRECISIONS = ("int8", "int8_cpu")
 
 
 class ArtifactError(VPPError):

@@ -6,8 +6,10 @@ import contextlib
 import io
 import logging
 import re
+import tempfile
+import warnings
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -25,6 +27,26 @@ class ExportError(VPPError):
     """A graph could not be exported, checked or converted."""
 
 
+@contextlib.contextmanager
+def quiet_tools() -> Iterator[None]:
+    """The exporter, onnxscript's passes and ONNX Runtime's quantizer/FP16 converter report
+    every pass at INFO (torch.onnx also warns that torchvision is absent, the quantizer
+    advises pre-processing on the root logger): ERROR only while they run, the progress
+    bar says what is being done instead."""
+    loggers = [logging.getLogger(n) for n in ("onnxscript", "onnx_ir", "torch.onnx", "onnxruntime", "")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def export_onnx(module, args: tuple, input_names: Sequence[str], output_names: Sequence[str], path: Path,
                 opset: int) -> None:
     """Export ``module`` with torch's ONNX exporter (static shapes), then check it by path."""
@@ -33,7 +55,7 @@ def export_onnx(module, args: tuple, input_names: Sequence[str], output_names: S
     path.parent.mkdir(parents=True, exist_ok=True)
     quiet = io.StringIO()
     try:
-        with torch.no_grad(), contextlib.redirect_stdout(quiet):
+        with torch.no_grad(), quiet_tools(), contextlib.redirect_stdout(quiet):
             program = torch.onnx.export(module.eval(), args, input_names=list(input_names),
                                         output_names=list(output_names), dynamo=True, opset_version=opset,
                                         verbose=False, optimize=True)
@@ -131,8 +153,9 @@ def convert_fp16(src: Path, dst: Path, keep_fp32_ops: Sequence[str]) -> None:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.load(str(src))
-    model16 = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(keep_fp32_ops),
-                                       disable_shape_infer=False)
+    with quiet_tools():
+        model16 = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(keep_fp32_ops),
+                                           disable_shape_infer=False)
     _drop_duplicate_nodes(model16.graph)
     _toposort(model16.graph)  # the converter appends some Cast nodes after their consumers
     _save(model16, dst)
@@ -194,11 +217,42 @@ class _Feeds:
         pass
 
 
+# How each INT8 variant is quantised, per engine that runs it. Weights are always int8,
+# symmetric, per output channel.
+INT8_FORMATS = {
+    # TensorRT's explicit quantisation: symmetric int8 activations (zero point 0).
+    "int8": {"activation": "QInt8", "symmetric": True, "ort_fusions": False},
+    # ONNX Runtime's CPU kernels (U8S8, VNNI where the CPU has it): uint8 activations with a
+    # zero point, on a graph with ONNX Runtime's contrib fusions (attention, gelu, norms).
+    "int8_cpu": {"activation": "QUInt8", "symmetric": False, "ort_fusions": True},
+}
+
+
+def fuse_for_onnxruntime(src: Path, dst: Path) -> dict[str, int]:
+    """ONNX Runtime contrib-op fusions of onnxscript (SDPA -> MultiHeadAttention, Gelu,
+    SkipLayerNormalization): the graph then runs on ONNX Runtime only. Returns the fusion
+    counts. InstanceNormalization -> GroupNorm (optimize_for_ort's last step) is left out
+    on purpose: ONNX Runtime has no CPU kernel for GroupNorm."""
+    import onnx_ir as ir
+    from onnxscript.rewriter import rewrite
+    from onnxscript.rewriter.ort_fusions import _core, fused_matmul_rule_sets, softmax
+
+    model = ir.load(str(src))
+    with quiet_tools():
+        model, counts = _core.fuse_xformers(model)
+        rewrite(model, [*softmax.rules.rules, *fused_matmul_rule_sets.fused_matmul_rule_sets()])
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    large = src.stat().st_size + sum(p.stat().st_size for p in external_files(src)) >= TWO_GB
+    ir.save(model, str(dst), external_data=f"{dst.name}.data" if large else None)
+    check(dst)
+    return {k: v for k, v in counts.items() if v}
+
+
 def quantize_int8(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]], op_types: Sequence[str],
                   exclude_modules: Sequence[str], method: str, exclude_nodes: Sequence[str] = (),
-                  calibration_cache: Path | None = None) -> dict:
-    """Explicit (QDQ) INT8: symmetric int8 weights per channel and activations, as TensorRT
-    expects; returns what was excluded. Calibration feeds are real observations.
+                  calibration_cache: Path | None = None, variant: str = "int8") -> dict:
+    """Explicit (QDQ) INT8 in the format of ``variant`` (see :data:`INT8_FORMATS`): per-channel
+    int8 weights, activations calibrated on real observations; returns what was excluded.
     ``exclude_nodes``: node-name regexes also kept in float. ``calibration_cache``: ONNX
     Runtime's JSON of activation ranges: read instead of calibrating when it exists,
     else written."""
@@ -208,8 +262,11 @@ def quantize_int8(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]
                "percentile": CalibrationMethod.Percentile}
     if method not in methods:
         raise ExportError(f"INT8 calibration '{method}' unknown; allowed: {sorted(methods)}")
+    if variant not in INT8_FORMATS:
+        raise ExportError(f"INT8 variant '{variant}' unknown; allowed: {sorted(INT8_FORMATS)}")
     if not calibration and not (calibration_cache and Path(calibration_cache).is_file()):
         raise ExportError(f"{src.name}: INT8 calibration needs at least one observation")
+    fmt = INT8_FORMATS[variant]
     excluded = nodes_matching(src, exclude_modules, op_types)
     if exclude_nodes:
         rx = [re.compile(p) for p in exclude_nodes]
@@ -218,21 +275,21 @@ def quantize_int8(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]
                      if n.name not in excluded and any(r.search(n.name) for r in rx)]
     dst.parent.mkdir(parents=True, exist_ok=True)
     large = src.stat().st_size + sum(p.stat().st_size for p in external_files(src)) >= TWO_GB
-    # No ORT pre-processing on purpose: its fusions are ORT-specific and TensorRT builds from
-    # these graphs; the quantizer's root-logger advice about it is silenced.
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        quantize_static(str(src), str(dst), _Feeds(calibration), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=list(op_types), per_channel=True, weight_type=QuantType.QInt8,
-                        activation_type=QuantType.QInt8, nodes_to_exclude=excluded,
-                        calibrate_method=methods[method], use_external_data_format=large,
-                        calibration_cache_path=calibration_cache,
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
-    finally:
-        root.setLevel(level)
+    info: dict = {}
+    with contextlib.ExitStack() as stack:
+        if fmt["ort_fusions"]:  # the fusions keep node names, so the exclusions above still apply
+            fused = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vpp-fuse-"))) / src.name
+            info["fusions"] = fuse_for_onnxruntime(src, fused)
+            src = fused
+        # No ORT pre-processing for TensorRT's graphs: its fusions are ORT-specific.
+        with quiet_tools():
+            quantize_static(str(src), str(dst), _Feeds(calibration), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=list(op_types), per_channel=True, weight_type=QuantType.QInt8,
+                            activation_type=getattr(QuantType, fmt["activation"]), nodes_to_exclude=excluded,
+                            calibrate_method=methods[method], use_external_data_format=large,
+                            calibration_cache_path=calibration_cache,
+                            extra_options={"ActivationSymmetric": fmt["symmetric"], "WeightSymmetric": True})
     check(dst)
     model = onnx.load(str(dst), load_external_data=False)
     n_q = sum(1 for n in model.graph.node if n.op_type == "QuantizeLinear")
-    return {"excluded_nodes": len(excluded), "quantize_nodes": n_q}
+    return {"excluded_nodes": len(excluded), "quantize_nodes": n_q, **info}

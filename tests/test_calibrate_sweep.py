@@ -31,7 +31,7 @@ def swept(tmp_path_factory):
         "measure": {"warmup": 1, "repeats": 2, "threads": 2},
         "int8": {"graphs": ["tvp", "former"]},  # the two that calibrate on camera features
         "recommend": {"tolerance": {"action_mse": 1e-3, "action_max_abs": 0.1}},
-        "grid": [{"precision": ["fp32", "int8"]}, {"tvp_timesteps": [10]}],
+        "grid": [{"precision": ["fp32", "int8", "int8_cpu"]}, {"tvp_timesteps": [10]}],
     }, "micro-sweep")
     out = root / "out"
     outcome = run_sweep(spec, out, progress=False, available_backends=["onnxruntime"])
@@ -42,16 +42,20 @@ def swept(tmp_path_factory):
 def test_sweep_measures_every_point_and_reuses_graphs(swept):
     spec, out, outcome = swept
     rows = {r["label"]: r for r in outcome.rows}
-    assert set(rows) == {"fp32", "int8", "fp32 tvp_timesteps=10"} and all(r["status"] == "ok" for r in rows.values())
+    assert set(rows) == {"fp32", "int8", "int8_cpu", "fp32 tvp_timesteps=10"}
+    assert all(r["status"] == "ok" for r in rows.values())
     # FP32 ONNX Runtime reproduces the PyTorch reference; INT8 does not, exactly
     assert rows["fp32"]["action_mse"] < 1e-10 and rows["fp32"]["feature_cosine_min"] > 0.99999
-    assert 0 < rows["int8"]["action_max_abs"] < 0.25 and rows["int8"]["feature_cosine_min"] < 1.0
+    for int8 in ("int8", "int8_cpu"):
+        assert 0 < rows[int8]["action_max_abs"] < 0.25 and rows[int8]["feature_cosine_min"] < 1.0
     for r in rows.values():
         assert 0 < r["tvp_p50_ms"] <= r["tvp_p99_ms"] and r["total_p50_ms"] >= r["tvp_p50_ms"]
         assert r["peak_rss_mb"] > r["engine_rss_mb"] > 0 and r["latency_repeats"] == 2
     # graphs are cached by what they compute: the scheduler-steps variant (same first noise
-    # level with Karras sigmas) exports nothing, the INT8 point only quantizes
-    assert len(rows["fp32"]["built"]) == 6 and rows["int8"]["built"] == ["int8/tvp", "int8/former"]
+    # level with Karras sigmas) exports nothing, the INT8 points only quantize
+    # (the two INT8 points share one artifact; int8_cpu quantizes the TVP only: export/defaults.yaml)
+    assert len(rows["fp32"]["built"]) == 6
+    assert sorted(rows["int8"]["built"] + rows["int8_cpu"]["built"]) == ["int8/former", "int8/tvp", "int8_cpu/tvp"]
     assert rows["fp32 tvp_timesteps=10"]["built"] == []
     assert rows["fp32 tvp_timesteps=10"]["action_mse"] == rows["fp32"]["action_mse"]
     # calibration record and QDQ scales saved with the INT8 artifact
@@ -59,11 +63,14 @@ def test_sweep_measures_every_point_and_reuses_graphs(swept):
                         .read_text())
     assert record["method"] == "minmax" and len(record["observations"]) == 2
     scales = record["graphs"]["tvp"]["activation_scales"]
-    assert scales and all(s["scale"] and np.all(np.asarray(s["range"]) > 0) for s in scales.values())
+    assert scales and all(s["scale"] and s["range"][0] < 0 < s["range"][1] for s in scales.values())
     assert record["graphs"]["text"] == record["graphs"]["action_sampler"] == {"kept": "fp32"}
+    record = json.loads((out / "cache" / "artifacts" / rows["int8_cpu"]["config"] / "int8_cpu" / "calibration.json")
+                        .read_text())
+    assert record["options"]["op_types"] == ["Conv"] and set(record["graphs"]["tvp"]["activation_scales"])
     # resuming a finished sweep measures nothing
     again = run_sweep(spec, out, progress=False, available_backends=["onnxruntime"])
-    assert again.measured_now == 0 and len(again.rows) == 3
+    assert again.measured_now == 0 and len(again.rows) == 4
 
 
 @pytest.mark.slow
@@ -78,7 +85,7 @@ def test_report_recommendation_runs_on_the_runtime(swept):
     spec, out, outcome = swept
     report = write_report(out, spec, outcome.rows, K.base_values(base_preset(spec, None)), 1.0, "", "untrained")
     pick = next(r for r in outcome.rows if r["id"] == report["recommended"])
-    assert pick["label"] in ("fp32", "int8", "fp32 tvp_timesteps=10")
+    assert pick["label"] in ("fp32", "int8", "int8_cpu", "fp32 tvp_timesteps=10")
     assert report["recommended"] in report["frontier"]
     config = load_runtime_config(out / "recommended.yaml")
     artifact = Artifact.open(config.artifact)

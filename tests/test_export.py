@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 def test_artifact_is_complete_and_self_describing(exported, tiny_preset):
     out, manifest = exported
     assert read_manifest(out) == manifest
-    assert set(manifest["graphs"]) == {f"{p}/{g}" for p in ("fp32", "fp16", "int8") for g in GRAPHS}
+    assert set(manifest["graphs"]) == {f"{p}/{g}" for p in ("fp32", "fp16", "int8", "int8_cpu") for g in GRAPHS}
     for key, entry in manifest["graphs"].items():
         assert verify_entry(out, key, entry).is_file()
         assert entry["opset"] >= 17
@@ -40,6 +40,7 @@ def test_artifact_is_complete_and_self_describing(exported, tiny_preset):
     assert all(section["passed"] for section in report["precisions"].values())
     assert report["precisions"]["fp32"]["actions"]["cosine"] >= 0.9999
     assert report["precisions"]["int8"]["quantization"]["tvp"]["quantize_nodes"] > 0
+    assert report["precisions"]["int8_cpu"]["quantization"]["tvp"]["fusions"]["sdpa"] > 0
     assert "| fp16 | **action chunk** |" in (out / "parity.md").read_text()
 
 
@@ -51,11 +52,46 @@ def test_graphs_are_deterministic_and_quantised_as_asked(exported):
         assert not ops & {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial"}
         if key.startswith("int8/") and not key.endswith("/text"):
             assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+        if key.startswith("int8_cpu/") and key != "int8_cpu/tvp":  # only the TVP is quantised for CPUs
+            assert manifest["graphs"][key]["sha256"] == manifest["graphs"][key.replace("int8_cpu", "fp32")]["sha256"]
         if key == "fp32/tvp":
             assert {"LayerNormalization", "Softmax", "MatMul"} <= ops  # native norms; attention as MatMul-Softmax
     int8_tvp = onnx.load(str(out / "int8/tvp.onnx"))
     zero_points = [numpy_helper.to_array(i) for i in int8_tvp.graph.initializer if i.name.endswith("zero_point")]
     assert zero_points and all(np.all(z == 0) for z in zero_points), "symmetric, as TensorRT expects"
+
+
+def test_cpu_int8_is_in_onnx_runtime_cpu_format(exported):
+    """int8_cpu: uint8 activations with zero points and int8 per-channel weights, on the
+    convolutions only, over ONNX Runtime's fused attention; the VAE's first convolution is
+    quantised (it reads the 8-bit image), the UNet's is not."""
+    out, _ = exported
+    model = onnx.load(str(out / "int8_cpu/tvp.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    ops = {n.op_type for n in model.graph.node}
+    assert "MultiHeadAttention" in ops and "Softmax" not in ops  # every attention fused
+    assert "com.microsoft" in {o.domain for o in model.opset_import}
+    activations = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert activations and all(inits[n.input[2]].dtype == np.uint8 for n in activations)
+    stored = [inits[n.input[0]] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert {a.dtype for a in stored} == {np.dtype(np.int8), np.dtype(np.int32)}  # weights, biases
+    weights = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None
+               and inits[n.input[0]].dtype == np.int8]
+    assert all(inits[n.input[1]].size == inits[n.input[0]].shape[0] > 1 for n in weights)  # per output channel
+    assert {c.op_type for n in weights for c in consumers[n.output[0]]} == {"Conv"}  # convolutions only
+    convs = {onnx_io.module_path(n): n for n in model.graph.node if n.op_type == "Conv"}
+    is_quantized = {path: n.input[1] in producer and producer[n.input[1]].op_type == "DequantizeLinear"
+                    for path, n in convs.items()}
+    assert is_quantized["policy.tvp.vae.encoder.conv_in"] and not is_quantized["policy.tvp.unet.conv_in"]
+    assert sum(is_quantized.values()) > len(is_quantized) // 2
+    record = json.loads((out / "int8_cpu" / "calibration.json").read_text())
+    scales = record["graphs"]["tvp"]["activation_scales"]
+    assert record["options"]["op_types"] == ["Conv"] and all(s["range"][0] <= 0 < s["range"][1] for s in scales.values())
 
 
 def test_onnx_chain_reproduces_pytorch_on_new_observations(exported, tiny_policy, tiny_preset):
@@ -146,6 +182,8 @@ def test_bad_export_options_are_clear(tmp_path):
         onnx_io.quantize_int8(tmp_path / "x.onnx", tmp_path / "y.onnx", [], ["MatMul"], [], "minmax")
     with pytest.raises(onnx_io.ExportError, match="calibration 'magic' unknown"):
         onnx_io.quantize_int8(tmp_path / "x.onnx", tmp_path / "y.onnx", [{}], ["MatMul"], [], "magic")
+    with pytest.raises(onnx_io.ExportError, match=r"INT8 variant 'int4' unknown; allowed: \['int8', 'int8_cpu'\]"):
+        onnx_io.quantize_int8(tmp_path / "x.onnx", tmp_path / "y.onnx", [{}], ["MatMul"], [], "minmax", variant="int4")
 
 
 def test_empty_calibration_set_is_refused(tiny_policy, tmp_path):

@@ -42,7 +42,7 @@ def test_onnxruntime_matches_the_pytorch_backend(exported, checkpoint):
     assert set(ort.timings_ms) == {"tvp", "former", "action_head"}
 
 
-@pytest.mark.parametrize("precision", ["fp16", "int8"])
+@pytest.mark.parametrize("precision", ["fp16", "int8", "int8_cpu"])
 def test_lower_precisions_stay_close(exported, precision):
     artifact = Artifact.open(exported[0])
     out = {}

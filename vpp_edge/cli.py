@@ -374,7 +374,7 @@ def _add_run_args(p: argparse.ArgumentParser, duration: float) -> None:
     p.add_argument("--artifact", type=Path, default=Path("artifacts/tiny"), help="export artifact (default artifacts/tiny)")
     p.add_argument("--robot", default="sim", help="runtime robot config (limits, rates): sim, panda, xarm_xhand or a YAML")
     p.add_argument("--backend", default="auto", help="auto | tensorrt | onnxruntime | torch")
-    p.add_argument("--precision", help="fp32 | fp16 | int8 (default: the backend's)")
+    p.add_argument("--precision", help="fp32 | fp16 | int8 | int8_cpu (default: the backend's)")
     p.add_argument("--cameras", default="replay", metavar="SPEC",
                    help="replay | replay-dali | v4l2:DEV[,DEV] | dali:DEV[,DEV] (one device per view, "
                         "e.g. dali:/dev/video0,/dev/video2; default replay)")
@@ -463,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_weight_args(p)
     p.add_argument("--out", type=Path, help="artifact folder (default artifacts/<preset>)")
     p.add_argument("--config", type=Path, help="YAML overriding export/defaults.yaml (gates, FP16/INT8 options)")
-    p.add_argument("--precisions", help="comma list from fp32,fp16,int8 (default all)")
+    p.add_argument("--precisions", help="comma list from fp32,fp16,int8,int8_cpu (default all)")
     p.add_argument("--parity-samples", type=int, help="held-out observations for the gates")
     p.add_argument("--calibration-samples", type=int, help="observations for INT8 calibration")
     p.add_argument("--calibration-data", type=Path, nargs="+", metavar="DIR",
