@@ -84,6 +84,11 @@ def external_files(path: Path) -> list[Path]:
     return [path.parent / n for n in sorted(names)]
 
 
+def _is_large(path: Path) -> bool:
+    """Whether a model with its external data reaches protobuf's 2 GB limit."""
+    return path.stat().st_size + sum(p.stat().st_size for p in external_files(path)) >= TWO_GB
+
+
 def graph_entry(path: Path, root: Path, precision: str, opset: int) -> dict:
     """Manifest entry: file hash, external data, precision, opset, IO names/shapes/dtypes."""
     model = onnx.load(str(path), load_external_data=False)
@@ -242,8 +247,7 @@ def fuse_for_onnxruntime(src: Path, dst: Path) -> dict[str, int]:
         model, counts = _core.fuse_xformers(model)
         rewrite(model, [*softmax.rules.rules, *fused_matmul_rule_sets.fused_matmul_rule_sets()])
     dst.parent.mkdir(parents=True, exist_ok=True)
-    large = src.stat().st_size + sum(p.stat().st_size for p in external_files(src)) >= TWO_GB
-    ir.save(model, str(dst), external_data=f"{dst.name}.data" if large else None)
+    ir.save(model, str(dst), external_data=f"{dst.name}.data" if _is_large(src) else None)
     check(dst)
     return {k: v for k, v in counts.items() if v}
 
@@ -274,7 +278,7 @@ def quantize_int8(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]
         excluded += [n.name for n in model.graph.node
                      if n.name not in excluded and any(r.search(n.name) for r in rx)]
     dst.parent.mkdir(parents=True, exist_ok=True)
-    large = src.stat().st_size + sum(p.stat().st_size for p in external_files(src)) >= TWO_GB
+    large = _is_large(src)
     info: dict = {}
     with contextlib.ExitStack() as stack:
         if fmt["ort_fusions"]:  # the fusions keep node names, so the exclusions above still apply
