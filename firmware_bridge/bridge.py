@@ -207,6 +207,7 @@ class Bridge:
             elif cmd.command == P.Command.HOLD.value:
                 self._target = self._interp.p.copy()
                 self.mode = "hold" if self._estop is None else self.mode
+                self._event("hold", "by command: setpoint is the current position")
             elif cmd.command == P.Command.ENABLE.value:
                 ok = self._estop is None
                 reason = "" if ok else "e-stop latched; send 'reset' first"

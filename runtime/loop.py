@@ -204,10 +204,7 @@ class Runtime:
         for event in events:
             self.metrics.count(f"bridge_{event.kind}")
             self.metrics.record("bridge_event", kind=event.kind, detail=event.detail)
-            if event.kind == "estop":
-                self.safety.estop("bridge e-stop")
-            elif event.kind == "rejected":
-                self.safety.resync()
+            self.safety.bridge_event(event.kind)
         if state is not None:
             self.safety.robot_target(state.target)
             if state.estopped:

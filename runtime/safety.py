@@ -27,6 +27,12 @@ class Verdict:
     events: tuple[str, ...]
 
 
+# Bridge events after which the bridge's setpoint is no longer the runtime's last action:
+# it refused one, or it put its setpoint where the robot is (watchdog hold/stop, a hold
+# command, an e-stop reset). Rate limits must then start from the bridge's target again.
+RESYNC_EVENTS = frozenset({"rejected", "watchdog_hold", "watchdog_stop", "hold", "reset"})
+
+
 class SafetyGate:
     """Checks and clamps actions; owns the watchdog and the e-stop latch."""
 
@@ -46,9 +52,17 @@ class SafetyGate:
         self._robot_target = np.asarray(target, np.float64)
 
     def resync(self) -> None:
-        """The robot refused an action: rate-limit the next one from the robot's target again."""
+        """The robot's setpoint moved away from our last action: rate-limit the next one from
+        the robot's target again."""
         self._last_safe = None
         self.counts["resync"] += 1
+
+    def bridge_event(self, kind: str) -> None:
+        """React to an event of the bridge: latch its e-stop, resync after :data:`RESYNC_EVENTS`."""
+        if kind == "estop":
+            self.estop("bridge e-stop")
+        elif kind in RESYNC_EVENTS:
+            self.resync()
 
     # --- e-stop latch --------------------------------------------------------------
     def estop(self, reason: str) -> None:

@@ -113,6 +113,29 @@ def test_absolute_dims_start_from_the_robots_target_and_resync_after_a_refusal()
     assert gate.counts["resync"] == 1
 
 
+@pytest.mark.parametrize("event", ["rejected", "watchdog_hold", "watchdog_stop", "hold", "reset"])
+def test_fingers_follow_the_bridge_after_it_moves_its_setpoint(event):
+    """A starved runtime makes the bridge hold: its setpoint becomes where the hand is, not
+    the runtime's last target. The next finger action must ramp from there, or the bridge
+    refuses it as too large a step."""
+    gate = SafetyGate(load_robot_config("xarm_xhand"))
+    cfg = gate.cfg
+    gate.absolute = np.arange(18) >= 6
+    gate.fresh_chunk(0.0)
+    wanted = np.concatenate([np.zeros(6), cfg.low[6:] + 0.8 * (cfg.high[6:] - cfg.low[6:])])
+    assert np.allclose(gate.filter(wanted, 0.01).action, wanted)  # no robot target yet: nothing to ramp from
+    robot = np.concatenate([np.zeros(6), cfg.low[6:] + 0.2 * (cfg.high[6:] - cfg.low[6:])])  # the hand lagged
+    gate.robot_target(robot)
+    assert np.allclose(gate.filter(wanted, 0.02).action, wanted), "without an event: from our last action"
+    gate.bridge_event(event)
+    after = gate.filter(wanted, 0.03).action
+    assert np.all(np.abs(after[6:] - robot[6:]) <= cfg.delta[6:] + 1e-12) and gate.counts["resync"] == 1
+    gate.bridge_event("tracking")  # not every event moves the setpoint
+    assert gate.counts["resync"] == 1 and not gate.estopped
+    gate.bridge_event("estop")
+    assert gate.estopped
+
+
 def test_watchdog_holds_then_stops(gate):
     assert gate.mode(0.0) is Mode.HOLD, "nothing moves before the first chunk"
     gate.fresh_chunk(1.0)
