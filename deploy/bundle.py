@@ -1,7 +1,8 @@
 """The deployment bundle: what the robot gets, as one folder with a checksum manifest.
 
     code/vpp_edge/...          the runtime code (no training/export-to-ONNX code, no torch)
-    artifact/...               the export artifact (ONNX graphs, manifest, tokenizer), engines excluded
+    artifact/...               the export artifact (manifest, tokenizer, the ONNX precisions the
+                               target runs: see shipped_precisions), engines excluded
     units/*.service            rendered systemd units
     config/deploy.json         the settings the target-side agent reads
     bin/vpp, bin/vpp-agent     launchers that put this release's code on PYTHONPATH
@@ -29,7 +30,8 @@ from string import Template
 from typing import Any
 
 from vpp_edge import __version__
-from vpp_edge.export.manifest import read_manifest
+from vpp_edge.export.manifest import MANIFEST_FILE, read_manifest
+from vpp_edge.export.tensorrt_build import ENGINE_SOURCES
 from vpp_edge.files import atomic_dir
 
 from .checksums import BUNDLE_FILE, SUMS_FILE, BundleError, bundle_id, manifest_text, sha256_file, sums_text
@@ -68,8 +70,10 @@ class Bundle:
     artifact: Path | None = None  # source folder of the artifact/ entries
 
     def artifact_files(self) -> list[str]:
-        """Artifact paths relative to the artifact folder (rsync --files-from)."""
-        return sorted(p[len(ARTIFACT_DIR):] for p in self.files if p.startswith(ARTIFACT_DIR))
+        """Paths, relative to the artifact folder, of the artifact files sent as they are
+        (rsync --files-from); the shipped manifest is generated and travels in the bundle."""
+        return sorted(p[len(ARTIFACT_DIR):] for p, f in self.files.items()
+                      if p.startswith(ARTIFACT_DIR) and f.source is not None)
 
     @property
     def id(self) -> str:
@@ -155,18 +159,46 @@ def find_lock_file() -> Path:
     raise BundleError("requirements/lock.txt not found beside the vpp-edge sources (run from the repository)")
 
 
-def add_artifact(bundle: Bundle, artifact: Path) -> None:
-    """Every artifact file except engines; graph files must match the artifact manifest
-    (a file changed after export fails here, before anything is uploaded)."""
+def shipped_precisions(cfg: dict[str, Any]) -> list[str] | None:
+    """The artifact's ONNX precision folders the target needs (None: every one).
+
+    ``artifact_precisions`` when set (``all``: every one); else fp32 (ONNX Runtime's
+    fallback and the source of FP16 engines), the sources of the TensorRT engines built
+    there, and the precisions the runtime and the self-test ask for. At paper scale each
+    folder left home is gigabytes the robot's disk does not hold for nothing."""
+    chosen = cfg["artifact_precisions"]
+    if chosen == "all":
+        return None
+    if chosen is not None:
+        if not isinstance(chosen, list) or not all(isinstance(p, str) for p in chosen):
+            raise BundleError(f"artifact_precisions must be null, 'all' or a list of precisions, got {chosen!r}")
+        return sorted(set(chosen))
+    wanted = {"fp32", *(ENGINE_SOURCES.get(p, p) for p in cfg["engines"]["precisions"])}
+    wanted |= {p for p in (cfg["runtime"]["precision"], cfg["selftest"]["precision"]) if p}
+    return sorted(wanted)
+
+
+def add_artifact(bundle: Bundle, artifact: Path, precisions: list[str] | None = None) -> None:
+    """The artifact without engines (built on the target) and with only ``precisions``' ONNX
+    folders (None: all), under a manifest that lists what is shipped. Graph files must match
+    the artifact manifest (a file changed after export fails here, before anything is uploaded)."""
     manifest = read_manifest(artifact)
+    available = sorted({key.split("/")[0] for key in manifest["graphs"]})
+    keep = available if precisions is None else precisions
+    unknown = sorted(set(keep) - set(available))
+    if unknown:
+        raise BundleError(f"{artifact}: no {', '.join(unknown)} graphs to ship (precisions here: "
+                          f"{', '.join(available)}); re-export with them or change artifact_precisions")
+    graphs = {key: entry for key, entry in manifest["graphs"].items() if key.split("/")[0] in keep}
+    left_home = tuple(f"{p}/" for p in available if p not in keep)
     expected = {}
-    for key, entry in manifest["graphs"].items():
+    for key, entry in graphs.items():
         expected[entry["file"]] = (key, entry["sha256"])
         for extra in entry.get("external_data", []):
             expected[extra["file"]] = (key, extra["sha256"])
     for path in _tree(artifact):
         rel = path.relative_to(artifact).as_posix()
-        if rel.startswith(ARTIFACT_EXCLUDE):
+        if rel.startswith(ARTIFACT_EXCLUDE + left_home) or rel == MANIFEST_FILE:
             continue
         bundle.add_file(f"artifact/{rel}", path)
         if rel in expected and bundle.files[f"artifact/{rel}"].sha256 != expected[rel][1]:
@@ -175,6 +207,8 @@ def add_artifact(bundle: Bundle, artifact: Path) -> None:
     missing = sorted(set(expected) - {p[len("artifact/"):] for p in bundle.files if p.startswith("artifact/")})
     if missing:
         raise BundleError(f"{artifact}: files listed in its manifest are missing: {', '.join(missing[:5])}")
+    shipped = {**manifest, "graphs": graphs, "engines": {}}  # engines are built on the target
+    bundle.add_data(f"artifact/{MANIFEST_FILE}", json.dumps(shipped, indent=2))
 
 
 def target_settings(cfg: dict[str, Any], units: list[str]) -> dict[str, Any]:
@@ -194,7 +228,7 @@ def plan_bundle(cfg: dict[str, Any], artifact: str | Path, user: str, lock: Path
             rel = f"{dest}/{path.relative_to(src).as_posix()}"
             if not _excluded(".".join(Path(rel).parent.parts[1:]), cfg["code_exclude"]):
                 bundle.add_file(rel, path)
-    add_artifact(bundle, artifact)
+    add_artifact(bundle, artifact, shipped_precisions(cfg))
     units = render_units(cfg, user)
     for name, text in units.items():
         bundle.add_data(f"units/{name}", text)
@@ -216,13 +250,13 @@ def write_bundle(bundle: Bundle, out: str | Path, with_artifact: bool = True) ->
     """Materialise the bundle at ``out`` (replaced atomically). Files are copied with their
     mtime, so rsync --link-dest on the target shares unchanged files between releases.
 
-    ``with_artifact=False`` leaves out artifact/ (gigabytes for a full VPP): `vpp deploy`
-    sends it straight from the artifact folder (rsync --files-from) and the target checks
-    it against the same BUNDLE.json."""
+    ``with_artifact=False`` leaves out artifact/'s files but its generated manifest
+    (gigabytes for a full VPP): `vpp deploy` sends them straight from the artifact folder
+    (rsync --files-from) and the target checks them against the same BUNDLE.json."""
     out = Path(out)
     with atomic_dir(out) as tmp:
         for rel, f in sorted(bundle.files.items()):
-            if not with_artifact and rel.startswith(ARTIFACT_DIR):
+            if not with_artifact and rel.startswith(ARTIFACT_DIR) and f.source is not None:
                 continue
             dest = tmp / rel
             dest.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from vpp_edge.errors import VPPError
+from vpp_edge.export.manifest import MANIFEST_FILE
 
 from .bundle import Bundle, plan_bundle, write_bundle
 from .ssh import SSHTarget, require_tools, rsync_stats, run
@@ -75,11 +76,13 @@ class Deployment:
         link = previous and previous != bundle_id
         mkdir = self.ssh.command("mkdir -p " + " ".join(shlex.quote(f"{self.root}/{d}")
                                                           for d in ("releases", "logs", "cache")))
-        # The small part (code, units, settings, BUNDLE.json) from the local bundle folder,
-        # then the artifact from its own folder: exactly the files BUNDLE.json lists.
+        # The small part (code, units, settings, the shipped artifact manifest, BUNDLE.json)
+        # from the local bundle folder, then the artifact from its own folder: exactly the
+        # files BUNDLE.json lists.
         rsync = self.ssh.rsync_command(str(self.bundle_dir / bundle_id), rel,
                                        f"{self.root}/current/" if link else None,
-                                       excludes=("/artifact/", "__pycache__/"))
+                                       excludes=("/artifact/*", "__pycache__/"),
+                                       includes=(f"/artifact/{MANIFEST_FILE}",))
         rsync_artifact = self.ssh.rsync_command(str(self.artifact), f"{rel}/artifact",
                                                 f"{self.root}/current/artifact/" if link else None,
                                                 files_from=str(self._artifact_list(bundle_id)))

@@ -54,12 +54,14 @@ class SSHTarget:
         return [*self.ssh, self.destination, remote]
 
     def rsync_command(self, source: str, remote_dir: str, link_dest: str | None = None,
-                      excludes: tuple[str, ...] = (), files_from: str | None = None) -> list[str]:
+                      excludes: tuple[str, ...] = (), files_from: str | None = None,
+                      includes: tuple[str, ...] = ()) -> list[str]:
         """rsync ``source/`` into ``remote_dir/``: the whole tree (stale files deleted, ``excludes``
-        kept), or exactly the paths listed in ``files_from``."""
+        kept, ``includes`` taken even where an exclude matches), or exactly the paths listed in
+        ``files_from``."""
         argv = ["rsync", "-rlpt", "--timeout=120", "--stats", "-h", "-e", shlex.join(self.ssh)]
         argv += [f"--files-from={files_from}"] if files_from else ["--delete"]
-        argv += [f"--exclude={e}" for e in excludes]
+        argv += [f"--include={i}" for i in includes] + [f"--exclude={e}" for e in excludes]
         if link_dest:  # unchanged files become hard links to the running release: no copy, no space
             argv.append(f"--link-dest={link_dest}")
         return [*argv, source.rstrip("/") + "/", f"{self.destination}:{remote_dir.rstrip('/')}/"]

@@ -66,13 +66,17 @@ def test_bundle_contents_checksums_and_determinism(exported, tmp_path):
                    "code/vpp_edge/runtime/cameras/replay.py", "code/vpp_edge/runtime/robots/sim.yaml",
                    "code/vpp_edge/export/manifest.py", "code/vpp_edge/firmware_bridge/bridge.py",
                    "code/vpp_edge/deploy/remote.py", "code/vpp_edge/presets/tiny.yaml",
-                   "artifact/manifest.json", "artifact/tokenizer.json", "artifact/fp32/tvp.onnx", "artifact/int8/tvp.onnx",
+                   "artifact/manifest.json", "artifact/tokenizer.json", "artifact/fp32/tvp.onnx",
                    "units/vpp-runtime.service", "units/vpp-bridge.service", "config/deploy.json",
                    "bin/vpp", "bin/vpp-agent", "requirements-robot.txt", "BUNDLE.json", "SHA256SUMS"):
         assert needed in files, needed
-    # The robot gets no training code, no bytecode, no engines built elsewhere.
+    # The robot gets no training code, no bytecode, no engines built elsewhere, and only the
+    # ONNX precisions it runs (ONNX Runtime FP32 here), under a manifest that says so.
     assert not [f for f in files if f.startswith("code/vpp_edge/training") or "__pycache__" in f
-                or f.startswith("artifact/engines")]
+                or f.startswith(("artifact/engines", "artifact/fp16", "artifact/int8"))]
+    shipped = json.loads((out / "artifact/manifest.json").read_text())
+    assert {k.split("/")[0] for k in shipped["graphs"]} == {"fp32"} and shipped["engines"] == {}
+    assert shipped["graphs"]["fp32/tvp"] == exported[1]["graphs"]["fp32/tvp"]
 
     doc = json.loads((out / "BUNDLE.json").read_text())
     assert set(doc["files"]) == files - {"BUNDLE.json", "SHA256SUMS"}
@@ -118,6 +122,21 @@ def test_bundle_contents_checksums_and_determinism(exported, tmp_path):
     (out / "code/stray.py").write_text("x = 1\n")
     with pytest.raises(BundleError, match=r"changed: artifact/fp32/text.onnx.*unexpected: code/stray.py"):
         verify_tree(out)
+
+
+def test_bundle_ships_the_precisions_the_target_runs(exported):
+    def folders(**settings) -> set[str]:
+        bundle = plan_bundle(load_config(profile="linux", **settings), exported[0], "robot")
+        return {p.split("/")[1] for p in bundle.files if p.startswith("artifact/") and p.count("/") == 2}
+
+    assert folders() == {"fp32"}
+    # TensorRT INT8 engines are built from the int8 graphs; the runtime asks for int8_cpu
+    assert folders(engines={"precisions": ["fp16", "int8"]}, runtime={"precision": "int8_cpu"}) == \
+        {"fp32", "int8", "int8_cpu"}
+    assert folders(artifact_precisions="all") == {"fp32", "fp16", "int8", "int8_cpu"}
+    assert folders(artifact_precisions=["fp32", "fp16"]) == {"fp32", "fp16"}
+    with pytest.raises(BundleError, match=r"no int4 graphs to ship \(precisions here: fp16, fp32, int8, int8_cpu\)"):
+        folders(artifact_precisions=["fp32", "int4"])
 
 
 def test_bundle_refuses_an_artifact_changed_after_export(exported, tmp_path):
