@@ -30,7 +30,7 @@ from string import Template
 from typing import Any
 
 from vpp_edge import __version__
-from vpp_edge.export.manifest import MANIFEST_FILE, read_manifest
+from vpp_edge.export.manifest import MANIFEST_FILE, manifest_precisions, read_manifest
 from vpp_edge.export.tensorrt_build import ENGINE_SOURCES
 from vpp_edge.files import atomic_dir
 
@@ -166,12 +166,10 @@ def shipped_precisions(cfg: dict[str, Any]) -> list[str] | None:
     fallback and the source of FP16 engines), the sources of the TensorRT engines built
     there, and the precisions the runtime and the self-test ask for. At paper scale each
     folder left home is gigabytes the robot's disk does not hold for nothing."""
-    chosen = cfg["artifact_precisions"]
+    chosen = cfg["artifact_precisions"]  # checked by load_config
     if chosen == "all":
         return None
     if chosen is not None:
-        if not isinstance(chosen, list) or not all(isinstance(p, str) for p in chosen):
-            raise BundleError(f"artifact_precisions must be null, 'all' or a list of precisions, got {chosen!r}")
         return sorted(set(chosen))
     wanted = {"fp32", *(ENGINE_SOURCES.get(p, p) for p in cfg["engines"]["precisions"])}
     wanted |= {p for p in (cfg["runtime"]["precision"], cfg["selftest"]["precision"]) if p}
@@ -183,14 +181,14 @@ def add_artifact(bundle: Bundle, artifact: Path, precisions: list[str] | None = 
     folders (None: all), under a manifest that lists what is shipped. Graph files must match
     the artifact manifest (a file changed after export fails here, before anything is uploaded)."""
     manifest = read_manifest(artifact)
-    available = sorted({key.split("/")[0] for key in manifest["graphs"]})
+    available = manifest_precisions(manifest)
     keep = available if precisions is None else precisions
     unknown = sorted(set(keep) - set(available))
     if unknown:
         raise BundleError(f"{artifact}: no {', '.join(unknown)} graphs to ship (precisions here: "
                           f"{', '.join(available)}); re-export with them or change artifact_precisions")
-    graphs = {key: entry for key, entry in manifest["graphs"].items() if key.split("/")[0] in keep}
     left_home = tuple(f"{p}/" for p in available if p not in keep)
+    graphs = {key: entry for key, entry in manifest["graphs"].items() if not key.startswith(left_home)}
     expected = {}
     for key, entry in graphs.items():
         expected[entry["file"]] = (key, entry["sha256"])

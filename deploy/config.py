@@ -57,6 +57,9 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> dict[str, A
         raise DeployConfigError(f"install_root must be an absolute path on the target, got '{cfg['install_root']}'")
     if cfg["sudo"] not in ("auto", "always", "never"):
         raise DeployConfigError(f"sudo must be auto, always or never, got '{cfg['sudo']}'")
+    chosen = cfg["artifact_precisions"]
+    if not (chosen in (None, "all") or isinstance(chosen, list) and all(isinstance(p, str) for p in chosen)):
+        raise DeployConfigError(f"artifact_precisions must be null, 'all' or a list of precisions, got {chosen!r}")
     return cfg
 
 

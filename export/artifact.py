@@ -204,8 +204,7 @@ def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, 
     action_mode = min(mode_ms, key=mode_ms.get)
     advance(f"action head: {action_mode} wins")
 
-    int8 = [p for p in precisions if p in INT8_PRECISIONS]
-    quant_info: dict[str, dict[str, Any]] = {p: {} for p in int8}
+    quant_info: dict[str, dict[str, Any]] = {p: {} for p in precisions if p in INT8_PRECISIONS}
     for precision in precisions[1:]:
         for name in GRAPHS:
             src, dst = paths["fp32"][name], tmp / precision / f"{name}.onnx"
@@ -224,7 +223,7 @@ def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, 
             paths[precision][name] = dst
             advance(f"{precision}/{name}")
         sessions[precision] = {n: onnx_io.session(p, threads) for n, p in paths[precision].items()}
-    for precision in int8:  # calibration record + activation scales beside the INT8 graphs
+    for precision in quant_info:  # calibration record + activation scales beside the INT8 graphs
         from vpp_edge.calibrate.dataset import ObservationSet
         from vpp_edge.calibrate.qdq import activation_scales, write_record
 
@@ -247,8 +246,8 @@ def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, 
         bar.set_description(f"parity {precision}")
         report["precisions"][precision] = evaluate_precision(precision, sessions[precision], refs, sigmas, action_mode,
                                                     scale, offset, opts["gates"])
-    for precision in int8:
-        report["precisions"][precision]["quantization"] = quant_info[precision]
+    for precision, info in quant_info.items():
+        report["precisions"][precision]["quantization"] = info
     advance("parity checked")
     bar.close()
 

@@ -63,6 +63,11 @@ def read_manifest(artifact: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def manifest_precisions(manifest: dict[str, Any]) -> list[str]:
+    """The precisions an artifact holds graphs of (the folder part of ``fp32/tvp``)."""
+    return sorted({key.split("/")[0] for key in manifest["graphs"]})
+
+
 def write_manifest(artifact: str | Path, manifest: dict[str, Any]) -> Path:
     """Write the manifest through a temporary file and a rename (never half-written)."""
     path = Path(artifact) / MANIFEST_FILE

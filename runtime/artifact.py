@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vpp_edge.export.manifest import ArtifactError, TensorSpec, read_manifest, verify_entry
+from vpp_edge.export.manifest import ArtifactError, TensorSpec, manifest_precisions, read_manifest, verify_entry
 from vpp_edge.normalization import ActionNormalizer
 from vpp_edge.presets import Preset, preset_from_dict
 from vpp_edge.tokenizer import InstructionTokenizer, load_tokenizer
@@ -38,7 +38,7 @@ class Artifact:
         return self.manifest.get("action_mode", "sampler")
 
     def precisions(self) -> list[str]:
-        return sorted({k.split("/")[0] for k in self.manifest["graphs"]})
+        return manifest_precisions(self.manifest)
 
     def graph(self, precision: str, name: str) -> tuple[Path, list[TensorSpec], list[TensorSpec]]:
         """A graph's verified file and its IO specs; refuses missing or modified files."""

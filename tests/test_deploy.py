@@ -155,6 +155,8 @@ def test_deploy_settings_are_checked():
         load_config(profile="jetson-xavier")
     with pytest.raises(DeployConfigError, match="absolute path"):
         load_config(install_root="opt/vpp")
+    with pytest.raises(DeployConfigError, match=r"artifact_precisions must be null, 'all' or a list"):
+        load_config(artifact_precisions="fp32")
 
 
 # -- dry run --------------------------------------------------------------------

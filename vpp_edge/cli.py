@@ -190,6 +190,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
     from vpp_edge.export.artifact import export_artifact, load_options
+    from vpp_edge.export.manifest import manifest_precisions
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -213,9 +214,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                                            roots=list(args.calibration_data))
     manifest = export_artifact(policy, tokenizer, out, options, observations, source=source, progress=not args.quiet)
     print((Path(out) / "parity.md").read_text())
-    graphs = sorted({k.split("/")[0] for k in manifest["graphs"]})
-    print(f"wrote {out}: {len(manifest['graphs'])} graphs ({', '.join(graphs)}), action head mode "
-          f"'{manifest['action_mode']}' ({manifest['action_mode_ms'][manifest['action_mode']]:.1f} ms)")
+    print(f"wrote {out}: {len(manifest['graphs'])} graphs ({', '.join(manifest_precisions(manifest))}), "
+          f"action head mode '{manifest['action_mode']}' ({manifest['action_mode_ms'][manifest['action_mode']]:.1f} ms)")
     return 0
 
 
