@@ -8,6 +8,10 @@
 * Watchdog: no target for ``hold_after_s`` -> hold the current setpoint; neither a
   target nor a runtime heartbeat for ``stop_after_s`` -> stop the motion. E-stop
   latches until an explicit ``reset``.
+* Tracking guard: a robot measured farther than ``max_tracking_error`` from the setpoint
+  it servos to (a diverging controller, a collision, a singularity the arm cannot leave)
+  latches the e-stop, beside the robot's own reflexes. Drivers report the measured pose in
+  setpoint units for the leading dimensions of ``ee_pose``; the rest go unchecked.
 * Commands (enable, reset, estop, status, hold) arrive on a ROUTER socket and are
   answered with a correlated reply.
 """
@@ -276,6 +280,21 @@ class Bridge:
                 self._target = self._interp.p.copy()
         return self._target
 
+    def _check_tracking(self, measured: np.ndarray, setpoint: np.ndarray) -> None:
+        """Latch the e-stop when the robot is farther from ``setpoint`` than the config allows."""
+        n = min(len(measured), self.cfg.dim)
+        error = np.abs(np.asarray(measured[:n], np.float64) - setpoint[:n])
+        limit = self.cfg.vec("max_tracking_error")[:n]
+        if not np.any(error > limit):  # NaN compares False: a NaN reading is the driver's to report
+            return
+        with self._lock:
+            if self._estop is None:
+                worst = int(np.argmax(error - limit))
+                detail = f"dimension {worst} is {error[worst]:.3f} from its setpoint (limit {limit[worst]:g})"
+                self._event("tracking_error", detail)
+                self._estop, self.mode = f"tracking error: {detail}", "estop"
+                self.driver.estop()
+
     def _servo_loop(self) -> None:
         period = 1.0 / self.cfg.servo_hz
         state_every = max(1, round(self.cfg.servo_hz / self.cfg.state_hz))
@@ -300,8 +319,9 @@ class Bridge:
                         if self._last_rx is None:
                             self._target = self._interp.p.copy()
                     target = self._watchdog(now)
-                    if target is not None:
-                        self.driver.servo(self._interp.step(target))
+                    servoed = None if target is None else self._interp.step(target)
+                    if servoed is not None:
+                        self.driver.servo(servoed)
                     events, self._pending_events = self._pending_events, []
                     publish = tick % state_every == 0
                     frames = self.driver.take_frames() if self._camera_sock is not None else None
@@ -315,6 +335,8 @@ class Bridge:
                                                            images=frames[0]))
                 if publish:
                     joints, ee = self.driver.read_state()
+                    if servoed is not None:
+                        self._check_tracking(ee, servoed)
                     self._seq += 1
                     send(self._state_sock, P.RobotState(
                         seq=self._seq, stamp=now, mode=state[0], estopped=state[1], last_chunk_seq=state[2],

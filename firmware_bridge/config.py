@@ -12,7 +12,7 @@ from vpp_edge.errors import VPPError
 from vpp_edge.files import named_config
 
 CONFIG_DIR = Path(__file__).with_name("robots")
-_VECTORS = ("setpoint_low", "setpoint_high", "max_step", "max_vel", "max_acc")
+_VECTORS = ("setpoint_low", "setpoint_high", "max_step", "max_vel", "max_acc", "max_tracking_error")
 
 
 class BridgeConfigError(VPPError, ValueError):
@@ -31,6 +31,9 @@ class BridgeConfig:
     max_step: tuple[float, ...]
     max_vel: tuple[float, ...]
     max_acc: tuple[float, ...]
+    # Largest |measured - commanded| per dimension before the bridge latches the e-stop; .inf
+    # leaves a dimension unchecked (grippers that stop on an object, angles that wrap).
+    max_tracking_error: tuple[float, ...]
     hold_after_s: float
     stop_after_s: float
     driver: dict = field(default_factory=dict)  # driver-specific settings (addresses, gains)
@@ -55,8 +58,8 @@ def bridge_config_from_dict(data: dict, source: str = "bridge config") -> Bridge
             raise BridgeConfigError(f"{source}: '{key}' has {len(getattr(cfg, key))} values, dim is {cfg.dim}")
     if np.any(cfg.vec("setpoint_low") >= cfg.vec("setpoint_high")):
         raise BridgeConfigError(f"{source}: setpoint_low must be below setpoint_high")
-    if any(np.any(cfg.vec(k) <= 0) for k in ("max_step", "max_vel", "max_acc")):
-        raise BridgeConfigError(f"{source}: max_step, max_vel and max_acc must be positive")
+    if any(np.any(cfg.vec(k) <= 0) for k in ("max_step", "max_vel", "max_acc", "max_tracking_error")):
+        raise BridgeConfigError(f"{source}: max_step, max_vel, max_acc and max_tracking_error must be positive")
     if not (cfg.servo_hz > 0 and cfg.state_hz > 0 and 0 < cfg.hold_after_s < cfg.stop_after_s):
         raise BridgeConfigError(f"{source}: need positive rates and 0 < hold_after_s < stop_after_s")
     return cfg

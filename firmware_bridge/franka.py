@@ -64,9 +64,11 @@ class GripperWorker:
                 closure, self._wanted = self._wanted, None
             try:
                 if closure >= self.grasp_above:
-                    self.gripper.grasp(0.0, self.speed, self.force, epsilon_inner=1.0, epsilon_outer=1.0)
+                    done = self.gripper.grasp(0.0, self.speed, self.force, epsilon_inner=1.0, epsilon_outer=1.0)
                 else:
-                    self.gripper.move((1.0 - closure) * float(self.gripper.max_width), self.speed)
+                    done = self.gripper.move((1.0 - closure) * float(self.gripper.max_width), self.speed)
+                if done is False:  # franky reports a move blocked or a grasp missed by returning False
+                    self.errors.append(f"gripper: command for closure {closure:.2f} did not complete")
             except Exception as exc:  # noqa: BLE001 - reported through the bridge's events
                 self.errors.append(f"gripper: {exc}")
 

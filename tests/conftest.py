@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +44,6 @@ def exported(tiny_policy, tmp_path_factory):
 def exported_xhand(tiny_preset, tmp_path_factory):
     """The tiny architecture with the xArm + XHand action space (18), FP32 only, its action
     normaliser spanning the robot config's action bounds."""
-    import dataclasses
-
     from vpp_edge.export import artifact as art
     from vpp_edge.normalization import ActionNormalizer
     from vpp_edge.runtime.robot_config import load_robot_config
@@ -62,9 +61,10 @@ def exported_xhand(tiny_preset, tmp_path_factory):
 
 def closed_loop(artifact_dir: Path, robot: str, bridge, episode: Path, ctx, tmp_path: Path, *,
                 engine_cls=None, duration_s: float = 3.0, loop_camera: bool = True, fps: float = 20.0,
-                smoothing: str = "crossfade"):
+                smoothing: str = "crossfade", control_hz: float | None = None):
     """The runtime as `vpp run` builds it (replay cameras, ONNX Runtime FP32, the robot's
-    config, a BridgeLink over real sockets) pointed at ``bridge``: (Runtime, Metrics, BridgeLink)."""
+    config, a BridgeLink over real sockets) pointed at ``bridge``: (Runtime, Metrics, BridgeLink).
+    ``control_hz`` overrides the robot config's control rate."""
     from vpp_edge.episodes import load_episode
     from vpp_edge.runtime.artifact import Artifact
     from vpp_edge.runtime.cameras import ReplayCameras
@@ -84,16 +84,21 @@ def closed_loop(artifact_dir: Path, robot: str, bridge, episode: Path, ctx, tmp_
     cams = [ReplayCameras(load_episode(episode), artifact.preset.num_views, artifact.preset.image_size,
                           fps=fps, loop=loop_camera)]
     metrics = Metrics(tmp_path / "run.jsonl")
-    runtime = Runtime(policy, cams, load_robot_config(robot), link,
+    robot_cfg = load_robot_config(robot)
+    if control_hz is not None:
+        robot_cfg = dataclasses.replace(robot_cfg, control_hz=control_hz)
+    runtime = Runtime(policy, cams, robot_cfg, link,
                       RunOptions(duration_s=duration_s, smoothing=smoothing), metrics)
     return runtime, metrics, link
 
 
-def drive(bridge, artifact_dir: Path, robot: str, episode: Path, ctx, tmp_path: Path, min_accepted: int) -> dict:
+def drive(bridge, artifact_dir: Path, robot: str, episode: Path, ctx, tmp_path: Path, min_accepted: int,
+          **options) -> dict:
     """Run the runtime against a robot bridge for 3 s and check the link: chunks planned, at
     least ``min_accepted`` targets taken, none refused except for leaving the workspace (the
-    runtime cannot know it: that is the bridge's to refuse). Returns the runtime's summary."""
-    runtime, metrics, link = closed_loop(artifact_dir, robot, bridge, episode, ctx, tmp_path)
+    runtime cannot know it: that is the bridge's to refuse). ``options`` go to closed_loop.
+    Returns the runtime's summary."""
+    runtime, metrics, link = closed_loop(artifact_dir, robot, bridge, episode, ctx, tmp_path, **options)
     try:
         summary = runtime.run()
     finally:

@@ -141,6 +141,39 @@ def test_estop_latches_until_reset(rig):
     assert client.command("status").status["accepted"] == 1
 
 
+class DriftingDriver(KinematicSimDriver):
+    """Measures ``offset`` away from its setpoint: a robot that no longer follows."""
+
+    offset = np.zeros(7)
+
+    def read_state(self):
+        return self.setpoint.copy(), self.setpoint + self.offset
+
+
+def test_a_robot_that_leaves_its_setpoint_latches_the_estop():
+    ctx = zmq.Context()
+    driver = DriftingDriver(7)
+    bridge = Bridge(driver, config(), ANY, ctx).start()
+    try:
+        client = Client(bridge, ctx)
+        client.target(np.array([0.02, 0, 0, 0, 0, 0, 0]))
+        assert wait_until(lambda: driver.setpoint[0] == pytest.approx(0.02))
+        driver.offset = np.array([0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.5])  # unchecked dimensions (.inf)
+        time.sleep(0.2)
+        assert bridge.mode != "estop" and not driver.stopped
+        driver.offset = np.array([0.0, 0.03, 0.0, 0.0, 0.0, 0.0, 0.0])  # within 0.05
+        time.sleep(0.2)
+        assert bridge.mode != "estop"
+        driver.offset = np.array([0.0, 0.08, 0.0, 0.0, 0.0, 0.0, 0.0])
+        assert wait_until(lambda: bridge.mode == "estop") and driver.stopped
+        assert any(k == "tracking_error" and "dimension 1" in d for k, d in client.drain_events())
+        client.target(np.array([0.01, 0, 0, 0, 0, 0, 0]))
+        assert wait_until(lambda: bridge.counts["rejected_estopped"] == 1), "latched until a reset"
+    finally:
+        bridge.close()
+        ctx.destroy(linger=0)
+
+
 @pytest.mark.parametrize(
     "action, reason",
     [
