@@ -319,8 +319,9 @@ class Bridge:
                         if self._last_rx is None:
                             self._target = self._interp.p.copy()
                     target = self._watchdog(now)
-                    servoed = None if target is None else self._interp.step(target)
-                    if servoed is not None:
+                    servoed = None  # the setpoint sent this tick, for the tracking guard
+                    if target is not None:
+                        servoed = self._interp.step(target)
                         self.driver.servo(servoed)
                     events, self._pending_events = self._pending_events, []
                     publish = tick % state_every == 0
