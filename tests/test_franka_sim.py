@@ -159,10 +159,10 @@ def test_estop_latches_and_reset_resumes_tracking(rig):
 
 
 # A workspace box around franky-sim's start pose (0.555, 0, 0.521) whose every corner, in
-# every orientation in it, the arm reaches with a bent elbow. The random test policy pushes the setpoint to the box's faces;
-# near the reach limit (x 0.65, z 0.62 here) the elbow straightens, and an impedance
-# controller cannot bend it back out of that singularity: the arm stays 10 cm short, and
-# the bridge's tracking guard latches the e-stop.
+# every orientation in it, the arm reaches with a bent elbow. The random test policy pushes
+# the setpoint to the box's faces; near the reach limit (x 0.65, z 0.62 from here) the
+# elbow straightens, an impedance controller cannot bend it back out of that singularity,
+# the arm stays 10 cm short and the bridge's tracking guard latches the e-stop.
 REACHABLE_BOX = {"setpoint_low": [0.45, -0.10, 0.40, -0.25, -0.25, -0.25, 0.0],
                  "setpoint_high": [0.60, 0.10, 0.55, 0.25, 0.25, 0.25, 1.0]}
 
