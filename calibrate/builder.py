@@ -43,6 +43,7 @@ import torch
 
 from vpp_edge import __version__
 from vpp_edge.export import onnx_io
+from vpp_edge.export.artifact import int8_settings
 from vpp_edge.export.graphs import GRAPHS, reference_run
 from vpp_edge.export.manifest import FORMAT_NAME, FORMAT_VERSION, INT8_PRECISIONS, PRECISIONS, write_manifest
 from vpp_edge.files import atomic_dir
@@ -195,9 +196,7 @@ class ArtifactBuilder:
 
     def int8_settings(self, precision: str) -> dict[str, Any]:
         """Quantizer settings of an INT8 ``precision`` (``int8`` or ``int8_cpu``)."""
-        if precision == "int8":
-            return self.int8
-        return {**self.int8, **{k: self.options[precision][k] for k in ("op_types", "graphs", "exclude_modules")}}
+        return int8_settings(self.int8, self.options, precision)
 
     def _int8(self, name: str, fp32: Path, key: str, preset: Preset, method: str,
               built: list[str], precision: str = "int8") -> tuple[Path, str]:

@@ -58,6 +58,15 @@ def load_options(path: str | Path | None = None, **overrides: Any) -> dict[str, 
     return options
 
 
+def int8_settings(int8: dict[str, Any], options: dict[str, Any], precision: str) -> dict[str, Any]:
+    """Quantizer settings of an INT8 ``precision``: ``int8`` as given; ``int8_cpu`` takes
+    ``op_types``, ``graphs`` and ``exclude_modules`` from ``options["int8_cpu"]`` and the
+    rest (calibration, excluded node names) from ``int8``."""
+    if precision == "int8":
+        return int8
+    return {**int8, **{k: options[precision][k] for k in ("op_types", "graphs", "exclude_modules")}}
+
+
 def reference(policy: VPPPolicy, tokenizer: InstructionTokenizer, obs: Observation, seed: int) -> dict:
     ids, mask = (torch.from_numpy(a) for a in tokenizer([obs.instruction]))
     noise = policy.make_noise(1, seed)
@@ -206,16 +215,16 @@ def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, 
 
     quant_info: dict[str, dict[str, Any]] = {p: {} for p in precisions if p in INT8_PRECISIONS}
     for precision in precisions[1:]:
+        q = int8_settings(opts["int8"], opts, precision) if precision in INT8_PRECISIONS else {}
         for name in GRAPHS:
             src, dst = paths["fp32"][name], tmp / precision / f"{name}.onnx"
             bar.set_description(f"{precision}/{name}")
             if precision == "fp16":
                 onnx_io.convert_fp16(src, dst, opts["fp16"]["keep_fp32_ops"])
-            elif name in opts[precision]["graphs"]:
+            elif name in q["graphs"]:
                 feeds = [_feeds(name, r) for r in calib_refs]
                 quant_info[precision][name] = onnx_io.quantize_int8(
-                    src, dst, feeds, opts[precision]["op_types"], opts[precision]["exclude_modules"],
-                    opts["int8"]["calibration"], variant=precision)
+                    src, dst, feeds, q["op_types"], q["exclude_modules"], q["calibration"], variant=precision)
             else:  # e.g. the text graph: runs once per instruction, kept FP32
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 for f in [src, *onnx_io.external_files(src)]:
@@ -227,8 +236,8 @@ def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, 
         from vpp_edge.calibrate.dataset import ObservationSet
         from vpp_edge.calibrate.qdq import activation_scales, write_record
 
-        write_record(tmp / precision, opts["int8"]["calibration"],
-                     {k: opts[precision][k] for k in ("op_types", "exclude_modules")},
+        q = int8_settings(opts["int8"], opts, precision)
+        write_record(tmp / precision, q["calibration"], {k: q[k] for k in ("op_types", "exclude_modules")},
                      {n: {**q, "activation_scales": activation_scales(paths[precision][n])}
                       for n, q in quant_info[precision].items()},
                      [o.source for o in obs[n_parity:]], ObservationSet.from_observations(obs[n_parity:]).digest())

@@ -28,20 +28,21 @@ class ExportError(VPPError):
 
 
 @contextlib.contextmanager
-def quiet_tools() -> Iterator[None]:
+def quiet_tools() -> Iterator[io.StringIO]:
     """The exporter, onnxscript's passes and ONNX Runtime's quantizer/FP16 converter report
     every pass at INFO (torch.onnx also warns that torchvision is absent, the quantizer
     advises pre-processing on the root logger): ERROR only while they run, the progress
-    bar says what is being done instead."""
+    bar says what is being done instead. Yields what they printed (for error messages)."""
     loggers = [logging.getLogger(n) for n in ("onnxscript", "onnx_ir", "torch.onnx", "onnxruntime", "")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        printed = io.StringIO()
+        with warnings.catch_warnings(), contextlib.redirect_stdout(printed):
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", UserWarning)
-            yield
+            yield printed
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
@@ -53,9 +54,8 @@ def export_onnx(module, args: tuple, input_names: Sequence[str], output_names: S
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    quiet = io.StringIO()
     try:
-        with torch.no_grad(), quiet_tools(), contextlib.redirect_stdout(quiet):
+        with torch.no_grad(), quiet_tools() as quiet:
             program = torch.onnx.export(module.eval(), args, input_names=list(input_names),
                                         output_names=list(output_names), dynamo=True, opset_version=opset,
                                         verbose=False, optimize=True)
