@@ -25,7 +25,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=500, help="round trips per measure (default 500)")
     ap.add_argument("--servo-hz", type=float, default=1000.0, help="bridge servo/state rate (default 1000)")
-    ap.add_argument("--json", type=Path, default=Path("bench/results/bridge_loopback.json"))
+    ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "bridge_loopback.json")
     args = ap.parse_args()
 
     import zmq

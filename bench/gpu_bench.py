@@ -135,7 +135,7 @@ def main() -> int:
         frac = f"{r['of_matmul_peak']:.1%}" if r["of_matmul_peak"] is not None else "-"
         print(f"{k:44s} {r['median_ms']:10.2f} {r['p95_ms']:8.2f} {r['speedup']:8.2f}x {r['tflops']:8.2f} "
               f"{frac:>8s} {r['cosine']:9.6f} {r['max_abs']:8.4f}")
-    out = args.json or Path("bench/results") / f"gpu_{device.type}.json"
+    out = args.json or Path(__file__).parent / "results" / f"gpu_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"environment": env, "results": rows}, indent=2))
     print(f"wrote {out}")

@@ -39,7 +39,7 @@ def main() -> int:
     ap.add_argument("--inject-ms", default="150,200,300",
                     help="predict-step latencies to simulate for the starvation runs ('' to skip)")
     ap.add_argument("--starvation-seconds", type=float, default=8.0)
-    ap.add_argument("--json", type=Path, default=Path("bench/results/runtime_cpu.json"))
+    ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "runtime_cpu.json")
     args = ap.parse_args()
 
     import zmq

@@ -155,7 +155,7 @@ def main() -> int:
                     help="also paper-scale FLOPs (CALVIN shapes) and one paper-width TVP forward")
     ap.add_argument("--paper-frames", type=int, default=4,
                     help="frames per view of the timed paper-width TVP forward (default 4; the paper uses 16)")
-    ap.add_argument("--json", type=Path, default=Path("bench/results/stages_cpu.json"))
+    ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "stages_cpu.json")
     args = ap.parse_args()
 
     import torch

@@ -253,3 +253,40 @@ def test_parity_compare_handles_edge_cases():
     assert compare(np.ones(3), np.array([1.0, np.nan, 1.0]))["max_abs"] == float("inf")
     with pytest.raises(ParityError, match="shape mismatch"):
         compare(np.ones(3), np.ones(4))
+
+
+def test_group_norms_are_rewritten_for_onnx_runtime_with_the_same_result(tmp_path):
+    """One channel per group -> one InstanceNormalization carrying the channel affine;
+    several -> LayerNormalization over the group's row. Same outputs as PyTorch."""
+    import torch
+
+    class Norms(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.per_channel = torch.nn.GroupNorm(8, 8, eps=1e-6)
+            self.grouped = torch.nn.GroupNorm(4, 16)
+            self.conv = torch.nn.Conv2d(8, 16, 1)
+
+        def forward(self, x):
+            return self.grouped(self.conv(torch.nn.functional.silu(self.per_channel(x))))
+
+    torch.manual_seed(0)
+    module = Norms()
+    for norm in (module.per_channel, module.grouped):  # a non-trivial affine
+        torch.nn.init.normal_(norm.weight)
+        torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 8, 12, 10) * 3 + 1
+    src, dst = tmp_path / "norms.onnx", tmp_path / "fused.onnx"
+    onnx_io.export_onnx(module, (x,), ["x"], ["y"], src, opset=18)
+    counts = onnx_io.fuse_for_onnxruntime(src, dst)
+    assert counts["group_norm"] == 2
+    nodes = onnx.load(str(dst)).graph.node
+    ops = [n.op_type for n in nodes]
+    assert ops.count("InstanceNormalization") == 1 and ops.count("LayerNormalization") == 1
+    instance = next(n for n in nodes if n.op_type == "InstanceNormalization")
+    assert instance.input[0] == "x"  # on the input itself: no Reshape around it
+    assert [a.f for a in instance.attribute if a.name == "epsilon"] == [pytest.approx(1e-6)]
+    with torch.no_grad():
+        expected = module(x).numpy()
+    got = onnx_io.session(dst).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)

@@ -128,6 +128,47 @@ def test_truncated_unet_matches_diffusers_full_forward(tiny_policy, tiny_preset)
     assert ours.shape[1] == tvp.feature_channels
 
 
+def test_temporal_cross_attention_projects_each_videos_context_once(tiny_policy):
+    """The shared-context processor on the temporal cross-attentions projects one context
+    per video (not one per spatial position) and gives diffusers' own processor's output
+    and gradients, through the whole UNet as stage-1 training calls it."""
+    import copy
+
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from vpp_edge.training.models.temporal_context import SharedContextAttnProcessor
+
+    policy, _ = tiny_policy
+    ours = copy.deepcopy(policy.tvp.unet)
+    shared = {name: p for name, p in ours.attn_processors.items() if isinstance(p, SharedContextAttnProcessor)}
+    assert shared and all("temporal_transformer_blocks" in n and n.endswith("attn2.processor") for n in shared)
+    stock = copy.deepcopy(ours)
+    stock.set_attn_processor(AttnProcessor2_0())
+
+    n, frames = 2, policy.tvp.num_frames
+    gen = torch.Generator().manual_seed(0)
+    sample = torch.randn(n, frames, ours.config.in_channels, 32, 32, generator=gen)
+    cond = torch.randn(n, 20, ours.config.cross_attention_dim, generator=gen)
+    ids = policy.tvp.added_time_ids.expand(n, -1)
+    key_rows = []
+    first_key = ours.down_blocks[0].attentions[0].temporal_transformer_blocks[0].attn2.to_k
+    hook = first_key.register_forward_hook(lambda m, i, o: key_rows.append(i[0].shape[0]))
+    results = []
+    for unet in (ours, stock):
+        inputs = [sample.clone().requires_grad_(), cond.clone().requires_grad_()]
+        out = unet(inputs[0], policy.tvp.timestep, inputs[1], ids).sample
+        out.square().mean().backward()
+        results.append((out.detach(), [x.grad for x in inputs], [w.grad for w in unet.parameters()]))
+    hook.remove()
+    assert key_rows == [n]  # one context per video: [n, L, C] projected, not [n * 32 * 32, L, C]
+    (out_a, in_a, w_a), (out_b, in_b, w_b) = results
+    assert torch.equal(out_a, out_b)
+    for a, b in zip([*in_a, *w_a], [*in_b, *w_b]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
 @pytest.mark.parametrize("steps", [10, 20, 30])
 def test_tvp_uses_the_schedulers_first_timestep(tiny_policy, tiny_preset, steps):
     policy, _ = tiny_policy

@@ -15,6 +15,8 @@ from torch import nn
 
 from vpp_edge.presets import TVPConfig
 
+from .temporal_context import share_temporal_context
+
 
 def up_block_channels(unet_config: dict) -> list[int]:
     """Output channels of each up-block (the reversed ``block_out_channels``)."""
@@ -56,6 +58,7 @@ class TVPFeatureExtractor(nn.Module):
             )
         self.unet = unet
         self.vae = vae
+        share_temporal_context(unet)  # exact; its text keys/values once per video, not per position
         self.scheduler_config = dict(scheduler.config)
         self.num_frames = cfg.num_frames
         self.extract_layer_idx = cfg.extract_layer_idx
