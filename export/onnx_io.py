@@ -234,22 +234,22 @@ INT8_FORMATS = {
 
 
 def fuse_for_onnxruntime(src: Path, dst: Path) -> dict[str, int]:
-    """ONNX Runtime contrib-op fusions of onnxscript (SDPA -> MultiHeadAttention, Gelu,
-    SkipLayerNormalization) and faster group norms (:mod:`.ort_rules`): the
-    graph then runs on ONNX Runtime only. Returns the fusion counts. InstanceNormalization
-    -> GroupNorm (optimize_for_ort's last step) is left out on purpose: ONNX Runtime has no
-    CPU kernel for GroupNorm."""
+    """ONNX Runtime contrib-op fusions of onnxscript (SDPA -> MultiHeadAttention, Gelu),
+    then the exact rewrites of :mod:`.ort_rules` for ONNX Runtime's CPU kernels: the graph
+    then runs on ONNX Runtime only. Returns how often each fusion and rule applied.
+    InstanceNormalization -> GroupNorm (optimize_for_ort's last step) is left out on
+    purpose: ONNX Runtime has no CPU kernel for GroupNorm."""
     import onnx_ir as ir
     from onnxscript.rewriter import rewrite
     from onnxscript.rewriter.ort_fusions import _core, fused_matmul_rule_sets, softmax
 
-    from .ort_rules import rewrite_group_norms
+    from .ort_rules import apply_rules
 
     model = ir.load(str(src))
     with quiet_tools():
         model, counts = _core.fuse_xformers(model)
         rewrite(model, [*softmax.rules.rules, *fused_matmul_rule_sets.fused_matmul_rule_sets()])
-        counts["group_norm"] = rewrite_group_norms(model)
+        counts.update(apply_rules(model))
     dst.parent.mkdir(parents=True, exist_ok=True)
     ir.save(model, str(dst), external_data=f"{dst.name}.data" if _is_large(src) else None)
     check(dst)

@@ -279,7 +279,7 @@ def test_group_norms_are_rewritten_for_onnx_runtime_with_the_same_result(tmp_pat
     src, dst = tmp_path / "norms.onnx", tmp_path / "fused.onnx"
     onnx_io.export_onnx(module, (x,), ["x"], ["y"], src, opset=18)
     counts = onnx_io.fuse_for_onnxruntime(src, dst)
-    assert counts["group_norm"] == 2
+    assert counts["group_norm_per_channel"] == 1 and counts["group_norm_as_layer_norm"] == 1
     nodes = onnx.load(str(dst)).graph.node
     ops = [n.op_type for n in nodes]
     assert ops.count("InstanceNormalization") == 1 and ops.count("LayerNormalization") == 1
@@ -290,3 +290,25 @@ def test_group_norms_are_rewritten_for_onnx_runtime_with_the_same_result(tmp_pat
         expected = module(x).numpy()
     got = onnx_io.session(dst).run(None, {"x": x.numpy()})[0]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_onnx_runtime_rewrites_keep_the_tvp_graphs_numbers(exported, tmp_path):
+    """Every rewrite of export/ort_rules.py applies to the real TVP graph, and the fused
+    FP32 graph computes what the exported one does (the int8_cpu graphs are quantised
+    from it)."""
+    from collections import Counter
+
+    from vpp_edge.export.ort_rules import RULES
+
+    out, _ = exported
+    src, dst = out / "fp32" / "tvp.onnx", tmp_path / "tvp.onnx"
+    counts = onnx_io.fuse_for_onnxruntime(src, dst)
+    assert all(counts.get(name, 0) > 0 for name in RULES), counts
+    ops = Counter(n.op_type for n in onnx.load(str(dst)).graph.node)
+    assert ops["SkipLayerNormalization"] == ops["Split"] == 0 and ops["MultiHeadAttention"] > 0
+    exported_session, fused = onnx_io.session(src), onnx_io.session(dst)
+    rng = np.random.default_rng(0)
+    feeds = {i.name: (rng.integers(0, 256, i.shape, dtype=np.uint8) if i.type == "tensor(uint8)"
+                      else rng.standard_normal(i.shape).astype(np.float32)) for i in exported_session.get_inputs()}
+    expected, got = exported_session.run(None, feeds)[0], fused.run(None, feeds)[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
