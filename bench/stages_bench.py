@@ -1,7 +1,7 @@
 """Per-stage benchmark: every available backend/precision against the eager PyTorch FP32
 baseline (the path that mirrors the official implementation), run side by side.
 
-    python bench/stages_bench.py [--artifact artifacts/tiny] [--repeats 20] [--paper]
+    python bench/stages_bench.py [--artifact artifacts/tiny] [--repeats 20] [--paper] [--stock-attention]
 
 For each engine: text, TVP, Video Former, action head and the whole predict step,
 median / p95 over ``--repeats`` runs after a warm-up, interleaved with the baseline so
@@ -151,6 +151,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precisions", default="fp32,fp16,int8,int8_cpu", help="ONNX Runtime precisions to include")
     ap.add_argument("--compile", action="store_true", help="also PyTorch with torch.compile (slow to compile)")
+    ap.add_argument("--stock-attention", action="store_true",
+                    help="also eager PyTorch with diffusers' stock attention processors, as the official code "
+                         "computes the TVP (ours project the temporal text context once per video)")
     ap.add_argument("--paper", action="store_true",
                     help="also paper-scale FLOPs (CALVIN shapes) and one paper-width TVP forward")
     ap.add_argument("--paper-frames", type=int, default=4,
@@ -173,6 +176,11 @@ def main() -> int:
     engines = {baseline: TorchEngine(artifact, "fp32", checkpoint=ckpt).load()}
     if args.compile:
         engines["pytorch_compiled_fp32"] = TorchEngine(artifact, "fp32", checkpoint=ckpt, compile=True).load()
+    if args.stock_attention:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        engines["pytorch_eager_fp32_stock_attention"] = TorchEngine(artifact, "fp32", checkpoint=ckpt).load()
+        engines["pytorch_eager_fp32_stock_attention"].policy.tvp.unet.set_attn_processor(AttnProcessor2_0())
     for precision in args.precisions.split(","):
         if precision in artifact.precisions():
             engines[f"onnxruntime_{precision}"] = OrtEngine(artifact, precision, threads=args.threads).load()

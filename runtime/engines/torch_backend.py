@@ -21,6 +21,7 @@ class TorchEngine(Engine):
         self.checkpoint = checkpoint
         self.device = device
         self.compile = compile
+        self.policy = None  # the loaded VPPPolicy
         self._modules: dict = {}
 
     def load(self) -> "TorchEngine":
@@ -31,9 +32,9 @@ class TorchEngine(Engine):
         if self.checkpoint is None:
             raise ValueError("the PyTorch backend needs the checkpoint the artifact was exported from (--checkpoint)")
         policy, _ = load_checkpoint(self.checkpoint, self.artifact.preset)
-        policy = policy.to(self.device).eval()
+        self.policy = policy.to(self.device).eval()  # the graphs' modules wrap this one policy
         for name in self.graphs:
-            module = GRAPHS[name].adapter(policy).eval()
+            module = GRAPHS[name].adapter(self.policy).eval()
             self._modules[name] = torch.compile(module) if self.compile else module
         self._torch = torch
         return self
