@@ -112,14 +112,17 @@ class SplitProjection(pattern.RewriteRuleClassBase):
     def rewrite(self, op, x, weight, bias, **_):
         w, b = weight.const_value.numpy(), bias.const_value.numpy()
         half = w.shape[1] // 2
-        return tuple(op.Add(op.MatMul(x, op.Constant(value=ir.tensor(np.ascontiguousarray(w[:, k * half:(k + 1) * half])))),
-                            op.Constant(value=ir.tensor(np.ascontiguousarray(b[k * half:(k + 1) * half]))))
-                     for k in range(2))
+
+        def constant(array: np.ndarray):
+            return op.Constant(value=ir.tensor(np.ascontiguousarray(array)))
+
+        return tuple(op.Add(op.MatMul(x, constant(w[:, part])), constant(b[part]))
+                     for part in (slice(0, half), slice(half, None)))
 
 
 class GatherOfBroadcast(pattern.RewriteRuleClassBase):
     """Picking one index of an axis that Expand only broadcast (diffusers' temporal text
-    context, taken back per video by :mod:`...training.models.temporal_context`) is the
+    context, taken back per video by ``training/models/temporal_context.py``) is the
     Expand's input without that axis: no broadcast tensor is materialised."""
 
     def pattern(self, op, x, shape, index):

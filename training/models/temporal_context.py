@@ -8,7 +8,7 @@ keys. Attention treats each query on its own, so projecting each video's context
 and letting all ``H*W*F`` queries of the video attend to it in one batch gives the same
 result. This processor does that: same weights, same result (bit-identical on CPU in
 the tests), and the ``[B*H*W, L, C]`` key/value projections are gone (4 % of a
-paper-scale TVP's FLOPs; 11 % of the tiny TVP's eager time, 6 % in ONNX Runtime).
+paper-scale TVP's FLOPs; about 10 % of the tiny TVP's eager time, 6 % in ONNX Runtime).
 """
 
 from __future__ import annotations
