@@ -238,8 +238,8 @@ def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, 
 
         q = int8_settings(opts["int8"], opts, precision)
         write_record(tmp / precision, q["calibration"], {k: q[k] for k in ("op_types", "exclude_modules")},
-                     {n: {**q, "activation_scales": activation_scales(paths[precision][n])}
-                      for n, q in quant_info[precision].items()},
+                     {n: {**info, "activation_scales": activation_scales(paths[precision][n])}
+                      for n, info in quant_info[precision].items()},
                      [o.source for o in obs[n_parity:]], ObservationSet.from_observations(obs[n_parity:]).digest())
 
     report: dict[str, Any] = {

@@ -47,8 +47,8 @@ class GroupNormPerChannel(pattern.RewriteRuleClassBase):
             return result.fail("instance norm has its own affine", scale)
         per_channel = (x_shape[1],) + (1,) * (len(x_shape) - 2)
         for value in (gamma, beta):
-            if value.const_value is None or value.const_value.numpy().shape[-len(per_channel):] != per_channel \
-                    or value.const_value.numpy().size != x_shape[1]:
+            array = value.const_value.numpy() if value.const_value is not None else None
+            if array is None or array.size != x_shape[1] or array.shape[-len(per_channel):] != per_channel:
                 return result.fail(f"{value.name} is not a constant per-channel vector", value)
         return result
 

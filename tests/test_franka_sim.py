@@ -16,7 +16,6 @@ import zmq
 from vpp_edge.firmware_bridge.bridge import Bridge
 from vpp_edge.firmware_bridge.config import bridge_config_from_dict, load_bridge_config
 from vpp_edge.firmware_bridge.factory import make_driver
-
 from vpp_edge.runtime.engines.onnxruntime import OrtEngine
 from vpp_edge.runtime.transport import recv
 
@@ -188,7 +187,7 @@ def test_runtime_drives_the_arm_in_franky_sim(rig, exported, demo_episode, tmp_p
 
 def test_gripper_grasps_and_opens_without_stalling_the_servo_loop(rig):
     bridge, driver, client = rig
-    stamps = []
+    stamps, seen = [], []  # state stamps; measured closures, for the failure message
 
     def closure_reaches(value):
         client.target(np.array([0, 0, 0, 0, 0, 0, value]))
@@ -199,7 +198,6 @@ def test_gripper_grasps_and_opens_without_stalling_the_servo_loop(rig):
         seen.append(state.ee_pose[6])
         return abs(state.ee_pose[6] - value) < 0.1
 
-    seen = []
     assert wait_until(lambda: closure_reaches(1.0), timeout=10), \
         ("a closure of 1 grasps: the fingers close", seen[-3:], dict(bridge.counts))
     assert wait_until(lambda: closure_reaches(0.0), timeout=10), \
