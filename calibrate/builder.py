@@ -169,7 +169,7 @@ class ArtifactBuilder:
         self.status(f"{precision}/{name}")
         with atomic_dir(folder) as tmp:
             info = make(tmp / f"{name}.onnx")
-            info["entry"] = onnx_io.graph_entry(tmp / f"{name}.onnx", tmp, precision, self.options["opset"])
+            info["entry"] = onnx_io.graph_entry(tmp / f"{name}.onnx", tmp, precision)
             (tmp / "info.json").write_text(json.dumps(info, indent=1, default=str))
         built.append(f"{precision}/{name}")
         return folder
@@ -194,6 +194,18 @@ class ArtifactBuilder:
 
         return self._entry("fp16", name, key16, make, built), key16
 
+    def _kept(self, name: str, fp32: Path, key: str, built: list[str], precision: str) -> tuple[Path, str]:
+        """A graph INT8 ``precision`` keeps in float: the FP32 one, or its ONNX Runtime fusion."""
+        if not onnx_io.INT8_FORMATS[precision]["ort_fusions"]:
+            return fp32, key
+        key_fused = _sha(key, precision, "kept")[:20]
+
+        def make(path: Path) -> dict[str, Any]:
+            return {"graph": name, "precision": precision,
+                    "fusions": onnx_io.keep_float(fp32 / f"{name}.onnx", path, precision)}
+
+        return self._entry(precision, name, key_fused, make, built), key_fused
+
     def int8_settings(self, precision: str) -> dict[str, Any]:
         """Quantizer settings of an INT8 ``precision`` (``int8`` or ``int8_cpu``)."""
         return int8_settings(self.int8, self.options, precision)
@@ -212,12 +224,15 @@ class ArtifactBuilder:
         def make(path: Path) -> dict[str, Any]:
             feed_file = save_feeds(self.root / "feeds" / f"{name}-{digest[:20]}.npz", feeds)
             ranges = path.with_name(f"{name}{qdq.RANGES_SUFFIX}")
-            with onnx_io.quiet_tools():  # the histogram calibrators print their progress
-                qdq.compute_ranges(fp32 / f"{name}.onnx", feeds, method, s.get("options"), s["op_types"], ranges,
+            with onnx_io.graph_to_quantize(fp32 / f"{name}.onnx", precision) as (src, fusions), \
+                    onnx_io.quiet_tools():  # the histogram calibrators print their progress
+                qdq.compute_ranges(src, feeds, method, s.get("options"), s["op_types"], ranges,
                                    symmetric=onnx_io.INT8_FORMATS[precision]["symmetric"])
-                info = onnx_io.quantize_int8(fp32 / f"{name}.onnx", path, feeds, s["op_types"], s["exclude_modules"],
+                info = onnx_io.quantize_int8(src, path, feeds, s["op_types"], s["exclude_modules"],
                                              method, s.get("exclude_nodes", []), calibration_cache=ranges,
                                              variant=precision)
+            if fusions:
+                info["fusions"] = fusions
             scales = qdq.activation_scales(path)
             (path.parent / "scales.json").write_text(json.dumps(scales, indent=1))
             return {"graph": name, "precision": precision, "method": method, "calibrator_options": calib,
@@ -248,7 +263,7 @@ class ArtifactBuilder:
                 if name in self.int8_settings(p)["graphs"]:
                     entries[f"{p}/{name}"], keys[f"{p}/{name}"] = self._int8(name, fp32, key, preset, method, built, p)
                 else:  # e.g. the text graph: runs once per instruction, kept FP32
-                    entries[f"{p}/{name}"], keys[f"{p}/{name}"] = fp32, key
+                    entries[f"{p}/{name}"], keys[f"{p}/{name}"] = self._kept(name, fp32, key, built, p)
         sigmas = list(policy.action_head.sigmas)
         config_key = _sha(preset.to_dict(), self.base.normalizer.to_dict(), self._tok_sha, action_mode, sigmas,
                           sorted(keys.items()), method if set(INT8_PRECISIONS) & set(precisions) else None)[:16]

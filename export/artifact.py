@@ -223,12 +223,12 @@ def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, 
                 onnx_io.convert_fp16(src, dst, opts["fp16"]["keep_fp32_ops"])
             elif name in q["graphs"]:
                 feeds = [_feeds(name, r) for r in calib_refs]
-                quant_info[precision][name] = onnx_io.quantize_int8(
-                    src, dst, feeds, q["op_types"], q["exclude_modules"], q["calibration"], variant=precision)
+                with onnx_io.graph_to_quantize(src, precision) as (qsrc, fusions):
+                    info = onnx_io.quantize_int8(qsrc, dst, feeds, q["op_types"], q["exclude_modules"],
+                                                 q["calibration"], variant=precision)
+                quant_info[precision][name] = {**info, **({"fusions": fusions} if fusions else {})}
             else:  # e.g. the text graph: runs once per instruction, kept FP32
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                for f in [src, *onnx_io.external_files(src)]:
-                    shutil.copy2(f, dst.parent / f.name)
+                onnx_io.keep_float(src, dst, precision)
             paths[precision][name] = dst
             advance(f"{precision}/{name}")
         sessions[precision] = {n: onnx_io.session(p, threads) for n, p in paths[precision].items()}
@@ -284,7 +284,7 @@ def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, 
         "action_mode": action_mode,
         "action_mode_ms": mode_ms,
         "parity": "parity.json",
-        "graphs": {f"{p}/{n}": onnx_io.graph_entry(path, tmp, p, opts["opset"])
+        "graphs": {f"{p}/{n}": onnx_io.graph_entry(path, tmp, p)
                    for p, graph_paths in paths.items() for n, path in graph_paths.items()},
         "engines": {},
         "toolchain": _toolchain(),

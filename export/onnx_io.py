@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import re
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -89,9 +90,10 @@ def _is_large(path: Path) -> bool:
     return path.stat().st_size + sum(p.stat().st_size for p in external_files(path)) >= TWO_GB
 
 
-def graph_entry(path: Path, root: Path, precision: str, opset: int) -> dict:
+def graph_entry(path: Path, root: Path, precision: str) -> dict:
     """Manifest entry: file hash, external data, precision, opset, IO names/shapes/dtypes."""
     model = onnx.load(str(path), load_external_data=False)
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
     def specs(values: Iterable) -> list[dict]:
         out = []
@@ -233,13 +235,19 @@ INT8_FORMATS = {
 }
 
 
+# The ONNX Runtime graphs' opset: the first with ONNX's own Attention (see ort_rules).
+ORT_OPSET = 23
+
+
 def fuse_for_onnxruntime(src: Path, dst: Path) -> dict[str, int]:
     """ONNX Runtime contrib-op fusions of onnxscript (SDPA -> MultiHeadAttention, Gelu),
-    then the exact rewrites of :mod:`.ort_rules` for ONNX Runtime's CPU kernels: the graph
-    then runs on ONNX Runtime only. Returns how often each fusion and rule applied.
-    InstanceNormalization -> GroupNorm (optimize_for_ort's last step) is left out on
-    purpose: ONNX Runtime has no CPU kernel for GroupNorm."""
+    then the exact rewrites of :mod:`.ort_rules` for ONNX Runtime's CPU kernels, at opset
+    :data:`ORT_OPSET`: the graph then runs on ONNX Runtime only. Returns how often each
+    fusion and rule applied. InstanceNormalization -> GroupNorm (optimize_for_ort's last
+    step) is left out on purpose: ONNX Runtime has no CPU kernel for GroupNorm."""
     import onnx_ir as ir
+    from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveUnusedNodesPass
+    from onnxscript import version_converter
     from onnxscript.rewriter import rewrite
     from onnxscript.rewriter.ort_fusions import _core, fused_matmul_rule_sets, softmax
 
@@ -247,34 +255,70 @@ def fuse_for_onnxruntime(src: Path, dst: Path) -> dict[str, int]:
 
     model = ir.load(str(src))
     with quiet_tools():
+        version_converter.convert_version(model, ORT_OPSET)
         model, counts = _core.fuse_xformers(model)
         rewrite(model, [*softmax.rules.rules, *fused_matmul_rule_sets.fused_matmul_rule_sets()])
         counts.update(apply_rules(model))
+        # The quantiser takes only initializers for weights (a Constant is an activation to it);
+        # the rewrites leave replaced weights unused.
+        LiftConstantsToInitializersPass()(model)
+        RemoveUnusedNodesPass()(model)
     dst.parent.mkdir(parents=True, exist_ok=True)
     ir.save(model, str(dst), external_data=f"{dst.name}.data" if _is_large(src) else None)
     check(dst)
     return {k: v for k, v in counts.items() if v}
 
 
+def _int8_format(variant: str) -> dict:
+    if variant not in INT8_FORMATS:
+        raise ExportError(f"INT8 variant '{variant}' unknown; allowed: {sorted(INT8_FORMATS)}")
+    return INT8_FORMATS[variant]
+
+
+@contextlib.contextmanager
+def graph_to_quantize(src: Path, variant: str) -> Iterator[tuple[Path, dict[str, int]]]:
+    """The graph that INT8 ``variant`` calibrates and quantises, with the fusions applied to
+    it: ``src`` itself for TensorRT's format (its fusions are ONNX Runtime's own), the graph
+    of :func:`fuse_for_onnxruntime` (in a temporary folder) for ``int8_cpu``. Calibrate on
+    the graph you quantise: the rewrites name some tensors anew. The fusions keep node
+    names, so INT8 exclusions by module or node name still apply."""
+    if not _int8_format(variant)["ort_fusions"]:
+        yield src, {}
+        return
+    with tempfile.TemporaryDirectory(prefix="vpp-fuse-") as tmp:
+        fused = Path(tmp) / src.name
+        yield fused, fuse_for_onnxruntime(src, fused)
+
+
+def keep_float(src: Path, dst: Path, variant: str) -> dict[str, int]:
+    """A graph that INT8 ``variant`` leaves in float (the text encoder, say): a copy of
+    ``src`` for TensorRT's format, the graph of :func:`fuse_for_onnxruntime` for
+    ``int8_cpu``, whose whole chain runs on ONNX Runtime. Returns the fusions applied."""
+    if _int8_format(variant)["ort_fusions"]:
+        return fuse_for_onnxruntime(src, dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    for f in [src, *external_files(src)]:
+        shutil.copy2(f, dst.parent / f.name)
+    return {}
+
+
 def quantize_int8(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]], op_types: Sequence[str],
                   exclude_modules: Sequence[str], method: str, exclude_nodes: Sequence[str] = (),
                   calibration_cache: Path | None = None, variant: str = "int8") -> dict:
-    """Explicit (QDQ) INT8 in the format of ``variant`` (see :data:`INT8_FORMATS`): per-channel
-    int8 weights, activations calibrated on real observations; returns what was excluded.
-    ``exclude_nodes``: node-name regexes also kept in float. ``calibration_cache``: ONNX
-    Runtime's JSON of activation ranges: read instead of calibrating when it exists,
-    else written."""
+    """Explicit (QDQ) INT8 in the format of ``variant`` (see :data:`INT8_FORMATS`) of ``src``
+    (as :func:`graph_to_quantize` gives it): per-channel int8 weights, activations calibrated
+    on real observations; returns what was excluded. ``exclude_nodes``: node-name regexes
+    also kept in float. ``calibration_cache``: ONNX Runtime's JSON of activation ranges:
+    read instead of calibrating when it exists, else written."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
     if method not in methods:
         raise ExportError(f"INT8 calibration '{method}' unknown; allowed: {sorted(methods)}")
-    if variant not in INT8_FORMATS:
-        raise ExportError(f"INT8 variant '{variant}' unknown; allowed: {sorted(INT8_FORMATS)}")
+    fmt = _int8_format(variant)
     if not calibration and not (calibration_cache and Path(calibration_cache).is_file()):
         raise ExportError(f"{src.name}: INT8 calibration needs at least one observation")
-    fmt = INT8_FORMATS[variant]
     excluded = nodes_matching(src, exclude_modules, op_types)
     if exclude_nodes:
         rx = [re.compile(p) for p in exclude_nodes]
@@ -282,22 +326,14 @@ def quantize_int8(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]
         excluded += [n.name for n in model.graph.node
                      if n.name not in excluded and any(r.search(n.name) for r in rx)]
     dst.parent.mkdir(parents=True, exist_ok=True)
-    large = _is_large(src)
-    info: dict = {}
-    with contextlib.ExitStack() as stack:
-        if fmt["ort_fusions"]:  # the fusions keep node names, so the exclusions above still apply
-            fused = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vpp-fuse-"))) / src.name
-            info["fusions"] = fuse_for_onnxruntime(src, fused)
-            src = fused
-        # No ORT pre-processing for TensorRT's graphs: its fusions are ORT-specific.
-        with quiet_tools():
-            quantize_static(str(src), str(dst), _Feeds(calibration), quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=list(op_types), per_channel=True, weight_type=QuantType.QInt8,
-                            activation_type=getattr(QuantType, fmt["activation"]), nodes_to_exclude=excluded,
-                            calibrate_method=methods[method], use_external_data_format=large,
-                            calibration_cache_path=calibration_cache,
-                            extra_options={"ActivationSymmetric": fmt["symmetric"], "WeightSymmetric": True})
+    with quiet_tools():
+        quantize_static(str(src), str(dst), _Feeds(calibration), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=list(op_types), per_channel=True, weight_type=QuantType.QInt8,
+                        activation_type=getattr(QuantType, fmt["activation"]), nodes_to_exclude=excluded,
+                        calibrate_method=methods[method], use_external_data_format=_is_large(src),
+                        calibration_cache_path=calibration_cache,
+                        extra_options={"ActivationSymmetric": fmt["symmetric"], "WeightSymmetric": True})
     check(dst)
     model = onnx.load(str(dst), load_external_data=False)
     n_q = sum(1 for n in model.graph.node if n.op_type == "QuantizeLinear")
-    return {"excluded_nodes": len(excluded), "quantize_nodes": n_q, **info}
+    return {"excluded_nodes": len(excluded), "quantize_nodes": n_q}

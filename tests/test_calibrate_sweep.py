@@ -13,6 +13,7 @@ import yaml
 from vpp_edge.calibrate.grid import spec_from_dict
 from vpp_edge.calibrate.runtime_config import load_runtime_config
 from vpp_edge.calibrate.sweep import run_sweep
+from vpp_edge.export.graphs import GRAPHS
 
 from tests.test_calibrate import MICRO
 
@@ -53,9 +54,11 @@ def test_sweep_measures_every_point_and_reuses_graphs(swept):
         assert r["peak_rss_mb"] > r["engine_rss_mb"] > 0 and r["latency_repeats"] == 2
     # graphs are cached by what they compute: the scheduler-steps variant (same first noise
     # level with Karras sigmas) exports nothing, the INT8 points only quantize
-    # (the two INT8 points share one artifact; int8_cpu quantizes the TVP only: export/defaults.yaml)
+    # (the two INT8 points share one artifact; int8_cpu quantizes the TVP only, export/defaults.yaml,
+    # and fuses every graph for ONNX Runtime)
     assert len(rows["fp32"]["built"]) == 6
-    assert sorted(rows["int8"]["built"] + rows["int8_cpu"]["built"]) == ["int8/former", "int8/tvp", "int8_cpu/tvp"]
+    assert sorted(rows["int8"]["built"] + rows["int8_cpu"]["built"]) == \
+        ["int8/former", "int8/tvp", *sorted(f"int8_cpu/{g}" for g in GRAPHS)]
     assert rows["fp32 tvp_timesteps=10"]["built"] == []
     assert rows["fp32 tvp_timesteps=10"]["action_mse"] == rows["fp32"]["action_mse"]
     # calibration record and QDQ scales saved with the INT8 artifact
