@@ -52,8 +52,8 @@ def test_graphs_are_deterministic_and_quantised_as_asked(exported):
         assert not ops & {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial"}
         if key.startswith("int8/") and not key.endswith("/text"):
             assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
-        if key.startswith("int8_cpu/") and key != "int8_cpu/tvp":  # only the TVP is quantised for CPUs,
-            assert "QuantizeLinear" not in ops  # every graph fused for ONNX Runtime
+        if key.startswith("int8_cpu/") and key != "int8_cpu/tvp":  # only the TVP is quantised for CPUs;
+            assert "QuantizeLinear" not in ops  # the others are FP32, fused for ONNX Runtime
             assert manifest["graphs"][key]["opset"] == onnx_io.ORT_OPSET
         if key == "fp32/tvp":
             assert {"LayerNormalization", "Softmax", "MatMul"} <= ops  # native norms; attention as MatMul-Softmax
