@@ -280,8 +280,8 @@ def graph_to_quantize(src: Path, variant: str) -> Iterator[tuple[Path, dict[str,
     """The graph that INT8 ``variant`` calibrates and quantises, with the fusions applied to
     it: ``src`` itself for TensorRT's format (its fusions are ONNX Runtime's own), the graph
     of :func:`fuse_for_onnxruntime` (in a temporary folder) for ``int8_cpu``. Calibrate on
-    the graph you quantise: the rewrites name some tensors anew. The fusions keep node
-    names, so INT8 exclusions by module or node name still apply."""
+    the graph you quantise: the rewrites name some tensors anew. Convolutions keep their
+    node names and module paths through them, so INT8 exclusions still apply."""
     if not _int8_format(variant)["ort_fusions"]:
         yield src, {}
         return
