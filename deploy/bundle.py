@@ -6,8 +6,12 @@
     units/*.service            rendered systemd units
     config/deploy.json         the settings the target-side agent reads
     bin/vpp, bin/vpp-agent     launchers that put this release's code on PYTHONPATH
-    requirements-robot.txt     pinned robot-side packages (from requirements/lock.txt)
-    constraints.txt            requirements/lock.txt, so their dependencies get the same pins
+    requirements-robot.txt     pinned robot-side packages: the profile's robot lock (resolved for
+                               the target's platform and CPython, e.g. requirements/robot-jp6.txt),
+                               else pinned from requirements/lock.txt
+    constraints.txt            that lock, so their dependencies get the same pins
+    wheelhouse/*.whl           the robot lock's wheels for the target (profiles with wheelhouse:
+                               true, unless --online): the target installs them with --no-index
     BUNDLE.json, SHA256SUMS    every file's SHA-256; the bundle id is the hash of that table
 
 Deterministic: the same code, artifact and settings give the same bytes and the same id,
@@ -20,7 +24,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import re
 import shlex
 import shutil
 import tomllib
@@ -36,6 +39,7 @@ from vpp_edge.files import atomic_dir
 
 from .checksums import BUNDLE_FILE, SUMS_FILE, BundleError, bundle_id, manifest_text, sha256_file, sums_text
 from .units import render_units
+from .wheels import WheelError, lock_file, normalize, read_pins, repo_file
 
 SKIP_DIRS = {"__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache"}
 SKIP_SUFFIXES = (".pyc", ".pyo", ".tmp", ".swp")
@@ -130,33 +134,45 @@ def _tree(root: Path) -> list[Path]:
     return out
 
 
-def _normalize(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def robot_requirements(names: list[str], lock: Path) -> str:
     """requirements-robot.txt: ``names`` pinned to the versions in the lock file."""
-    pins = {}
-    for line in lock.read_text().splitlines():
-        m = re.match(r"^([A-Za-z0-9_.-]+)==(\S+)", line.strip())
-        if m:
-            pins[_normalize(m.group(1))] = f"{m.group(1)}=={m.group(2)}"
-    missing = [n for n in names if _normalize(n) not in pins]
+    pins = read_pins(lock.read_text())
+    missing = [n for n in names if normalize(n) not in pins]
     if missing:
         raise BundleError(f"{lock}: no pin for robot requirement(s) {', '.join(missing)}")
-    lines = [pins[_normalize(n)] for n in names]
-    return ("# Robot-side packages of vpp-edge, pinned from requirements/lock.txt (written by `vpp deploy`).\n"
+    lines = [pins[normalize(n)] for n in names]
+    return (f"# Robot-side packages of vpp-edge, pinned from {lock.name} (written by `vpp deploy`).\n"
             "# No torch: the runtime runs the artifact's ONNX graphs (ONNX Runtime) or TensorRT engines.\n"
             + "\n".join(lines) + "\n")
 
 
 def find_lock_file() -> Path:
     """requirements/lock.txt of the source tree this vpp-edge runs from."""
-    for base in (_package_dir("vpp_edge").parent, Path.cwd()):
-        lock = base / "requirements" / "lock.txt"
-        if lock.is_file():
-            return lock
-    raise BundleError("requirements/lock.txt not found beside the vpp-edge sources (run from the repository)")
+    try:
+        return repo_file("requirements/lock.txt")
+    except WheelError as exc:
+        raise BundleError(str(exc)) from None
+
+
+def robot_lock(cfg: dict[str, Any], lock: Path | None = None) -> tuple[str, str]:
+    """(requirements-robot.txt, constraints.txt): the profile's robot lock as both (every
+    pin, resolved for the target), else the robot packages pinned from the workstation lock
+    and that lock as constraints."""
+    profile_lock = lock_file(cfg["profile"])
+    if profile_lock is not None:
+        missing = [n for n in cfg["robot_requirements"] if normalize(n) not in read_pins(profile_lock.read_text())]
+        if missing:
+            raise BundleError(f"{profile_lock}: no pin for robot requirement(s) {', '.join(missing)} "
+                              f"(python -m vpp_edge.deploy.wheels lock {cfg['profile']['name']})")
+        text = profile_lock.read_text()
+        return text, text
+    lock = lock or find_lock_file()
+    return robot_requirements(cfg["robot_requirements"], lock), lock.read_text()
+
+
+def offline(cfg: dict[str, Any]) -> bool:
+    """Whether the target installs from the bundle's wheelhouse (``--no-index``)."""
+    return bool(cfg["profile"].get("wheelhouse")) and not cfg["online"] and not cfg["python"]
 
 
 def shipped_precisions(cfg: dict[str, Any]) -> list[str] | None:
@@ -212,12 +228,16 @@ def add_artifact(bundle: Bundle, artifact: Path, precisions: list[str] | None = 
 def target_settings(cfg: dict[str, Any], units: list[str]) -> dict[str, Any]:
     """config/deploy.json: what the agent on the target needs (no workstation paths)."""
     keys = ("install_root", "python", "venv_python", "service_manager", "unit_dir", "sudo", "robot", "keep_releases", "engines",
-            "selftest", "health", "timeouts", "robot_modules", "profile")
-    return {"vpp_edge_version": __version__, **{k: cfg[k] for k in keys}, "units": units}
+            "selftest", "health", "timeouts", "profile", "allow_cpu_fallback")
+    modules = [*cfg["robot_modules"], *cfg["profile"].get("robot_modules", [])]
+    return {"vpp_edge_version": __version__, **{k: cfg[k] for k in keys}, "robot_modules": modules,
+            "offline": offline(cfg), "units": units}
 
 
-def plan_bundle(cfg: dict[str, Any], artifact: str | Path, user: str, lock: Path | None = None) -> Bundle:
-    """Everything the bundle will hold, hashed, without writing anything."""
+def plan_bundle(cfg: dict[str, Any], artifact: str | Path, user: str, lock: Path | None = None,
+                wheels: list[Path] = ()) -> Bundle:
+    """Everything the bundle will hold, hashed, without writing anything. ``wheels``: the
+    wheelhouse (``download_wheelhouse``) of an offline install."""
     artifact = Path(artifact)
     bundle = Bundle(artifact=artifact)
     for package, src in code_packages(cfg["code_exclude"]):
@@ -238,9 +258,11 @@ def plan_bundle(cfg: dict[str, Any], artifact: str | Path, user: str, lock: Path
     # The agent runs before the runtime's venv exists: the configured Python, or the system's.
     bundle.add_data("bin/vpp-agent", launcher.substitute(python=shlex.quote(cfg["python"] or cfg["venv_python"]),
                                                          module="vpp_edge.deploy.remote"), executable=True)
-    lock = lock or find_lock_file()
-    bundle.add_data("requirements-robot.txt", robot_requirements(cfg["robot_requirements"], lock))
-    bundle.add_data("constraints.txt", lock.read_text())  # pins the dependencies of the dependencies too
+    requirements, constraints = robot_lock(cfg, lock)
+    bundle.add_data("requirements-robot.txt", requirements)
+    bundle.add_data("constraints.txt", constraints)  # pins the dependencies of the dependencies too
+    for wheel in wheels:
+        bundle.add_file(f"wheelhouse/{wheel.name}", wheel)
     return bundle
 
 

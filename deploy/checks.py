@@ -19,9 +19,12 @@ from pathlib import Path
 
 TEGRA_RELEASE = Path("/etc/nv_tegra_release")
 CUDA_ROOT = Path("/usr/local/cuda")
+CPUFREQ = Path("/sys/devices/system/cpu")
+PYTHON_MIN = "3.10"  # the robot side (runtime, bridge, deploy agent); the workstation needs 3.11
 # L4T release -> JetPack version (NVIDIA's release notes). Longest matching prefix wins.
 L4T_TO_JETPACK = {
-    "36.4.4": "6.2.1", "36.4.3": "6.2", "36.4": "6.1", "36.3": "6.0", "36.2": "6.0 DP",
+    "38.4": "7.1", "38.2": "7.0", "38": "7.x",
+    "36.4.7": "6.2.1", "36.4.4": "6.2.1", "36.4.3": "6.2", "36.4": "6.1", "36.3": "6.0", "36.2": "6.0 DP",
     "35.6": "5.1.4", "35.5": "5.1.3", "35.4": "5.1.2", "35.3": "5.1.1", "35.2": "5.1", "35.1": "5.0.2",
 }
 
@@ -74,12 +77,28 @@ def check_jetpack(profile: dict, release_file: Path = TEGRA_RELEASE) -> CheckRes
     if l4t is None:
         return CheckResult("JetPack", False, f"{release_file}: unrecognised content", required)
     jetpack = jetpack_for(l4t) or "unknown JetPack"
-    accepted = [str(v) for v in profile.get("l4t", [])]
-    ok = not accepted or _matches(l4t, accepted)
+    ok, supported = _in_range(l4t, profile, "l4t")
     found = f"L4T R{l4t} (JetPack {jetpack})"
     if not ok:
-        found += f"; supported: L4T {', '.join('R' + a for a in accepted)}"
+        found += f"; profile '{profile.get('name')}' supports L4T {supported}"
+        if profile.get("unsupported"):
+            found += f": {' '.join(str(profile['unsupported']).split())}"
     return CheckResult("JetPack", ok, found, required)
+
+
+def _in_range(version: str, profile: dict, key: str) -> tuple[bool, str]:
+    """Whether ``version`` is accepted by the profile's ``<key>`` prefixes (["36"] accepts
+    36.x), ``<key>_min`` (inclusive) and ``<key>_below`` (exclusive); and the accepted
+    range in words."""
+    accepted = [str(v) for v in profile.get(key, [])]
+    low, below = profile.get(f"{key}_min"), profile.get(f"{key}_below")
+    ok = (not accepted or _matches(version, accepted)) \
+        and (low is None or _version_tuple(version) >= _version_tuple(str(low))) \
+        and (below is None or _version_tuple(version) < _version_tuple(str(below)))
+    words = [" or ".join(f"{a}.x" for a in accepted)] if accepted else []
+    words += [f">= {low}"] if low is not None else []
+    words += [f"< {below}"] if below is not None else []
+    return ok, ", ".join(words) or "any"
 
 
 def cuda_version(root: Path = CUDA_ROOT) -> str | None:
@@ -110,9 +129,8 @@ def check_cuda(profile: dict, root: Path = CUDA_ROOT) -> CheckResult:
     version = cuda_version(root)
     if version is None:
         return CheckResult("CUDA", False, f"not found ({root}/version.json, nvcc)", required)
-    accepted = [str(v) for v in profile.get("cuda", [])]
-    ok = not accepted or _matches(version, accepted)
-    return CheckResult("CUDA", ok, f"{version}" + ("" if ok else f"; supported: {', '.join(accepted)}.x"), required)
+    ok, supported = _in_range(version, profile, "cuda")
+    return CheckResult("CUDA", ok, f"{version}" + ("" if ok else f"; supported: {supported}"), required)
 
 
 def tensorrt_libraries() -> str | None:
@@ -126,7 +144,9 @@ def tensorrt_libraries() -> str | None:
 
 
 def check_tensorrt(profile: dict, python: str) -> CheckResult:
-    """TensorRT Python bindings in the runtime's Python (what engine builds need)."""
+    """TensorRT Python bindings in ``python`` (what engine builds and the GPU path need).
+    TensorRT 8.x is refused by the profiles' ``tensorrt_min`` (10.3): its networks are
+    implicit-batch unless asked, and the runtime uses the TensorRT 10 tensor API."""
     required = bool(profile.get("require_tensorrt", False))
     code = ("import importlib.util, importlib.metadata as m\n"
             "s = importlib.util.find_spec('tensorrt')\n"
@@ -136,14 +156,15 @@ def check_tensorrt(profile: dict, python: str) -> CheckResult:
     except (OSError, subprocess.SubprocessError):
         bindings = ""
     libs = tensorrt_libraries()
-    fallback = "" if required else "; engines cannot be built: the runtime falls back to ONNX Runtime"
+    fallback = ("; the GPU path is required: install JetPack's TensorRT Python bindings for this Python "
+                "(sudo apt-get install python3-libnvinfer) or deploy with --allow-cpu-fallback" if required
+                else "; engines cannot be built: the runtime falls back to ONNX Runtime")
     if not bindings:
-        where = f"libraries {libs} present but no Python bindings for {python}" if libs else "not installed"
+        where = f"libraries {libs} present but no Python bindings for {python}" if libs else f"not importable by {python}"
         return CheckResult("TensorRT", False, f"{where}{fallback}", required)
-    accepted = [str(v) for v in profile.get("tensorrt", [])]
-    ok = not accepted or _matches(bindings, accepted)
-    return CheckResult("TensorRT", ok, f"{bindings} (Python bindings)"
-                       + ("" if ok else f"; supported: {', '.join(accepted)}{fallback}"), required)
+    ok, supported = _in_range(bindings, profile, "tensorrt")
+    return CheckResult("TensorRT", ok, f"{bindings} (Python bindings, {python})"
+                       + ("" if ok else f"; supported: {supported}{fallback}"), required)
 
 
 def check_python(profile: dict, python: str) -> CheckResult:
@@ -153,7 +174,7 @@ def check_python(profile: dict, python: str) -> CheckResult:
         version, exe = out.stdout.split()
     except (OSError, subprocess.SubprocessError, ValueError):
         return CheckResult("Python", False, f"{python}: cannot run it")
-    minimum = str(profile.get("python_min", "3.11"))
+    minimum = str(profile.get("python_min", PYTHON_MIN))
     ok = _version_tuple(version) >= _version_tuple(minimum)
     return CheckResult("Python", ok, f"{version} ({exe})" + ("" if ok else f"; vpp-edge needs >= {minimum}"))
 
@@ -206,9 +227,53 @@ def check_service_manager(command: list[str]) -> CheckResult:
     return CheckResult("service manager", ok, f"{' '.join(command)} is-system-running: {state}{hint}")
 
 
+def nvpmodel_mode(nvpmodel: str = "nvpmodel") -> str | None:
+    """The power mode's name from `nvpmodel -q` ('NV Power Mode: MAXN' then its number)."""
+    try:
+        out = subprocess.run([nvpmodel, "-q"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"NV Power Mode:\s*(\S+)", out)
+    return m.group(1) if m else None
+
+
+def clocks_locked(cpufreq: Path = CPUFREQ) -> bool | None:
+    """Whether `jetson_clocks` is on: it pins every online CPU's minimum frequency to its
+    maximum (sysfs, readable without root; `jetson_clocks --show` needs root). None: no cpufreq."""
+    cpus = sorted(cpufreq.glob("cpu[0-9]*/cpufreq"))
+    if not cpus:
+        return None
+    try:
+        return all((c / "scaling_min_freq").read_text().strip() == (c / "cpuinfo_max_freq").read_text().strip()
+                   for c in cpus)
+    except OSError:
+        return None
+
+
+def check_power(profile: dict, nvpmodel: str = "nvpmodel", cpufreq: Path = CPUFREQ) -> CheckResult:
+    """Power mode (`nvpmodel -q`) and `jetson_clocks`: a warning, never a failure, when the
+    mode is not one of the profile's ``power.max_modes`` or the clocks float."""
+    max_modes = [str(m) for m in (profile.get("power") or {}).get("max_modes", [])]
+    mode = nvpmodel_mode(nvpmodel)
+    if mode is None:
+        return CheckResult("power mode", not max_modes, f"{nvpmodel} -q: no answer"
+                           + ("; cannot tell whether the Jetson runs at full power" if max_modes else ""), False)
+    locked = clocks_locked(cpufreq)
+    clocks = {True: "jetson_clocks on", False: "jetson_clocks off (clocks scale with load)",
+              None: "jetson_clocks unknown"}[locked]
+    ok = (not max_modes or mode in max_modes) and locked is not False
+    hint = "" if ok else (f"; latency figures assume {'/'.join(max_modes) or 'the maximum mode'} with fixed clocks: "
+                          "sudo nvpmodel -m 0 && sudo jetson_clocks")
+    return CheckResult("power mode", ok, f"{mode}, {clocks}{hint}", False)
+
+
 def run_checks(profile: dict, python: str, root: Path, service_manager: list[str]) -> list[CheckResult]:
-    return [check_jetpack(profile), check_cuda(profile), check_tensorrt(profile, python), check_python(profile, python),
-            check_memory(profile), check_disk(profile, root), check_service_manager(service_manager)]
+    results = [check_jetpack(profile), check_cuda(profile), check_tensorrt(profile, python),
+               check_python(profile, python), check_memory(profile), check_disk(profile, root),
+               check_service_manager(service_manager)]
+    if profile.get("require_jetson"):
+        results.append(check_power(profile))
+    return results
 
 
 def import_check(python: str, modules: list[str]) -> CheckResult:

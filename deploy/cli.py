@@ -15,11 +15,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "its artifact, backend and precision replace --artifact and the runtime settings")
     p.add_argument("--robot", help="robot of the runtime and bridge units: sim | panda | xarm_xhand (default sim)")
     p.add_argument("--install-root", help="folder on the target (default /opt/vpp-edge)")
-    p.add_argument("--profile", help="target requirements: jetson-orin | linux | a YAML (default jetson-orin)")
+    p.add_argument("--profile", help="target: jetson-orin-jp6 (JetPack 6.2) | jetson-orin-jp7 (JetPack 7) | linux | "
+                   "a YAML (default jetson-orin = jetson-orin-jp6)")
+    p.add_argument("--online", action="store_true", default=None,
+                   help="the target installs its packages from the package index (default on Jetson profiles: "
+                   "from the bundle's wheelhouse, with no network)")
+    p.add_argument("--allow-cpu-fallback", action="store_true", default=None,
+                   help="deploy to a Jetson profile without TensorRT: the runtime runs ONNX Runtime on the CPU")
     p.add_argument("--python", help="Python on the target to run vpp-edge with, as it is (default: a venv at "
                    "INSTALL_ROOT/venv with the bundle's requirements-robot.txt)")
-    p.add_argument("--venv-python", help="Python on the target that creates that venv (default python3; "
-                   "JetPack 6: python3.11)")
+    p.add_argument("--venv-python", help="Python on the target that creates that venv with --system-site-packages "
+                   "and runs the deploy agent (default: the profile's system_python, JetPack 6.2: /usr/bin/python3.10)")
     p.add_argument("--service-manager", help="systemctl-compatible command on the target (default systemctl; "
                    "without systemd: 'PY -m vpp_edge.deploy.supervisor --unit-dir D --state-dir S')")
     p.add_argument("--unit-dir", help="where the units go on the target (default /etc/systemd/system)")
@@ -48,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         args.artifact = recommended.artifact
         runtime = {"backend": recommended.backend, "precision": recommended.precision}
     cfg = load_config(args.config, install_root=args.install_root, profile=args.profile, python=args.python,
-                      venv_python=args.venv_python,
+                      venv_python=args.venv_python, online=args.online, allow_cpu_fallback=args.allow_cpu_fallback,
                       service_manager=args.service_manager, unit_dir=args.unit_dir, robot=args.robot,
                       bridge=False if args.no_bridge else None, runtime=runtime)
     load_robot_config(cfg["robot"])  # a typo fails here, not as a crash-looping unit on the robot

@@ -53,6 +53,8 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> dict[str, A
         _merge(cfg, _read_yaml(Path(path)), str(path))
     _merge(cfg, {k: v for k, v in overrides.items() if v is not None}, "command line")
     cfg["profile"] = load_profile(cfg["profile"])
+    if cfg["venv_python"] is None:  # the Python that sees the target's system packages (JetPack's TensorRT)
+        cfg["venv_python"] = cfg["profile"].get("system_python", "python3")
     if not str(cfg["install_root"]).startswith("/"):
         raise DeployConfigError(f"install_root must be an absolute path on the target, got '{cfg['install_root']}'")
     if cfg["sudo"] not in ("auto", "always", "never"):
@@ -75,4 +77,8 @@ def load_profile(name_or_path: str | dict) -> dict[str, Any]:
             raise DeployConfigError(f"target profile '{name_or_path}' unknown; known: {', '.join(known)}")
     profile = _read_yaml(path)
     profile.setdefault("name", path.stem)
+    base = profile.pop("extends", None)
+    if base:  # a profile that changes a few fields of another (by name or path, relative to this one)
+        parent = load_profile(base if not str(base).endswith(".yaml") else str(path.parent / base))
+        profile = {**parent, **profile}
     return profile

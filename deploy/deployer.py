@@ -21,8 +21,9 @@ from typing import Any, Callable
 from vpp_edge.errors import VPPError
 from vpp_edge.export.manifest import MANIFEST_FILE
 
-from .bundle import Bundle, plan_bundle, write_bundle
+from .bundle import Bundle, offline, plan_bundle, write_bundle
 from .ssh import SSHTarget, require_tools, rsync_stats, run
+from .wheels import WheelError, download_wheelhouse, lock_file
 
 
 class DeployError(VPPError):
@@ -62,8 +63,24 @@ class Deployment:
         self.out(msg)
 
     # -- plan ------------------------------------------------------------------
-    def plan(self) -> Bundle:
-        return plan_bundle(self.cfg, self.artifact, self.user)
+    def plan(self, wheels: list[Path] = ()) -> Bundle:
+        return plan_bundle(self.cfg, self.artifact, self.user, wheels=wheels)
+
+    def wheelhouse(self) -> list[Path]:
+        """The robot lock's wheels for the target (offline installs), downloaded once into
+        the workstation's cache folder; [] when the target installs from the index."""
+        if not offline(self.cfg):
+            return []
+        profile = self.cfg["profile"]
+        dest = Path(self.cfg["wheelhouse_cache"]) / profile["name"]
+        try:
+            wheels = download_wheelhouse(profile, dest, timeout=self.cfg["timeouts"]["pip"])
+        except WheelError as exc:
+            raise DeployError(f"{exc}; deploy with --online to let the target install from the package index") from None
+        size = sum(w.stat().st_size for w in wheels)
+        self.say(f"  wheelhouse: {len(wheels)} wheels, {size / 2**20:.1f} MiB for {profile['platform']['arch']} "
+                 f"CPython {profile['python']} ({lock_file(profile).name}, cached in {dest})")
+        return wheels
 
     def _agent(self, release: str, step: str, timeout: float) -> list[str]:
         agent = f"{self.root}/releases/{release}/bin/vpp-agent"
@@ -87,7 +104,9 @@ class Deployment:
                                                 f"{self.root}/current/artifact/" if link else None,
                                                 files_from=str(self._artifact_list(bundle_id)))
         env = ("use the configured Python" if self.cfg["python"]
-               else f"venv {self.root}/venv + requirements-robot.txt")
+               else f"venv {self.root}/venv from {self.cfg['venv_python']} (--system-site-packages) + "
+                    "requirements-robot.txt" + (" from the bundle's wheelhouse, offline" if offline(self.cfg)
+                                                else " from the package index"))
         settle = self.cfg["health"]["settle_s"]
         a = self._agent
         return [
@@ -151,7 +170,7 @@ class Deployment:
 
     def run(self, dry_run: bool = False, force: bool = False) -> int:
         start = time.monotonic()
-        bundle = self.plan()
+        bundle = self.plan(wheels=[] if dry_run else self.wheelhouse())
         bid = bundle.id
         self.say(f"vpp deploy: bundle {bid} ({len(bundle.files)} files, {bundle.size / 2**20:.1f} MiB: code, "
                  f"artifact {self.artifact}, units, settings) -> {self.target}:{self.root} "
@@ -207,6 +226,10 @@ class Deployment:
     def _dry_run(self, bid: str) -> int:
         prev = "<current>"
         self.say("dry run: nothing is written, copied or run. The steps would be:")
+        if offline(self.cfg):
+            self.say(f"  first, the wheels of {lock_file(self.cfg['profile']).name} for the target are downloaded into "
+                     f"{self.cfg['wheelhouse_cache']}/{self.cfg['profile']['name']} and ship as the bundle's "
+                     "wheelhouse/ (the bundle id above does not count them)")
         self.say("[0] read the target's current release (equal to this bundle: nothing to do)")
         self.say("      $ " + shlex.join(self.status_command()))
         for i, step in enumerate(self.steps(bid, prev), 1):

@@ -56,6 +56,9 @@ class Agent:
         except (OSError, ValueError) as exc:
             raise StepFailed(f"{release}/config/deploy.json: cannot read ({exc})") from None
         self.root = Path(self.cfg["install_root"])
+        # --allow-cpu-fallback: a profile's TensorRT requirement becomes a warning
+        self.gpu_required = bool(self.cfg["profile"].get("require_tensorrt")) and not self.cfg.get("allow_cpu_fallback")
+        self.profile = {**self.cfg["profile"], "require_tensorrt": self.gpu_required}
         self.id = release.name
         self.python = self.cfg["python"] or str(self.root / "venv" / "bin" / "python")
         self.sm = shlex.split(self.cfg["service_manager"])
@@ -134,8 +137,9 @@ class Agent:
         say(f"  {n} files, {size / 2**20:.1f} MiB match BUNDLE.json (bundle {self.id})")
 
     def check(self) -> None:
-        profile = self.cfg["profile"]
-        say(f"  profile '{profile.get('name')}'")
+        profile = self.profile
+        say(f"  profile '{profile.get('name')}'" + (" (--allow-cpu-fallback: TensorRT optional)"
+                                                    if self.cfg.get("allow_cpu_fallback") else ""))
         python = self.python if Path(self.python).exists() or self.cfg["python"] else sys.executable
         results = checks.run_checks(profile, python, self.root, (["sudo", "-n"] if self.sudo_sm else []) + self.sm)
         for r in results:
@@ -145,20 +149,29 @@ class Agent:
             raise StepFailed("; ".join(f"{r.name}: {r.found}" for r in failed))
 
     def env(self) -> None:
-        """The runtime's Python: the configured one as it is, or a venv with requirements-robot.txt."""
+        """The runtime's Python: the configured one as it is, or a venv with requirements-robot.txt
+        made from this agent's Python (the one that sees the system's TensorRT bindings), with
+        --system-site-packages; then TensorRT is checked inside it."""
         if not self.cfg["python"]:
             venv = self.root / "venv"
             requirements = self.release / "requirements-robot.txt"
             constraints = self.release / "constraints.txt"
+            offline = bool(self.cfg.get("offline"))
             digest = hashlib.sha256(requirements.read_bytes() + constraints.read_bytes()).hexdigest()
             stamp = venv / ".requirements.sha256"
+            stale = venv_mismatch(venv)
+            if stale:
+                say(f"  {venv}: {stale}: made again")
+                shutil.rmtree(venv)
             if not (venv / "bin" / "python").exists():
-                # system site packages: JetPack's TensorRT Python bindings live there
                 self._run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], "service",
                           hint=f"on Debian/Ubuntu: sudo apt-get install python{sys.version_info[0]}.{sys.version_info[1]}-venv")
             if not stamp.is_file() or stamp.read_text().strip() != digest:
+                source = (["--no-index", "--find-links", str(self.release / "wheelhouse")] if offline else [])
                 self._run([str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check",
-                           "-r", str(requirements), "-c", str(constraints)], "pip")
+                           *source, "-r", str(requirements), "-c", str(constraints)], "pip",
+                          hint="offline, from the bundle's wheelhouse: a wheel missing for this Python/platform?"
+                          if offline else "")
                 stamp.write_text(digest + "\n")
             else:
                 say(f"  {venv}: requirements unchanged")
@@ -168,6 +181,10 @@ class Agent:
         say("  " + result.line())
         if result.failed:
             raise StepFailed(result.found)
+        gpu = checks.check_tensorrt(self.profile, self.python)  # in the venv, now that it exists
+        say("  " + gpu.line())
+        if gpu.failed:
+            raise StepFailed(f"TensorRT in the runtime's Python: {gpu.found}")
 
     def _run(self, argv: list[str], timeout_key: str, hint: str = "") -> None:
         say(f"  $ {shlex.join(argv)}")
@@ -192,6 +209,10 @@ class Agent:
         code = self._vpp("build-engines", str(artifact), "--precisions", ",".join(eng["precisions"]),
                          "--workspace-gb", str(eng["workspace_gb"]), timeout=self.cfg["timeouts"]["build_engines"])
         if code == EXIT_NO_TENSORRT:
+            if self.gpu_required:
+                raise StepFailed(f"TensorRT is not importable by {self.python}: no engines, no GPU path; profile "
+                                 f"'{self.profile.get('name')}' requires it (deploy with --allow-cpu-fallback to run "
+                                 "ONNX Runtime on the CPU instead)")
             say("  TensorRT not available on the target: no engines built; the runtime falls back to "
                 "ONNX Runtime on the artifact's ONNX graphs")
             return
@@ -308,6 +329,23 @@ class Agent:
             (self.root / "current").unlink()
         self._log(result="failed-no-previous")
         say("  no previous release to go back to: services stopped")
+
+
+def venv_mismatch(venv: Path, python: str = sys.executable) -> str | None:
+    """Why an existing venv cannot serve as the runtime's (None: it can): made without the
+    system site packages (JetPack's TensorRT bindings live there) or from another Python."""
+    cfg = venv / "pyvenv.cfg"
+    if not cfg.is_file():
+        return None
+    settings = dict((k.strip(), v.strip()) for k, _, v in
+                    (line.partition("=") for line in cfg.read_text().splitlines() if "=" in line))
+    if settings.get("include-system-site-packages", "false").lower() != "true":
+        return "made without --system-site-packages"
+    version = settings.get("version") or settings.get("version_info", "")
+    want = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    if version and not (version == want or version.startswith(want + ".")):
+        return f"made by Python {version}, not {want} ({python})"
+    return None
 
 
 STEPS = {"verify": Agent.verify, "check": Agent.check, "env": Agent.env, "stop": Agent.stop,

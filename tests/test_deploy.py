@@ -151,7 +151,7 @@ def test_bundle_refuses_an_artifact_changed_after_export(exported, tmp_path):
 def test_deploy_settings_are_checked():
     with pytest.raises(DeployConfigError, match=r"unknown deploy setting 'helth'.*did you mean 'health'"):
         load_config(helth={"settle_s": 1})
-    with pytest.raises(DeployConfigError, match=r"target profile 'jetson-xavier' unknown; known: jetson-orin, linux"):
+    with pytest.raises(DeployConfigError, match=r"target profile 'jetson-xavier' unknown; known: jetson-orin, jetson-orin-jp6, jetson-orin-jp7, linux"):
         load_config(profile="jetson-xavier")
     with pytest.raises(DeployConfigError, match="absolute path"):
         load_config(install_root="opt/vpp")
@@ -185,6 +185,10 @@ def test_dry_run_prints_every_step_and_runs_nothing(exported, tmp_path, capsys, 
         assert any(c.startswith("ssh ") and f"bin/vpp-agent {step}'" in c for c in commands), step
     assert "reactivate --failed" in out and "deactivate" in out
     assert "robot panda" in out
+    # the default profile (JetPack 6.2): the robot lock's aarch64 wheels ship, the target installs offline
+    assert "first, the wheels of robot-jp6.txt for the target are downloaded" in out
+    assert "venv /opt/vpp-edge/venv from /usr/bin/python3.10 (--system-site-packages)" in out
+    assert "from the bundle's wheelhouse, offline" in out
 
 
 # -- target checks ------------------------------------------------------------

@@ -1,0 +1,255 @@
+"""Deploy targets as data: the JetPack 6.2 / 7 profiles and what the target checks make of
+a Jetson, the robot locks resolved for linux aarch64 and the target's CPython, the offline
+wheelhouse install and the TensorRT requirement of the deploy agent.
+
+Fakes only at vendor boundaries, and said so where they are: `/etc/nv_tegra_release`,
+`nvpmodel`, the cpufreq sysfs tree and a stand-in `tensorrt` distribution (8.6 / 10.3).
+The lock test asks the package index (PyPI) and skips without network. No torch here.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from vpp_edge.deploy import checks, remote
+from vpp_edge.deploy.bundle import offline, robot_lock, target_settings
+from vpp_edge.deploy.config import load_config, load_profile
+from vpp_edge.deploy.wheels import WheelError, check_lock, platform_tags, read_pins, repo_file, target_options
+
+TEGRA = "# R{major} (release), REVISION: {rev}, GCID: 38968081, BOARD: generic, EABI: aarch64, DATE: x\n"
+
+
+def _tegra(tmp_path: Path, l4t: str) -> Path:
+    """A stand-in /etc/nv_tegra_release (vendor file) for L4T ``l4t``."""
+    major, rev = l4t.split(".", 1)
+    path = tmp_path / f"nv_tegra_release-{l4t}"
+    path.write_text(TEGRA.format(major=major, rev=rev))
+    return path
+
+
+def _python_with_tensorrt(tmp_path: Path, version: str | None) -> str:
+    """A launcher of this Python that sees a stand-in `tensorrt` distribution of ``version``
+    (the vendor's Python bindings; None: no TensorRT at all)."""
+    site = tmp_path / f"site-trt-{version}"
+    if version:
+        (site / "tensorrt").mkdir(parents=True, exist_ok=True)
+        (site / "tensorrt" / "__init__.py").write_text(f"__version__ = '{version}'\n")
+        info = site / f"tensorrt-{version}.dist-info"
+        info.mkdir(exist_ok=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: tensorrt\nVersion: {version}\n")
+    else:
+        site.mkdir(parents=True, exist_ok=True)
+    launcher = tmp_path / f"python-trt-{version}"
+    launcher.write_text(f"#!/bin/sh\nPYTHONPATH={site} exec {sys.executable} -S \"$@\"\n")
+    launcher.chmod(0o755)
+    return str(launcher)
+
+
+# -- profiles -------------------------------------------------------------------
+
+def test_profiles_name_the_jetpack_targets():
+    jp6, jp7, default = load_profile("jetson-orin-jp6"), load_profile("jetson-orin-jp7"), load_profile("jetson-orin")
+    assert default == {**jp6, "name": "jetson-orin"}  # the default is JetPack 6.2 by `extends`
+    assert (jp6["python"], jp6["cuda"], jp6["tensorrt_min"], jp6["system_python"]) == \
+        ("3.10", ["12.6"], "10.3", "/usr/bin/python3.10")
+    assert (jp7["python"], jp7["cuda"], jp7["platform"]["glibc"]) == ("3.12", ["13"], "2.39")
+    for profile in (jp6, jp7):
+        assert profile["require_tensorrt"] and profile["wheelhouse"] and profile["platform"]["arch"] == "aarch64"
+        assert "cuda-python" in read_pins(repo_file(profile["lock"]).read_text())
+    assert read_pins(repo_file(jp6["lock"]).read_text())["cuda-python"] == "cuda-python==12.6.2.post1"
+    assert read_pins(repo_file(jp7["lock"]).read_text())["cuda-python"].startswith("cuda-python==13.0.")
+    # the robot side runs on JetPack 6's Python 3.10; the venv comes from the Python that sees TensorRT
+    assert checks.PYTHON_MIN == "3.10" and load_profile("linux")["python_min"] == "3.10"
+    assert load_config()["venv_python"] == "/usr/bin/python3.10"
+    assert load_config(profile="jetson-orin-jp7")["venv_python"] == "/usr/bin/python3.12"
+    assert load_config(profile="linux")["venv_python"] == "python3"
+
+
+def test_jetpack_check_accepts_6_2_and_refuses_6_0_and_6_1(tmp_path):
+    jp6, jp7 = load_profile("jetson-orin-jp6"), load_profile("jetson-orin-jp7")
+    for l4t, jetpack in (("36.4.3", "6.2"), ("36.4.4", "6.2.1")):
+        r = checks.check_jetpack(jp6, _tegra(tmp_path, l4t))
+        assert r.ok and r.found == f"L4T R{l4t} (JetPack {jetpack})"
+    for l4t, jetpack in (("36.4.0", "6.1"), ("36.3.0", "6.0")):
+        r = checks.check_jetpack(jp6, _tegra(tmp_path, l4t))
+        assert r.failed and f"(JetPack {jetpack}); profile 'jetson-orin-jp6' supports L4T >= 36.4.3, < 37" in r.found
+        assert "JetPack 6.0 (L4T R36.3: TensorRT 8.6, CUDA 12.2) and 6.1 (R36.4.0) are not supported" in r.found
+    r = checks.check_jetpack(jp7, _tegra(tmp_path, "38.2.0"))
+    assert r.ok and r.found == "L4T R38.2.0 (JetPack 7.0)"
+    assert checks.check_jetpack(jp7, _tegra(tmp_path, "36.4.3")).failed
+
+    cuda = tmp_path / "cuda"
+    cuda.mkdir()
+    for version, ok6, ok7 in (("12.6.68", True, False), ("12.2.140", False, False), ("13.0.48", False, True)):
+        (cuda / "version.json").write_text(json.dumps({"cuda": {"version": version}}))
+        assert (checks.check_cuda(jp6, cuda).ok, checks.check_cuda(jp7, cuda).ok) == (ok6, ok7), version
+
+
+def test_tensorrt_check_needs_10_3_bindings_in_the_given_python(tmp_path):
+    jp6 = load_profile("jetson-orin-jp6")
+    r = checks.check_tensorrt(jp6, _python_with_tensorrt(tmp_path, "10.3.0.30"))
+    assert r.ok and r.found.startswith("10.3.0.30 (Python bindings")
+    r = checks.check_tensorrt(jp6, _python_with_tensorrt(tmp_path, "8.6.2.3"))  # JetPack 6.0
+    assert r.failed and "supported: 10.x, >= 10.3" in r.found and "--allow-cpu-fallback" in r.found
+    r = checks.check_tensorrt(jp6, _python_with_tensorrt(tmp_path, None))
+    assert r.failed and "python3-libnvinfer" in r.found and "--allow-cpu-fallback" in r.found
+    r = checks.check_tensorrt({**jp6, "require_tensorrt": False}, _python_with_tensorrt(tmp_path, None))
+    assert not r.failed and "falls back to ONNX Runtime" in r.found
+
+
+def test_power_mode_check_warns_below_maxn(tmp_path):
+    jp6 = load_profile("jetson-orin-jp6")
+
+    def nvpmodel(mode: str) -> str:  # stand-in for the vendor tool
+        tool = tmp_path / f"nvpmodel-{mode}"
+        tool.write_text(f"#!/bin/sh\n[ \"$1\" = -q ] && printf 'NV Power Mode: {mode}\\n0\\n'\n")
+        tool.chmod(0o755)
+        return str(tool)
+
+    def cpufreq(locked: bool) -> Path:  # stand-in for /sys/devices/system/cpu
+        root = tmp_path / f"cpu-{locked}"
+        for cpu in ("cpu0", "cpu1"):
+            (root / cpu / "cpufreq").mkdir(parents=True, exist_ok=True)
+            (root / cpu / "cpufreq" / "cpuinfo_max_freq").write_text("2201600\n")
+            (root / cpu / "cpufreq" / "scaling_min_freq").write_text("2201600\n" if locked else "729600\n")
+        return root
+
+    r = checks.check_power(jp6, nvpmodel("MAXN"), cpufreq(True))
+    assert r.ok and r.found == "MAXN, jetson_clocks on"
+    r = checks.check_power(jp6, nvpmodel("MAXN"), cpufreq(False))
+    assert not r.ok and not r.failed and "jetson_clocks off" in r.found and "sudo jetson_clocks" in r.found
+    r = checks.check_power(jp6, nvpmodel("15W"), cpufreq(True))
+    assert not r.ok and not r.required and "15W" in r.found and "sudo nvpmodel -m 0" in r.found
+    assert r.line().startswith("[warn] power mode")
+    assert not checks.check_power(jp6, str(tmp_path / "absent"), cpufreq(True)).failed
+
+
+# -- robot locks -----------------------------------------------------------------
+
+def test_robot_lock_and_wheelhouse_settings_go_into_the_bundle():
+    cfg = load_config()  # jetson-orin = JetPack 6.2
+    requirements, constraints = robot_lock(cfg)
+    pins = read_pins(requirements)
+    assert requirements == constraints == repo_file("requirements/robot-jp6.txt").read_text()
+    assert all(name in pins for name in ("numpy", "onnxruntime", "av", "cuda-python"))
+    assert not any(name in pins for name in ("torch", "diffusers", "transformers"))
+    settings = target_settings(cfg, ["vpp-runtime.service"])
+    assert settings["offline"] and not settings["allow_cpu_fallback"]
+    assert "cuda=cuda-python" in settings["robot_modules"]
+    assert not offline(load_config(online=True)) and not offline(load_config(profile="linux"))
+    assert load_config(allow_cpu_fallback=True)["allow_cpu_fallback"] is True
+    # the linux profile keeps the workstation lock's pins, installed from the index
+    requirements, constraints = robot_lock(load_config(profile="linux"))
+    assert constraints == repo_file("requirements/lock.txt").read_text() and "numpy==" in requirements
+
+
+def test_platform_options_cover_every_glibc_the_target_accepts():
+    tags = platform_tags({"arch": "aarch64", "glibc": "2.35"})
+    assert tags[0] == "manylinux_2_35_aarch64" and tags[-2:] == ["manylinux_2_17_aarch64", "manylinux2014_aarch64"]
+    assert "manylinux_2_28_aarch64" in tags and len(tags) == 35 - 17 + 2
+    options = target_options(load_profile("jetson-orin-jp6"))
+    assert options[:7] == ["--only-binary=:all:", "--python-version", "3.10", "--implementation", "cp", "--abi", "cp310"]
+    with pytest.raises(WheelError, match="names no target platform"):
+        target_options(load_profile("linux"))
+
+
+def _index_reachable(host: str = "pypi.org") -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("profile", ["jetson-orin-jp6", "jetson-orin-jp7"])
+def test_every_robot_pin_has_an_aarch64_wheel_for_the_target_python(profile):
+    """pip resolves the lock for linux aarch64 + the profile's CPython, wheels only, against
+    PyPI (--dry-run --report: metadata, nothing installed), and adds nothing to it."""
+    if not _index_reachable():
+        pytest.skip("pypi.org unreachable: the aarch64 resolution needs the package index")
+    p = load_profile(profile)
+    resolved = check_lock(p, isolated=True)
+    pins = read_pins(repo_file(p["lock"]).read_text())
+    assert {k: f"{k}=={v}" for k, v in resolved.items()}.keys() == pins.keys()
+    assert all(pins[k].split("==")[1] == v for k, v in resolved.items())
+
+
+# -- the agent: offline install, TensorRT in the venv --------------------------------
+
+def _wheel(dest: Path, name: str, version: str) -> Path:
+    """A minimal pure-Python wheel (what the wheelhouse holds, without a network)."""
+    path = dest / f"{name}-{version}-py3-none-any.whl"
+    files = {f"{name}/__init__.py": f"__version__ = '{version}'\n",
+             f"{name}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{name}-{version}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                                   "Tag: py3-none-any\n"}
+    record = "".join(f"{p},sha256={base64.urlsafe_b64encode(hashlib.sha256(t.encode()).digest()).rstrip(b'=').decode()},"
+                     f"{len(t.encode())}\n" for p, t in files.items())
+    files[f"{name}-{version}.dist-info/RECORD"] = record + f"{name}-{version}.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(path, "w") as z:
+        for p, t in files.items():
+            z.writestr(p, t)
+    return path
+
+
+def _release(tmp_path: Path, **settings) -> Path:
+    """A release folder as `vpp deploy` uploads it: settings, robot lock, wheelhouse."""
+    release = tmp_path / "root" / "releases" / "r1"
+    (release / "config").mkdir(parents=True)
+    (release / "wheelhouse").mkdir()
+    _wheel(release / "wheelhouse", "vppstub", "1.0")
+    lock = "vppstub==1.0\n"
+    (release / "requirements-robot.txt").write_text(lock)
+    (release / "constraints.txt").write_text(lock)
+    cfg = load_config(install_root=str(tmp_path / "root"), **settings)
+    out = {**target_settings(cfg, ["vpp-runtime.service"]), "robot_modules": ["vppstub=vppstub"]}
+    (release / "config" / "deploy.json").write_text(json.dumps(out))
+    return release
+
+
+def test_agent_installs_offline_and_requires_tensorrt_in_the_venv(tmp_path, capfd):
+    """The JetPack 6.2 profile: the venv (--system-site-packages, from the agent's Python)
+    installs the wheelhouse with --no-index; this Python has no TensorRT, so the env step
+    fails loudly, and passes with --allow-cpu-fallback."""
+    release = _release(tmp_path)
+    env = {**os.environ, "PIP_CONFIG_FILE": os.devnull}  # no index, no find-links but the wheelhouse
+    proc = subprocess.run([sys.executable, "-m", "vpp_edge.deploy.remote", "env", "--release", str(release)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    out = proc.stdout + proc.stderr
+    venv = tmp_path / "root" / "venv"
+    assert "--no-index --find-links " + str(release / "wheelhouse") in out, out
+    assert "[ok  ] robot packages  vppstub 1.0" in out, out
+    assert "include-system-site-packages = true" in (venv / "pyvenv.cfg").read_text()
+    assert proc.returncode == 1 and "[FAIL] TensorRT" in out
+    assert f"error: TensorRT in the runtime's Python: not importable by {venv}/bin/python" in out
+    assert "--allow-cpu-fallback" in out
+
+    release = _release(tmp_path / "fallback", allow_cpu_fallback=True)
+    proc = subprocess.run([sys.executable, "-m", "vpp_edge.deploy.remote", "env", "--release", str(release)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[warn] TensorRT" in proc.stdout and "falls back to ONNX Runtime" in proc.stdout
+
+
+def test_agent_remakes_a_venv_without_system_site_packages(tmp_path):
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    (venv / "pyvenv.cfg").write_text("home = /usr/bin\ninclude-system-site-packages = false\nversion = 3.10.12\n")
+    assert remote.venv_mismatch(venv) == "made without --system-site-packages"
+    here = f"{sys.version_info[0]}.{sys.version_info[1]}.{sys.version_info[2]}"
+    (venv / "pyvenv.cfg").write_text(f"include-system-site-packages = true\nversion = {here}\n")
+    assert remote.venv_mismatch(venv) is None
+    (venv / "pyvenv.cfg").write_text("include-system-site-packages = true\nversion = 2.7.18\n")
+    assert remote.venv_mismatch(venv).startswith("made by Python 2.7.18")
+    assert remote.venv_mismatch(tmp_path / "absent") is None
