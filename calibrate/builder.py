@@ -310,7 +310,7 @@ class ArtifactBuilder:
             "preset": preset.to_dict(),
             "normalization": self.base.normalizer.to_dict(),
             "tokenizer": "tokenizer.json",
-            "text_max_length": preset.text.max_length,
+            "text_max_length": preset.text.goal_length,  # ids the text graph takes
             "sigmas": sigmas,
             "action_mode": action_mode,
             "graphs": graphs,

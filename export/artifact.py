@@ -279,7 +279,7 @@ def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, 
         "preset": preset.to_dict(),
         "normalization": policy.normalizer.to_dict(),
         "tokenizer": "tokenizer.json",
-        "text_max_length": preset.text.max_length,
+        "text_max_length": preset.text.goal_length,  # ids the text graph takes
         "sigmas": sigmas,
         "action_mode": action_mode,
         "action_mode_ms": mode_ms,

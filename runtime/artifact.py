@@ -50,4 +50,8 @@ class Artifact:
         return path, [TensorSpec.from_dict(d) for d in entry["inputs"]], [TensorSpec.from_dict(d) for d in entry["outputs"]]
 
     def tokenizer(self) -> InstructionTokenizer:
-        return load_tokenizer(self.root, int(self.manifest["text_max_length"]))
+        """The instruction tokenizer: ``text_max_length`` ids (what the text graph takes: 77,
+        or 20 in artifacts exported before the goal had its own pass), warning past the
+        video condition's ``preset.text.max_length`` tokens."""
+        length = int(self.manifest["text_max_length"])
+        return load_tokenizer(self.root, length, min(length, self.preset.text.max_length))

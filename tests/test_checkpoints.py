@@ -149,10 +149,48 @@ def test_checkpoint_preset_mismatch(saved, tiny_preset, trained_like, tmp_path):
     other = tiny_preset.replace(action_horizon=5)
     with pytest.raises(CheckpointError, match="differs from the requested.*action_horizon"):
         ckpt.load_checkpoint(saved, other)
-    # Official action weights for another action shape do not fit the preset.
+    # Official action weights for another action shape do not fit the preset: one line
+    # naming the field and the preset they fit; without a preset, that one is used.
     policy, tok = trained_like
-    with pytest.raises(CheckpointError, match="'model.inner_model.action_emb.weight' has shape"):
-        ckpt.load_official(tiny_preset.replace(action_dim=4), *write_official(policy, tok, tmp_path))
+    files = write_official(policy, tok, tmp_path)
+    with pytest.raises(CheckpointError, match=r"^[^\n]*: action_dim \(.*\) is 7 in the checkpoint but 4 in preset "
+                                              r"'tiny'; use --preset tiny$"):
+        ckpt.load_official(tiny_preset.replace(action_dim=4), *files)
+    with pytest.raises(CheckpointError, match=r"former.depth .* is 1 in the checkpoint but 2 .*use --preset tiny"):
+        ckpt.load_official(tiny_preset.replace(former={"depth": 2}), *files)
+    loaded, _ = ckpt.load_official(None, *files, policy.normalizer)
+    assert loaded.preset == tiny_preset
+    assert torch.equal(predict(loaded, tok, tiny_preset), predict(policy, tok, tiny_preset))
+    with pytest.raises(CheckpointError, match="name one with --preset"):
+        ckpt.load_official(None, *files[:2], None)
+
+
+@pytest.mark.parametrize("name, fits", [("calvin", ["calvin", "panda"]), ("xhand", ["xhand"]), ("xbot", ["xbot"])])
+def test_official_shapes_give_the_preset(name, fits):
+    """Paper-scale official action models (meta tensors): every shape-visible field is read
+    back, the fitting presets are named, and a preset that differs is refused in one line."""
+    from vpp_edge.presets import get_preset
+    from vpp_edge.training.models import build_policy
+    from vpp_edge.training.official_shapes import (check_official_preset, fitting_presets, official_shapes,
+                                                   preset_for_official, preset_shapes)
+
+    preset = get_preset(name)
+    policy, _ = build_policy(preset, device="meta")
+    shapes = official_shapes(ckpt.to_official_state_dict(policy), "dp.pt")
+    assert shapes == preset_shapes(preset) and fitting_presets(shapes) == fits
+    if len(fits) == 1:
+        assert preset_for_official(shapes, "dp.pt") == preset
+    else:
+        with pytest.raises(CheckpointError, match="fits presets calvin, panda .* choose one with --preset"):
+            preset_for_official(shapes, "dp.pt")
+    check_official_preset(preset, shapes, "dp.pt")
+    advice = "use --preset " + " or --preset ".join(fits)
+    single_layer = preset.replace(tvp={"use_all_layer": not preset.tvp.use_all_layer})
+    with pytest.raises(CheckpointError, match=rf"feature_channels .* is {shapes['feature_channels']} in the "
+                                              rf"checkpoint but \d+ in preset '{name}'; {advice}$"):
+        check_official_preset(single_layer, shapes, "dp.pt")
+    with pytest.raises(CheckpointError, match=rf"action_horizon .* is {preset.action_horizon} .*; {advice}$"):
+        check_official_preset(preset.replace(action_horizon=5), shapes, "dp.pt")
 
 
 def test_interrupted_save_leaves_nothing_behind(trained_like, tmp_path, monkeypatch):

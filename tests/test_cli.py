@@ -62,12 +62,13 @@ def test_convert_then_predict_matches_the_official_files(tiny_policy, tmp_path, 
     official = ["--preset", "tiny", "--video-model", video, "--clip", clip, "--action-model", action]
     assert main(["convert", *map(str, official), "--out", str(tmp_path / "ck")]) == 0
     results = []
-    for weights in (official, ["--checkpoint", tmp_path / "ck"]):
+    # Without --preset the action model's shapes pick it (not a silent 'tiny' default).
+    for weights in (official, official[2:], ["--checkpoint", tmp_path / "ck"]):
         out = tmp_path / "r.json"
         assert main(["predict", *map(str, weights), "--episode", str(demo_episode), "--repeat", "1",
                      "--json", str(out)]) == 0
         results.append(json.loads(out.read_text())["actions"])
-    assert results[0] == results[1]
+    assert results[0] == results[1] == results[2]
     assert "converted_from" in (tmp_path / "ck" / "vpp_config.json").read_text()
 
 

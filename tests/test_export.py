@@ -1,11 +1,13 @@
 """vpp export: graphs, parity gates, FP16/INT8 variants, manifest and engine selection."""
 
+import contextlib
 import json
 import shutil
 
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import numpy_helper
 
 from vpp_edge.calibrate.frames import sample_observations
@@ -359,3 +361,27 @@ def test_attention_channel_padding_and_block_transposes_are_rewritten_exactly(tm
     for name, e, g in zip(outputs, expected, got):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5, err_msg=name)
     np.testing.assert_array_equal(got[3], expected[3])  # a pure reordering
+
+
+def test_artifact_text_graph_gives_the_official_goal_for_any_length(exported, tiny_policy):
+    """Runtime tokenizer (77 ids, warns past 20) + FP32 text graph: the goal of the official
+    77-token pass and the PyTorch condition, for instructions shorter and longer than 20 tokens."""
+    from vpp_edge.runtime.artifact import Artifact
+    from vpp_edge.tokenizer import InstructionTruncatedWarning
+
+    from .test_official_text import INSTRUCTIONS, official_goal
+
+    out, manifest = exported
+    policy, _ = tiny_policy
+    tok = Artifact.open(out).tokenizer()
+    assert (tok.max_length, tok.condition_length, manifest["text_max_length"]) == (77, 20, 77)
+    run = art.runner({"text": onnx_io.session(out / manifest["graphs"]["fp32/text"]["file"])})
+    for count in (17, 50):
+        text = INSTRUCTIONS[count]
+        with pytest.warns(InstructionTruncatedWarning) if count > 20 else contextlib.nullcontext():
+            ids, mask = tok([text])
+        condition, goal = encode_text(run, ids, mask)
+        assert np.abs(goal - official_goal(policy.text_encoder.clip, text).numpy()).max() < 1e-4
+        with torch.no_grad():
+            ref_condition, _ = policy.encode_text(torch.from_numpy(ids), torch.from_numpy(mask))
+        assert np.abs(condition - ref_condition.numpy()).max() < 1e-4

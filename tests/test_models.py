@@ -44,7 +44,7 @@ def test_inputs_reach_the_features(tiny_policy, tiny_preset):
     assert not torch.allclose(f1, f2) and not torch.allclose(f1, f3) and not torch.allclose(goal, goal2)
 
 
-@pytest.mark.parametrize("name", ["calvin", "metaworld", "panda", "xhand"])
+@pytest.mark.parametrize("name", ["calvin", "metaworld", "panda", "xhand", "xbot"])
 def test_paper_presets_shapes_on_meta_device(name):
     """Full-size models (1.5B UNet) without allocating weights: every stage's shape."""
     p = get_preset(name)
@@ -60,7 +60,8 @@ def test_paper_presets_shapes_on_meta_device(name):
         toks = policy.former(feats)
         actions = policy.denormalize(policy.sample_actions(toks, goal, act_noise))
     assert tvp_noise.shape == (1, v, p.tvp.num_frames, 4, 32, 32)
-    assert feats.shape == (1, f, v * 16 * 16, 2560)  # up-blocks 0+1 (1280 + 1280) at 16x16
+    channels = 2560 if p.tvp.use_all_layer else 1280  # up-blocks 0+1 (1280 + 1280), or 1, at 16x16
+    assert feats.shape == (1, f, v * 16 * 16, channels)
     assert toks.shape == (1, f * p.former.queries_per_frame, 384)
     assert actions.shape == (1, p.action_horizon, p.action_dim)
 
@@ -68,11 +69,11 @@ def test_paper_presets_shapes_on_meta_device(name):
 def test_paper_width_text_tower():
     p = get_preset("calvin")
     clip = build_random_clip(p.text, vocab_size=300, eos_token_id=299)
-    enc = TextEncoder(clip, position_encoding=True, max_length=20).eval()
-    ids = torch.randint(0, 298, (2, 20))
+    enc = TextEncoder(clip, position_encoding=True, max_length=20, goal_length=77).eval()
+    ids = torch.randint(0, 298, (2, 77))
     ids[:, 0], ids[:, 7:] = 298, 299
     with torch.no_grad():
-        cond, goal = enc(ids, (ids != 299).long() | (torch.arange(20) <= 7).long())
+        cond, goal = enc(ids, (ids != 299).long() | (torch.arange(77) <= 7).long())
     assert cond.shape == (2, 20, 1024) and goal.shape == (2, 512)
     assert torch.equal(cond[..., :512], cond[..., 512:]), "condition = CLIP states duplicated to 1024-d"
 
@@ -80,8 +81,8 @@ def test_paper_width_text_tower():
 def test_position_encoding_adds_the_sincos_table(tiny_policy):
     policy, tok = tiny_policy
     clip = policy.text_encoder.clip
-    with_pe = TextEncoder(clip, position_encoding=True, max_length=20)
-    without = TextEncoder(clip, position_encoding=False, max_length=20)
+    with_pe = TextEncoder(clip, position_encoding=True, max_length=20, goal_length=77)
+    without = TextEncoder(clip, position_encoding=False, max_length=20, goal_length=77)
     ids, mask = tokens(tok)
     with torch.no_grad():
         (a, ga), (b, gb) = with_pe(ids, mask), without(ids, mask)
@@ -89,7 +90,7 @@ def test_position_encoding_adds_the_sincos_table(tiny_policy):
     torch.testing.assert_close(a[0, :, : clip.config.hidden_size] - b[0, :, : clip.config.hidden_size], table)
     assert torch.equal(ga, gb), "the goal embedding has no position table"
     assert table[0, 0] == 0 and table[0, -1] == 1  # sin(0) first half, cos(0) second half
-    with pytest.raises(ValueError, match="expected 20 tokens"):
+    with pytest.raises(ValueError, match="expected 77 tokens"):
         with_pe(ids[:, :10], mask[:, :10])
 
 

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -6,12 +8,13 @@ from vpp_edge.presets import available_presets, get_preset, preset_from_dict
 
 
 def test_shipped_presets_match_the_paper_settings():
-    assert set(available_presets()) == {"calvin", "metaworld", "panda", "xhand", "tiny", "metaworld_tiny"}
+    assert set(available_presets()) == {"calvin", "metaworld", "panda", "xhand", "xbot", "tiny", "metaworld_tiny"}
     expected = {  # name: (frames, horizon, action_dim, views)
         "calvin": (16, 10, 7, 2),
         "metaworld": (8, 4, 4, 2),
         "panda": (16, 10, 7, 2),
-        "xhand": (16, 10, 18, 3),
+        "xhand": (16, 8, 18, 3),
+        "xbot": (16, 8, 38, 3),
     }
     for name, (frames, horizon, dim, views) in expected.items():
         p = get_preset(name)
@@ -25,6 +28,46 @@ def test_shipped_presets_match_the_paper_settings():
     small, paper = get_preset("metaworld_tiny"), get_preset("metaworld")
     assert (small.tvp.num_frames, small.action_horizon, small.action_dim, small.num_views) == (8, 4, 4, 2)
     assert small.views == paper.views and small.image_size < paper.image_size
+
+
+OFFICIAL_CONFIGS = Path(__file__).with_name("data") / "official_vpp_configs.yaml"
+
+
+@pytest.mark.parametrize("name", ["calvin", "xhand", "xbot"])
+def test_presets_mirror_the_official_configs_field_by_field(name):
+    """Each official config's model fields (tests/data, copied from policy_conf/) -> the preset."""
+    data = yaml.safe_load(OFFICIAL_CONFIGS.read_text())
+    config = data["configs"][name]
+    m = {**data["defaults"], **config["model"]}
+    p = get_preset(name)
+    header = (Path(__file__).parents[1] / "vpp_edge" / "presets" / f"{name}.yaml").read_text().splitlines()[0]
+    assert "policy_conf/VPP_" in header, "the preset file names the official config it mirrors"
+    mirrored = {
+        "action_horizon": (p.action_horizon, config["act_seq_len"]),
+        "act_window_size": (p.action_horizon, m["act_window_size"]),
+        "action_dim": (p.action_dim, m["action_dim"]),
+        "proprio_dim": (p.action_head.proprio_dim, m["proprio_dim"]),
+        "latent_dim": (p.former.dim, m["latent_dim"]),
+        "Former_depth": (p.former.depth, m["Former_depth"]),
+        "Former_heads": (p.former.heads, m["Former_heads"]),
+        "Former_dim_head": (p.former.dim_head, m["Former_dim_head"]),
+        "Former_num_time_embeds": (p.former.num_frames, m["Former_num_time_embeds"]),
+        "num_latents": (p.num_queries, m["num_latents"]),
+        "use_position_encoding": (p.text.position_encoding, m["use_position_encoding"]),
+        "max_length": (p.text.max_length, m["max_length"]),
+        "use_all_layer": (p.tvp.use_all_layer, m["use_all_layer"]),
+        "extract_layer_idx": (p.tvp.extract_layer_idx, m["extract_layer_idx"]),
+        "timestep": (p.tvp.timesteps, m["timestep"]),
+        "num_sampling_steps": (p.action_head.num_steps, m["num_sampling_steps"]),
+        "sampler_type": (p.action_head.sampler, m["sampler_type"]),
+        "sigma_data": (p.action_head.sigma_data, m["sigma_data"]),
+        "sigma_min": (p.action_head.sigma_min, m["sigma_min"]),
+        "sigma_max": (p.action_head.sigma_max, m["sigma_max"]),
+    }
+    wrong = {k: v for k, v in mirrored.items() if v[0] != v[1]}
+    assert not wrong, f"preset '{name}' differs from the official config at (preset, official): {wrong}"
+    assert p.text.goal_length == 77  # clip.tokenize's context (the official goal pass)
+    assert "use_Former" not in m or m["use_Former"] == "3d"
 
 
 def test_unknown_preset_suggests_closest():

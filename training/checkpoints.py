@@ -39,6 +39,7 @@ from vpp_edge.tokenizer import InstructionTokenizer, load_tokenizer
 
 from .models.factory import assemble_policy
 from .models.policy import VPPPolicy
+from .official_shapes import check_official_preset, official_shapes, preset_for_official
 
 log = logging.getLogger(__name__)
 
@@ -151,11 +152,13 @@ def load_video_model(folder: str | Path) -> tuple[UNetSpatioTemporalConditionMod
     return parts["unet"].eval(), parts["vae"].eval(), scheduler
 
 
-def load_clip(folder: str | Path, max_length: int) -> tuple[CLIPTextModelWithProjection, InstructionTokenizer]:
-    """CLIP text tower (with projection) and tokenizer from a transformers CLIP folder."""
+def load_clip(folder: str | Path, max_length: int,
+              condition_length: int | None = None) -> tuple[CLIPTextModelWithProjection, InstructionTokenizer]:
+    """CLIP text tower (with projection) and tokenizer (``max_length`` ids, warning past
+    ``condition_length``) from a transformers CLIP folder."""
     folder = Path(folder)
     _require_dir(folder, "CLIP folder")
-    tokenizer = load_tokenizer(folder, max_length)
+    tokenizer = load_tokenizer(folder, max_length, condition_length)
     try:
         with _quiet_hf():
             clip = CLIPTextModelWithProjection.from_pretrained(folder)
@@ -215,15 +218,30 @@ def to_official_state_dict(policy: VPPPolicy) -> dict[str, torch.Tensor]:
     return {official_key(k): v for k, v in policy.state_dict().items() if k.startswith(("former.", "action_head."))}
 
 
-def load_official(preset: Preset, video_model: str | Path, clip: str | Path, action_model: str | Path | None,
+def load_official(preset: Preset | None, video_model: str | Path, clip: str | Path, action_model: str | Path | None,
                   normalizer: ActionNormalizer | None = None) -> tuple[VPPPolicy, InstructionTokenizer]:
-    """Policy from the official release files; without ``action_model`` the Former and head stay random."""
+    """Policy from the official release files; without ``action_model`` the Former and head stay random.
+
+    The action model's tensor shapes are checked against ``preset`` field by field
+    (:mod:`.official_shapes`); without a preset, the one shipped preset they fit is used.
+    """
     unet, vae, scheduler = load_video_model(video_model)
-    text_model, tokenizer = load_clip(clip, preset.text.max_length)
+    official = read_torch_weights(action_model) if action_model is not None else None
+    if official is not None:
+        shapes = official_shapes(official, str(action_model))
+        if preset is None:
+            preset = preset_for_official(shapes, str(action_model), unet.config)
+            log.info("%s: shapes fit preset '%s'", action_model, preset.name)
+        else:
+            check_official_preset(preset, shapes, str(action_model), unet.config)
+    elif preset is None:
+        raise CheckpointError(f"{video_model}: without an action model the preset cannot be read from the weights; "
+                              f"name one with --preset")
+    text_model, tokenizer = load_clip(clip, preset.text.goal_length, preset.text.max_length)
     _check_components(preset, unet, vae, text_model, f"{video_model} + {clip}")
     policy = assemble_policy(preset, text_model, unet, vae, scheduler, normalizer)
-    if action_model is not None:
-        state = from_official_state_dict(read_torch_weights(action_model), str(action_model))
+    if official is not None:
+        state = from_official_state_dict(official, str(action_model))
         for prefix in ("former.", "action_head."):
             part = {k: v for k, v in state.items() if k.startswith(prefix)}
             _load_into(policy, part, str(action_model), prefix, official_key)
@@ -241,9 +259,9 @@ def _check_components(preset: Preset, unet: UNetSpatioTemporalConditionModel, va
     if preset.tvp.extract_layer_idx >= n_up - 1:
         raise CheckpointError(f"{source}: preset extract_layer_idx {preset.tvp.extract_layer_idx} does not fit a "
                               f"UNet with {n_up} up-blocks")
-    if clip.config.max_position_embeddings < preset.text.max_length:
+    if clip.config.max_position_embeddings < preset.text.goal_length:
         raise CheckpointError(f"{source}: CLIP has {clip.config.max_position_embeddings} positions, "
-                              f"preset text.max_length is {preset.text.max_length}")
+                              f"preset text.goal_length is {preset.text.goal_length}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -325,7 +343,7 @@ def load_checkpoint(folder: str | Path, preset: Preset | None = None) -> tuple[V
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights}: corrupt or unreadable safetensors file ({exc})") from None
-    tokenizer = load_tokenizer(folder, stored.text.max_length)
+    tokenizer = load_tokenizer(folder, stored.text.goal_length, stored.text.max_length)
     try:
         with _quiet_hf(), init_empty_weights():
             clip = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(comps["clip"]))

@@ -32,7 +32,6 @@ def _load_policy(args: argparse.Namespace):
     preset = get_preset(args.preset) if args.preset else None
     if args.checkpoint:
         return load_checkpoint(args.checkpoint, preset), str(args.checkpoint)
-    preset = preset or get_preset("tiny")
     normalizer = None
     if args.normalization:
         try:
@@ -44,12 +43,14 @@ def _load_policy(args: argparse.Namespace):
             raise VPPError("official weights need both --video-model (SVD folder) and --clip (CLIP folder)")
         source = f"official: {args.video_model}, {args.clip}, {args.action_model or 'random action head'}"
         return load_official(preset, args.video_model, args.clip, args.action_model, normalizer), source
+    preset = preset or get_preset("tiny")
     return build_policy(preset, seed=0, normalizer=normalizer), f"untrained '{preset.name}' model (random weights, seed 0)"
 
 
 def _add_weight_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("weights (default: an untrained model of the preset)")
-    g.add_argument("--preset", help="preset name or YAML file (default: tiny, or the checkpoint's own)")
+    g.add_argument("--preset", help="preset name or YAML file (default: the checkpoint's own, the one the official "
+                                    "action model's shapes fit, or tiny)")
     g.add_argument("--checkpoint", type=Path, help="vpp-edge checkpoint folder (vpp_config.json + model.safetensors)")
     g.add_argument("--video-model", type=Path, help="official diffusers SVD folder (svd-robot, svd-robot-calvin)")
     g.add_argument("--clip", type=Path, help="transformers CLIP folder (clip-vit-base-patch32)")
@@ -236,8 +237,6 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
 
 
 def cmd_bridge(args: argparse.Namespace) -> int:
-    import time
-
     from vpp_edge.firmware_bridge.bridge import Bridge
     from vpp_edge.firmware_bridge.config import load_bridge_config
     from vpp_edge.firmware_bridge.factory import make_driver
@@ -245,13 +244,12 @@ def cmd_bridge(args: argparse.Namespace) -> int:
     cfg = load_bridge_config(str(args.config) if args.config else args.robot)
     with Bridge(make_driver(cfg), cfg) as bridge:
         print(f"{args.robot} bridge up: {bridge.bound()}", flush=True)
-        end = time.monotonic() + args.duration if args.duration else float("inf")
-        try:
-            while time.monotonic() < end:
-                time.sleep(0.1)
+        try:  # a failed bridge thread raises ThreadFailure: a non-zero exit, and systemd restarts the bridge
+            bridge.supervise(args.duration if args.duration else float("inf"))
         except KeyboardInterrupt:
             pass
-        print(f"bridge counters: {dict(bridge.counts)}", flush=True)
+        finally:
+            print(f"bridge counters: {dict(bridge.counts)}", flush=True)
     return 0
 
 

@@ -25,7 +25,8 @@ _COMPONENT_FILE = "svd_defaults.yaml"
 class TextConfig:
     """CLIP text tower. Architecture fields matter only when no CLIP folder is loaded."""
 
-    max_length: int = 20  # tokens kept for the TVP condition (padded / truncated)
+    max_length: int = 20  # tokens kept for the TVP condition (padded / truncated), official max_length
+    goal_length: int = 77  # tokens of the action head's goal pass: OpenAI CLIP's context length
     position_encoding: bool = False  # add 1-D sin-cos positions to the hidden states
     hidden_size: int = 512
     projection_dim: int = 512
@@ -206,6 +207,9 @@ def _validate(p: Preset, source: str) -> None:
     if unet["cross_attention_dim"] != 2 * p.text.hidden_size:
         fail(f"tvp.unet.cross_attention_dim ({unet['cross_attention_dim']}) must be twice "
              f"text.hidden_size ({p.text.hidden_size}): the CLIP states are duplicated for SVD")
+    if not 2 <= p.text.max_length <= p.text.goal_length <= p.text.max_position_embeddings:
+        fail(f"text lengths must satisfy 2 <= max_length ({p.text.max_length}) <= goal_length "
+             f"({p.text.goal_length}) <= max_position_embeddings ({p.text.max_position_embeddings})")
     if p.text.hidden_size % 2:
         fail(f"text.hidden_size must be even for the sin-cos position encoding, got {p.text.hidden_size}")
     if p.action_head.embed_dim % p.action_head.n_heads:

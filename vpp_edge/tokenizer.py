@@ -6,6 +6,7 @@ agree on token ids. CLIP folders carry a ``tokenizer.json`` that loads here dire
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,47 +20,83 @@ EOS = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
 
 
-class InstructionTokenizer:
-    """Fixed-length CLIP-style tokenization: BOS + text + EOS, padded with EOS, truncated."""
+class InstructionTruncatedWarning(UserWarning):
+    """An instruction is longer than the video model's text condition and is truncated there."""
 
-    def __init__(self, tokenizer: Tokenizer, max_length: int):
+
+class InstructionTokenizer:
+    """Fixed-length CLIP-style tokenization: BOS + text + EOS, padded with EOS.
+
+    ``max_length`` is the number of ids handed to the text stage (the action head's goal
+    pass, 77 as OpenAI CLIP's context; longer instructions are refused, as the official
+    ``clip.tokenize`` does). ``condition_length`` is the video model's text condition (20):
+    the text stage truncates to it as the official transformers tokenizer does, and this
+    tokenizer warns, naming the token count, when an instruction does not fit. With
+    ``condition_length == max_length`` (artifacts made before the goal had its own pass)
+    an over-long instruction is truncated here instead, keeping its end-of-text token.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, max_length: int, condition_length: int | None = None):
         eos_id = tokenizer.token_to_id(EOS)
         if eos_id is None:
             raise CheckpointError(f"tokenizer has no '{EOS}' token; is it a CLIP tokenizer?")
         self.eos_id = eos_id
         self.max_length = max_length
+        self.condition_length = max_length if condition_length is None else condition_length
+        if not 2 <= self.condition_length <= max_length:
+            raise ValueError(f"condition_length {self.condition_length} must be in [2, max_length {max_length}]")
         self._tok = tokenizer
-        self._tok.enable_truncation(max_length=max_length)
-        self._tok.enable_padding(length=max_length, pad_id=eos_id, pad_token=EOS)
+        self._configure()
+
+    def _configure(self) -> None:
+        # Truncation and padding are done in __call__, where the token count is known.
+        self._tok.no_truncation()
+        self._tok.no_padding()
 
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
     def __call__(self, texts: str | list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids and attention mask, both int64 [B, max_length]."""
+        """Token ids and attention mask, both int64 [B, max_length].
+
+        Raises ``ValueError`` for an instruction of more than ``max_length`` tokens; warns
+        (:class:`InstructionTruncatedWarning`) for one of more than ``condition_length``.
+        """
         if isinstance(texts, str):
             texts = [texts]
         if not texts or not all(isinstance(t, str) for t in texts):
             raise ValueError("instructions must be a non-empty list of strings")
-        enc = self._tok.encode_batch(texts)
-        ids = np.array([e.ids for e in enc], dtype=np.int64)
-        mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
+        ids = np.full((len(texts), self.max_length), self.eos_id, dtype=np.int64)
+        mask = np.zeros((len(texts), self.max_length), dtype=np.int64)
+        for row, (text, enc) in enumerate(zip(texts, self._tok.encode_batch(texts))):
+            tokens = enc.ids
+            count = len(tokens)
+            if count > self.condition_length:
+                if self.condition_length < self.max_length < count:
+                    raise ValueError(f"instruction of {count} tokens (with start and end) is too long for the "
+                                     f"{self.max_length}-token CLIP context: {text!r}")
+                goal = f"all {count}" if count <= self.max_length else f"the first {self.max_length}"
+                warnings.warn(f"instruction of {count} tokens (with start and end) is truncated to "
+                              f"{self.condition_length} for the video model's text condition, as the official "
+                              f"code does; the action head's goal uses {goal} tokens: {text!r}",
+                              InstructionTruncatedWarning, stacklevel=2)
+                tokens = tokens[:self.max_length - 1] + [self.eos_id] if count > self.max_length else tokens
+            ids[row, :len(tokens)] = tokens
+            mask[row, :len(tokens)] = 1
         return ids, mask
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / TOKENIZER_FILE
         self._tok.no_padding()
-        self._tok.no_truncation()
         try:
             self._tok.save(str(path))
         finally:
-            self._tok.enable_truncation(max_length=self.max_length)
-            self._tok.enable_padding(length=self.max_length, pad_id=self.eos_id, pad_token=EOS)
+            self._configure()
         return path
 
 
-def load_tokenizer(folder: str | Path, max_length: int) -> InstructionTokenizer:
+def load_tokenizer(folder: str | Path, max_length: int, condition_length: int | None = None) -> InstructionTokenizer:
     """Load ``<folder>/tokenizer.json`` (a CLIP folder or one of our checkpoints)."""
     path = Path(folder) / TOKENIZER_FILE
     if not path.is_file():
@@ -68,10 +105,10 @@ def load_tokenizer(folder: str | Path, max_length: int) -> InstructionTokenizer:
         tok = Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises plain Exception on bad JSON
         raise CheckpointError(f"{path}: cannot read tokenizer ({exc})") from None
-    return InstructionTokenizer(tok, max_length)
+    return InstructionTokenizer(tok, max_length, condition_length)
 
 
-def byte_level_tokenizer(max_length: int) -> InstructionTokenizer:
+def byte_level_tokenizer(max_length: int, condition_length: int | None = None) -> InstructionTokenizer:
     """A CLIP-like byte-level tokenizer with 258 ids (256 bytes + BOS + EOS).
 
     For tiny models built without a CLIP download: deterministic, offline, and saved into
@@ -88,4 +125,4 @@ def byte_level_tokenizer(max_length: int) -> InstructionTokenizer:
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]
     )
-    return InstructionTokenizer(tok, max_length)
+    return InstructionTokenizer(tok, max_length, condition_length)

@@ -24,7 +24,7 @@ def assemble_policy(
     normalizer: ActionNormalizer | None = None,
 ) -> VPPPolicy:
     """Wrap loaded (or random) components into a policy; Former and action head are new."""
-    text = TextEncoder(clip, preset.text.position_encoding, preset.text.max_length)
+    text = TextEncoder(clip, preset.text.position_encoding, preset.text.max_length, preset.text.goal_length)
     tvp = TVPFeatureExtractor(unet, vae, scheduler, preset.tvp)
     return VPPPolicy(preset, text, tvp, normalizer)
 
@@ -38,7 +38,7 @@ def build_policy(preset: Preset, seed: int = 0, normalizer: ActionNormalizer | N
     (what tiny models use). ``device="meta"`` gives paper-scale shapes without
     allocating (or initialising) a single weight.
     """
-    tokenizer = tokenizer or byte_level_tokenizer(preset.text.max_length)
+    tokenizer = tokenizer or byte_level_tokenizer(preset.text.goal_length, preset.text.max_length)
     # The scheduler does arithmetic on its sigmas at construction: keep it on the CPU.
     scheduler = EulerDiscreteScheduler.from_config(preset.scheduler_config())
     with torch.random.fork_rng(devices=[]), torch.device(device):
