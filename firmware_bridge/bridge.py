@@ -5,9 +5,23 @@
   can move anything; a rejected one is counted and published as an event with the reason.
 * A fixed-rate servo thread interpolates towards the current target with per-joint
   velocity and acceleration limits, and publishes robot state at ``state_hz``.
-* Watchdog: no target for ``hold_after_s`` -> hold the current setpoint; neither a
-  target nor a runtime heartbeat for ``stop_after_s`` -> stop the motion. E-stop
-  latches until an explicit ``reset``.
+* Motion per second is bounded twice: a target moves at most ``max_step`` per message
+  and, over any T seconds, at most ``cfg.burst() + max_vel * T`` whatever the message rate
+  (a burst is clamped and counted as ``rate_limited``); the interpolator bounds the robot's
+  velocity and acceleration whatever the targets do.
+* Order and freshness: the action link belongs to the session of the runtime's last hello;
+  targets and heartbeats of other sessions, replayed or reordered ones (sequence numbers
+  strictly increase), stale ones and ones stamped in the future are refused and counted.
+  The runtime stamps on the bridge's clock (it measures the offset at hello).
+* Watchdog: no target for ``hold_after_s`` -> hold the current setpoint; no target for
+  ``stop_after_s`` -> stop the motion, unless the runtime's heartbeats say it is ``idle``
+  (not commanding on purpose). A ``starved`` runtime is treated as a silent one; one that
+  says ``stop`` is stopped at once. E-stop latches until a ``reset`` that is fresh and in
+  sequence from a session that said hello (a replayed reset is refused); ``estop`` and
+  ``hold`` are obeyed from anyone, always.
+* No silent thread death: a network or servo thread that fails latches the e-stop,
+  publishes ``thread_failed``, and :meth:`Bridge.supervise` raises
+  :class:`~vpp_edge.runtime.threads.ThreadFailure` so the process exits non-zero.
 * Tracking guard: a robot measured farther than ``max_tracking_error`` from the setpoint
   it servos to (a diverging controller, a collision, a singularity the arm cannot leave)
   latches the e-stop, beside the robot's own reflexes. Drivers report the measured pose in
@@ -21,7 +35,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,6 +43,7 @@ import numpy as np
 import zmq
 
 from vpp_edge.runtime import protocol as P
+from vpp_edge.runtime.threads import ThreadFailure, dead, describe, guarded
 from vpp_edge.runtime.transport import make_socket, send
 
 from .config import BridgeConfig
@@ -36,6 +51,14 @@ from .driver import RobotDriver
 from .servo import LimitedInterpolator
 
 log = logging.getLogger(__name__)
+
+# A message stamped this far ahead of the bridge's clock is refused: more than the error of
+# the clock offset measured at hello (half a round trip) on any link the bridge serves.
+MAX_CLOCK_SKEW_S = 0.05
+SESSIONS_KEPT = 64  # command sessions remembered (operators, runtimes); older ones must say hello again
+SESSIONS_SEEN = 4096  # session ids ever used: a replayed hello cannot revive one
+SEQUENCED_COMMANDS = frozenset({P.Command.RESET.value})  # only a fresh, in-sequence command may do these
+SERVO_THREAD, NET_THREAD = "bridge-servo", "bridge-net"
 
 
 @dataclass(frozen=True)
@@ -68,6 +91,14 @@ class Bridge:
         self._pending_events: list[tuple[str, str]] = []
         self._resume_pending = False  # the servo thread re-enables the robot after a stop
         self._estop_pending = False  # the servo thread triggers the hardware e-stop
+        self._runtime_stop = False  # the runtime's heartbeat said stop: the servo thread stops the motion
+        self.failure: str | None = None  # a thread failed: the process must exit
+        self._session: int | None = None  # the runtime session that owns the action link
+        self._last_action_seq = 0
+        self._command_seq: OrderedDict[int, int] = OrderedDict()  # session -> last command seq
+        self._seen_sessions: OrderedDict[int, None] = OrderedDict()
+        self._budget: np.ndarray | None = None  # per-dimension target motion allowed now (rate limit)
+        self._budget_t = 0.0
 
     # --- lifecycle ---------------------------------------------------------------------
     def start(self) -> "Bridge":
@@ -83,8 +114,8 @@ class Bridge:
         self._camera_sock = (make_socket(self._ctx, zmq.PUB, self.endpoints.camera, bind=True, timeout_ms=50)
                              if hasattr(self.driver, "take_frames") else None)
         self._stop_flag.clear()
-        self._threads = [threading.Thread(target=self._servo_loop, name="bridge-servo", daemon=True),
-                         threading.Thread(target=self._net_loop, name="bridge-net", daemon=True)]
+        self._threads = [guarded(SERVO_THREAD, self._servo_loop, self._fail),
+                         guarded(NET_THREAD, self._net_loop, self._fail)]
         for t in self._threads:
             t.start()
         self._event("started", f"{self.driver.name} bridge, servo {self.cfg.servo_hz:g} Hz")
@@ -98,7 +129,7 @@ class Bridge:
             if any(t.is_alive() for t in self._threads):  # stuck inside the driver: do not call it again
                 log.error("bridge threads did not stop; not calling the driver from another thread")
             else:
-                self.driver.stop()
+                (self.driver.estop if self.failure else self.driver.stop)()
         finally:
             self.driver.disconnect()
             for sock in ("_action_sock", "_state_sock", "_event_sock", "_cmd_sock", "_camera_sock"):
@@ -114,6 +145,7 @@ class Bridge:
             self._interp.p = setpoint.copy()
             self._interp.halt()
             self._target, self._last_rx, self._last_heartbeat = setpoint.copy(), None, float("-inf")
+            self._runtime_stop, self._budget = False, None
             if self._estop is None:
                 self.mode = "idle"
             self._event("new_episode", "world reset by the simulator")
@@ -126,6 +158,37 @@ class Bridge:
 
         return Endpoints(last(self._action_sock), last(self._state_sock), last(self._event_sock),
                          last(self._cmd_sock), last(self._camera_sock) if self._camera_sock else "")
+
+    def health(self) -> str | None:
+        """None while every thread runs; otherwise why the process must exit."""
+        if self.failure is not None:
+            return self.failure
+        gone = dead(self._threads)
+        return f"bridge threads not running: {gone}" if gone and not self._stop_flag.is_set() else None
+
+    def supervise(self, duration_s: float = float("inf"), poll_s: float = 0.1) -> None:
+        """Serve for ``duration_s`` (the process's main thread), watching every thread; raises
+        :class:`ThreadFailure` (after the e-stop latched) when one failed."""
+        end = time.monotonic() + duration_s
+        while time.monotonic() < end:
+            why = self.health()
+            if why is not None:
+                raise ThreadFailure(f"bridge: {why}; e-stop latched")
+            time.sleep(poll_s)
+
+    def _fail(self, thread: str, exc: Exception) -> None:
+        """``thread`` died of ``exc``: latch the e-stop, publish, mark the bridge failed."""
+        detail = describe(thread, exc)
+        with self._lock:
+            self.failure = self.failure or detail
+            self._estop = self._estop or detail
+            self.mode, self._estop_pending = "estop", True
+            self._event("thread_failed", detail)
+        if thread == SERVO_THREAD:  # this is the thread that owns the driver and the event socket
+            try:
+                self.driver.estop()
+            finally:
+                self._publish_events(P.now())
 
     def __enter__(self) -> "Bridge":
         return self.start()
@@ -152,17 +215,13 @@ class Bridge:
             msg = P.from_wire(data)
         except P.ProtocolError as exc:
             return self._reject("malformed", str(exc))
-        if isinstance(msg, P.Heartbeat):  # the runtime is alive but has no new target (holding)
-            if now - msg.stamp > self.cfg.hold_after_s:
-                return self._reject("stale_heartbeat", f"sent {now - msg.stamp:.2f} s ago")
-            with self._lock:
-                self._last_heartbeat = now
-            self.counts["heartbeats"] += 1
-            return None
-        if not isinstance(msg, P.ActionChunk):
-            return self._reject("wrong_type", f"expected action_chunk, got {msg.TYPE.value}")
-        if now - msg.stamp > self.cfg.hold_after_s:  # queued while the link was down: never replay it
-            return self._reject("stale_target", f"sent {now - msg.stamp:.2f} s ago")
+        if not isinstance(msg, (P.Heartbeat, P.ActionChunk)):
+            return self._reject("wrong_type", f"expected action_chunk or heartbeat, got {msg.TYPE.value}")
+        refusal = self._check_order(msg, now)
+        if refusal is not None:
+            return self._reject(*refusal)
+        if isinstance(msg, P.Heartbeat):
+            return self._heartbeat(msg, now)
         action = msg.actions[0].astype(np.float64)
         if action.shape != (self.cfg.dim,):
             return self._reject("wrong_dim", f"action has {action.shape[0]} values, robot takes {self.cfg.dim}")
@@ -179,8 +238,9 @@ class Bridge:
             low, high = self.cfg.vec("setpoint_low"), self.cfg.vec("setpoint_high")
             if np.any(target < low - tol) or np.any(target > high + tol):
                 return self._reject("out_of_limits", f"target {np.round(target, 4).tolist()} outside workspace")
-            target = np.clip(target, low, high)
+            target = self._rate_limit(base, np.clip(target, low, high), now)
             self._target, self._last_rx, self._last_chunk_seq = target, now, msg.seq
+            self._runtime_stop = False
             self.counts["accepted"] += 1
             if self.mode == "stopped":
                 self._resume_pending = True
@@ -189,7 +249,51 @@ class Bridge:
             self.mode = "tracking"
         return None
 
-    def handle_command(self, cmd: P.CommandMsg) -> P.Reply:
+    def _check_order(self, msg: P.Message, now: float) -> tuple[str, str] | None:
+        """(reason, detail) when a target or heartbeat is of another session, replayed,
+        reordered, stale or from the future; None when it is next in order."""
+        kind = "heartbeat" if isinstance(msg, P.Heartbeat) else "target"
+        if self._session is None or msg.session != self._session:
+            return "wrong_session", f"session {msg.session} has not said hello (current {self._session})"
+        if msg.seq <= self._last_action_seq:
+            return "replayed", f"seq {msg.seq} after {self._last_action_seq}"
+        age = now - msg.stamp
+        if age > self.cfg.hold_after_s:  # queued while the link was down: never replay it
+            return f"stale_{kind}", f"sent {age:.2f} s ago"
+        if age < -MAX_CLOCK_SKEW_S:
+            return "future_stamp", f"stamped {-age:.3f} s ahead of the bridge's clock"
+        self._last_action_seq = msg.seq
+        return None
+
+    def _heartbeat(self, msg: P.Heartbeat, now: float) -> None:
+        """The runtime is alive without a new target; what that means depends on its mode."""
+        with self._lock:
+            self.counts["heartbeats"] += 1
+            self.counts[f"heartbeats_{msg.mode}"] += 1
+            if msg.mode == P.RuntimeMode.IDLE.value:  # not commanding on purpose: holding is right
+                self._last_heartbeat = now
+            elif msg.mode == P.RuntimeMode.STOP.value:
+                self._runtime_stop = True
+            # STARVED: alive but unable to act; the deadlines keep running from the last target
+        return None
+
+    def _rate_limit(self, base: np.ndarray, target: np.ndarray, now: float) -> np.ndarray:
+        """Clamp the target's motion to a token bucket per dimension: it refills at ``max_vel``
+        and holds at most ``cfg.burst()``, so many messages cannot outrun the robot's limits."""
+        cap, vel = self.cfg.burst(), self.cfg.vec("max_vel")
+        budget = cap if self._budget is None else np.minimum(cap, self._budget + vel * max(0.0, now - self._budget_t))
+        move = np.clip(target - base, -budget, budget)
+        if np.any(np.abs(move) < np.abs(target - base) - 1e-9):
+            self.counts["rate_limited"] += 1
+        self._budget, self._budget_t = budget - np.abs(move), now
+        return base + move
+
+    def handle_command(self, cmd: P.CommandMsg, now: float | None = None) -> P.Reply:
+        now = P.now() if now is None else now
+        refusal = self._check_command(cmd, now)
+        if refusal is not None:
+            self._reject("command_refused", f"{cmd.command}: {refusal}")
+            return self._reply(cmd.seq, ok=False, reason=refusal)
         with self._lock:
             ok, reason = True, ""
             if cmd.command == P.Command.ESTOP.value:
@@ -204,7 +308,7 @@ class Bridge:
                 if self._estop is not None:
                     self._event("reset", "e-stop cleared")
                     self._resume_pending = True
-                self._estop, self._last_rx = None, None
+                self._estop, self._last_rx, self._runtime_stop = None, None, False
                 self._target = self._interp.p.copy()
                 self._interp.halt()
                 self.mode = "idle"
@@ -217,8 +321,46 @@ class Bridge:
                 reason = "" if ok else "e-stop latched; send 'reset' first"
             status = {"mode": self.mode, "estopped": self._estop is not None,
                       **{k: int(v) for k, v in self.counts.items()}}
-        self._seq += 1
-        return P.Reply(seq=self._seq, stamp=P.now(), request_seq=cmd.seq, ok=ok, reason=reason, status=status)
+        return self._reply(cmd.seq, ok=ok, reason=reason, status=status)
+
+    def _check_command(self, cmd: P.CommandMsg, now: float) -> str | None:
+        """Why a command is refused (None: obey). Stopping commands are always obeyed; the
+        others in :data:`SEQUENCED_COMMANDS` need a known session, a new seq, a fresh stamp."""
+        last = self._command_seq.get(cmd.session)
+        in_sequence = last is not None and cmd.seq > last
+        if in_sequence:
+            self._command_seq[cmd.session] = cmd.seq
+        if cmd.command not in SEQUENCED_COMMANDS:
+            return None
+        if last is None:
+            return f"session {cmd.session} has not said hello"
+        if not in_sequence:
+            return f"seq {cmd.seq} is not after {last} (replayed or reordered)"
+        if abs(now - cmd.stamp) > self.cfg.hold_after_s:
+            return f"stamp is {now - cmd.stamp:+.2f} s off the bridge's clock (stale or future)"
+        return None
+
+    def handle_hello(self, msg: P.Hello) -> P.Reply:
+        """Open a session: commands from it are sequenced; a runtime's also owns the action link."""
+        if msg.session in self._seen_sessions:
+            self._reject("command_refused", f"hello: session {msg.session} already used")
+            return self._reply(msg.seq, ok=False, reason=f"session {msg.session} already used (a replayed hello?)")
+        self._seen_sessions[msg.session] = None
+        self._command_seq[msg.session] = msg.seq
+        for table, size in ((self._seen_sessions, SESSIONS_SEEN), (self._command_seq, SESSIONS_KEPT)):
+            while len(table) > size:
+                table.popitem(last=False)
+        if msg.role == "runtime":
+            with self._lock:
+                self._session, self._last_action_seq = msg.session, msg.seq
+        return self._reply(msg.seq, ok=True, status={
+            "robot": self.driver.name, "dim": self.cfg.dim, "version": P.PROTOCOL_VERSION,
+            "delta_dims": [bool(d) for d in self.cfg.delta_dims]})
+
+    def _reply(self, request_seq: int, ok: bool, reason: str = "", status: dict | None = None) -> P.Reply:
+        self._seq += 1  # the reply's stamp is the bridge's clock: the runtime measures its offset by it
+        return P.Reply(seq=self._seq, stamp=P.now(), request_seq=request_seq, ok=ok, reason=reason,
+                       status=status or {})
 
     # --- threads -----------------------------------------------------------------------
     def _net_loop(self) -> None:
@@ -231,44 +373,44 @@ class Bridge:
                 if self._action_sock in ready:
                     self.handle_frame(self._action_sock.recv(), P.now())
                 if self._cmd_sock in ready:
-                    identity, *frames = self._cmd_sock.recv_multipart()
-                    try:
-                        msg = P.from_wire(frames[-1]) if frames else None
-                    except P.ProtocolError as exc:
-                        msg, why = None, str(exc)
-                    else:
-                        why = "expected a command"
-                    if isinstance(msg, P.CommandMsg):
-                        reply = self.handle_command(msg)
-                    elif isinstance(msg, P.Hello):  # connect handshake: same schema (decoded), robot shape
-                        self._seq += 1
-                        reply = P.Reply(seq=self._seq, stamp=P.now(), request_seq=msg.seq, ok=True,
-                                        status={"robot": self.driver.name, "dim": self.cfg.dim,
-                                                "version": P.PROTOCOL_VERSION,
-                                                "delta_dims": [bool(d) for d in self.cfg.delta_dims]})
-                    else:
-                        self._reject("malformed_command", why)
-                        self._seq += 1
-                        reply = P.Reply(seq=self._seq, stamp=P.now(), ok=False, reason=why)
-                    self._cmd_sock.send_multipart([identity, P.to_wire(reply)])
-            except zmq.ZMQError as exc:  # never let the network thread die silently
+                    self._serve_command()
+            except zmq.ZMQError as exc:  # a socket hiccup is not a failure; anything else is (guarded)
                 if self._stop_flag.is_set():
                     break
                 self.counts["net_errors"] += 1
                 log.warning("bridge network error: %s", exc)
 
+    def _serve_command(self) -> None:
+        identity, *frames = self._cmd_sock.recv_multipart()
+        try:
+            msg = P.from_wire(frames[-1]) if frames else None
+        except P.ProtocolError as exc:
+            msg, why = None, str(exc)
+        else:
+            why = "expected a command or hello"
+        if isinstance(msg, P.CommandMsg):
+            reply = self.handle_command(msg)
+        elif isinstance(msg, P.Hello):  # connect handshake: same schema (decoded), robot shape, session
+            reply = self.handle_hello(msg)
+        else:
+            self._reject("malformed_command", why)
+            reply = self._reply(-1, ok=False, reason=why)
+        self._cmd_sock.send_multipart([identity, P.to_wire(reply)])
+
     def _watchdog(self, now: float) -> np.ndarray | None:
         """Target for this servo tick under the watchdog and e-stop rules (None: stopped)."""
         if self._estop is not None:
             return None
-        if self._last_rx is None:
+        if self._last_rx is None and not self._runtime_stop:
             return self._target
-        silent = now - self._last_rx
-        # A runtime that still sends heartbeats is alive but starved: hold, do not stop.
-        if min(silent, now - self._last_heartbeat) > self.cfg.stop_after_s:
+        silent = float("inf") if self._last_rx is None else now - self._last_rx
+        # Only a runtime that is idle on purpose may keep the robot holding; a starved or
+        # broken one is treated like a dead one, and one that says stop is stopped now.
+        if self._runtime_stop or min(silent, now - self._last_heartbeat) > self.cfg.stop_after_s:
             if self.mode != "stopped":
                 self.mode = "stopped"
-                self._event("watchdog_stop", f"no target for {silent:.2f} s")
+                self._event("watchdog_stop", "runtime says stop" if self._runtime_stop
+                            else f"no target for {silent:.2f} s")
                 self.driver.stop()
                 self._interp.halt()
                 self._target = self._interp.p.copy()  # resume from where it stopped
@@ -300,54 +442,67 @@ class Bridge:
         state_every = max(1, round(self.cfg.servo_hz / self.cfg.state_hz))
         tick = 0
         next_t = time.monotonic()
-        try:
-            while not self._stop_flag.is_set():
-                now = time.monotonic()
-                with self._lock:
-                    for kind, detail in self.driver.events():
-                        self._event(kind, detail)
-                        if kind == "driver_error" and self._estop is None:  # the robot faulted: latch
-                            self._estop, self.mode = detail, "estop"
-                            self.driver.estop()
-                    if self._estop_pending:
-                        self._estop_pending = False
+        while not self._stop_flag.is_set():
+            now = time.monotonic()
+            with self._lock:
+                for kind, detail in self.driver.events():
+                    self._event(kind, detail)
+                    if kind == "driver_error" and self._estop is None:  # the robot faulted: latch
+                        self._estop, self.mode = detail, "estop"
                         self.driver.estop()
-                    if self._resume_pending and self._estop is None:
-                        self._resume_pending = False
-                        self._interp.p = self.driver.resume()
-                        self._interp.halt()
-                        if self._last_rx is None:
-                            self._target = self._interp.p.copy()
-                    target = self._watchdog(now)
-                    servoed = None  # the setpoint sent this tick, for the tracking guard
-                    if target is not None:
-                        servoed = self._interp.step(target)
-                        self.driver.servo(servoed)
-                    events, self._pending_events = self._pending_events, []
-                    publish = tick % state_every == 0
-                    frames = self.driver.take_frames() if self._camera_sock is not None else None
-                    state = (self.mode, self._estop is not None, self._last_chunk_seq, self._target)
-                for kind, detail in events:
-                    self._seq += 1
-                    send(self._event_sock, P.Event(seq=self._seq, stamp=now, kind=kind, detail=detail))
-                if frames is not None:
-                    self._seq += 1
-                    send(self._camera_sock, P.CameraFrames(seq=self._seq, stamp=frames[1], index=frames[2],
-                                                           images=frames[0]))
-                if publish:
-                    joints, ee = self.driver.read_state()
-                    if servoed is not None:
-                        self._check_tracking(ee, servoed)
-                    self._seq += 1
-                    send(self._state_sock, P.RobotState(
-                        seq=self._seq, stamp=now, mode=state[0], estopped=state[1], last_chunk_seq=state[2],
-                        joints=joints, ee_pose=ee, target=np.asarray(state[3], np.float64)))
-                tick += 1
-                next_t += period
-                time.sleep(max(0.0, next_t - time.monotonic()))
-                if time.monotonic() - next_t > 10 * period:  # fell far behind: resynchronise
-                    next_t = time.monotonic()
-        except Exception:
-            log.exception("servo loop failed; stopping the robot")
-            self.driver.stop()
-            raise
+                if self._estop_pending:
+                    self._estop_pending = False
+                    self.driver.estop()
+                if self._resume_pending and self._estop is None:
+                    self._resume_pending = False
+                    self._interp.p = self.driver.resume()
+                    self._interp.halt()
+                    if self._last_rx is None:
+                        self._target = self._interp.p.copy()
+                target = self._watchdog(now)
+                servoed = None  # the setpoint sent this tick, for the tracking guard
+                if target is not None:
+                    servoed = self._interp.step(target)
+                    self.driver.servo(servoed)
+                events, self._pending_events = self._pending_events, []
+                publish = tick % state_every == 0
+                frames = self.driver.take_frames() if self._camera_sock is not None else None
+                state = (self.mode, self._estop is not None, self._last_chunk_seq, self._target)
+            self._send_events(events, now)
+            if frames is not None:
+                self._seq += 1
+                try:
+                    msg = P.CameraFrames(seq=self._seq, stamp=frames[1], index=frames[2], images=frames[0])
+                    send(self._camera_sock, msg)
+                except P.ProtocolError as exc:  # a renderer's bad frame is dropped, not fatal
+                    self.counts["camera_frame_invalid"] += 1
+                    log.warning("camera frame not sent: %s", exc)
+            if publish:
+                joints, ee = self.driver.read_state()
+                if servoed is not None:
+                    self._check_tracking(ee, servoed)
+                self._seq += 1
+                send(self._state_sock, P.RobotState(
+                    seq=self._seq, stamp=now, mode=state[0], estopped=state[1], last_chunk_seq=state[2],
+                    joints=_vector(joints), ee_pose=_vector(ee), target=_vector(state[3])))
+            tick += 1
+            next_t += period
+            time.sleep(max(0.0, next_t - time.monotonic()))
+            if time.monotonic() - next_t > 10 * period:  # fell far behind: resynchronise
+                next_t = time.monotonic()
+
+    def _send_events(self, events: list[tuple[str, str]], now: float) -> None:
+        for kind, detail in events:
+            self._seq += 1
+            send(self._event_sock, P.Event(seq=self._seq, stamp=now, kind=kind, detail=detail))
+
+    def _publish_events(self, now: float) -> None:
+        """Send the pending events now (the servo thread, or the failure handler in its place)."""
+        with self._lock:
+            events, self._pending_events = self._pending_events, []
+        self._send_events(events, now)
+
+
+def _vector(values: object) -> np.ndarray:
+    """A driver's reading as the protocol's float64 vector (drivers may return lists or float32)."""
+    return np.asarray(values, np.float64).reshape(-1)

@@ -41,6 +41,12 @@ class BridgeConfig:
     def vec(self, name: str) -> np.ndarray:
         return np.asarray(getattr(self, name), np.float64)
 
+    def burst(self) -> np.ndarray:
+        """How far targets may move at once beyond ``max_vel`` per second: one ``max_step``
+        plus what the robot covers in ``hold_after_s`` (after which a silent runtime's target
+        is dropped anyway). Over any T seconds a target moves at most burst + max_vel * T."""
+        return self.vec("max_step") + self.vec("max_vel") * self.hold_after_s
+
 
 def bridge_config_from_dict(data: dict, source: str = "bridge config") -> BridgeConfig:
     names = {f.name for f in fields(BridgeConfig)}

@@ -7,6 +7,8 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+HISTORY_KEPT = 100_000  # setpoints a KinematicSimDriver remembers (8 min at 200 Hz)
+
 
 class RobotDriver(ABC):
     """Setpoints in, measured state out. Called from the bridge's servo thread only."""
@@ -56,7 +58,7 @@ class KinematicSimDriver(RobotDriver):
     def __init__(self, dim: int, initial: np.ndarray | None = None):
         self.setpoint = np.zeros(dim) if initial is None else np.asarray(initial, np.float64).copy()
         self.stopped = False
-        self.history: list[np.ndarray] = []  # every setpoint received, for tests and plots
+        self.history: list[np.ndarray] = []  # setpoints received (the last HISTORY_KEPT), for tests and plots
 
     def connect(self) -> np.ndarray:
         self.stopped = False
@@ -66,6 +68,8 @@ class KinematicSimDriver(RobotDriver):
         self.setpoint = np.asarray(setpoint, np.float64).copy()
         self.stopped = False
         self.history.append(self.setpoint)
+        if len(self.history) > 2 * HISTORY_KEPT:  # a sim bridge may run for days: trim in O(1) amortised
+            del self.history[:-HISTORY_KEPT]
 
     def read_state(self) -> tuple[np.ndarray, np.ndarray]:
         return self.setpoint.copy(), self.setpoint.copy()

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 SMOOTHING = ("none", "ensemble", "crossfade", "rtc")
+JUMP_WINDOW = 10_000
 
 
 class LatencyTracker:
@@ -74,8 +75,9 @@ class ActionPlan:
         self.latency = latency or LatencyTracker()
         self._slots: deque[_Slot] = deque()
         self._last_seq = -1
-        self.boundary_jumps: list[float] = []  # |a_t - a_{t-1}| when the source chunk changes
-        self.inner_jumps: list[float] = []  # the same within one chunk, for comparison
+        # Sliding windows (a deployed run never ends): statistics are over the last JUMP_WINDOW ticks.
+        self.boundary_jumps: deque[float] = deque(maxlen=JUMP_WINDOW)  # |a_t - a_{t-1}| when the source chunk changes
+        self.inner_jumps: deque[float] = deque(maxlen=JUMP_WINDOW)  # the same within one chunk, for comparison
         self._prev: tuple[np.ndarray, int] | None = None
 
     def tick_of(self, stamp: float) -> int:

@@ -5,6 +5,12 @@ Threads: each camera keeps its newest frame; one inference worker runs at most o
 inference at a time, always on the newest observation, when the plan is about to run
 dry; the control loop (the caller's thread) ticks at a fixed rate, merges finished
 chunks, sends one checked target per tick, and never blocks on the network or a log.
+
+On a tick without a target the runtime tells the bridge why in its heartbeat
+(:class:`~vpp_edge.runtime.protocol.RuntimeMode`): idle on purpose, starved, or stop; only
+an idle runtime keeps the bridge holding. The control loop watches the inference and
+camera threads every tick: one that failed ends the run with the robot held then stopped,
+and :class:`~vpp_edge.runtime.threads.ThreadFailure` (a non-zero exit for its supervisor).
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ from .chunking import ActionPlan
 from .link import BridgeLink
 from .metrics import Metrics
 from .policy import Chunk, EngineOutputError, RuntimePolicy
+from .protocol import RuntimeMode
 from .robot_config import RobotConfig
 from .safety import Mode, SafetyGate
+from .threads import ThreadFailure, describe, guarded
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +61,12 @@ class InferenceWorker:
         self._instruction: str | None = None  # applied before the next inference
         self.plan_dt = 0.0
         self.delay_steps = 0
-        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+        self.failure: str | None = None  # set when the thread died of an unexpected exception
+        self._thread = guarded("inference", self._run, self._fail)
+
+    def _fail(self, name: str, exc: Exception) -> None:
+        self.failure = describe(name, exc)
+        self.busy = False
 
     def start(self) -> "InferenceWorker":
         self._thread.start()
@@ -117,7 +130,7 @@ class InferenceWorker:
                 self.metrics.observe("end_to_end_ms", (finished - obs_stamp) * 1e3)
                 with self._lock:
                     self._done.append((chunk, obs_stamp, finished))
-            except StaleFrameError as exc:
+            except StaleFrameError as exc:  # expected faults are counted; anything else fails the thread
                 self.metrics.count("stale_observation")
                 self.metrics.record("event", kind="stale_observation", detail=str(exc))
                 self._stop.wait(0.02)
@@ -139,6 +152,7 @@ class Runtime:
         self.safety = SafetyGate(robot)
         self.plan = ActionPlan(options.action_dt or robot.dt, options.smoothing, options.crossfade_steps)
         self.worker = InferenceWorker(policy, cameras, robot.stale_observation_s, metrics)
+        self._failure: str | None = None
         if options.smoothing == "rtc":
             self.worker.plan_dt = self.plan.dt
 
@@ -161,6 +175,8 @@ class Runtime:
         try:
             stop_when = self.options.stop_when
             while tick_time - start < self.options.duration_s and not (stop_when and stop_when()):
+                if self._check_threads() is not None:
+                    break
                 now = time.monotonic()
                 self.metrics.observe("jitter_ms", abs(now - tick_time) * 1e3)
                 self._tick(now)
@@ -179,13 +195,33 @@ class Runtime:
             for cam in self.cameras:
                 cam.stop()
             self.link.command("hold")
+        if self._failure is not None:  # held above; now stop: the robot must not wait for a dead runtime
+            self.link.send_heartbeat(RuntimeMode.STOP)
+            raise ThreadFailure(f"runtime: {self._failure}; robot held, then stopped")
         summary = self.metrics.summary()
         summary["safety"] = dict(self.safety.counts)
         summary["boundary_jump"] = {"max": max(self.plan.boundary_jumps, default=0.0),
                                     "mean": float(np.mean(self.plan.boundary_jumps)) if self.plan.boundary_jumps else 0.0,
                                     "inner_mean": float(np.mean(self.plan.inner_jumps)) if self.plan.inner_jumps else 0.0}
         summary["latency_tracker_s"] = self.plan.latency.stats()
+        summary["link"] = dict(self.link.counts)  # inputs from the bridge refused, by reason
         return summary
+
+    def _check_threads(self) -> str | None:
+        """Why the run must end (a worker or camera thread failed), or None."""
+        failures = [self.worker.failure, *(cam.failure for cam in self.cameras)]
+        failure = next((f for f in failures if f is not None), None)
+        if failure is not None and self._failure is None:
+            self._failure = failure
+            self.metrics.count("thread_failed")
+            self.metrics.record("event", kind="thread_failed", detail=failure)
+        return failure
+
+    def _heartbeat_mode(self, now: float) -> RuntimeMode:
+        """What the bridge should make of a tick without a target."""
+        if self.safety.mode(now) in (Mode.STOP, Mode.ESTOP):
+            return RuntimeMode.STOP
+        return RuntimeMode.STARVED if self.safety.acting else RuntimeMode.IDLE
 
     def _tick(self, now: float) -> None:
         for chunk, obs_stamp, _finished in self.worker.take():
@@ -209,7 +245,8 @@ class Runtime:
             self.safety.robot_target(state.target)
             if state.estopped:
                 self.safety.estop("bridge reports e-stop")
-        if state is None and self.link.last_state is not None and now - self.link.last_state.stamp > 1.0:
+        last = self.link.last_state
+        if state is None and last is not None and self.link.bridge_now() - last.stamp > 1.0:
             self.metrics.count("bridge_silent")
         action = self.plan.pop(now)
         verdict = self.safety.filter(action, now)
@@ -221,8 +258,8 @@ class Runtime:
         if verdict.action is not None and not {"hold", "starvation"} & set(verdict.events):
             if not self.link.send_target(verdict.action, now, self.robot.dt):
                 self.metrics.count("bridge_unreachable")
-        elif self.safety.mode(now) is not Mode.ESTOP:  # alive but holding: the bridge holds, not stops
-            self.link.send_heartbeat()
+        else:  # alive without a target: say why (only an idle runtime keeps the bridge holding)
+            self.link.send_heartbeat(self._heartbeat_mode(now))
         if self.safety.mode(now) is not Mode.ESTOP and self.plan.needs_inference(now, self.options.margin_steps):
             if self.options.smoothing == "rtc" and not self.worker.busy:
                 self.worker.delay_steps = int(np.ceil(self.plan.latency.stats()["p95"] / self.plan.dt))

@@ -1,6 +1,10 @@
 """Runtime metrics: per-stage latency percentiles, control jitter, counters, a JSONL log
 written by its own thread (never on the control thread's hot path), a live status line
-and the summary table at exit."""
+and the summary table at exit.
+
+Memory is bounded for unbounded runs (a deployed unit runs with ``--duration inf``): each
+series keeps a sliding window of its last :data:`SERIES_WINDOW` values (percentiles are
+over that window; ``n`` counts every value observed) and the log queue is bounded."""
 
 from __future__ import annotations
 
@@ -9,11 +13,13 @@ import queue
 import sys
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+SERIES_WINDOW = 30_000  # values kept per series: 10 min of a 50 Hz tick, ~240 KB each
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -28,7 +34,8 @@ class Metrics:
     """Thread-safe enough for one writer per series; readers take snapshots."""
 
     def __init__(self, log_path: str | Path | None = None, status_every_s: float = 0.5, status: bool = False):
-        self.series: dict[str, list[float]] = defaultdict(list)
+        self.series: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=SERIES_WINDOW))
+        self.observed: Counter[str] = Counter()  # values ever observed per series (the window forgets)
         self.counts: Counter[str] = Counter()
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=10000)
         self._log_path = Path(log_path) if log_path else None
@@ -39,6 +46,12 @@ class Metrics:
 
     def observe(self, name: str, value: float) -> None:
         self.series[name].append(float(value))
+        self.observed[name] += 1
+
+    def window(self, name: str, last: int | None = None) -> list[float]:
+        """A copy of a series' window (its ``last`` values); safe while the owner appends."""
+        values = list(self.series.get(name, ()))  # one C call under the GIL: no mutation mid-copy
+        return values if last is None else values[-last:]
 
     def count(self, name: str, n: int = 1) -> None:
         self.counts[name] += n
@@ -75,8 +88,8 @@ class Metrics:
                 sys.stderr.write("\n")
 
     def status_line(self) -> str:
-        e2e = self.series.get("end_to_end_ms", [])[-20:]
-        jit = self.series.get("jitter_ms", [])[-200:]
+        e2e = self.window("end_to_end_ms", 20)
+        jit = self.window("jitter_ms", 200)
         return (f"chunks {self.counts['chunks']}  e2e {np.median(e2e) if e2e else float('nan'):.0f} ms  "
                 f"jitter p99 {np.percentile(jit, 99) if jit else float('nan'):.2f} ms  "
                 f"starved {self.counts['starvation']}  holds {self.counts['hold']}  "
@@ -87,7 +100,7 @@ class Metrics:
         self._thread.join(timeout=5.0)
 
     def summary(self) -> dict[str, Any]:
-        return {"latency_ms": {k: percentiles(v) for k, v in sorted(self.series.items())},
+        return {"latency_ms": {k: {**percentiles(self.window(k)), "n": self.observed[k]} for k in sorted(self.series)},
                 "counts": dict(sorted(self.counts.items()))}
 
 

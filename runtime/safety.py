@@ -85,6 +85,11 @@ class SafetyGate:
         """A valid chunk arrived at ``now``."""
         self._last_fresh = now
 
+    @property
+    def acting(self) -> bool:
+        """A chunk has arrived since the start or the last reset: the runtime means to move the robot."""
+        return self._last_fresh is not None
+
     def mode(self, now: float) -> Mode:
         if self.estopped:
             return Mode.ESTOP

@@ -1,5 +1,6 @@
 """Bridge over real ZeroMQ sockets: tracking with limits, watchdog, e-stop latch,
-rejection of everything invalid, and fuzzing."""
+rejection of everything invalid (malformed, replayed, reordered, stale, future, other
+sessions), motion per second, thread failures, and fuzzing."""
 
 import random
 import time
@@ -13,6 +14,7 @@ from vpp_edge.firmware_bridge.config import BridgeConfigError, bridge_config_fro
 from vpp_edge.firmware_bridge.driver import KinematicSimDriver
 from vpp_edge.firmware_bridge.servo import LimitedInterpolator
 from vpp_edge.runtime import protocol as P
+from vpp_edge.runtime.threads import ThreadFailure
 from vpp_edge.runtime.transport import make_socket, recv, send
 
 ANY = Endpoints("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", "tcp://127.0.0.1:*", "tcp://127.0.0.1:*")
@@ -25,33 +27,44 @@ def config(**changes):
 
 
 class Client:
-    """What the runtime holds: PUSH for targets, SUB for events, DEALER for commands."""
+    """What the runtime holds: PUSH for targets, SUB for events, DEALER for commands; it
+    says hello (role ``role``) so that its session owns the action link."""
 
-    def __init__(self, bridge, ctx):
+    def __init__(self, bridge, ctx, role="runtime"):
         ends = bridge.bound()
         self.push = make_socket(ctx, zmq.PUSH, ends.action, bind=False, timeout_ms=500)
         self.events = make_socket(ctx, zmq.SUB, ends.events, bind=False, timeout_ms=50)
         self.state = make_socket(ctx, zmq.SUB, ends.state, bind=False, timeout_ms=500, conflate=True)
         self.cmd = make_socket(ctx, zmq.DEALER, ends.command, bind=False, timeout_ms=1000)
         self.seq = 0
+        self.session = random.getrandbits(63)
+        if role is not None:
+            assert self.request(P.Hello(**self.next(), role=role, robot="sim", action_dim=7)).ok
         time.sleep(0.2)  # subscriptions take effect
 
-    def target(self, action):
+    def next(self, **changes):
+        """seq, stamp and session of the next message (``changes`` override them)."""
         self.seq += 1
-        chunk = P.ActionChunk(seq=self.seq, stamp=P.now(), obs_stamp=P.now(), dt=0.02,
-                              actions=np.asarray([action], np.float32))
-        assert send(self.push, chunk)
+        return {"seq": self.seq, "stamp": P.now(), "session": self.session, **changes}
 
-    def heartbeat(self, stamp=None):
-        self.seq += 1
-        assert send(self.push, P.Heartbeat(seq=self.seq, stamp=P.now() if stamp is None else stamp, sender="test"))
+    def chunk(self, action, **changes):
+        return P.ActionChunk(**self.next(**changes), obs_stamp=P.now(), dt=0.02,
+                             actions=np.asarray([action], np.float32))
 
-    def command(self, name):
-        self.seq += 1
-        assert send(self.cmd, P.CommandMsg(seq=self.seq, stamp=P.now(), command=name))
+    def target(self, action, **changes):
+        assert send(self.push, self.chunk(action, **changes))
+
+    def heartbeat(self, mode="idle", **changes):
+        assert send(self.push, P.Heartbeat(**self.next(**changes), sender="test", mode=mode))
+
+    def request(self, msg):
+        assert send(self.cmd, msg)
         reply = recv(self.cmd)
-        assert isinstance(reply, P.Reply) and reply.request_seq == self.seq
+        assert isinstance(reply, P.Reply) and reply.request_seq == msg.seq
         return reply
+
+    def command(self, name, **changes):
+        return self.request(P.CommandMsg(**self.next(**changes), command=name))
 
     def drain_events(self):
         kinds = []
@@ -109,18 +122,45 @@ def test_watchdog_holds_then_stops(rig):
     assert wait_until(lambda: bridge.mode == "tracking"), "a fresh target resumes tracking"
 
 
-def test_heartbeats_keep_a_starved_runtime_in_hold_not_stop(rig):
+def test_idle_heartbeats_keep_the_robot_holding_not_stopped(rig):
     bridge, driver, client = rig
     client.target(np.array([0.05, 0, 0, 0, 0, 0, 0]))
     assert wait_until(lambda: bridge.mode == "hold")
     end = time.monotonic() + 2 * bridge.cfg.stop_after_s
-    while time.monotonic() < end:  # alive, no new target: hold indefinitely, never stop
-        client.heartbeat()
+    while time.monotonic() < end:  # alive, not commanding on purpose: hold indefinitely, never stop
+        client.heartbeat("idle")
         time.sleep(0.05)
-    assert bridge.mode == "hold" and not driver.stopped and bridge.counts["heartbeats"] > 10
-    client.heartbeat(stamp=P.now() - 5.0)  # one queued while the link was down proves nothing
+    assert bridge.mode == "hold" and not driver.stopped and bridge.counts["heartbeats_idle"] > 10
+    client.heartbeat("idle", stamp=P.now() - 5.0)  # one queued while the link was down proves nothing
     assert wait_until(lambda: bridge.counts["rejected_stale_heartbeat"] == 1)
     assert wait_until(lambda: bridge.mode == "stopped") and driver.stopped, "heartbeats stopped: stop"
+
+
+def test_a_starved_runtime_is_held_then_stopped_like_a_dead_one(rig):
+    bridge, driver, client = rig
+    client.target(np.array([0.05, 0, 0, 0, 0, 0, 0]))
+    assert wait_until(lambda: bridge.mode == "tracking")
+
+    def starving():  # alive, heartbeats on every tick, but no valid chunk
+        client.heartbeat("starved")
+        return bridge.mode == "stopped"
+
+    assert wait_until(starving, timeout=5 * bridge.cfg.stop_after_s) and driver.stopped
+    kinds = [k for k, _ in client.drain_events()]
+    assert kinds.index("watchdog_hold") < kinds.index("watchdog_stop")
+    assert bridge.counts["heartbeats_starved"] > 5
+    client.target(np.zeros(7))
+    assert wait_until(lambda: bridge.mode == "tracking"), "a valid target resumes"
+
+
+def test_a_runtime_that_says_stop_is_stopped_at_once(rig):
+    bridge, driver, client = rig
+    client.target(np.array([0.05, 0, 0, 0, 0, 0, 0]))
+    assert wait_until(lambda: bridge.mode == "tracking")
+    client.heartbeat("stop")
+    assert wait_until(lambda: bridge.mode == "stopped") and driver.stopped
+    assert ("watchdog_stop", "runtime says stop") in client.drain_events()
+    assert "watchdog_hold" not in [k for k, _ in client.drain_events()], "no hold phase: stopped directly"
 
 
 def test_estop_latches_until_reset(rig):
@@ -134,6 +174,19 @@ def test_estop_latches_until_reset(rig):
     assert np.array_equal(driver.setpoint, before)
     enable = client.command("enable")
     assert not enable.ok and "reset" in enable.reason
+    stale = client.command("reset", stamp=P.now() - 10.0)
+    assert not stale.ok and "stale or future" in stale.reason
+    stranger = Client(bridge, client.push.context, role=None)  # never said hello
+    assert not stranger.command("reset").ok
+    assert stranger.command("estop").ok, "stopping commands are obeyed from anyone"
+    replay = P.to_wire(P.CommandMsg(**client.next(), command="reset"))
+    client.cmd.send(replay)
+    reset = recv(client.cmd)
+    assert reset.ok and reset.status["estopped"] is False
+    assert client.command("estop").ok and bridge.mode == "estop"
+    client.cmd.send(replay)  # the same reset again: refused, the e-stop stays latched
+    replayed = recv(client.cmd)
+    assert not replayed.ok and "replayed or reordered" in replayed.reason and bridge.mode == "estop"
     reset = client.command("reset")
     assert reset.ok and reset.status["estopped"] is False
     client.target(np.array([0.05, 0, 0, 0, 0, 0, 0]))
@@ -190,28 +243,103 @@ def test_invalid_targets_are_rejected_with_a_reason(rig, action, reason):
     assert wait_until(lambda: any(k == "rejected" and reason in d for k, d in client.drain_events()))
 
 
+# Headers a broken or hostile peer sends: each once crashed the bridge's network thread
+# (a dtype that is a list or a map, a shape whose size overflows int64) or must be refused.
+NASTY_ARRAYS = [{"dtype": ["float32"]}, {"dtype": {"a": 1}}, {"shape": [2**32, 2**32]}, {"shape": [2**62, 4]},
+                {"shape": [1, 7, 1]}, {"dtype": "object"}, {"shape": [True, 7]}, {"name": ["actions"]}]
+
+
 def test_fuzzed_frames_are_counted_and_never_forwarded(rig):
+    """Fresh, in-session frames (so that they reach the checks behind the decoder), mutated
+    at random or given nasty headers: every one is counted as accepted or rejected, the
+    robot never leaves its limits, and the bridge still answers an e-stop."""
+    import msgpack
+
     bridge, driver, client = rig
     rng = random.Random(1)
-    good = P.to_wire(P.ActionChunk(seq=1, stamp=0.0, obs_stamp=0.0, dt=0.02, actions=np.full((1, 7), 0.01,
-                                                                                          np.float32)))
     n = 3000
-    for _ in range(n):
-        frame = bytearray(good if rng.random() < 0.7 else rng.randbytes(rng.randrange(1, 200)))
-        for _ in range(rng.randint(1, 6)):
-            frame[rng.randrange(len(frame))] = rng.randrange(256)
-        if frame == bytearray(good):
-            frame[-1] ^= 0xFF
+    for k in range(n):
+        frames = P.encode(client.chunk(np.full(7, 0.01)))
+        if k % 10 == 0:  # structural: a nasty array header
+            header = msgpack.unpackb(frames[0])
+            header["arrays"] = [{**header["arrays"][0], **NASTY_ARRAYS[(k // 10) % len(NASTY_ARRAYS)]}]
+            frames[0] = msgpack.packb(header)
+            frame = bytearray(msgpack.packb(frames))
+        else:
+            frame = bytearray(msgpack.packb(frames))
+            for _ in range(rng.randint(1, 6)):
+                frame[rng.randrange(len(frame))] = rng.randrange(256)
         client.push.send(bytes(frame))
     assert wait_until(lambda: bridge.counts["received"] == n, timeout=20)
     status = client.command("status").status
     accepted = status.get("accepted", 0)
     assert status["rejected"] + accepted == n
-    # A mutation may still be a valid, in-limit message; anything else is rejected.
-    assert accepted < 0.05 * n
-    if accepted == 0:
-        assert np.allclose(driver.setpoint, 0.0)
-    assert bridge._threads[0].is_alive() and bridge._threads[1].is_alive()
+    assert status["rejected_malformed"] > n // 2 and status["rejected_malformed"] >= n // 10  # the nasty ones
+    # A mutation may still be a valid, in-limit, in-order message; what was accepted kept the robot in limits.
+    history = np.stack(driver.history) if driver.history else np.zeros((1, 7))
+    cfg = bridge.cfg
+    assert np.all(history >= cfg.vec("setpoint_low")) and np.all(history <= cfg.vec("setpoint_high"))
+    assert np.all(np.abs(np.diff(history, axis=0)) <= cfg.vec("max_vel") / cfg.servo_hz + 1e-9)
+    assert bridge.health() is None and all(t.is_alive() for t in bridge._threads)
+    assert client.command("estop").ok and wait_until(lambda: driver.stopped), "still answers an e-stop"
+
+
+def test_other_sessions_replays_reordering_and_future_stamps_are_refused(rig):
+    bridge, driver, client = rig
+    step = np.array([0.01, 0, 0, 0, 0, 0, 0])
+    first = client.chunk(step)
+    later = client.chunk(step)
+    client.push.send(P.to_wire(later))
+    client.push.send(P.to_wire(first))  # reordered: older than the last accepted
+    client.push.send(P.to_wire(later))  # replayed
+    client.target(step, session=client.session + 1)  # a session that never said hello
+    client.target(step, stamp=P.now() + 1.0)  # from the future
+    client.target(step, stamp=P.now() - 10.0)  # stale
+    assert wait_until(lambda: bridge.counts["received"] == 6)
+    counts = bridge.counts
+    assert (counts["accepted"], counts["rejected_replayed"], counts["rejected_wrong_session"],
+            counts["rejected_future_stamp"], counts["rejected_stale_target"]) == (1, 2, 1, 1, 1)
+    other = Client(bridge, client.push.context)  # a new runtime's hello takes the action link over
+    client.target(step)
+    other.target(step)
+    assert wait_until(lambda: counts["accepted"] == 2 and counts["rejected_wrong_session"] == 2)
+    hello = P.Hello(**other.next(session=other.session + 1), role="runtime", robot="sim", action_dim=7)
+    assert other.request(hello).ok, "a new session"
+    replayed_hello = other.request(hello)
+    assert not replayed_hello.ok and "already used" in replayed_hello.reason
+
+
+def test_a_burst_of_targets_moves_no_faster_than_the_velocity_limit(rig):
+    bridge, driver, client = rig
+    cfg = bridge.cfg
+    start = bridge._target.copy()
+    began = time.monotonic()
+    for _ in range(50):  # each within max_step, together 50x it
+        client.target(np.array([0.2, 0, 0, 0, 0, 0, 0]))
+    assert wait_until(lambda: bridge.counts["received"] == 50)
+    elapsed = time.monotonic() - began
+    moved = abs(bridge._target[0] - start[0])
+    assert bridge.counts["rate_limited"] > 0
+    assert moved <= cfg.burst()[0] + cfg.max_vel[0] * elapsed + 1e-9 < 50 * cfg.max_step[0]
+
+
+def _fail_on_call(*_args, **_kwargs):
+    raise RuntimeError("injected fault")
+
+
+@pytest.mark.parametrize("where", ["network", "servo"])
+def test_a_failed_thread_latches_the_estop_and_ends_the_process(rig, where, monkeypatch):
+    bridge, driver, client = rig
+    if where == "network":
+        monkeypatch.setattr(bridge, "handle_frame", _fail_on_call)
+        client.target(np.zeros(7))
+    else:
+        monkeypatch.setattr(driver, "servo", _fail_on_call)
+    assert wait_until(lambda: bridge.health() is not None) and wait_until(lambda: driver.stopped)
+    assert bridge.mode == "estop" and "injected fault" in bridge.health()
+    assert wait_until(lambda: any(k == "thread_failed" and "injected fault" in d for k, d in client.drain_events()))
+    with pytest.raises(ThreadFailure, match="injected fault.*e-stop latched"):
+        bridge.supervise(duration_s=5.0)
 
 
 def test_malformed_command_gets_a_negative_reply(rig):
@@ -219,6 +347,8 @@ def test_malformed_command_gets_a_negative_reply(rig):
     client.cmd.send(b"\x00garbage")
     reply = recv(client.cmd)
     assert isinstance(reply, P.Reply) and not reply.ok and "msgpack" in reply.reason
+    client.cmd.send(P.to_wire(P.Hello(seq=1, stamp=P.now(), role="runtime")).replace(b"hello", b"hullo"))
+    assert not recv(client.cmd).ok and bridge.health() is None
 
 
 def test_interpolator_never_jumps_and_settles():

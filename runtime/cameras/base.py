@@ -11,6 +11,8 @@ import numpy as np
 
 from vpp_edge.errors import VPPError
 
+from ..threads import describe
+
 
 class StaleFrameError(VPPError):
     """A camera's newest frame is older than allowed (unplugged, stalled, or never started)."""
@@ -32,7 +34,9 @@ class Camera(ABC):
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.error: str | None = None
+        self.error: str | None = None  # the latest problem (may clear when frames resume)
+        self.failure: str | None = None  # the capture thread died: the runtime must end
+        self.dropped = 0  # frames refused (malformed, empty, wrong view count)
 
     def start(self) -> "Camera":
         self._stop.clear()
@@ -52,8 +56,14 @@ class Camera(ABC):
     def _run(self) -> None:
         try:
             self.capture_loop()
-        except Exception as exc:  # a dead camera is reported through frame age and .error
+        except Exception as exc:  # reported through frame age, .error, and .failure for the liveness check
             self.error = f"{type(exc).__name__}: {exc}"
+            self.failure = describe(self._thread.name if self._thread else self.name, exc)
+
+    def _drop(self, why: str) -> None:
+        """A frame refused: counted and reported, the capture goes on."""
+        self.dropped += 1
+        self.error = why
 
     @abstractmethod
     def capture_loop(self) -> None:

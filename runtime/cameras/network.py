@@ -3,6 +3,7 @@ server speaking the protocol's ``camera`` message): latest-only, timestamped at 
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import zmq
 
@@ -30,15 +31,19 @@ class ZmqCameras(Camera):
                 try:
                     msg = recv(sock)
                 except P.ProtocolError as exc:
-                    self.error = f"bad camera message: {exc}"
+                    self._drop(f"bad camera message: {exc}")
                     continue
                 if not isinstance(msg, P.CameraFrames) or msg.stamp < self.not_before:
                     continue
                 if msg.images.shape[0] < self.views:
-                    self.error = f"stream has {msg.images.shape[0]} view(s), the model needs {self.views}"
+                    self._drop(f"stream has {msg.images.shape[0]} view(s), the model needs {self.views}")
+                    continue
+                try:  # the stream is untrusted: a frame the preprocessing cannot take is dropped, not fatal
+                    images = np.stack([prepare_frame(view, self.size) for view in msg.images[: self.views]])
+                except (ValueError, cv2.error) as exc:
+                    self._drop(f"camera frame refused: {exc}")
                     continue
                 self.error = None
-                images = [prepare_frame(view, self.size) for view in msg.images[: self.views]]
-                self._publish(Frame(np.stack(images), msg.stamp, msg.index))
+                self._publish(Frame(images, msg.stamp, msg.index))
         finally:
             sock.close(linger=0)
