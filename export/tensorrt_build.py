@@ -58,13 +58,24 @@ def select_graphs(manifest: dict[str, Any], precision: str) -> dict[str, str]:
     return keys
 
 
+def network_flags(trt: Any) -> int:
+    """``create_network`` flags for an ONNX graph: 0 on TensorRT >= 10, where every network is
+    explicit-batch (the flag is deprecated there); the EXPLICIT_BATCH bit on TensorRT 8.x,
+    whose default implicit-batch network the ONNX parser rejects. (The deploy profiles
+    require TensorRT >= 10.3; this keeps `vpp build-engines` honest on older installs.)"""
+    major = int(str(trt.__version__).split(".")[0])
+    if major >= 10:
+        return 0
+    return 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+
+
 def build_engine(onnx_path: Path, engine_path: Path, precision: str, workspace_bytes: int,
                  timing_cache: Path) -> dict[str, Any]:
     """Build one engine with TensorRT's Python API; returns the builder flags used."""
     trt = require("tensorrt", "building TensorRT engines")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
