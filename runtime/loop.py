@@ -165,11 +165,11 @@ class Runtime:
         dt = self.robot.dt
         status = self.link.handshake(self.robot.name, self.robot.action_dim)
         self.safety.absolute = ~np.asarray(status.get("delta_dims", [True] * self.robot.action_dim), bool)
-        if self.options.realtime_priority > 0:
-            _realtime(self.options.realtime_priority, self.metrics)
         for cam in self.cameras:
             cam.start()
         self.worker.start()
+        if self.options.realtime_priority > 0:  # after the threads exist: they keep the normal policy
+            _realtime(self.options.realtime_priority, self.metrics)
         start = time.monotonic()
         tick_time = start
         try:
@@ -269,14 +269,14 @@ class Runtime:
 
 
 def _realtime(priority: int, metrics: Metrics) -> None:
-    """Run the calling (control) thread under SCHED_FIFO so inference threads cannot delay
-    its ticks; on Linux, pid 0 means the calling thread. Without permission it stays
-    best-effort and says so."""
-    import os
+    """SCHED_FIFO for the calling (control) thread only, so inference and cameras cannot
+    delay its ticks, and memory locked where the unit grants MEMLOCK; without permission it
+    stays best-effort and says so (runtime/realtime.py)."""
+    from . import realtime
 
-    try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
-        metrics.record("event", kind="realtime", detail=f"SCHED_FIFO {priority}")
-    except (AttributeError, PermissionError, OSError) as exc:
-        metrics.count("realtime_denied")
-        log.warning("control thread stays best-effort: SCHED_FIFO %d not permitted (%s)", priority, exc)
+    for outcome in (realtime.control_thread_fifo(priority), realtime.lock_memory()):
+        if outcome.ok:
+            metrics.record("event", kind="realtime", detail=outcome.detail)
+        else:
+            metrics.count("realtime_denied")
+            log.warning("%s", outcome.detail)

@@ -1,0 +1,80 @@
+"""Real-time settings of the runtime's control thread, and nothing else's.
+
+On Linux a thread inherits its creator's scheduling policy. The control loop therefore
+asks for SCHED_FIFO only after the camera and inference threads exist: they keep the
+normal policy (SCHED_OTHER), so an inference using most of a core cannot starve the
+control ticks, and it cannot run at real-time priority either. Memory is locked
+(``mlockall``) only where the service grants it (``LimitMEMLOCK=infinity`` in the unit):
+page faults on the control path then cannot stall a tick.
+
+Standard library only (robot side).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import resource
+import threading
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+# <sys/mman.h>: lock what is mapped now and what gets mapped later, each page when first
+# touched (ONFAULT: CUDA's large virtual reservations are not made resident up front).
+MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
+POLICY_NAMES = {getattr(os, n): n for n in ("SCHED_OTHER", "SCHED_FIFO", "SCHED_RR", "SCHED_BATCH", "SCHED_IDLE")
+                if hasattr(os, n)}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a real-time request got: ``ok`` and a line for the log/metrics."""
+
+    ok: bool
+    detail: str
+
+
+def control_thread_fifo(priority: int) -> Outcome:
+    """SCHED_FIFO ``priority`` for the calling thread only (on Linux, pid 0 in
+    sched_setscheduler is the calling thread). Call it after the other threads started."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+    except (AttributeError, PermissionError, OSError) as exc:
+        return Outcome(False, f"SCHED_FIFO {priority} not permitted ({exc}): the control thread stays best-effort "
+                              "(the unit's LimitRTPRIO or CAP_SYS_NICE grants it)")
+    return Outcome(True, f"SCHED_FIFO {priority} on the control thread ({threading.current_thread().name})")
+
+
+def memlock_granted(limit: int | None = None) -> bool:
+    """Whether RLIMIT_MEMLOCK lets this process lock all its memory (unlimited, or root)."""
+    soft = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0] if limit is None else limit
+    return soft == resource.RLIM_INFINITY or os.geteuid() == 0
+
+
+def lock_memory(limit: int | None = None) -> Outcome:
+    """``mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)`` when MEMLOCK is granted."""
+    if not memlock_granted(limit):
+        soft = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0] if limit is None else limit
+        return Outcome(False, f"memory not locked: RLIMIT_MEMLOCK is {soft} bytes (the unit's LimitMEMLOCK=infinity "
+                              "grants it)")
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
+        err = ctypes.get_errno()
+        return Outcome(False, f"mlockall failed: {os.strerror(err)}")
+    return Outcome(True, "memory locked (mlockall, on fault)")
+
+
+def thread_policies() -> dict[str, str]:
+    """{thread name: scheduling policy} of this process's live threads (Linux)."""
+    out = {}
+    for thread in threading.enumerate():
+        if thread.native_id is None:
+            continue
+        try:
+            out[thread.name] = POLICY_NAMES.get(os.sched_getscheduler(thread.native_id), "?")
+        except OSError:  # ended meanwhile
+            continue
+    return out
