@@ -324,3 +324,30 @@ def test_predictor_encodes_an_instruction_once(tiny_policy, tiny_preset):
     assert first.actions.shape == (tiny_preset.action_horizon, tiny_preset.action_dim)
     with pytest.raises(ValueError, match="expected uint8 frames"):
         predictor.predict(frames[:1], "open the drawer")
+
+
+def test_proprio_state_is_the_last_encoder_token_as_official(tiny_preset):
+    """use_proprio: the official forward_enc_only input [lang_emb(goal); tok_emb(tokens);
+    proprio_emb(state_obs)] through the (non-causal) encoder; without it, no state token."""
+    p = tiny_preset.replace(action_head={"use_proprio": True, "proprio_dim": 5})
+    policy, _ = build_policy(p, seed=0)
+    inner = policy.action_head.inner_model
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randn(1, p.num_queries, p.former.dim, generator=gen)
+    goal = torch.randn(1, p.text.projection_dim, generator=gen)
+    state = torch.rand(1, 5, generator=gen) * 2 - 1
+    noise = torch.randn(1, p.action_horizon, p.action_dim, generator=gen)
+    with torch.no_grad():
+        context = inner.encode(tokens, goal, state)
+        x = torch.cat([inner.lang_emb(goal[:, None]), inner.tok_emb(tokens), inner.proprio_emb(state[:, None])], 1)
+        for block in inner.encoder.blocks:
+            x = block(x)
+        a, b = (policy.sample_actions(tokens, goal, noise, s) for s in (state, -state))
+    assert context.shape == (1, 2 + p.num_queries, p.action_head.embed_dim)
+    assert torch.equal(context, inner.encoder.ln(x))
+    assert not torch.allclose(a, b), "the state reaches the actions through the encoder"
+    with pytest.raises(ValueError, match=r"uses proprioception: pass the normalised state \[B, 5\], got none"):
+        policy.sample_actions(tokens, goal, noise)
+    plain, _ = build_policy(tiny_preset, seed=0)
+    with pytest.raises(ValueError, match="does not use proprioception"):
+        plain.sample_actions(tokens[..., : tiny_preset.former.dim], goal, noise, state[:, :1].expand(1, 8))

@@ -74,7 +74,10 @@ class ActionHeadConfig:
     n_enc_layers: int = 4
     n_dec_layers: int = 4
     n_heads: int = 8
-    proprio_dim: int = 8  # unused by the policy, kept so official checkpoints load strictly
+    proprio_dim: int = 8  # width of proprio_emb (official GCDenoiser default 8; loads strictly)
+    # Official real-robot policies (VPP_policy_xbot.py with state_obs) append proprio_emb of the
+    # bound-normalised robot state to the encoder input; CALVIN's does not.
+    use_proprio: bool = False
     attn_pdrop: float = 0.3
     resid_pdrop: float = 0.1
     mlp_pdrop: float = 0.05

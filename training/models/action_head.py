@@ -157,8 +157,8 @@ class ActionTransformer(nn.Module):
         self.action_dim = action_dim
         self.tok_emb = nn.Linear(obs_dim, d)
         self.lang_emb = _mlp_embed(goal_dim, d)
-        # goal_emb, proprio_emb and pos_emb are unused by VPP's forward pass; they exist so
-        # that official checkpoints load strictly (no silently ignored keys).
+        # goal_emb and pos_emb are unused by VPP's forward pass, proprio_emb is used only with
+        # cfg.use_proprio; they exist so that official checkpoints load strictly.
         self.goal_emb = _mlp_embed(goal_dim, d)
         self.proprio_emb = nn.Sequential(nn.Linear(cfg.proprio_dim, d * 2), nn.Mish(), nn.Linear(d * 2, d))
         self.pos_emb = nn.Parameter(torch.zeros(1, 1 + num_obs_tokens + horizon, d))
@@ -180,9 +180,22 @@ class ActionTransformer(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
-    def encode(self, tokens: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
-        """[B, Q, obs_dim] Former tokens + [B, goal_dim] goal -> context [B, 1 + Q, D]."""
-        x = torch.cat([self.lang_emb(goal.unsqueeze(1)), self.tok_emb(tokens)], dim=1)
+    def encode(self, tokens: torch.Tensor, goal: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, Q, obs_dim] Former tokens + [B, goal_dim] goal -> context [B, 1 + Q, D].
+
+        With ``cfg.use_proprio``, ``state`` [B, proprio_dim] (normalised robot state) adds a
+        last token, ``proprio_emb(state)``, as the official ``concatenate_inputs``: [B, 2 + Q, D].
+        """
+        parts = [self.lang_emb(goal.unsqueeze(1)), self.tok_emb(tokens)]
+        if self.cfg.use_proprio:
+            if state is None or state.shape[-1] != self.cfg.proprio_dim:
+                got = "none" if state is None else list(state.shape)
+                raise ValueError(f"this policy uses proprioception: pass the normalised state [B, "
+                                 f"{self.cfg.proprio_dim}], got {got}")
+            parts.append(self.proprio_emb(state.unsqueeze(1)))
+        elif state is not None:
+            raise ValueError("this policy does not use proprioception (action_head.use_proprio is false)")
+        x = torch.cat(parts, dim=1)
         for block in self.encoder.blocks:
             x = block(x)
         return self.encoder.ln(x)
@@ -223,22 +236,24 @@ class EDMActionHead(nn.Module):
         denoised = self.denoise(context, x, x.new_full((x.shape[0],), sigma))
         return ddim_step(x, denoised, sigma, sigma_next)
 
-    def sample(self, tokens: torch.Tensor, goal: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Normalised action chunk [B, T, A] from unit Gaussian ``noise`` [B, T, A]."""
+    def sample(self, tokens: torch.Tensor, goal: torch.Tensor, noise: torch.Tensor,
+               state: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised action chunk [B, T, A] from unit Gaussian ``noise`` [B, T, A] (``state``:
+        see :meth:`ActionTransformer.encode`)."""
         if noise.shape[1:] != (self.horizon, self.action_dim):
             raise ValueError(f"action noise must be [B, {self.horizon}, {self.action_dim}], got {list(noise.shape)}")
-        context = self.inner_model.encode(tokens, goal)
+        context = self.inner_model.encode(tokens, goal, state)
         x = noise * self.cfg.sigma_max
         for i in range(self.cfg.num_steps):
             x = self.step(context, x, i)
         return x
 
     def loss(self, tokens: torch.Tensor, goal: torch.Tensor, actions: torch.Tensor, noise: torch.Tensor,
-             sigma: torch.Tensor) -> torch.Tensor:
+             sigma: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
         """EDM denoising loss for clean normalised ``actions`` at noise levels ``sigma`` [B]."""
         c_skip, c_out, c_in = (s.reshape(-1, 1, 1) for s in preconditioning(sigma, self.cfg.sigma_data))
         noised = actions + noise * sigma.reshape(-1, 1, 1)
-        context = self.inner_model.encode(tokens, goal)
+        context = self.inner_model.encode(tokens, goal, state)
         out = self.inner_model.decode(context, noised * c_in, sigma)
         target = (actions - c_skip * noised) / c_out
         return (out - target).pow(2).flatten(1).mean()

@@ -92,9 +92,11 @@ class VPPPolicy(nn.Module):
         # Tokens of a frame: view 0's h*w positions, then view 1's, ... (as the official concat).
         return feats.permute(0, 2, 1, 4, 3).reshape(b, kept, v * h * w, c)
 
-    def sample_actions(self, tokens: torch.Tensor, goal: torch.Tensor, action_noise: torch.Tensor) -> torch.Tensor:
-        """Former tokens + goal -> normalised action chunk [B, T, A]."""
-        return self.action_head.sample(tokens, goal, action_noise)
+    def sample_actions(self, tokens: torch.Tensor, goal: torch.Tensor, action_noise: torch.Tensor,
+                       state: torch.Tensor | None = None) -> torch.Tensor:
+        """Former tokens + goal (+ normalised state with ``action_head.use_proprio``) ->
+        normalised action chunk [B, T, A]."""
+        return self.action_head.sample(tokens, goal, action_noise, state)
 
     def denormalize(self, actions: torch.Tensor) -> torch.Tensor:
         return actions * self.action_scale + self.action_offset
