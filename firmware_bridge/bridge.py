@@ -44,7 +44,7 @@ import zmq
 
 from vpp_edge.runtime import protocol as P
 from vpp_edge.runtime.threads import ThreadFailure, dead, describe, guarded
-from vpp_edge.runtime.transport import make_socket, send
+from vpp_edge.runtime.transport import CurveKeys, authenticate, make_socket, send, stop_authenticator
 
 from .config import BridgeConfig
 from .driver import RobotDriver
@@ -69,13 +69,32 @@ class Endpoints:
     command: str = P.COMMAND_ENDPOINT
     camera: str = P.CAMERA_ENDPOINT  # bound only by drivers that render cameras (simulators)
 
+    @classmethod
+    def on(cls, host: str) -> "Endpoints":
+        """The default ports on ``host`` (``0.0.0.0``: every interface)."""
+        return cls(*(P.endpoint_on(host, e) for e in cls().__dict__.values()))
+
+
+@dataclass(frozen=True)
+class Security:
+    """How the bridge's sockets leave the machine: CurveZMQ ``keys`` with the folder of
+    client public keys it admits, or plaintext on purpose (``insecure``). Loopback needs neither."""
+
+    keys: CurveKeys | None = None
+    allowed_clients: str | None = None
+    insecure: bool = False
+
+    def __post_init__(self) -> None:
+        if self.keys is not None and self.allowed_clients is None:
+            raise P.ProtocolError("a CurveZMQ bridge needs the folder of client keys it admits (--allow)")
+
 
 class Bridge:
     """Owns the driver; safe to start/stop; a context manager. Thread-safe by one lock."""
 
     def __init__(self, driver: RobotDriver, cfg: BridgeConfig, endpoints: Endpoints = Endpoints(),
-                 context: zmq.Context | None = None):
-        self.driver, self.cfg, self.endpoints = driver, cfg, endpoints
+                 context: zmq.Context | None = None, security: Security = Security()):
+        self.driver, self.cfg, self.endpoints, self.security = driver, cfg, endpoints, security
         self._ctx = context or zmq.Context.instance()
         self._lock = threading.Lock()
         self._stop_flag = threading.Event()
@@ -107,11 +126,14 @@ class Bridge:
                                            1.0 / self.cfg.servo_hz, self.cfg.vec("setpoint_low"),
                                            self.cfg.vec("setpoint_high"))
         self._target = setpoint.copy()
-        self._action_sock = make_socket(self._ctx, zmq.PULL, self.endpoints.action, bind=True, timeout_ms=50)
-        self._state_sock = make_socket(self._ctx, zmq.PUB, self.endpoints.state, bind=True, timeout_ms=50)
-        self._event_sock = make_socket(self._ctx, zmq.PUB, self.endpoints.events, bind=True, timeout_ms=50)
-        self._cmd_sock = make_socket(self._ctx, zmq.ROUTER, self.endpoints.command, bind=True, timeout_ms=50)
-        self._camera_sock = (make_socket(self._ctx, zmq.PUB, self.endpoints.camera, bind=True, timeout_ms=50)
+        if self.security.keys is not None:  # admit only the allowed client keys (ZAP), not any key
+            authenticate(self._ctx, self.security.allowed_clients)
+        opts = {"bind": True, "timeout_ms": 50, "curve": self.security.keys, "insecure": self.security.insecure}
+        self._action_sock = make_socket(self._ctx, zmq.PULL, self.endpoints.action, **opts)
+        self._state_sock = make_socket(self._ctx, zmq.PUB, self.endpoints.state, **opts)
+        self._event_sock = make_socket(self._ctx, zmq.PUB, self.endpoints.events, **opts)
+        self._cmd_sock = make_socket(self._ctx, zmq.ROUTER, self.endpoints.command, **opts)
+        self._camera_sock = (make_socket(self._ctx, zmq.PUB, self.endpoints.camera, **opts)
                              if hasattr(self.driver, "take_frames") else None)
         self._stop_flag.clear()
         self._threads = [guarded(SERVO_THREAD, self._servo_loop, self._fail),
@@ -135,6 +157,8 @@ class Bridge:
             for sock in ("_action_sock", "_state_sock", "_event_sock", "_cmd_sock", "_camera_sock"):
                 if getattr(self, sock, None) is not None:
                     getattr(self, sock).close(linger=0)
+            if self.security.keys is not None:
+                stop_authenticator(self._ctx)
 
     def new_episode(self, reset: Callable[[], np.ndarray]) -> np.ndarray:
         """Start over in a simulator: ``reset`` puts the world in a new state and returns the

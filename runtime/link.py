@@ -19,19 +19,21 @@ import numpy as np
 import zmq
 
 from . import protocol as P
-from .transport import make_socket, recv, send
+from .transport import CurveKeys, make_socket, recv, send
 
 
 class BridgeLink:
     def __init__(self, action: str = P.ACTION_ENDPOINT, state: str = P.STATE_ENDPOINT,
                  events: str = P.EVENT_ENDPOINT, command: str = P.COMMAND_ENDPOINT,
-                 context: zmq.Context | None = None, command_timeout_ms: int = 1000):
+                 context: zmq.Context | None = None, command_timeout_ms: int = 1000,
+                 curve: CurveKeys | None = None, insecure: bool = False):
         self._ctx = context or zmq.Context.instance()
+        secure = {"curve": curve, "insecure": insecure}  # keys (and the bridge's public key) for remote bridges
         # Latest-only: a bridge that reconnects gets the newest target, never a backlog.
-        self._push = make_socket(self._ctx, zmq.PUSH, action, bind=False, conflate=True, timeout_ms=0)
-        self._state = make_socket(self._ctx, zmq.SUB, state, bind=False, conflate=True, timeout_ms=0)
-        self._events = make_socket(self._ctx, zmq.SUB, events, bind=False, timeout_ms=0)
-        self._cmd = make_socket(self._ctx, zmq.DEALER, command, bind=False, timeout_ms=command_timeout_ms)
+        self._push = make_socket(self._ctx, zmq.PUSH, action, bind=False, conflate=True, timeout_ms=0, **secure)
+        self._state = make_socket(self._ctx, zmq.SUB, state, bind=False, conflate=True, timeout_ms=0, **secure)
+        self._events = make_socket(self._ctx, zmq.SUB, events, bind=False, timeout_ms=0, **secure)
+        self._cmd = make_socket(self._ctx, zmq.DEALER, command, bind=False, timeout_ms=command_timeout_ms, **secure)
         self._seq = 0
         self.session = 0  # set by each handshake
         self.clock_offset = 0.0  # bridge clock - runtime clock (s), measured at the handshake

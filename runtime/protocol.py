@@ -44,6 +44,12 @@ COMMAND_ENDPOINT = "tcp://127.0.0.1:5703"  # runtime DEALER -> bridge ROUTER: co
 CAMERA_ENDPOINT = "tcp://127.0.0.1:5705"  # simulator bridge PUB -> runtime SUB (conflated): rendered views
 
 
+def endpoint_on(host: str, default: str) -> str:
+    """``default`` (a loopback endpoint above) on ``host``, same port: ``0.0.0.0`` on a bridge
+    binds every interface, a runtime connects to the bridge computer's address."""
+    return default.replace("127.0.0.1", host, 1)
+
+
 class ProtocolError(VPPError):
     """A message that is malformed, of another schema version, or fails a check."""
 

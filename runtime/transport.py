@@ -79,16 +79,23 @@ def stop_authenticator(ctx: zmq.Context) -> None:
         auth.stop()
 
 
+def is_loopback(endpoint: str) -> bool:
+    return endpoint.startswith(LOOPBACK_PREFIXES)
+
+
 def make_socket(ctx: zmq.Context, kind: int, endpoint: str, *, bind: bool, timeout_ms: int = 500,
-                conflate: bool = False, curve: CurveKeys | None = None, subscribe: bytes = b"") -> zmq.Socket:
+                conflate: bool = False, curve: CurveKeys | None = None, subscribe: bytes = b"",
+                insecure: bool = False) -> zmq.Socket:
     """A socket bound or connected to ``endpoint`` with timeouts on every operation.
 
-    Non-loopback endpoints require ``curve`` keys: nothing unencrypted leaves the machine.
+    Non-loopback endpoints require ``curve`` keys (nothing unencrypted leaves the machine)
+    unless ``insecure`` says the operator chose plaintext on purpose (an isolated network).
     A CurveZMQ server (``bind``) requires an authenticator with an allow-list on ``ctx``
     (:func:`authenticate`): encryption without authentication would admit any key.
     """
-    if not endpoint.startswith(LOOPBACK_PREFIXES) and curve is None:
-        raise ProtocolError(f"endpoint {endpoint} leaves the machine: configure CurveZMQ keys for it")
+    if not is_loopback(endpoint) and curve is None and not insecure:
+        raise ProtocolError(f"endpoint {endpoint} leaves the machine: configure CurveZMQ keys for it "
+                            f"(vpp keys), or pass --insecure on an isolated network")
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, timeout_ms)

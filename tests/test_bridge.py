@@ -404,3 +404,37 @@ def test_handshake_checks_schema_and_action_shape(rig):
             link.handshake("xarm_xhand", 18)
     finally:
         link.close()
+
+
+def test_a_bridge_beyond_loopback_admits_only_allowed_runtime_keys(tmp_path):
+    from vpp_edge.cli import main
+    from vpp_edge.firmware_bridge.bridge import Security
+    from vpp_edge.runtime.link import BridgeLink
+    from vpp_edge.runtime.transport import CurveKeys
+
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    for name in ("bridge", "runtime", "intruder"):
+        assert main(["keys", name, "--out", str(keys)]) == 0
+    allowed.mkdir()
+    (allowed / "runtime.key").write_bytes((keys / "runtime.key").read_bytes())
+    ctx = zmq.Context()
+    with pytest.raises(P.ProtocolError, match="leaves the machine.*--insecure"):
+        Bridge(KinematicSimDriver(7), config(), Endpoints.on("0.0.0.0"), ctx).start()
+    with pytest.raises(P.ProtocolError, match="needs the folder of client keys"):
+        Security(CurveKeys.load(keys, "bridge"))
+    bridge = Bridge(KinematicSimDriver(7), config(), ANY, ctx, Security(CurveKeys.load(keys, "bridge"), str(allowed)))
+    bridge.start()
+    ends = bridge.bound()
+    links = {name: BridgeLink(ends.action, ends.state, ends.events, ends.command, context=ctx, command_timeout_ms=500,
+                              curve=CurveKeys.load(keys, name, server="bridge")) for name in ("intruder", "runtime")}
+    try:
+        with pytest.raises(P.ProtocolError, match="no handshake reply"):
+            links["intruder"].handshake("sim", 7)
+        assert links["runtime"].handshake("sim", 7)["dim"] == 7
+        assert links["runtime"].send_target(np.array([0.01, 0, 0, 0, 0, 0, 0]), P.now(), 0.1)
+        assert wait_until(lambda: bridge.counts["accepted"] == 1)
+    finally:
+        for link in links.values():
+            link.close()
+        bridge.close()
+        ctx.destroy(linger=0)

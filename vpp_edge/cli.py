@@ -236,13 +236,38 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from vpp_edge.runtime.transport import create_keys
+
+    public, secret = create_keys(args.out, args.name)
+    print(f"{public} (public: copy it to the peer) and {secret} (secret, mode 0600: stays here)")
+    return 0
+
+
+def _curve_keys(args: argparse.Namespace, name: str, server: str | None = None):
+    """This side's CurveZMQ keys ``<name>.key_secret`` (and the server's ``<server>.key``) from --keys."""
+    from vpp_edge.runtime.transport import CurveKeys
+
+    keys = getattr(args, "keys", None)  # vpp demo has no link options: its bridge is on loopback
+    return CurveKeys.load(keys, name, server) if keys else None
+
+
+def _add_link_args(p: argparse.ArgumentParser, host_flag: str, host_help: str, keys_help: str) -> None:
+    """Where the runtime-bridge link goes and how it is secured (loopback needs nothing)."""
+    p.add_argument(host_flag, default="127.0.0.1", help=host_help)
+    p.add_argument("--keys", type=Path, help=keys_help)
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a plaintext link beyond loopback (an isolated network only)")
+
+
 def cmd_bridge(args: argparse.Namespace) -> int:
-    from vpp_edge.firmware_bridge.bridge import Bridge
+    from vpp_edge.firmware_bridge.bridge import Bridge, Endpoints, Security
     from vpp_edge.firmware_bridge.config import load_bridge_config
     from vpp_edge.firmware_bridge.factory import make_driver
 
     cfg = load_bridge_config(str(args.config) if args.config else args.robot)
-    with Bridge(make_driver(cfg), cfg) as bridge:
+    security = Security(_curve_keys(args, "bridge"), str(args.allow) if args.allow else None, args.insecure)
+    with Bridge(make_driver(cfg), cfg, Endpoints.on(args.host), security=security) as bridge:
         print(f"{args.robot} bridge up: {bridge.bound()}", flush=True)
         try:  # a failed bridge thread raises ThreadFailure: a non-zero exit, and systemd restarts the bridge
             bridge.supervise(args.duration if args.duration else float("inf"))
@@ -255,6 +280,7 @@ def cmd_bridge(args: argparse.Namespace) -> int:
 
 def _run_runtime(args: argparse.Namespace) -> dict:
     from vpp_edge.episodes import load_episode
+    from vpp_edge.runtime import protocol as P
     from vpp_edge.runtime.artifact import Artifact
     from vpp_edge.runtime.cameras.factory import make_cameras
     from vpp_edge.runtime.engines import create_engine
@@ -276,7 +302,10 @@ def _run_runtime(args: argparse.Namespace) -> dict:
     preset = artifact.preset
     cameras = make_cameras(args.cameras, preset.num_views, preset.image_size, episode, args.camera_fps, args.dali_device)
     metrics = Metrics(args.log, status=not args.quiet and sys.stderr.isatty())
-    link = BridgeLink()
+    host = getattr(args, "bridge_host", "127.0.0.1")  # vpp demo runs its bridge on loopback
+    defaults = (P.ACTION_ENDPOINT, P.STATE_ENDPOINT, P.EVENT_ENDPOINT, P.COMMAND_ENDPOINT)
+    link = BridgeLink(*(P.endpoint_on(host, e) for e in defaults), curve=_curve_keys(args, "runtime", "bridge"),
+                      insecure=getattr(args, "insecure", False))
     with create_engine(artifact, args.backend, args.precision) as engine:
         policy = RuntimePolicy(artifact, engine, seed=args.seed)
         policy.set_instruction(args.instruction or episode.instruction)
@@ -481,6 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the policy on the robot: cameras -> engine -> chunking -> safety -> bridge")
     _add_run_args(p, 10.0)
+    _add_link_args(p, "--bridge-host", "the bridge computer's address (default 127.0.0.1)",
+                   "CurveZMQ keys folder holding runtime.key_secret and the bridge's bridge.key (vpp keys)")
     p.add_argument("--runtime-config", type=Path, help="runtime config YAML (e.g. recommended.yaml from 'vpp "
                    "calibrate'): its artifact, backend and precision replace --artifact/--backend/--precision")
     p.set_defaults(func=cmd_run)
@@ -497,7 +528,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--robot", default="sim", help="sim | metaworld | panda | xarm_xhand")
     p.add_argument("--config", type=Path, help="bridge YAML (default firmware_bridge/robots/<robot>.yaml)")
     p.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (default: run until Ctrl-C)")
+    _add_link_args(p, "--host", "interface to bind (default 127.0.0.1; 0.0.0.0: all, needs --keys or --insecure)",
+                   "CurveZMQ keys folder holding bridge.key_secret (vpp keys bridge)")
+    p.add_argument("--allow", type=Path, help="folder of the client public keys (*.key) the bridge admits")
     p.set_defaults(func=cmd_bridge)
+
+    p = sub.add_parser("keys", help="make a CurveZMQ key pair for a runtime-bridge link beyond loopback")
+    p.add_argument("name", help="bridge | runtime | an operator's name")
+    p.add_argument("--out", type=Path, default=Path("keys"), help="folder (default ./keys)")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("demo", help="the embedded default, closed loop: the trained MetaWorld policy if present, "
                                     "else the tiny model + replay cameras + kinematic sim bridge")
