@@ -35,6 +35,10 @@ from .threads import ThreadFailure, describe, guarded
 
 log = logging.getLogger(__name__)
 
+# Verdicts whose action is the last safe one again, not this tick's: never re-sent (a delta
+# action sent twice moves the robot twice); the tick sends a heartbeat instead.
+NOT_FRESH = frozenset({"hold", "starvation", "action_invalid"})
+
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -255,7 +259,7 @@ class Runtime:
         self.metrics.observe("queue_depth", self.plan.remaining(now))
         # Only fresh, checked actions go out. Holding means sending nothing: the bridge keeps
         # its last absolute setpoint (re-sending a delta action would keep moving the robot).
-        if verdict.action is not None and not {"hold", "starvation"} & set(verdict.events):
+        if verdict.action is not None and not NOT_FRESH & set(verdict.events):
             if not self.link.send_target(verdict.action, now, self.robot.dt):
                 self.metrics.count("bridge_unreachable")
         else:  # alive without a target: say why (only an idle runtime keeps the bridge holding)

@@ -12,7 +12,7 @@ from collections import Counter
 
 import msgpack
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -22,8 +22,9 @@ SCALE = int(os.environ.get("VPP_FUZZ_SCALE", "1"))
 MUTANTS_PER_EXAMPLE = 100
 MUTATION_EXAMPLES = 1000 * SCALE
 # CI runs are reproducible; a scaled-up run explores new examples each time. No example
-# database: the working tree is shared and CI starts clean anyway.
-FUZZ = settings(deadline=None, database=None, derandomize=SCALE == 1)
+# database: the working tree is shared and CI starts clean anyway. No deadlines or speed
+# health checks: a loaded 2-core CI machine is slow, not wrong.
+FUZZ = settings(deadline=None, database=None, derandomize=SCALE == 1, suppress_health_check=[HealthCheck.too_slow])
 
 finite = st.floats(allow_nan=False, allow_infinity=False)
 int64 = st.integers(-(2**63), 2**63 - 1)

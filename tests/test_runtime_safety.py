@@ -262,3 +262,25 @@ def test_series_and_chunking_statistics_stay_bounded_over_a_long_run():
     assert pops > chunking.JUMP_WINDOW
     assert len(plan.boundary_jumps) + len(plan.inner_jumps) <= 2 * chunking.JUMP_WINDOW
     assert len(plan.inner_jumps) == chunking.JUMP_WINDOW
+
+
+def test_an_invalid_action_is_not_replaced_by_resending_the_last_one(sim_bridge):
+    """A delta action sent twice moves the robot twice: after an invalid action the runtime
+    sends nothing new (a starved heartbeat), not its last safe action again."""
+    bridge, driver, link = sim_bridge
+    runtime = make_runtime(link, FakePolicy(good=10**6, fault=RuntimeError()), FakeCamera(), 2.0)
+    pop, valid = runtime.plan.pop, []
+
+    def three_then_nan(now):
+        action = pop(now)
+        if action is None or len(valid) < 3:
+            valid.extend([] if action is None else [action])
+            return action
+        return np.full(7, np.nan)
+
+    runtime.plan.pop = three_then_nan
+    runtime.run()
+    runtime.metrics.close()
+    assert runtime.safety.counts["action_invalid"] > 3
+    assert wait_until(lambda: bridge.counts["received"] > 10)
+    assert bridge.counts["accepted"] == 3 and bridge.counts["heartbeats_starved"] > 3
