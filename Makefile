@@ -101,6 +101,10 @@ bench: $(STAMP)  ## benchmarks: stages per engine vs eager PyTorch, paper-scale 
 	$(BIN)/python bench/runtime_bench.py --artifact artifacts/tiny
 	$(BIN)/python bench/bridge_bench.py
 
+.PHONY: bench-safety
+bench-safety: $(STAMP)  ## safety chain: fuzz every endpoint, hold/stop latency per runtime fault, memory soak
+	$(BIN)/python bench/safety_bench.py
+
 .PHONY: bench-gpu
 bench-gpu: $(STAMP)  ## paper-scale predict step on a CUDA GPU: eager FP32 vs BF16 vs compiled + CUDA graph
 	$(BIN)/python bench/gpu_bench.py
