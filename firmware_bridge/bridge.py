@@ -356,6 +356,8 @@ class Bridge:
             self._command_seq[cmd.session] = cmd.seq
         if cmd.command not in SEQUENCED_COMMANDS:
             return None
+        if self.failure is not None:  # the process is about to exit: nothing may clear its e-stop
+            return f"bridge failed ({self.failure})"
         if last is None:
             return f"session {cmd.session} has not said hello"
         if not in_sequence:

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 # Verdicts whose action is the last safe one again, not this tick's: never re-sent (a delta
 # action sent twice moves the robot twice); the tick sends a heartbeat instead.
 NOT_FRESH = frozenset({"hold", "starvation", "action_invalid"})
+MAX_COUNTERS = 256  # distinct counter names a run keeps (bridge event kinds beyond it count as bridge_other)
 
 
 @dataclass(frozen=True)
@@ -242,7 +243,10 @@ class Runtime:
                                 latency_s=stats.latency_s, timings_ms=chunk.timings_ms)
         state, events = self.link.poll()
         for event in events:
-            self.metrics.count(f"bridge_{event.kind}")
+            # Event kinds come from the bridge (its drivers name their own): a counter per kind,
+            # but not an unbounded number of kinds.
+            known = f"bridge_{event.kind}" in self.metrics.counts or len(self.metrics.counts) < MAX_COUNTERS
+            self.metrics.count(f"bridge_{event.kind}" if known else "bridge_other")
             self.metrics.record("bridge_event", kind=event.kind, detail=event.detail)
             self.safety.bridge_event(event.kind)
         if state is not None:

@@ -338,6 +338,9 @@ def test_a_failed_thread_latches_the_estop_and_ends_the_process(rig, where, monk
     assert wait_until(lambda: bridge.health() is not None) and wait_until(lambda: driver.stopped)
     assert bridge.mode == "estop" and "injected fault" in bridge.health()
     assert wait_until(lambda: any(k == "thread_failed" and "injected fault" in d for k, d in client.drain_events()))
+    if where == "servo":  # the network thread still answers, but nothing clears this e-stop
+        refused = client.command("reset")
+        assert not refused.ok and "bridge failed" in refused.reason and bridge.mode == "estop"
     with pytest.raises(ThreadFailure, match="injected fault.*e-stop latched"):
         bridge.supervise(duration_s=5.0)
 
