@@ -363,25 +363,35 @@ def test_attention_channel_padding_and_block_transposes_are_rewritten_exactly(tm
     np.testing.assert_array_equal(got[3], expected[3])  # a pure reordering
 
 
-def test_artifact_text_graph_gives_the_official_goal_for_any_length(exported, tiny_policy):
-    """Runtime tokenizer (77 ids, warns past 20) + FP32 text graph: the goal of the official
-    77-token pass and the PyTorch condition, for instructions shorter and longer than 20 tokens."""
+def test_artifact_gives_the_official_actions_for_any_length(exported, tiny_policy, tiny_preset):
+    """Runtime tokenizer (77 ids, warns past 20) + FP32 graphs vs PyTorch fed the official
+    text passes (written independently in test_official_text): goal and actions < 1e-4 for
+    instructions shorter and longer than the video condition's 20 tokens."""
     from vpp_edge.runtime.artifact import Artifact
     from vpp_edge.tokenizer import InstructionTruncatedWarning
 
-    from .test_official_text import INSTRUCTIONS, official_goal
+    from .test_official_text import INSTRUCTIONS, official_condition, official_goal
 
     out, manifest = exported
     policy, _ = tiny_policy
     tok = Artifact.open(out).tokenizer()
     assert (tok.max_length, tok.condition_length, manifest["text_max_length"]) == (77, 20, 77)
-    run = art.runner({"text": onnx_io.session(out / manifest["graphs"]["fp32/text"]["file"])})
+    run = art.runner({g: onnx_io.session(out / manifest["graphs"][f"fp32/{g}"]["file"]) for g in GRAPHS})
+    obs = sample_observations(tiny_preset.num_views, tiny_preset.image_size, 1, offset=3)[0]
+    noise = policy.make_noise(1, 5)
+    clip = policy.text_encoder.clip
     for count in (17, 50):
         text = INSTRUCTIONS[count]
-        with pytest.warns(InstructionTruncatedWarning) if count > 20 else contextlib.nullcontext():
+        with pytest.warns(InstructionTruncatedWarning, match=f"{count} tokens") if count > 20 else \
+                contextlib.nullcontext():
             ids, mask = tok([text])
         condition, goal = encode_text(run, ids, mask)
-        assert np.abs(goal - official_goal(policy.text_encoder.clip, text).numpy()).max() < 1e-4
+        actions = predict_actions(run, condition, goal, obs.frames[None], noise.tvp.numpy(), noise.action.numpy(),
+                                  manifest["sigmas"], "sampler")
         with torch.no_grad():
-            ref_condition, _ = policy.encode_text(torch.from_numpy(ids), torch.from_numpy(mask))
-        assert np.abs(condition - ref_condition.numpy()).max() < 1e-4
+            ref_goal = official_goal(clip, text)
+            frames = torch.from_numpy(obs.frames)[None].permute(0, 1, 4, 2, 3).float() * (2 / 255) - 1
+            feats = policy.predictive_features(frames, official_condition(clip, text, True), noise.tvp)
+            ref = policy.sample_actions(policy.former(feats), ref_goal, noise.action)
+        assert np.abs(goal - ref_goal.numpy()).max() < 1e-4
+        assert np.abs(actions - ref.numpy()).max() < 1e-4, text

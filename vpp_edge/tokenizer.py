@@ -88,11 +88,7 @@ class InstructionTokenizer:
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / TOKENIZER_FILE
-        self._tok.no_padding()
-        try:
-            self._tok.save(str(path))
-        finally:
-            self._configure()
+        self._tok.save(str(path))  # no padding or truncation is configured (see _configure)
         return path
 
 

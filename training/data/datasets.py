@@ -8,6 +8,7 @@ centre crop, resize), decoded once per episode view and kept in a small LRU.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -19,7 +20,7 @@ from torch.utils.data import Dataset
 from vpp_edge.errors import DataError
 from vpp_edge.normalization import ActionNormalizer
 from vpp_edge.preprocess import prepare_frame
-from vpp_edge.tokenizer import InstructionTokenizer
+from vpp_edge.tokenizer import InstructionTokenizer, InstructionTruncatedWarning
 
 from .checks import CheckedEpisode
 
@@ -82,7 +83,11 @@ class _Tokens:
 
     def __call__(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
         if text not in self._cache:
-            ids, mask = self.tokenizer([text])
+            # Training truncates the video condition as the official code does; one warning
+            # per long instruction of a dataset would drown the log (predict/run/export warn).
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", InstructionTruncatedWarning)
+                ids, mask = self.tokenizer([text])
             self._cache[text] = (torch.from_numpy(ids[0]), torch.from_numpy(mask[0]))
         return self._cache[text]
 
