@@ -7,19 +7,25 @@ and every state it publishes are checked before the runtime uses them; a state t
 fails is refused and counted in :attr:`BridgeLink.counts`. Each handshake opens a new
 session (a random id the bridge binds the action link to) and measures the offset of the
 bridge's clock, so that the runtime's messages carry the bridge's time even when the two
-run on different computers.
+run on different computers. The state stream refreshes the offset without a round trip:
+a state stamped ``s`` by the bridge and taken at local time ``t`` says offset >= s - t
+(it spent >= 0 s in flight); the largest such bound over the last :data:`CLOCK_SAMPLES`
+states tracks two clocks that drift apart, erring towards stamps that look slightly old
+(never from the future).
 """
 
 from __future__ import annotations
 
 import secrets
-from collections import Counter
+from collections import Counter, deque
 
 import numpy as np
 import zmq
 
 from . import protocol as P
 from .transport import CurveKeys, make_socket, recv, send
+
+CLOCK_SAMPLES = 250  # states in the offset estimate: 5 s of a 50 Hz state stream
 
 
 class BridgeLink:
@@ -36,7 +42,8 @@ class BridgeLink:
         self._cmd = make_socket(self._ctx, zmq.DEALER, command, bind=False, timeout_ms=command_timeout_ms, **secure)
         self._seq = 0
         self.session = 0  # set by each handshake
-        self.clock_offset = 0.0  # bridge clock - runtime clock (s), measured at the handshake
+        self.clock_offset = 0.0  # bridge clock - runtime clock (s): the handshake's, then the state stream's
+        self._clock_bounds: deque[float] = deque(maxlen=CLOCK_SAMPLES)
         self.action_dim: int | None = None  # known after the handshake: states are checked against it
         self.last_state: P.RobotState | None = None
         self.counts: Counter[str] = Counter()  # refused inputs from the bridge, by reason
@@ -69,6 +76,8 @@ class BridgeLink:
         states = [s for s in _drain(self._state, P.RobotState, self.counts) if self._state_ok(s)]
         if states:
             self.last_state = states[-1]
+            self._clock_bounds.append(states[-1].stamp - P.now())
+            self.clock_offset = max(self._clock_bounds)
         return (states[-1] if states else None), _drain(self._events, P.Event, self.counts)
 
     def _state_ok(self, state: P.RobotState) -> bool:
@@ -87,6 +96,7 @@ class BridgeLink:
         answer in this schema version, take ``action_dim`` and say which dimensions are deltas."""
         self.session = secrets.randbits(63)
         self.clock_offset = 0.0
+        self._clock_bounds.clear()  # another bridge (or the same one restarted) may run another clock
         hello = P.Hello(**self._next(), role="runtime", robot=robot, action_dim=action_dim)
         sent = P.now()
         if not send(self._cmd, hello):

@@ -284,3 +284,20 @@ def test_an_invalid_action_is_not_replaced_by_resending_the_last_one(sim_bridge)
     assert runtime.safety.counts["action_invalid"] > 3
     assert wait_until(lambda: bridge.counts["received"] > 10)
     assert bridge.counts["accepted"] == 3 and bridge.counts["heartbeats_starved"] > 3
+
+
+def test_the_state_stream_keeps_the_clock_offset_as_the_two_clocks_drift(ctx):
+    from vpp_edge.runtime.link import CLOCK_SAMPLES
+
+    fake = FakeBridge(ctx, GOOD_STATUS, clock_offset=1000.0)
+    try:
+        fake.link.handshake("sim", 7)
+        time.sleep(0.2)  # the subscription takes effect
+        for drift in (0.3, -0.2):  # the bridge's clock runs ahead, then behind
+            for k in range(CLOCK_SAMPLES + 5):
+                send(fake.state, P.RobotState(seq=k, stamp=P.now() + 1000.0 + drift, target=np.zeros(7)))
+                assert wait_until(lambda: fake.link.poll()[0] is not None)
+            # Never ahead of the bridge's clock (the bridge would refuse the stamps as future), a little behind.
+            assert 1000.0 + drift - 0.05 < fake.link.clock_offset <= 1000.0 + drift
+    finally:
+        fake.close()
