@@ -113,6 +113,25 @@ test: $(STAMP)  ## run the test suite
 	@$(MAKE) --no-print-directory franky-sim || echo "warning: franky-sim did not install: the Franka simulator tests will skip"
 	$(BIN)/python -m pytest
 
+# The robot side (protocol, chunking, safety, bridge, runtime threads, TensorRT wrapper, deploy agent)
+# under Python 3.10, JetPack 6.2's, without torch: a venv with requirements/robot-jp6.txt's
+# versions (this machine's wheels of the same pins). Skipped, saying so, without a CPython 3.10.
+ROBOT_VENV  := .venv-robot310
+ROBOT_TESTS := tests/test_protocol.py tests/test_protocol_fuzz.py tests/test_chunking_safety.py tests/test_bridge.py \
+               tests/test_runtime_safety.py tests/test_realtime.py tests/test_tensorrt_engine.py tests/test_deploy_targets.py
+.PHONY: test-robot
+test-robot: $(STAMP)  ## the robot-side tests under Python 3.10 without torch (skipped without python3.10)
+	@py=$$($(BIN)/python -m vpp_edge.deploy.wheels python 3.10 2>/dev/null) || { \
+	  echo "test-robot: skipped: no CPython 3.10 here (JetPack 6.2's Python; e.g. pyenv install 3.10)"; exit 0; }; \
+	if [ ! -f $(ROBOT_VENV)/.stamp ] || [ requirements/robot-jp6.txt -nt $(ROBOT_VENV)/.stamp ]; then \
+	  rm -rf $(ROBOT_VENV) && $$py -m venv $(ROBOT_VENV) && \
+	  $(ROBOT_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements/robot-jp6.txt \
+	    $$(grep -E '^(pytest|pytest-timeout|hypothesis)==' requirements/lock.txt) && \
+	  $(ROBOT_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --ignore-requires-python -e . && \
+	  touch $(ROBOT_VENV)/.stamp; fi
+	$(ROBOT_VENV)/bin/python -c 'import importlib.util, sys; sys.exit("torch in the robot venv" if importlib.util.find_spec("torch") else 0)'
+	$(ROBOT_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow and not network" $(ROBOT_TESTS)
+
 test-fast: $(STAMP)  ## the tests without the slow ones
 	$(BIN)/python -m pytest -m "not slow"
 

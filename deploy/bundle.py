@@ -26,7 +26,6 @@ import json
 import os
 import shlex
 import shutil
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
@@ -113,6 +112,8 @@ def code_packages(exclude: list[str]) -> list[tuple[str, Path]]:
     home = _package_dir("vpp_edge")
     pyproject = home.parent / "pyproject.toml"
     if pyproject.is_file():
+        import tomllib  # workstation side (Python >= 3.11); the robot never bundles
+
         mapping = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-dir"]
         items = [(name, (home.parent / folder).resolve()) for name, folder in mapping.items()]
     else:  # an installed wheel: every subpackage lives inside the vpp_edge folder

@@ -267,12 +267,19 @@ def check_power(profile: dict, nvpmodel: str = "nvpmodel", cpufreq: Path = CPUFR
     return CheckResult("power mode", ok, f"{mode}, {clocks}{hint}", False)
 
 
+# Where the checks look on the target; a profile's ``paths`` may move them (a container
+# with the host's files mounted elsewhere, or a rehearsal with stand-in vendor files).
+TARGET_PATHS = {"tegra_release": str(TEGRA_RELEASE), "cuda_root": str(CUDA_ROOT), "cpufreq": str(CPUFREQ),
+                "nvpmodel": "nvpmodel"}
+
+
 def run_checks(profile: dict, python: str, root: Path, service_manager: list[str]) -> list[CheckResult]:
-    results = [check_jetpack(profile), check_cuda(profile), check_tensorrt(profile, python),
-               check_python(profile, python), check_memory(profile), check_disk(profile, root),
-               check_service_manager(service_manager)]
+    paths = {**TARGET_PATHS, **(profile.get("paths") or {})}
+    results = [check_jetpack(profile, Path(paths["tegra_release"])), check_cuda(profile, Path(paths["cuda_root"])),
+               check_tensorrt(profile, python), check_python(profile, python), check_memory(profile),
+               check_disk(profile, root), check_service_manager(service_manager)]
     if profile.get("require_jetson"):
-        results.append(check_power(profile))
+        results.append(check_power(profile, paths["nvpmodel"], Path(paths["cpufreq"])))
     return results
 
 

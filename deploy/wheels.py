@@ -228,12 +228,16 @@ def main(argv: list[str] | None = None) -> int:
     from .config import load_config, load_profile
 
     p = argparse.ArgumentParser(prog="python -m vpp_edge.deploy.wheels", description=__doc__.split("\n\n")[0])
-    p.add_argument("action", choices=["lock", "check", "download"])
-    p.add_argument("profile", help="deploy profile (name or YAML path)")
+    p.add_argument("action", choices=["lock", "check", "download", "python"])
+    p.add_argument("profile", help="deploy profile (name or YAML path); python: a version such as 3.10")
     p.add_argument("--python", help="lock: a CPython of the target's version that runs the resolution")
     p.add_argument("--dest", type=Path, help="download: the wheelhouse folder")
     p.add_argument("--isolated", action="store_true", help="pip --isolated: PyPI only, ignore pip.conf and PIP_*")
     args = p.parse_args(argv)
+    if args.action == "python":  # where a CPython of that version is (exit 1: none)
+        found = find_python(args.profile)
+        print(found or f"no CPython {args.profile} here", file=sys.stdout if found else sys.stderr)
+        return 0 if found else 1
     profile = load_profile(args.profile)
     try:
         if args.action == "lock":

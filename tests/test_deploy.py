@@ -206,7 +206,7 @@ def test_target_checks_report_what_they_find(tmp_path):
     assert r.ok and r.found == "L4T R36.4.0 (JetPack 6.1)"
     release.write_text("# R35 (release), REVISION: 5.0, GCID: 35550185, BOARD: t186ref, EABI: aarch64\n")
     r = check_jetpack(orin, release)
-    assert r.failed and "JetPack 5.1.3" in r.found and "supported: L4T R36" in r.found
+    assert r.failed and "JetPack 5.1.3" in r.found and "supports L4T 36.x" in r.found
     assert check_jetpack(orin, tmp_path / "absent").failed
     assert check_jetpack({"name": "linux"}, tmp_path / "absent").ok
 

@@ -13,6 +13,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from vpp_edge.deploy import checks, remote
 from vpp_edge.deploy.bundle import offline, robot_lock, target_settings
 from vpp_edge.deploy.config import load_config, load_profile
 from vpp_edge.deploy.wheels import WheelError, check_lock, platform_tags, read_pins, repo_file, target_options
+
+from .test_deploy import Target, _zmq_ports_busy, sshd  # noqa: F401  (sshd: the loopback SSH target fixture)
 
 TEGRA = "# R{major} (release), REVISION: {rev}, GCID: 38968081, BOARD: generic, EABI: aarch64, DATE: x\n"
 
@@ -253,3 +256,203 @@ def test_agent_remakes_a_venv_without_system_site_packages(tmp_path):
     (venv / "pyvenv.cfg").write_text("include-system-site-packages = true\nversion = 2.7.18\n")
     assert remote.venv_mismatch(venv).startswith("made by Python 2.7.18")
     assert remote.venv_mismatch(tmp_path / "absent") is None
+
+
+# -- a JetPack 6.2 rehearsal over SSH ----------------------------------------------------
+
+STAND_IN_TENSORRT = '''"""Stand-in for JetPack 6.2's TensorRT 10.3 Python bindings (vendor boundary, rehearsal
+only): the builder calls `vpp build-engines` makes, producing a placeholder plan."""
+__version__ = "10.3.0.30"
+
+
+class Logger:
+    WARNING = 2
+
+    def __init__(self, severity=None):
+        pass
+
+
+class MemoryPoolType:
+    WORKSPACE = 0
+
+
+class BuilderFlag:
+    FP16, INT8 = 0, 1
+
+
+class _Cache:
+    def serialize(self):
+        return b"timing-cache"
+
+
+class _Config:
+    def set_memory_pool_limit(self, pool, size):
+        pass
+
+    def set_flag(self, flag):
+        pass
+
+    def create_timing_cache(self, data):
+        return _Cache()
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        return True
+
+    def get_timing_cache(self):
+        return _Cache()
+
+
+class OnnxParser:
+    num_errors = 0
+
+    def __init__(self, network, logger):
+        pass
+
+    def parse_from_file(self, path):
+        return open(path, "rb").read(4) != b""
+
+
+class Builder:
+    def __init__(self, logger):
+        pass
+
+    def create_network(self, flags):
+        assert flags == 0, "TensorRT 10: explicit batch is the only mode"
+        return object()
+
+    def create_builder_config(self):
+        return _Config()
+
+    def build_serialized_network(self, network, config):
+        return b"stand-in plan"
+'''
+
+
+def _system_python_310(base: Path) -> Path:
+    """A private 'system Python 3.10' (JetPack 6.2's /usr/bin/python3.10): this machine's
+    CPython 3.10 binary with its standard library linked in and an own, empty
+    site-packages, where the stand-in TensorRT bindings go, as JetPack installs them."""
+    from vpp_edge.deploy.wheels import find_python
+
+    found = find_python("3.10")
+    if found is None:
+        pytest.skip("no CPython 3.10 on this machine: the JetPack 6.2 rehearsal needs one (e.g. pyenv install 3.10)")
+    real = Path(subprocess.run([found, "-c", "import sys; print(sys.executable)"], capture_output=True, text=True,
+                               timeout=30).stdout.strip()).resolve()
+    prefix = real.parent.parent
+    stdlib = prefix / "lib" / "python3.10"
+    (base / "bin").mkdir(parents=True)
+    (base / "lib" / "python3.10" / "site-packages").mkdir(parents=True)
+    for entry in stdlib.iterdir():
+        if entry.name not in ("site-packages", "test"):
+            (base / "lib" / "python3.10" / entry.name).symlink_to(entry)
+    python = base / "bin" / "python3.10"
+    python.write_bytes(real.read_bytes())  # a copy: Python finds its prefix from the real file
+    python.chmod(0o755)
+    return python
+
+
+def _install_stand_in_tensorrt(python: Path) -> Path:
+    site = python.parent.parent / "lib" / "python3.10" / "site-packages"
+    (site / "tensorrt").mkdir()
+    (site / "tensorrt" / "__init__.py").write_text(STAND_IN_TENSORRT)
+    info = site / "tensorrt-10.3.0.30.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tensorrt\nVersion: 10.3.0.30\n")
+    return site
+
+
+def _jetson_files(base: Path) -> dict[str, str]:
+    """Stand-ins for the vendor's files and tools: L4T R36.4.3, CUDA 12.6, MAXN with
+    jetson_clocks on."""
+    (base / "cuda").mkdir(parents=True)
+    (base / "cuda" / "version.json").write_text(json.dumps({"cuda": {"version": "12.6.68"}}))
+    release = _tegra(base, "36.4.3")
+    nvpmodel = base / "nvpmodel"
+    nvpmodel.write_text("#!/bin/sh\nprintf 'NV Power Mode: MAXN\\n0\\n'\n")
+    nvpmodel.chmod(0o755)
+    freq = base / "cpu" / "cpu0" / "cpufreq"
+    freq.mkdir(parents=True)
+    (freq / "cpuinfo_max_freq").write_text("2201600\n")
+    (freq / "scaling_min_freq").write_text("2201600\n")
+    return {"tegra_release": str(release), "cuda_root": str(base / "cuda"), "nvpmodel": str(nvpmodel),
+            "cpufreq": str(base / "cpu")}
+
+
+@pytest.mark.slow
+@pytest.mark.network
+def test_jetpack_6_2_rehearsal_offline_with_tensorrt_in_the_venv(exported, sshd, tmp_path, capsys):
+    """`vpp deploy` of the JetPack 6.2 profile to 127.0.0.1, whose 'system Python' is 3.10
+    with stand-in TensorRT 10.3 bindings: the check passes, the venv (from that Python,
+    --system-site-packages) sees TensorRT, the robot lock installs offline from the
+    bundle's wheelhouse (its x86_64 wheels here: same pins), the engine build runs, the
+    units run under Python 3.10; without TensorRT the next deployment fails loudly before
+    touching the robot, and --allow-cpu-fallback deploys ONNX Runtime on purpose."""
+    if _zmq_ports_busy():
+        pytest.skip("ZeroMQ ports on 127.0.0.1 in use: the deployed bridge needs them")
+    if not _index_reachable():
+        pytest.skip("pypi.org unreachable: the rehearsal's wheelhouse is downloaded from the package index")
+    python = _system_python_310(tmp_path / "system")
+    site = _install_stand_in_tensorrt(python)
+    profile = tmp_path / "rehearsal-jp6.yaml"
+    profile.write_text(json.dumps({
+        "name": "rehearsal-jp6", "extends": "jetson-orin-jp6", "system_python": str(python),
+        "platform": {"arch": "x86_64", "glibc": "2.28"}, "paths": _jetson_files(tmp_path / "vendor")}))
+    target = Target(tmp_path, sshd)
+    cache = repo_file("requirements/robot-jp6.txt").parent.parent / "build" / "wheelhouse"
+
+    def deploy(*extra: str, settle: int = 2) -> tuple[int, str]:
+        config = tmp_path / f"deploy-{settle}.yaml"
+        config.write_text(json.dumps({"health": {"settle_s": settle}, "wheelhouse_cache": str(cache),
+                                      "runtime": {"rt_priority": 0, "backend": "onnxruntime"},
+                                      "selftest": {"backend": "onnxruntime", "runs": 1}}))
+        args = ["deploy", "--target", sshd["target"], "--artifact", str(exported[0]), "--profile", str(profile),
+                "--install-root", str(target.root), "--unit-dir", str(target.units), "--service-manager",
+                " ".join(target.sm), "--config", str(config), "--bundle-dir", str(target.bundles), *extra]
+        for opt in sshd["options"]:
+            args += ["--ssh-option", opt]
+        from vpp_edge.cli import main
+
+        capsys.readouterr()
+        code = main(args)
+        out = capsys.readouterr()
+        target.runs.append(out.out + out.err)
+        return code, out.out + out.err
+
+    venv = target.root / "venv"
+    try:
+        code, out = deploy()
+        assert code == 0, out
+        first = target.current()
+        assert "[ok  ] JetPack         L4T R36.4.3 (JetPack 6.2)" in out
+        assert "[ok  ] CUDA            12.6.68" in out and "[ok  ] power mode      MAXN, jetson_clocks on" in out
+        assert f"[ok  ] Python          3.10" in out
+        assert f"[ok  ] TensorRT        10.3.0.30 (Python bindings, {venv}/bin/python)" in out  # inside the venv
+        assert "--no-index --find-links" in out and "wheelhouse: 35 wheels" in out
+        assert "cuda 12.6.2.post1" in out  # cuda-python imported in the venv
+        assert (venv / "pyvenv.cfg").read_text().startswith(f"home = {python.parent}\n")
+        manifest = json.loads((target.root / "current" / "artifact" / "manifest.json").read_text())
+        assert manifest["engines"] and all(e["tensorrt_version"] == "10.3.0.30" for e in manifest["engines"].values())
+        runtime = target.service("vpp-runtime.service")
+        assert runtime["is_active"] == "active"
+        assert os.readlink(f"/proc/{runtime['pid']}/exe") == str(python)  # the units run on Python 3.10
+        wheels = list((target.root / "releases" / first / "wheelhouse").glob("*.whl"))
+        assert len(wheels) == 35
+
+        # TensorRT gone from the system Python: refused before anything on the robot changes
+        shutil.rmtree(site / "tensorrt")
+        code, out = deploy(settle=3)
+        assert code == 2 and "step 'check' failed" in out and "python3-libnvinfer" in out, out
+        assert "nothing was changed on the robot" in out and target.current() == first
+
+        # ... unless the CPU fallback is asked for
+        code, out = deploy("--allow-cpu-fallback", settle=3)
+        assert code == 0, out
+        assert "TensorRT not available on the target: no engines built" in out and target.current() != first
+        print("\n".join(line for run in target.runs for line in run.splitlines()
+                        if line.startswith(("deployed bundle", "vpp deploy: bundle", "  wheelhouse:"))))
+    except AssertionError:
+        print("\n".join(target.runs))
+        raise
+    finally:
+        target.stop_all()
