@@ -112,6 +112,7 @@ bench-gpu: $(STAMP)  ## paper-scale predict step on a CUDA GPU: eager FP32 vs BF
 test: $(STAMP)  ## run the test suite
 	@$(MAKE) --no-print-directory franky-sim || echo "warning: franky-sim did not install: the Franka simulator tests will skip"
 	$(BIN)/python -m pytest
+	@$(MAKE) --no-print-directory test-robot
 
 # The robot side (protocol, chunking, safety, bridge, runtime threads, TensorRT wrapper, deploy agent)
 # under Python 3.10, JetPack 6.2's, without torch: a venv with requirements/robot-jp6.txt's
