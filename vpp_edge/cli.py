@@ -403,8 +403,9 @@ def _add_run_args(p: argparse.ArgumentParser, duration: float) -> None:
     p.add_argument("--backend", default="auto", help="auto | tensorrt | onnxruntime | torch")
     p.add_argument("--precision", help="fp32 | fp16 | int8 | int8_cpu (default: the backend's)")
     p.add_argument("--cameras", default="replay", metavar="SPEC",
-                   help="replay | replay-dali | v4l2:DEV[,DEV] | dali:DEV[,DEV] (one device per view, "
-                        "e.g. dali:/dev/video0,/dev/video2; default replay)")
+                   help="replay | replay-dali | v4l2:DEV[,DEV] | dali:DEV[,DEV] | gstreamer:DEV[,DEV] | "
+                        "auto:DEV[,DEV] (one device per view; auto: DALI, else GStreamer (Jetson hardware JPEG), "
+                        "else OpenCV; e.g. auto:/dev/video0,/dev/video2; default replay)")
     p.add_argument("--dali-device", default="auto", help="DALI decode on auto | gpu | cpu (default auto)")
     p.add_argument("--episode", type=Path, help="episode replayed as the cameras (default: the demo episode)")
     p.add_argument("--camera-fps", type=float, help="replay rate (default: the recorded rate)")

@@ -4,6 +4,8 @@
 ``replay-dali``                 the episode's views as MJPEG streams, decoded by DALI
 ``v4l2:/dev/video0,/dev/video2`` V4L2 cameras decoded by OpenCV (one per view, in view order)
 ``dali:/dev/video0,/dev/video2`` V4L2 MJPEG cameras decoded together by DALI
+``gstreamer:/dev/video0,...``    V4L2 MJPEG cameras decoded by a GStreamer pipeline (Jetson: hardware)
+``auto:/dev/video0,/dev/video2`` the best decoder here: DALI, else GStreamer, else OpenCV (gstreamer.py)
 ``zmq[:ENDPOINT]``               views streamed by a simulator bridge (default tcp://127.0.0.1:5705)
 """
 
@@ -14,7 +16,7 @@ from vpp_edge.errors import ConfigError
 
 from .base import Camera
 
-KINDS = ("replay", "replay-dali", "v4l2", "dali", "zmq")
+KINDS = ("replay", "replay-dali", "v4l2", "dali", "gstreamer", "auto", "zmq")
 
 
 def _devices(spec: str, views: int) -> list[int | str]:
@@ -49,6 +51,16 @@ def make_cameras(spec: str, views: int, size: int, episode: Episode | None = Non
         from .opencv import OpenCVCamera
 
         return [OpenCVCamera(d, size) for d in _devices(devices, views)]
+    if kind in ("auto", "gstreamer"):
+        from .gstreamer import DecoderChoice, _probe_gstreamer, auto_cameras
+
+        choice = None
+        if kind == "gstreamer":
+            ok, detail = _probe_gstreamer()
+            if not ok:
+                raise ConfigError(f"camera source 'gstreamer' unavailable here: {detail}")
+            choice = DecoderChoice("gstreamer", detail)
+        return auto_cameras(_devices(devices, views), size, dali_device, choice)
     from .dali import DaliCameras, V4L2MjpegStream
 
     return [DaliCameras([V4L2MjpegStream(d) for d in _devices(devices, views)], size, dali_device)]

@@ -19,6 +19,7 @@ class OpenCVCamera(Camera):
         super().__init__(f"v4l2:{device}")
         self.device, self.size, self.width, self.height, self.fps = device, size, width, height, fps
         self.reopen_after = reopen_after
+        self.decode_ms: float | None = None  # the latest frame's retrieve (decode) time
 
     def _open(self) -> cv2.VideoCapture:
         cap = cv2.VideoCapture(self.device, cv2.CAP_V4L2)
@@ -36,8 +37,10 @@ class OpenCVCamera(Camera):
         failures, index = 0, 0
         try:
             while not self._stop.is_set():
-                ok, bgr = cap.read()
+                ok = cap.grab()  # waits for the next frame
                 received = time.monotonic()
+                ok, bgr = cap.retrieve() if ok else (False, None)  # decodes it (GStreamer: already decoded)
+                self.decode_ms = (time.monotonic() - received) * 1e3
                 if not ok:
                     failures += 1
                     self.error = f"read failed {failures} time(s)"
