@@ -130,3 +130,31 @@ def test_twenty_token_tokenizer_truncates_as_before():
     with pytest.warns(InstructionTruncatedWarning, match="instruction of 50 tokens .* the first 20 tokens"):
         ids, mask = tok([INSTRUCTIONS[50]])
     assert ids[0].tolist() == byte_ids(INSTRUCTIONS[50])[:19] + [EOS] and mask.all()
+
+
+def test_official_release_layout_gives_the_official_goal(tiny_policy, tmp_path):
+    """Official-layout files (SVD folder, CLIP folder, dp-*.pt) loaded by load_official without
+    a preset: goal and actions equal those made with a CLIP loaded on its own from the folder."""
+    from vpp_edge.training.checkpoints import load_official
+
+    from .conftest import random_frames
+    from .test_checkpoints import write_official
+
+    video, clip_dir, action = write_official(*tiny_policy, tmp_path)
+    policy, tok = load_official(None, video, clip_dir, action)
+    assert policy.preset.name == "tiny"
+    clip = CLIPTextModelWithProjection.from_pretrained(clip_dir).eval()
+    frames, noise = random_frames(policy.preset), policy.make_noise(1, 0)
+    for count in (17, 26):
+        text = INSTRUCTIONS[count]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", InstructionTruncatedWarning)
+            ids, mask = (torch.from_numpy(a) for a in tok([text]))
+        with torch.no_grad():
+            _, goal = policy.encode_text(ids, mask)
+            actions = policy(frames, ids, mask, noise.tvp, noise.action)
+            condition = official_condition(clip, text, policy.preset.text.position_encoding)
+            tokens = policy.former(policy.predictive_features(frames, condition, noise.tvp))
+            ref = policy.denormalize(policy.sample_actions(tokens, official_goal(clip, text), noise.action))
+        assert (goal - official_goal(clip, text)).abs().max() < 1e-4
+        assert (actions - ref).abs().max() < 1e-4
