@@ -191,6 +191,8 @@ def test_official_shapes_give_the_preset(name, fits):
         check_official_preset(single_layer, shapes, "dp.pt")
     with pytest.raises(CheckpointError, match=rf"action_horizon .* is {preset.action_horizon} .*; {advice}$"):
         check_official_preset(preset.replace(action_horizon=5), shapes, "dp.pt")
+    with pytest.raises(CheckpointError, match=rf"no shipped preset fits .*closest '{fits[0]}' differs at action_dim: 9"):
+        preset_for_official({**shapes, "action_dim": 9}, "dp.pt")
 
 
 def test_interrupted_save_leaves_nothing_behind(trained_like, tmp_path, monkeypatch):

@@ -132,8 +132,11 @@ def preset_for_official(shapes: Mapping[str, int], source: str,
     if fits:
         raise CheckpointError(f"{source}: the checkpoint fits presets {', '.join(fits)} (same shapes, other cameras "
                               f"or text settings); choose one with --preset")
-    closest = min(available_presets(), key=lambda n: sum(
-        a != b for a, b in zip(preset_shapes(get_preset(n), unet_config).values(), shapes.values())))
+    def distance(name: str) -> int:
+        theirs = preset_shapes(get_preset(name), unet_config)
+        return sum(theirs[k] != shapes[k] for k in FIELDS)
+
+    closest = min(available_presets(), key=distance)
     field = _mismatch(preset_shapes(get_preset(closest), unet_config), shapes)
     raise CheckpointError(f"{source}: no shipped preset fits the checkpoint (closest '{closest}' differs at {field}: "
                           f"{shapes[field]} in the checkpoint); write a preset file with the checkpoint's values")
