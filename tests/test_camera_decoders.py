@@ -5,9 +5,12 @@ GStreamer and skips with the reason elsewhere. No torch."""
 
 from __future__ import annotations
 
-import time
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
-import numpy as np
 import pytest
 
 from vpp_edge.errors import ConfigError
@@ -44,7 +47,7 @@ def test_hardware_decoders_are_preferred_and_the_pipeline_keeps_only_the_newest_
     assert gst.gst_decoder(lambda name: False) is None
     cam = gst.GStreamerCamera("/dev/video2", 32, gst.GST_DECODERS[0])
     assert cam.pipeline == ("v4l2src device=/dev/video2 ! image/jpeg,width=640,height=480,framerate=30/1 ! "
-                            "jpegparse ! nvv4l2decoder mjpeg=1 ! nvvidconv ! video/x-raw,format=BGRx ! "
+                            "nvv4l2decoder mjpeg=1 ! nvvidconv ! video/x-raw,format=BGRx ! "
                             "videoconvert ! video/x-raw,format=BGR ! appsink drop=true max-buffers=1 sync=false")
     if not gst.opencv_has_gstreamer():
         with pytest.raises(ConfigError, match="camera source 'gstreamer' unavailable here: gstreamer: OpenCV"):
@@ -52,20 +55,65 @@ def test_hardware_decoders_are_preferred_and_the_pipeline_keeps_only_the_newest_
     assert len(make_cameras("auto:/dev/video0,/dev/video2", 2, 32)) in (1, 2)  # DALI: one camera for all views
 
 
-def test_gstreamer_software_decode_delivers_model_frames():
-    """MJPEG from `videotestsrc ! jpegenc` through `jpegdec` and OpenCV's GStreamer backend."""
-    if not gst.opencv_has_gstreamer():
-        pytest.skip("this OpenCV is built without GStreamer (Debian's python3-opencv and JetPack's have it)")
+CAPTURE = """
+import json, sys, time
+from vpp_edge.runtime.cameras import gstreamer as gst
+source = "videotestsrc is-live=true pattern=ball ! video/x-raw,width=640,height=480,framerate=30/1 ! jpegenc"
+choice = gst.choose_decoder({"gstreamer": gst._probe_gstreamer})
+cam = gst.GStreamerCamera("test", 32, ("jpegdec", "jpegdec"), source=source).start()
+deadline = time.monotonic() + 20
+while cam._latest is None and cam.failure is None and time.monotonic() < deadline:
+    time.sleep(0.05)
+frame = cam.latest(max_age_s=5.0)
+cam.stop()
+print(json.dumps({"choice": choice.detail, "shape": list(frame.image.shape), "dtype": str(frame.image.dtype),
+                  "decode_ms": cam.decode_ms, "failure": cam.failure}))
+"""
+
+
+def _opencv_with_gstreamer() -> str | None:
+    """A Python whose OpenCV has GStreamer: this one, else the system's (Debian's python3-opencv)."""
+    for python in (sys.executable, "/usr/bin/python3"):
+        code = "import cv2, re, sys; sys.exit(0 if re.search(r'GStreamer:\\s*YES', cv2.getBuildInformation()) else 1)"
+        try:
+            if subprocess.run([python, "-c", code], capture_output=True, timeout=60).returncode == 0:
+                return python
+        except OSError:
+            continue
+    return None
+
+
+def _code_tree(dest: Path) -> Path:
+    """vpp_edge's packages laid out as they install (pyproject's package-dir), by symlinks."""
+    from vpp_edge.deploy.bundle import code_packages
+
+    for package, folder in code_packages([]):
+        target = dest.joinpath(*package.split("."))
+        if package == "vpp_edge":
+            target.mkdir(parents=True)
+            for entry in folder.iterdir():
+                (target / entry.name).symlink_to(entry)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.exists():
+                target.symlink_to(folder)
+    return dest
+
+
+@pytest.mark.slow
+def test_gstreamer_software_decode_delivers_model_frames(tmp_path):
+    """MJPEG from `videotestsrc ! jpegenc` through `jpegdec` and OpenCV's GStreamer backend
+    (the Jetson path with a software decoder), in a Python whose OpenCV has GStreamer."""
+    python = _opencv_with_gstreamer()
+    if python is None:
+        pytest.skip("no OpenCV built with GStreamer here (Debian's python3-opencv and JetPack's have it)")
     if not gst.gst_element("jpegdec"):
-        pytest.skip("GStreamer's jpegdec is missing (gstreamer1.0-plugins-good)")
-    source = "videotestsrc is-live=true pattern=ball ! video/x-raw,width=640,height=480,framerate=30/1 ! jpegenc"
-    cam = gst.GStreamerCamera("test", 32, ("jpegdec", "jpegdec"), source=source).start()
-    try:
-        deadline = time.monotonic() + 20
-        while cam._latest is None and cam.failure is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        frame = cam.latest(max_age_s=5.0)
-        assert frame.image.shape == (1, 32, 32, 3) and frame.image.dtype == np.uint8
-        assert cam.decode_ms is not None
-    finally:
-        cam.stop()
+        pytest.skip("GStreamer's jpegdec is missing (gstreamer1.0-plugins-good, gstreamer1.0-tools)")
+    env = {**os.environ, "PYTHONPATH": str(_code_tree(tmp_path / "code")), "PYTHONNOUSERSITE": "1"}
+    proc = subprocess.run([python, "-c", CAPTURE], capture_output=True, text=True, env=env, timeout=120,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["choice"] == "nvv4l2decoder" if gst.gst_element("nvv4l2decoder") else result["choice"] == "jpegdec"
+    assert result["shape"] == [1, 32, 32, 3] and result["dtype"] == "uint8" and result["failure"] is None
+    assert result["decode_ms"] is not None

@@ -63,7 +63,7 @@ def gst_decoder(has_element: Callable[[str], bool] = gst_element) -> tuple[str, 
 def gst_pipeline(source: str, width: int, height: int, fps: float, decoder: str) -> str:
     """An appsink pipeline: ``source`` (e.g. ``v4l2src device=/dev/video0``) giving MJPEG,
     ``decoder``, BGR out; the sink keeps only the newest frame (no queue of old frames)."""
-    return (f"{source} ! image/jpeg,width={width},height={height},framerate={int(round(fps))}/1 ! jpegparse ! "
+    return (f"{source} ! image/jpeg,width={width},height={height},framerate={int(round(fps))}/1 ! "
             f"{decoder} ! videoconvert ! video/x-raw,format=BGR ! appsink drop=true max-buffers=1 sync=false")
 
 
