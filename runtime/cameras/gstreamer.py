@@ -5,7 +5,8 @@ On a Jetson, JetPack's own OpenCV is built with GStreamer and JetPack ships hard
 decoding as GStreamer elements (``nvv4l2decoder mjpeg=1``, ``nvjpegdec``): the CPU only
 moves compressed frames and the final BGR image. PyPI's ``opencv-python-headless`` has no
 GStreamer; with the venv's ``--system-site-packages`` the robot lock's OpenCV is the one
-imported, so this path needs JetPack's ``python3-opencv`` importable first (see README).
+imported, so this path needs JetPack's OpenCV to come first (the probe says when the venv's
+shadows it; see README).
 
 ``auto`` takes, in this order, the first decoder that works here (a registry, in data):
 DALI (``nvidia.dali`` importable), GStreamer (OpenCV built with it and a JPEG decoder
@@ -21,6 +22,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import cv2
@@ -105,7 +107,12 @@ def _probe_dali() -> tuple[bool, str]:
 
 def _probe_gstreamer(has_element: Callable[[str], bool] = gst_element) -> tuple[bool, str]:
     if not opencv_has_gstreamer():
-        return False, f"gstreamer: OpenCV {cv2.__version__} is built without GStreamer"
+        shadowed = sorted(str(p) for p in Path("/usr/lib").glob("python3*/dist-packages/cv2*")
+                          if not str(cv2.__file__).startswith(str(p)))
+        hint = (f" (the system's OpenCV at {shadowed[0]} is not the one imported; JetPack's has GStreamer: "
+                "in a venv with --system-site-packages, pip uninstall opencv-python-headless to use it)"
+                if shadowed else "")
+        return False, f"gstreamer: OpenCV {cv2.__version__} is built without GStreamer{hint}"
     found = gst_decoder(has_element)
     if found is None:
         return False, f"gstreamer: no JPEG decoder element ({', '.join(n for n, _ in GST_DECODERS)})"
