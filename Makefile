@@ -119,7 +119,8 @@ test: $(STAMP)  ## run the test suite
 # versions (this machine's wheels of the same pins). Skipped, saying so, without a CPython 3.10.
 ROBOT_VENV  := .venv-robot310
 ROBOT_TESTS := tests/test_protocol.py tests/test_protocol_fuzz.py tests/test_chunking_safety.py tests/test_bridge.py \
-               tests/test_runtime_safety.py tests/test_realtime.py tests/test_tensorrt_engine.py tests/test_deploy_targets.py
+               tests/test_runtime_safety.py tests/test_realtime.py tests/test_tensorrt_engine.py tests/test_deploy_targets.py \
+               tests/test_camera_decoders.py
 .PHONY: test-robot
 test-robot: $(STAMP)  ## the robot-side tests under Python 3.10 without torch (skipped without python3.10)
 	@py=$$($(BIN)/python -m vpp_edge.deploy.wheels python 3.10 2>/dev/null) || { \

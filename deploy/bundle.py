@@ -112,7 +112,10 @@ def code_packages(exclude: list[str]) -> list[tuple[str, Path]]:
     home = _package_dir("vpp_edge")
     pyproject = home.parent / "pyproject.toml"
     if pyproject.is_file():
-        import tomllib  # workstation side (Python >= 3.11); the robot never bundles
+        try:
+            import tomllib  # the workstation (Python >= 3.11)
+        except ImportError:  # Python 3.10 (the robot-side tests): the same parser, as a package
+            import tomli as tomllib
 
         mapping = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-dir"]
         items = [(name, (home.parent / folder).resolve()) for name, folder in mapping.items()]

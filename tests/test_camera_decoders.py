@@ -100,7 +100,6 @@ def _code_tree(dest: Path) -> Path:
     return dest
 
 
-@pytest.mark.slow
 def test_gstreamer_software_decode_delivers_model_frames(tmp_path):
     """MJPEG from `videotestsrc ! jpegenc` through `jpegdec` and OpenCV's GStreamer backend
     (the Jetson path with a software decoder), in a Python whose OpenCV has GStreamer."""
