@@ -106,7 +106,7 @@ bench-safety: $(STAMP)  ## safety chain: fuzz every endpoint, hold/stop latency 
 	$(BIN)/python bench/safety_bench.py
 
 .PHONY: bench-gpu
-bench-gpu: $(STAMP)  ## paper-scale predict step on a CUDA GPU: eager FP32 vs BF16 vs compiled + CUDA graph
+bench-gpu: $(STAMP)  ## paper-scale step on a CUDA GPU: eager FP32/BF16/FP16 vs CUDA graph vs compiled, profile, training (offline GPU box: bench/gpu_offline.sh)
 	$(BIN)/python bench/gpu_bench.py
 
 test: $(STAMP)  ## run the test suite

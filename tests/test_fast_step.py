@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from vpp_edge.training.models.fast_step import FastPredictStep, FastStepOptions
+from vpp_edge.training.models.fast_step import STAGES, FastPredictStep, FastStepOptions, predict_step
 
 from .conftest import random_frames, tokens
 
@@ -29,11 +29,37 @@ def test_low_precision_step_matches_the_fp32_policy(tiny_policy, tiny_preset):
     convs = [m for m in fast.policy.tvp.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(c.weight.dtype == torch.bfloat16 for c in convs)
     assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    temporal = [m for m in fast.policy.tvp.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert temporal and all(c.weight.is_contiguous(memory_format=torch.channels_last_3d) for c in temporal)
     assert all(p.dtype == torch.float32 for p in fast.policy.action_head.parameters()), "sampler stays FP32"
     assert out.dtype == torch.float32 and out.shape == reference.shape
     cos = torch.nn.functional.cosine_similarity(out.flatten(), reference.flatten(), dim=0)
     assert cos > 0.999 and (out - reference).abs().max() < 0.05
     assert not fast.uses_cuda_graph
+
+
+def test_fp32_step_is_the_policy_forward_and_marks_each_stage_once(tiny_policy, tiny_preset):
+    policy, tok = tiny_policy
+    x = step_inputs(policy, tok, tiny_preset)
+    marks = []
+    with torch.inference_mode():
+        out = predict_step(policy, torch.float32, *x, mark=marks.append)
+        assert torch.equal(out, policy(*x))
+    assert tuple(marks) == STAGES
+
+
+def test_sampler_in_fp16_runs_on_the_low_precision_weights(tiny_policy, tiny_preset):
+    policy, tok = tiny_policy
+    x = step_inputs(policy, tok, tiny_preset)
+    with torch.inference_mode():
+        reference = policy(*x)
+    fast = FastPredictStep(copy.deepcopy(policy), FastStepOptions(torch.float16, sampler_dtype=torch.float16,
+                                                                  compile=False, channels_last=False))
+    out = fast(*x)
+    assert all(p.dtype == torch.float16 for p in fast.policy.action_head.parameters())
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    cos = torch.nn.functional.cosine_similarity(out.flatten(), reference.flatten(), dim=0)
+    assert cos > 0.999 and (out - reference).abs().max() < 0.05
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

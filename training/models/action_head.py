@@ -138,8 +138,8 @@ class SinusoidalEmbedding(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         half = self.dim // 2
         freqs = torch.exp(torch.arange(half, device=x.device) * -(math.log(10000) / (half - 1)))
-        angles = x[..., None] * freqs
-        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+        angles = x[..., None] * freqs  # FP32 (freqs promote a low-precision x): exact angles
+        return torch.cat([angles.sin(), angles.cos()], dim=-1).to(x.dtype)
 
 
 def _mlp_embed(in_dim: int, dim: int, act: type[nn.Module] = nn.GELU) -> nn.Sequential:

@@ -4,25 +4,65 @@ graph around the entire step so a call is a few input copies and a single replay
 host synchronisation.
 
 It only composes the policy's own stages (text -> TVP -> Former -> action head); no layer
-is re-implemented. The action head (10 DDIM steps, <1 % of the FLOPs) stays in FP32: its
-noise levels span 80 -> 0.002, where BF16's 8-bit mantissa would cost accuracy for nothing.
+is re-implemented. The action head (10 DDIM steps, <1 % of the FLOPs) stays in FP32 by
+default: its noise levels span 80 -> 0.002. On an H200 that costs about 6 ms of a 27 ms
+step (FP32 GEMMs without tensor cores, measured with bench/gpu_bench.py), so
+``sampler_dtype`` can put it on tensor cores too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .policy import VPPPolicy
 
+#: The stages of one predict step, in order (``predict_step`` marks the end of each).
+STAGES = ("text", "tvp", "former", "action_head")
+
+
+def predict_step(policy: VPPPolicy, dtype: torch.dtype, frames: torch.Tensor, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor, tvp_noise: torch.Tensor, action_noise: torch.Tensor,
+                 mark: Callable[[str], None] | None = None, sampler_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``VPPPolicy.forward`` with text, TVP and Former in ``dtype`` and the sampler in
+    ``sampler_dtype``; the chunk comes back de-normalised in FP32.
+
+    ``mark(stage)`` is called after each of :data:`STAGES` (a benchmark records a CUDA event
+    there); with both dtypes FP32 this is exactly the policy's own forward.
+    """
+    condition, goal = policy.encode_text(input_ids, attention_mask)
+    if mark:
+        mark("text")
+    features = policy.predictive_features(frames.to(dtype), condition, tvp_noise.to(dtype))
+    if mark:
+        mark("tvp")
+    tokens = policy.former(features)
+    if mark:
+        mark("former")
+    actions = policy.sample_actions(tokens.to(sampler_dtype), goal.to(sampler_dtype), action_noise.to(sampler_dtype))
+    actions = policy.denormalize(actions.float())
+    if mark:
+        mark("action_head")
+    return actions
+
 
 @dataclass(frozen=True)
 class FastStepOptions:
     dtype: torch.dtype = torch.bfloat16  # TVP, Former and text encoder weights/activations
+    # The 10-step action sampler: FP32 by default (its noise levels span 80 -> 0.002); in
+    # ``dtype`` it runs on tensor cores, as a TensorRT FP16 engine would.
+    sampler_dtype: torch.dtype = torch.float32
     channels_last: bool = True
     compile: bool = True  # inductor kernels (its own CUDA graphs off: the whole step gets one)
+    # "max-autotune-no-cudagraphs" also times Triton GEMM/conv templates: faster kernels,
+    # but minutes more compilation at paper scale.
+    compile_mode: str = "default"
     cuda_graph: bool = True  # only on CUDA devices
+    # cuDNN times its convolution algorithms on the first call of each shape (a process-wide
+    # switch: the step's shapes never change, so the search is paid once).
+    cudnn_benchmark: bool = True
     warmup: int = 3
 
 
@@ -41,13 +81,20 @@ class FastPredictStep:
         low = options.dtype
         for module in (policy.text_encoder, policy.tvp, policy.former):
             module.to(dtype=low)
-        if options.channels_last:  # NHWC convolutions: cuDNN follows the weights' layout
+        policy.action_head.to(dtype=options.sampler_dtype)
+        if options.channels_last:
+            # NHWC convolutions: cuDNN follows the weights' layout. The temporal (3, 1, 1)
+            # convolutions see [B*F, C, H, W] activations permuted to [B, C, F, H, W]; with
+            # channels-last 2-D activations that is already the channels-last 3-D layout.
+            layouts = {torch.nn.Conv2d: torch.channels_last, torch.nn.Conv3d: torch.channels_last_3d}
             for conv in policy.tvp.modules():
-                if isinstance(conv, torch.nn.Conv2d):
-                    conv.to(memory_format=torch.channels_last)
+                if type(conv) in layouts:
+                    conv.to(memory_format=layouts[type(conv)])
+        if options.cudnn_benchmark and self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
         self._fn = self._step
         if options.compile:
-            self._fn = torch.compile(self._step, mode="max-autotune-no-cudagraphs", fullgraph=False)
+            self._fn = torch.compile(self._step, mode=options.compile_mode, fullgraph=False)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static_in: tuple[torch.Tensor, ...] = ()
         self._static_out: torch.Tensor | None = None
@@ -56,14 +103,8 @@ class FastPredictStep:
     def uses_cuda_graph(self) -> bool:
         return self.options.cuda_graph and self.device.type == "cuda"
 
-    def _step(self, frames: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-              tvp_noise: torch.Tensor, action_noise: torch.Tensor) -> torch.Tensor:
-        p, low = self.policy, self.options.dtype
-        condition, goal = p.encode_text(input_ids, attention_mask)
-        features = p.predictive_features(frames.to(low), condition, tvp_noise.to(low))
-        tokens = p.former(features)
-        actions = p.sample_actions(tokens.float(), goal.float(), action_noise.float())
-        return p.denormalize(actions)
+    def _step(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return predict_step(self.policy, self.options.dtype, *inputs, sampler_dtype=self.options.sampler_dtype)
 
     @torch.inference_mode()
     def __call__(self, frames: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -77,6 +118,12 @@ class FastPredictStep:
             static.copy_(value, non_blocking=True)
         self._graph.replay()
         return self._static_out
+
+    @torch.inference_mode()
+    def run_uncaptured(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The same (compiled) kernels launched one by one, outside the graph: what a profiler
+        can attribute kernel by kernel."""
+        return self._fn(*inputs)
 
     def _capture(self, inputs: tuple[torch.Tensor, ...]) -> None:
         """Warm up on a side stream (compilation, autotuning, allocator), then record the step."""
