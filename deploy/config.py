@@ -53,6 +53,10 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> dict[str, A
         _merge(cfg, _read_yaml(Path(path)), str(path))
     _merge(cfg, {k: v for k, v in overrides.items() if v is not None}, "command line")
     cfg["profile"] = load_profile(cfg["profile"])
+    if cfg["profile"].get("require_tensorrt") and not cfg["allow_cpu_fallback"]:
+        for section in ("runtime", "selftest"):  # the GPU path, or a loud failure: never a silent CPU fallback
+            if cfg[section]["backend"] == "auto":
+                cfg[section]["backend"] = "tensorrt"
     if cfg["venv_python"] is None:  # the Python that sees the target's system packages (JetPack's TensorRT)
         cfg["venv_python"] = cfg["profile"].get("system_python", "python3")
     if not str(cfg["install_root"]).startswith("/"):

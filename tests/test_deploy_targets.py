@@ -27,7 +27,7 @@ from vpp_edge.deploy.bundle import offline, robot_lock, target_settings
 from vpp_edge.deploy.config import load_config, load_profile
 from vpp_edge.deploy.wheels import WheelError, check_lock, platform_tags, read_pins, repo_file, target_options
 
-from .test_deploy import Target, _zmq_ports_busy, sshd  # noqa: F401  (sshd: the loopback SSH target fixture)
+from .test_deploy import Target, _copy_artifact, _wrong_dims_normalization, _zmq_ports_busy, sshd  # noqa: F401
 
 TEGRA = "# R{major} (release), REVISION: {rev}, GCID: 38968081, BOARD: generic, EABI: aarch64, DATE: x\n"
 
@@ -150,7 +150,11 @@ def test_robot_lock_and_wheelhouse_settings_go_into_the_bundle():
     assert settings["offline"] and not settings["allow_cpu_fallback"]
     assert "cuda=cuda-python" in settings["robot_modules"]
     assert not offline(load_config(online=True)) and not offline(load_config(profile="linux"))
-    assert load_config(allow_cpu_fallback=True)["allow_cpu_fallback"] is True
+    # the runtime and the self-test run the GPU path on a Jetson profile, not a silent CPU fallback
+    assert cfg["runtime"]["backend"] == cfg["selftest"]["backend"] == "tensorrt"
+    fallback = load_config(allow_cpu_fallback=True)
+    assert fallback["allow_cpu_fallback"] is True and fallback["runtime"]["backend"] == "auto"
+    assert load_config(profile="linux")["runtime"]["backend"] == "auto"
     # the linux profile keeps the workstation lock's pins, installed from the index
     requirements, constraints = robot_lock(load_config(profile="linux"))
     assert constraints == repo_file("requirements/lock.txt").read_text() and "numpy==" in requirements
@@ -381,7 +385,7 @@ def _jetson_files(base: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.network
-def test_jetpack_6_2_rehearsal_offline_with_tensorrt_in_the_venv(exported, sshd, tmp_path, capsys):
+def test_jetpack_6_2_rehearsal_offline_with_tensorrt_in_the_venv(exported, sshd, tmp_path, capsys):  # noqa: F811
     """`vpp deploy` of the JetPack 6.2 profile to 127.0.0.1, whose 'system Python' is 3.10
     with stand-in TensorRT 10.3 bindings: the check passes, the venv (from that Python,
     --system-site-packages) sees TensorRT, the robot lock installs offline from the
@@ -426,7 +430,7 @@ def test_jetpack_6_2_rehearsal_offline_with_tensorrt_in_the_venv(exported, sshd,
         first = target.current()
         assert "[ok  ] JetPack         L4T R36.4.3 (JetPack 6.2)" in out
         assert "[ok  ] CUDA            12.6.68" in out and "[ok  ] power mode      MAXN, jetson_clocks on" in out
-        assert f"[ok  ] Python          3.10" in out
+        assert "[ok  ] Python          3.10" in out
         assert f"[ok  ] TensorRT        10.3.0.30 (Python bindings, {venv}/bin/python)" in out  # inside the venv
         assert "--no-index --find-links" in out and "wheelhouse: 35 wheels" in out
         assert "cuda 12.6.2.post1" in out  # cuda-python imported in the venv
@@ -449,6 +453,14 @@ def test_jetpack_6_2_rehearsal_offline_with_tensorrt_in_the_venv(exported, sshd,
         code, out = deploy("--allow-cpu-fallback", settle=3)
         assert code == 0, out
         assert "TensorRT not available on the target: no engines built" in out and target.current() != first
+        fallback = target.current()
+
+        # a release whose self-test fails on the target: the previous one comes back
+        broken = _wrong_dims_normalization(_copy_artifact(exported, tmp_path / "broken"))
+        code, out = deploy("--allow-cpu-fallback", "--artifact", str(broken), settle=3)
+        assert code == 2 and "step 'selftest' failed" in out, out
+        assert f"rolled back to release {fallback}, its units restarted" in out and target.current() == fallback
+        assert target.service("vpp-runtime.service")["is_active"] == "active"
         print("\n".join(line for run in target.runs for line in run.splitlines()
                         if line.startswith(("deployed bundle", "vpp deploy: bundle", "  wheelhouse:"))))
     except AssertionError:
