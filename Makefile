@@ -117,12 +117,17 @@ test: $(STAMP)  ## run the test suite
 # The robot side (protocol, chunking, safety, bridge, runtime threads, TensorRT wrapper, deploy agent)
 # under Python 3.10, JetPack 6.2's, without torch: a venv with requirements/robot-jp6.txt's
 # versions (this machine's wheels of the same pins). Skipped, saying so, without a CPython 3.10.
-ROBOT_VENV  := .venv-robot310
-ROBOT_TESTS := tests/test_protocol.py tests/test_protocol_fuzz.py tests/test_chunking_safety.py tests/test_bridge.py \
-               tests/test_runtime_safety.py tests/test_realtime.py tests/test_tensorrt_engine.py tests/test_deploy_targets.py \
-               tests/test_camera_decoders.py
+# The runtime-loop tests use an FP32 tiny artifact exported here by the workstation's Python.
+ROBOT_VENV     := .venv-robot310
+ROBOT_ARTIFACT := build/robot-test-artifact
+ROBOT_TESTS    := tests/test_protocol.py tests/test_protocol_fuzz.py tests/test_chunking_safety.py tests/test_bridge.py \
+                  tests/test_runtime_safety.py tests/test_runtime_loop.py tests/test_realtime.py \
+                  tests/test_tensorrt_engine.py tests/test_deploy_targets.py tests/test_camera_decoders.py
 .PHONY: test-robot
-test-robot: $(STAMP)  ## the robot-side tests under Python 3.10 without torch (skipped without python3.10)
+$(ROBOT_ARTIFACT)/manifest.json: $(STAMP) $(wildcard export/*.py training/models/*.py vpp_edge/presets/tiny.yaml)
+	$(BIN)/vpp export --preset tiny --precisions fp32 --parity-samples 1 --out $(ROBOT_ARTIFACT) --quiet
+
+test-robot: $(STAMP) $(ROBOT_ARTIFACT)/manifest.json  ## the robot-side tests under Python 3.10 without torch (skipped without python3.10)
 	@py=$$($(BIN)/python -m vpp_edge.deploy.wheels python 3.10 2>/dev/null) || { \
 	  echo "test-robot: skipped: no CPython 3.10 here (JetPack 6.2's Python; e.g. pyenv install 3.10)"; exit 0; }; \
 	if [ ! -f $(ROBOT_VENV)/.stamp ] || [ requirements/robot-jp6.txt -nt $(ROBOT_VENV)/.stamp ]; then \
@@ -132,7 +137,7 @@ test-robot: $(STAMP)  ## the robot-side tests under Python 3.10 without torch (s
 	  $(ROBOT_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --ignore-requires-python -e . && \
 	  touch $(ROBOT_VENV)/.stamp; fi
 	$(ROBOT_VENV)/bin/python -c 'import importlib.util, sys; sys.exit("torch in the robot venv" if importlib.util.find_spec("torch") else 0)'
-	$(ROBOT_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow and not network" $(ROBOT_TESTS)
+	VPP_TEST_ARTIFACT=$(ROBOT_ARTIFACT) $(ROBOT_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not network" $(ROBOT_TESTS)
 
 test-fast: $(STAMP)  ## the tests without the slow ones
 	$(BIN)/python -m pytest -m "not slow"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +34,20 @@ def tiny_policy(tiny_preset):
 
 
 @pytest.fixture(scope="session")
-def exported(tiny_policy, tmp_path_factory):
-    """The tiny policy exported once (FP32/FP16/INT8) for every test that needs an artifact."""
+def exported(request, tmp_path_factory):
+    """The tiny policy exported once (FP32/FP16/INT8) for every test that needs an artifact.
+    Without torch (the robot-side tests under Python 3.10): the artifact that
+    `make test-robot` exported with the workstation's Python (VPP_TEST_ARTIFACT, FP32)."""
+    if torch is None:
+        from vpp_edge.export.manifest import read_manifest
+
+        prebuilt = os.environ.get("VPP_TEST_ARTIFACT")
+        if not prebuilt:
+            pytest.skip("no torch here to export the test artifact: set VPP_TEST_ARTIFACT (make test-robot does)")
+        return Path(prebuilt), read_manifest(prebuilt)
     from vpp_edge.export import artifact as art
 
-    policy, tok = tiny_policy
+    policy, tok = request.getfixturevalue("tiny_policy")
     out = tmp_path_factory.mktemp("artifacts") / "tiny"
     options = art.load_options(parity_samples=1, calibration_samples=2)
     manifest = art.export_artifact(policy, tok, out, options, source="test", progress=False)
