@@ -7,7 +7,7 @@ numpy/YAML only (the robot side imports this). Schema (format version 1)::
     format: vpp-edge-runtime-config
     format_version: 1
     artifact: recommended/artifact   # export artifact folder; relative paths are relative to this file
-    backend: onnxruntime             # auto | onnxruntime | torch | tensorrt: what was measured
+    backend: onnxruntime             # auto | onnxruntime | openvino | torch | tensorrt: what was measured
     precision: int8                  # fp32 | fp16 | int8 | int8_cpu: graphs of the artifact to run
     threads: 2                       # CPU threads the measurement used (0: the backend's choice)
     knobs: {...}                     # informational: every knob of the chosen point
@@ -33,7 +33,7 @@ from vpp_edge.export.manifest import PRECISIONS, ArtifactError, read_manifest
 
 FORMAT_NAME = "vpp-edge-runtime-config"
 FORMAT_VERSION = 1
-BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "openvino", "torch", "tensorrt")
 _KEYS = {"format", "format_version", "artifact", "backend", "precision", "threads", "knobs", "measured", "sweep"}
 
 

@@ -8,8 +8,9 @@ from vpp_edge.extras import is_available
 from ..artifact import Artifact
 from .base import Engine
 
-BACKENDS = {"tensorrt": "tensorrt", "onnxruntime": "onnxruntime", "torch": "torch"}
-DEFAULT_PRECISION = {"tensorrt": "fp16", "onnxruntime": "fp32", "torch": "fp32"}
+BACKENDS = {"tensorrt": "tensorrt", "onnxruntime": "onnxruntime", "openvino": "openvino", "torch": "torch"}
+# openvino: the FP32 graphs, run in bf16 where the CPU has it natively (see engines/openvino.py).
+DEFAULT_PRECISION = {"tensorrt": "fp16", "onnxruntime": "fp32", "openvino": "fp32", "torch": "fp32"}
 
 
 def available_backends() -> list[str]:
@@ -37,6 +38,10 @@ def create_engine(artifact: Artifact, backend: str = "auto", precision: str | No
         from .onnxruntime import OrtEngine
 
         return OrtEngine(artifact, precision, **options)
+    if backend == "openvino":
+        from .openvino import OvEngine
+
+        return OvEngine(artifact, precision, **options)
     from .torch_backend import TorchEngine
 
     return TorchEngine(artifact, precision, **options)

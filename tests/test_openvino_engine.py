@@ -1,0 +1,120 @@
+"""The OpenVINO backend: inference precision from the CPU's capabilities, its settings,
+parity with ONNX Runtime FP32 within the export gates, the model cache, the missing-extra
+message, and no torch on the robot side."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from vpp_edge.errors import MissingDependencyError
+from vpp_edge.export.parity import compare, passes
+from vpp_edge.extras import is_available
+from vpp_edge.runtime.engines.openvino import choose_inference_precision, compile_config
+
+needs_openvino = pytest.mark.skipif(not is_available("openvino"), reason="openvino not installed")
+
+
+@pytest.mark.parametrize(("caps", "requested", "chosen"), [
+    (["FP32", "BF16", "INT8", "BIN", "EXPORT_IMPORT"], "auto", "bf16"),  # AVX512_BF16 / AMX CPU
+    (["FP32", "INT8", "BIN", "EXPORT_IMPORT"], "auto", "f32"),  # AVX2-only CPU
+    (["FP32", "BF16", "INT8"], "f32", "f32"),  # overridden: f32 where bf16 costs accuracy
+    (["FP32", "BF16", "INT8"], "fp32", "f32"),  # the project's spelling is accepted too
+    (["fp32", "bf16"], "bf16", "bf16"),
+])
+def test_inference_precision_follows_the_cpu_unless_overridden(caps, requested, chosen):
+    assert choose_inference_precision(caps, requested) == chosen
+
+
+def test_unsupported_or_unknown_inference_precision_is_refused():
+    with pytest.raises(ValueError, match="no native bf16"):
+        choose_inference_precision(["FP32", "INT8"], "bf16")
+    with pytest.raises(ValueError, match="'fp8' unknown; allowed: auto, f32, fp32, bf16"):
+        choose_inference_precision(["FP32"], "fp8")
+
+
+def test_compile_config_carries_threads_and_the_latency_hint():
+    assert compile_config("bf16", 2) == {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "bf16",
+                                         "INFERENCE_NUM_THREADS": "2"}
+    assert compile_config("f32", 0, "throughput") == {"PERFORMANCE_HINT": "THROUGHPUT",
+                                                      "INFERENCE_PRECISION_HINT": "f32"}
+    with pytest.raises(ValueError, match="hint 'fast' unknown"):
+        compile_config("f32", 0, "fast")
+    with pytest.raises(ValueError, match="threads must be >= 0"):
+        compile_config("f32", -1)
+
+
+def test_missing_openvino_is_one_clear_line(exported, monkeypatch):
+    from vpp_edge import extras
+    from vpp_edge.runtime import engines
+    from vpp_edge.runtime.artifact import Artifact
+    from vpp_edge.runtime.engines.openvino import OvEngine
+
+    artifact = Artifact.open(exported[0])
+    monkeypatch.setattr(engines, "is_available", lambda m: m != "openvino" and is_available(m))
+    with pytest.raises(MissingDependencyError, match="backend 'openvino' is not installed here"):
+        engines.create_engine(artifact, "openvino")
+    monkeypatch.setattr(extras, "is_available", lambda m: m != "openvino" and is_available(m))
+    with pytest.raises(MissingDependencyError, match="OpenVINO backend needs .*'openvino'.*pip install openvino"):
+        OvEngine(artifact, "fp32").load()
+
+
+def _chunk(artifact, engine, frames):
+    from vpp_edge.runtime.policy import RuntimePolicy
+
+    with engine:
+        policy = RuntimePolicy(artifact, engine, seed=3)
+        policy.set_instruction("push the red block to the green target")
+        return policy.infer(frames).normalized
+
+
+@pytest.mark.slow
+@needs_openvino
+def test_openvino_matches_onnxruntime_fp32_within_the_gates(exported, tmp_path):
+    from vpp_edge.runtime.artifact import Artifact
+    from vpp_edge.runtime.engines import available_backends, create_engine
+
+    artifact = Artifact.open(exported[0])
+    gates = json.loads((exported[0] / "parity.json").read_text())["gates"]
+    frames = np.random.default_rng(1).integers(0, 256, (artifact.preset.num_views, artifact.preset.image_size,
+                                                        artifact.preset.image_size, 3), dtype=np.uint8)
+    assert "openvino" in available_backends()
+    ref = _chunk(artifact, create_engine(artifact, "onnxruntime", threads=2), frames)
+    f32 = create_engine(artifact, "openvino", threads=2, inference_precision="f32", cache_dir=tmp_path / "cache")
+    assert f32.precision == "fp32"  # the backend's default graphs
+    got = _chunk(artifact, f32, frames)
+    assert f32.inference_precision == "f32" and set(f32.compile_ms) == set(f32.graphs)
+    assert passes(compare(ref, got), gates["fp32_action_cosine"]), compare(ref, got)
+    assert any((tmp_path / "cache").iterdir()), "compiled models are cached"
+
+    import openvino as ov
+
+    caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    auto = create_engine(artifact, "openvino", threads=2, cache_dir="")
+    got = _chunk(artifact, auto, frames)
+    assert auto.inference_precision == choose_inference_precision(caps)
+    # bf16 keeps an 8-bit mantissa, like FP16's gate is for a 10-bit one.
+    assert passes(compare(ref, got), gates["fp16_action_cosine"]), compare(ref, got)
+
+
+@pytest.mark.slow
+@needs_openvino
+def test_openvino_path_imports_no_torch(exported, tmp_path):
+    code = f"""
+import sys, numpy as np
+from vpp_edge.runtime.artifact import Artifact
+from vpp_edge.runtime.engines import create_engine
+from vpp_edge.runtime.policy import RuntimePolicy
+art = Artifact.open({str(exported[0])!r})
+with create_engine(art, "openvino", cache_dir={str(tmp_path)!r}) as engine:
+    policy = RuntimePolicy(art, engine)
+    policy.set_instruction("open the drawer")
+    chunk = policy.infer(np.zeros((2, 256, 256, 3), np.uint8))
+heavy = sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modules)
+print("HEAVY", heavy, chunk.actions.shape)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY [] (10, 7)" in out.stdout
