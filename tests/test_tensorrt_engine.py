@@ -279,7 +279,7 @@ def test_engines_chain_on_the_device_and_only_the_chunk_comes_home(gpu):
     from vpp_edge.runtime.engines.tensorrt import DeviceTensor, TrtEngine
 
     cudart, artifact = gpu
-    engine = TrtEngine(artifact, "fp16").load()
+    engine = TrtEngine(artifact, "fp16", sync_stages=False).load()
     assert sorted(engine.links) == sorted([
         ("text", "condition", "tvp"), ("text", "goal", "action_sampler"), ("tvp", "features", "former"),
         ("former", "tokens", "action_sampler"), ("text", "goal", "action_context"),
@@ -310,7 +310,7 @@ def test_engines_chain_on_the_device_and_only_the_chunk_comes_home(gpu):
         assert h2d == {engine._runners["tvp"].device["frames"], engine._runners["tvp"].device["noise"],
                        engine._runners["action_sampler"].device["action_noise"]}
         assert [c[4] for c in _copies(cudart, 2)] == [got.nbytes] and not _copies(cudart, 3)
-        assert sum(c[0] == "sync" for c in cudart.calls) == 1  # one wait per step, for the chunk
+        assert sum(c[0] == "sync" for c in cudart.calls) == 1  # one wait per step, for the chunk (sync_stages off)
         launches = sum(c[0] == "graph_launch" for c in cudart.calls)
         assert launches == (0 if step == 0 else 3)  # tvp, former, action_sampler replayed as graphs
 
@@ -327,6 +327,21 @@ def test_engines_chain_on_the_device_and_only_the_chunk_comes_home(gpu):
     engine.close()
     assert not cudart.memory  # every buffer freed, the shared ones once
     assert len(cudart.freed) == len(set(cudart.freed)) and ("stream_destroy",) == cudart.calls[-1][:1]
+
+
+def test_stage_timings_wait_for_each_engine_by_default(gpu):
+    from vpp_edge.runtime.engines.tensorrt import TrtEngine
+
+    cudart, artifact = gpu
+    engine = TrtEngine(artifact, "fp16").load()
+    condition, goal = encode_text(engine.run, np.array([[1, 2, 3, 4]]), np.ones((1, 4), np.int64))
+    rng = np.random.default_rng(2)
+    cudart.calls.clear()
+    predict_actions(engine.run, condition, goal, rng.integers(0, 255, (1, 1, 2, 2, 3), dtype=np.uint8),
+                    rng.standard_normal((1, 8), np.float32), rng.standard_normal((1, 3, 2), np.float32), [1.0],
+                    "sampler")
+    assert sum(c[0] == "sync" for c in cudart.calls) == 3  # tvp, former, action_sampler: each stage's own time
+    assert [c[4] for c in _copies(cudart, 2)] == [3 * 2 * 4] and not _copies(cudart, 3)  # still only the chunk
 
 
 def test_a_device_tensor_fed_to_an_unlinked_input_is_copied_on_the_device(gpu):

@@ -9,9 +9,10 @@ Former, ``context`` of the action context) is returned as a :class:`DeviceTensor
 consumer's input is bound to the producer's buffer at load time (no copy at all). Only
 outputs no engine consumes come back to the host: the action chunk (``actions``, or
 ``x_next`` of each step of the one-step sampler, which the inpainting edits on the host).
-Engines are queued on the one stream without waiting; the stream is synchronised only
-before host outputs are read, so per-stage wall times of the earlier stages measure
-queueing, and the action head's includes the GPU work queued before it.
+With ``sync_stages`` (the default) each engine's run waits for the stream, so the
+per-stage wall times the runtime reports (tvp_ms, former_ms, ...) are the stages' own; with
+``sync_stages=False`` engines are only queued and the stream is synchronised just before
+host outputs are read (the earlier stages' times then measure queueing).
 
 No torch: device memory and the stream come from cuda-python's runtime bindings.
 
@@ -95,8 +96,8 @@ class _EngineRunner:
     """One engine: its context, device buffers, host buffers and CUDA graph."""
 
     def __init__(self, trt: ModuleType, cudart: ModuleType, runtime: Any, plan: bytes, stream: Any,
-                 use_cuda_graph: bool):
-        self.cudart, self.stream, self.use_cuda_graph = cudart, stream, use_cuda_graph
+                 use_cuda_graph: bool, sync: bool = True):
+        self.cudart, self.stream, self.use_cuda_graph, self.sync = cudart, stream, use_cuda_graph, sync
         self.engine = runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
             raise ArtifactError("TensorRT could not deserialise the engine (built with another version?)")
@@ -171,7 +172,7 @@ class _EngineRunner:
             else:
                 self._copy(host.ctypes.data, self.device[name], host.nbytes, d2h)
                 out[name] = host
-        if len(out) > len(self.on_device):  # host outputs are read after this
+        if self.sync or len(out) > len(self.on_device):  # host outputs are read after this
             _check(self.cudart.cudaStreamSynchronize(self.stream))
         return out
 
@@ -196,9 +197,9 @@ class _EngineRunner:
 class TrtEngine(Engine):
     backend = "tensorrt"
 
-    def __init__(self, *args, use_cuda_graph: bool = True, **kwargs):
+    def __init__(self, *args, use_cuda_graph: bool = True, sync_stages: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
-        self.use_cuda_graph = use_cuda_graph
+        self.use_cuda_graph, self.sync_stages = use_cuda_graph, sync_stages
         self._runners: dict[str, _EngineRunner] = {}
         self._cudart: ModuleType | None = None
         self._stream: Any = None
@@ -218,7 +219,8 @@ class TrtEngine(Engine):
                 raise ArtifactError(f"no TensorRT engine '{key}' in {self.artifact.root}; run 'vpp build-engines'")
             check_engine_fits(key, engines[key], machine)
             plan = verify_entry(self.artifact.root, key, engines[key]).read_bytes()
-            self._runners[name] = _EngineRunner(trt, cudart, runtime, plan, self._stream, self.use_cuda_graph)
+            self._runners[name] = _EngineRunner(trt, cudart, runtime, plan, self._stream, self.use_cuda_graph,
+                                                self.sync_stages)
         self.links = link_on_device(self._runners)
         return self
 
