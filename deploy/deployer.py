@@ -181,6 +181,9 @@ class Deployment:
         state = self.status()
         self.say(f"  target {state.facts.get('user')}@{state.facts.get('host')} ({state.facts.get('arch')}): "
                  f"current release {state.current or '(none)'}")
+        mismatch = arch_mismatch(self.cfg, state.facts.get("arch"))
+        if mismatch:
+            raise DeployError(f"{mismatch}; nothing was changed on the robot")
         if state.current == bid and state.finished == bid and not force:
             self.say(f"nothing to do: {self.target} already runs bundle {bid} (use --force to redeploy)")
             return 0
@@ -242,6 +245,16 @@ class Deployment:
         self.say("      $ " + shlex.join(self.rollback_command(bid, prev)))
         self.say("  (first deployment, no previous release: " + shlex.join(self.rollback_command(bid, None)) + ")")
         return 0
+
+
+def arch_mismatch(cfg: dict[str, Any], target_arch: str | None) -> str | None:
+    """Why the bundle's wheelhouse cannot install on a target of ``target_arch`` (uname -m),
+    or None: the profile's platform is another machine."""
+    want = (cfg["profile"].get("platform") or {}).get("arch")
+    if not offline(cfg) or not want or not target_arch or target_arch == want:
+        return None
+    return (f"profile '{cfg['profile'].get('name')}' ships {want} wheels, the target is {target_arch}: "
+            "choose its profile (--profile), or --online")
 
 
 def _cause(output: list[str]) -> str:

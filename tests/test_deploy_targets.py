@@ -160,6 +160,17 @@ def test_robot_lock_and_wheelhouse_settings_go_into_the_bundle():
     assert constraints == repo_file("requirements/lock.txt").read_text() and "numpy==" in requirements
 
 
+def test_a_target_of_another_architecture_is_refused_before_upload():
+    from vpp_edge.deploy.deployer import arch_mismatch
+
+    cfg = load_config()
+    assert arch_mismatch(cfg, "aarch64") is None
+    assert arch_mismatch(cfg, "x86_64") == ("profile 'jetson-orin' ships aarch64 wheels, the target is x86_64: "
+                                            "choose its profile (--profile), or --online")
+    assert arch_mismatch(load_config(online=True), "x86_64") is None  # the target's pip picks its own wheels
+    assert arch_mismatch(load_config(profile="linux"), "x86_64") is None
+
+
 def test_platform_options_cover_every_glibc_the_target_accepts():
     tags = platform_tags({"arch": "aarch64", "glibc": "2.35"})
     assert tags[0] == "manylinux_2_35_aarch64" and tags[-2:] == ["manylinux_2_17_aarch64", "manylinux2014_aarch64"]
