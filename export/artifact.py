@@ -23,7 +23,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from vpp_edge import __version__
@@ -37,25 +36,10 @@ from vpp_edge.training.models.policy import VPPPolicy
 from . import onnx_io
 from .graphs import GRAPHS, reference_run
 from .manifest import FORMAT_NAME, FORMAT_VERSION, INT8_PRECISIONS, PRECISIONS, read_manifest, write_manifest
+from .options import DEFAULTS_FILE, load_options  # noqa: F401 (the export API)
 from .parity import ParityError, compare, passes, summary_table, worst
 
 log = logging.getLogger(__name__)
-DEFAULTS_FILE = Path(__file__).with_name("defaults.yaml")
-
-
-def load_options(path: str | Path | None = None, **overrides: Any) -> dict[str, Any]:
-    """Export options: ``defaults.yaml``, then a user YAML file, then keyword overrides."""
-    options = yaml.safe_load(DEFAULTS_FILE.read_text())
-    layers = [yaml.safe_load(Path(path).read_text()) if path else {}, overrides]
-    for layer in layers:
-        for key, value in (layer or {}).items():
-            if key not in options:
-                raise VPPError(f"unknown export option '{key}'; allowed: {sorted(options)}")
-            options[key] = {**options[key], **value} if isinstance(options[key], dict) else value
-    bad = [p for p in options["precisions"] if p not in PRECISIONS]
-    if bad or "fp32" not in options["precisions"]:
-        raise VPPError(f"precisions must include fp32 and come from {list(PRECISIONS)}, got {options['precisions']}")
-    return options
 
 
 def int8_settings(int8: dict[str, Any], options: dict[str, Any], precision: str) -> dict[str, Any]:

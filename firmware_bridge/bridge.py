@@ -70,9 +70,12 @@ class Endpoints:
     camera: str = P.CAMERA_ENDPOINT  # bound only by drivers that render cameras (simulators)
 
     @classmethod
-    def on(cls, host: str) -> "Endpoints":
-        """The default ports on ``host`` (``0.0.0.0``: every interface)."""
-        return cls(*(P.endpoint_on(host, e) for e in cls().__dict__.values()))
+    def on(cls, host: str, base_port: int = P.DEFAULT_BASE_PORT) -> "Endpoints":
+        """The ports from ``base_port`` on (default 5701-5705) on ``host`` (``0.0.0.0``: every interface)."""
+        return cls(*(P.endpoint_on(host, e, base_port) for e in cls().__dict__.values()))
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {endpoint}" for name, endpoint in self.__dict__.items() if endpoint)
 
 
 @dataclass(frozen=True)

@@ -170,6 +170,7 @@ class Runtime:
         dt = self.robot.dt
         status = self.link.handshake(self.robot.name, self.robot.action_dim)
         self.safety.absolute = ~np.asarray(status.get("delta_dims", [True] * self.robot.action_dim), bool)
+        self.metrics.record("handshake", robot=status.get("robot"), delta_dims=(~self.safety.absolute).tolist())
         for cam in self.cameras:
             cam.start()
         self.worker.start()
@@ -240,7 +241,8 @@ class Runtime:
             self.metrics.count("chunks")
             self.metrics.count("actions_skipped_late", stats.skipped)
             self.metrics.record("chunk", obs_stamp=obs_stamp, skipped=stats.skipped, used=stats.used,
-                                latency_s=stats.latency_s, timings_ms=chunk.timings_ms)
+                                latency_s=stats.latency_s, timings_ms=chunk.timings_ms,
+                                **({"actions": chunk.actions.tolist()} if self.metrics.logging else {}))
         state, events = self.link.poll()
         for event in events:
             # Event kinds come from the bridge (its drivers name their own): a counter per kind,
@@ -263,11 +265,18 @@ class Runtime:
         self.metrics.observe("queue_depth", self.plan.remaining(now))
         # Only fresh, checked actions go out. Holding means sending nothing: the bridge keeps
         # its last absolute setpoint (re-sending a delta action would keep moving the robot).
-        if verdict.action is not None and not NOT_FRESH & set(verdict.events):
+        sent = verdict.action is not None and not NOT_FRESH & set(verdict.events)
+        if sent:
             if not self.link.send_target(verdict.action, now, self.robot.dt):
                 self.metrics.count("bridge_unreachable")
         else:  # alive without a target: say why (only an idle runtime keeps the bridge holding)
             self.link.send_heartbeat(self._heartbeat_mode(now))
+        if self.metrics.logging:  # the run record ('vpp plot'): queued for the log thread, never written here
+            self.metrics.record("tick", planned=None if action is None else np.asarray(action).tolist(),
+                                target=np.asarray(verdict.action).tolist() if sent else None, events=list(verdict.events),
+                                state=None if state is None else {"stamp": state.stamp, "mode": state.mode,
+                                                                  "target": state.target.tolist(),
+                                                                  "joints": state.joints.tolist()})
         if self.safety.mode(now) is not Mode.ESTOP and self.plan.needs_inference(now, self.options.margin_steps):
             if self.options.smoothing == "rtc" and not self.worker.busy:
                 self.worker.delay_steps = int(np.ceil(self.plan.latency.stats()["p95"] / self.plan.dt))

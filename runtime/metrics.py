@@ -15,7 +15,7 @@ import threading
 import time
 from collections import Counter, defaultdict, deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -55,6 +55,11 @@ class Metrics:
 
     def count(self, name: str, n: int = 1) -> None:
         self.counts[name] += n
+
+    @property
+    def logging(self) -> bool:
+        """Whether records go to a log file (callers skip building per-tick records otherwise)."""
+        return self._log_path is not None
 
     def record(self, record: str, **data: Any) -> None:
         """Queue a JSONL record; dropped (and counted) rather than ever blocking the caller."""
@@ -113,11 +118,20 @@ def print_summary(summary: dict[str, Any]) -> None:
         table.add_column(col, justify="right" if col != "series" else "left")
     for name, s in summary["latency_ms"].items():
         table.add_row(name, str(s["n"]), *(f"{s[k]:.2f}" for k in ("p50", "p95", "p99", "max")))
-    console = Console()
-    console.print(table)
-    counts = Table(title="events and counters")
-    counts.add_column("counter")
-    counts.add_column("value", justify="right")
-    for name, value in summary["counts"].items():
-        counts.add_row(name, str(value))
-    console.print(counts)
+    Console().print(table)
+    print_counts("events and counters", summary["counts"])
+
+
+def print_counts(title: str, counts: Mapping[str, int]) -> None:
+    """A two-column table of counters (name, value), sorted by name; "none" when empty."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("counter")
+    table.add_column("value", justify="right")
+    for name, value in sorted(counts.items()):
+        table.add_row(name, str(value))
+    if not counts:
+        table.add_row("(none)", "")
+    Console().print(table)

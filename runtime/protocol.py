@@ -15,6 +15,8 @@ dtypes (a whitelist per array), ranks and sizes are checked before anything is a
 from __future__ import annotations
 
 import math
+import os
+import socket
 import time
 from dataclasses import dataclass, field, fields
 from enum import Enum
@@ -42,12 +44,45 @@ STATE_ENDPOINT = "tcp://127.0.0.1:5702"  # bridge PUB -> runtime SUB (conflated)
 EVENT_ENDPOINT = "tcp://127.0.0.1:5704"  # bridge PUB -> runtime SUB (every message): safety events
 COMMAND_ENDPOINT = "tcp://127.0.0.1:5703"  # runtime DEALER -> bridge ROUTER: commands / replies
 CAMERA_ENDPOINT = "tcp://127.0.0.1:5705"  # simulator bridge PUB -> runtime SUB (conflated): rendered views
+DEFAULT_BASE_PORT = 5701  # the action port; --base-port / $VPP_BASE_PORT moves all five together
+PORT_SPAN = 5  # ports a bridge binds: base .. base + 4
 
 
-def endpoint_on(host: str, default: str) -> str:
-    """``default`` (a loopback endpoint above) on ``host``, same port: ``0.0.0.0`` on a bridge
-    binds every interface, a runtime connects to the bridge computer's address."""
-    return default.replace("127.0.0.1", host, 1)
+def endpoint_on(host: str, default: str, base_port: int = DEFAULT_BASE_PORT) -> str:
+    """``default`` (a loopback endpoint above) on ``host``: ``0.0.0.0`` on a bridge binds
+    every interface, a runtime connects to the bridge computer's address. Its port moves
+    with ``base_port`` (the action port; the others follow it as 5702-5705 follow 5701)."""
+    port = int(default.rsplit(":", 1)[1]) - DEFAULT_BASE_PORT + base_port
+    return f"tcp://{host}:{port}"
+
+
+def base_port_from_env() -> int:
+    """``$VPP_BASE_PORT`` (a bridge and its runtime beside another pair on one machine), else 5701."""
+    value = os.environ.get("VPP_BASE_PORT", "")
+    if not value:
+        return DEFAULT_BASE_PORT
+    if not value.isdigit() or not 1 <= int(value) <= 65535 - PORT_SPAN:
+        raise ProtocolError(f"VPP_BASE_PORT={value!r} is not a port between 1 and {65535 - PORT_SPAN}")
+    return int(value)
+
+
+def free_base_port(host: str = "127.0.0.1", start: int = DEFAULT_BASE_PORT, tries: int = 200) -> int:
+    """The first ``start + k * PORT_SPAN`` whose :data:`PORT_SPAN` ports can all be bound on
+    ``host`` now (the demo's bridge, beside any other on the machine)."""
+    for base in range(start, min(start + tries * PORT_SPAN, 65535 - PORT_SPAN), PORT_SPAN):
+        probes: list[socket.socket] = []
+        try:
+            for port in range(base, base + PORT_SPAN):
+                probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                probes.append(probe)
+                probe.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+    raise ProtocolError(f"no {PORT_SPAN} free ports in a row on {host} from {start}")
 
 
 class ProtocolError(VPPError):

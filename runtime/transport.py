@@ -118,7 +118,14 @@ def make_socket(ctx: zmq.Context, kind: int, endpoint: str, *, bind: bool, timeo
             sock.curve_serverkey = curve.server_public
     if kind == zmq.SUB:
         sock.setsockopt(zmq.SUBSCRIBE, subscribe)
-    (sock.bind if bind else sock.connect)(endpoint)
+    try:
+        (sock.bind if bind else sock.connect)(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close(linger=0)
+        if exc.errno == zmq.EADDRINUSE:
+            raise ProtocolError(f"{endpoint} is already in use (another bridge on this machine? move this one's "
+                                f"ports with --base-port or VPP_BASE_PORT)") from None
+        raise ProtocolError(f"cannot {'bind' if bind else 'connect'} {endpoint}: {exc}") from None
     return sock
 
 

@@ -10,16 +10,72 @@ import argparse
 import json
 import logging
 import sys
+from importlib import import_module
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 from vpp_edge import __version__
-from vpp_edge.errors import VPPError
+from vpp_edge.errors import ConfigError, RunFailed, VPPError
 
 log = logging.getLogger("vpp")
 
 EXIT_ERROR = 2  # bad input, missing or corrupt files
 EXIT_MISSING_DEPENDENCY = 3  # an optional component (TensorRT, DALI, an SDK) is not installed
 EXIT_PARITY = 4  # an exported graph failed its parity gate
+EXIT_RUN_FAILED = 5  # a run that did not do its job: no frames, the bridge vanished, chunks refused
+
+
+class LazyChoices:
+    """argparse ``choices`` read from a module's constant when first needed (parsing that
+    subcommand or its --help), so ``vpp --help`` does not import the runtime."""
+
+    def __init__(self, module: str, names: Callable[[Any], Any], extra: tuple[str, ...] = ()):
+        self._module, self._names, self._extra = module, names, extra
+        self._values: list[str] | None = None
+
+    def _all(self) -> list[str]:
+        if self._values is None:
+            self._values = [*self._extra, *self._names(import_module(self._module))]
+        return self._values
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._all()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+
+BACKEND_CHOICES = LazyChoices("vpp_edge.runtime.engines", lambda m: m.BACKENDS, ("auto",))
+SMOOTHING_CHOICES = LazyChoices("vpp_edge.runtime.chunking", lambda m: m.SMOOTHING)
+PRECISION_CHOICES = LazyChoices("vpp_edge.export.manifest", lambda m: m.PRECISIONS)
+
+
+def _port(text: str) -> int:
+    """argparse type of --base-port: a port with room for the four after it."""
+    from vpp_edge.runtime.protocol import PORT_SPAN
+
+    if not text.isdigit() or not 1 <= int(text) <= 65535 - PORT_SPAN:
+        raise argparse.ArgumentTypeError(f"not a port between 1 and {65535 - PORT_SPAN}: {text!r}")
+    return int(text)
+
+
+def _add_port_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-port", type=_port, default=None, metavar="PORT",
+                   help="first of the link's five ports: action PORT, state +1, command +2, events +3, camera +4 "
+                        "(default $VPP_BASE_PORT, else 5701); bridge and runtime must agree")
+
+
+def _base_port(args: argparse.Namespace) -> int:
+    """--base-port, else $VPP_BASE_PORT, else 5701."""
+    from vpp_edge.runtime.protocol import base_port_from_env
+
+    return args.base_port if getattr(args, "base_port", None) is not None else base_port_from_env()
+
+
+def _existing(path: Path | None, what: str) -> None:
+    """A one-line error, before any heavy import, when a path given on the command line is missing."""
+    if path is not None and not Path(path).exists():
+        raise ConfigError(f"{what} {path}: no such file or folder")
 
 
 def _load_policy(args: argparse.Namespace):
@@ -59,6 +115,8 @@ def _add_weight_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    for path, what in ((args.episode, "--episode"), (args.dataset, "--dataset"), (args.checkpoint, "--checkpoint")):
+        _existing(path, what)
     import numpy as np
     import torch
 
@@ -105,13 +163,19 @@ def _print_prediction(report: dict, actions) -> None:
     console.print(f"[bold]VPP predict[/bold]  preset [cyan]{report['preset']}[/cyan]  weights: {report['weights']}")
     console.print(f"episode {report['episode']} (frame {report['frame']}, {len(report['views'])} views)")
     console.print(f"instruction: [italic]{report['instruction']}[/italic]  seed {report['seed']}")
-    table = Table(title=f"action chunk [{actions.shape[0]} x {actions.shape[1]}]")
-    table.add_column("t", justify="right")
-    for j in range(actions.shape[1]):
-        table.add_column(f"a{j}", justify="right")
-    for i, row in enumerate(actions):
-        table.add_row(str(i), *(f"{v:+.4f}" for v in row))
-    console.print(table)
+    # Every value, whatever the width: as many action dimensions per table as the terminal
+    # fits (a column of "+0.1234" takes 10 characters with its borders; "t" takes 6).
+    per_table = max(1, (console.width - 6) // 10)
+    for first in range(0, actions.shape[1], per_table):
+        dims = range(first, min(first + per_table, actions.shape[1]))
+        part = f", dims {dims[0]}-{dims[-1]}" if actions.shape[1] > per_table else ""
+        table = Table(title=f"action chunk [{actions.shape[0]} x {actions.shape[1]}]{part}")
+        table.add_column("t", justify="right", no_wrap=True)
+        for j in dims:
+            table.add_column(f"a{j}", justify="right", no_wrap=True)
+        for i, row in enumerate(actions):
+            table.add_row(str(i), *(f"{row[j]:+.4f}" for j in dims))
+        console.print(table)
     timing = Table(title="per-stage time (ms)")
     for s in report["timings_ms"]:
         timing.add_column(s, justify="right")
@@ -188,13 +252,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import torch
+    from vpp_edge.export.options import load_options
 
-    from vpp_edge.export.artifact import export_artifact, load_options
-    from vpp_edge.export.manifest import manifest_precisions
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     overrides = {}
     if args.precisions:
         overrides["precisions"] = [p.strip() for p in args.precisions.split(",") if p.strip()]
@@ -202,7 +261,17 @@ def cmd_export(args: argparse.Namespace) -> int:
         overrides["parity_samples"] = args.parity_samples
     if args.calibration_samples is not None:
         overrides["calibration_samples"] = args.calibration_samples
-    options = load_options(args.config, **overrides)
+    options = load_options(args.config, **overrides)  # a bad config fails here, before torch is imported
+    for path in args.calibration_data or ():
+        _existing(path, "--calibration-data")
+    _existing(args.checkpoint, "--checkpoint")
+    import torch
+
+    from vpp_edge.export.artifact import export_artifact
+    from vpp_edge.export.manifest import manifest_precisions
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     (policy, tokenizer), source = _load_policy(args)
     out = args.out or Path("artifacts") / policy.preset.name
     observations = None
@@ -222,13 +291,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_build_engines(args: argparse.Namespace) -> int:
     from vpp_edge.errors import MissingDependencyError
-    from vpp_edge.export.tensorrt_build import build_engines
+    from vpp_edge.export.manifest import read_manifest
     from vpp_edge.extras import is_available
 
+    if not Path(args.artifact).is_dir():
+        raise ConfigError(f"no such artifact: {args.artifact} (make one with 'vpp export')")
+    read_manifest(args.artifact)  # an artifact folder, not any folder
     if not is_available("tensorrt"):
         raise MissingDependencyError(
             "TensorRT not available on this machine: engines must be built where they run (Jetson: JetPack ships "
             "TensorRT; x86: pip install tensorrt). The artifact's ONNX graphs run on ONNX Runtime meanwhile.")
+    from vpp_edge.export.tensorrt_build import build_engines
+
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     manifest = build_engines(args.artifact, precisions, args.workspace_gb)
     for key, entry in manifest["engines"].items():
@@ -267,77 +341,163 @@ def cmd_bridge(args: argparse.Namespace) -> int:
 
     cfg = load_bridge_config(str(args.config) if args.config else args.robot)
     security = Security(_curve_keys(args, "bridge"), str(args.allow) if args.allow else None, args.insecure)
-    with Bridge(make_driver(cfg), cfg, Endpoints.on(args.host), security=security) as bridge:
+    from vpp_edge.runtime.metrics import print_counts
+
+    with Bridge(make_driver(cfg), cfg, Endpoints.on(args.host, _base_port(args)), security=security) as bridge:
         print(f"{args.robot} bridge up: {bridge.bound()}", flush=True)
         try:  # a failed bridge thread raises ThreadFailure: a non-zero exit, and systemd restarts the bridge
             bridge.supervise(args.duration if args.duration else float("inf"))
         except KeyboardInterrupt:
             pass
         finally:
-            print(f"bridge counters: {dict(bridge.counts)}", flush=True)
+            print_counts("bridge counters", bridge.counts)
+            sys.stdout.flush()
     return 0
 
 
 def _run_runtime(args: argparse.Namespace) -> dict:
-    from vpp_edge.episodes import load_episode
-    from vpp_edge.runtime import protocol as P
-    from vpp_edge.runtime.artifact import Artifact
+    """Build the runtime as ``vpp run`` describes it, run it, and return its summary with
+    what ran (``summary["run"]``) and the verdict (``summary["verdict"]``: None or why it failed)."""
     from vpp_edge.runtime.cameras.factory import make_cameras
     from vpp_edge.runtime.engines import create_engine
     from vpp_edge.runtime.link import BridgeLink
     from vpp_edge.runtime.loop import RunOptions, Runtime
     from vpp_edge.runtime.metrics import Metrics
     from vpp_edge.runtime.policy import RuntimePolicy
+    from vpp_edge.runtime.verdict import run_verdict
+
+    artifact, robot, episode, notes = _run_inputs(args)
+    preset = artifact.preset
+    cameras = make_cameras(args.cameras, preset.num_views, preset.image_size, episode, args.camera_fps, args.dali_device)
+    host, base = getattr(args, "bridge_host", "127.0.0.1"), _base_port(args)  # vpp demo: its bridge on loopback
+    endpoints = _runtime_endpoints(host, base)
+    instruction = args.instruction or episode.instruction
+    link = BridgeLink(*endpoints, curve=_curve_keys(args, "runtime", "bridge"),
+                      insecure=getattr(args, "insecure", False))
+    metrics = Metrics(args.log, status=not args.quiet and sys.stderr.isatty())
+    try:
+        with create_engine(artifact, args.backend, args.precision) as engine:
+            run = {"artifact": str(artifact.root), "preset": preset.name, "engine": f"{engine.backend}/{engine.precision}",
+                   "cameras": f"{args.cameras} ({preset.num_views} view(s) of {preset.image_size}x{preset.image_size})",
+                   "instruction": instruction, "robot": f"{robot.name} ({robot.action_dim} actions at "
+                   f"{1 / robot.dt:g} Hz)", "bridge": f"{host}, ports {base}-{base + 3}", "notes": notes}
+            _print_run_header(run)
+            policy = RuntimePolicy(artifact, engine, seed=args.seed)
+            _report_instruction(policy, instruction, run)
+            metrics.record("run", **run)
+            options = RunOptions(duration_s=args.duration, smoothing=args.smoothing,
+                                 realtime_priority=args.rt_priority)
+            runtime = Runtime(policy, cameras, robot, link, options, metrics)
+            summary = runtime.run()
+    finally:
+        metrics.close()
+        link.close()
+    summary["backend"] = run["engine"]
+    summary["run"] = run
+    summary["verdict"] = run_verdict(summary, cameras, robot.dt)
+    return summary
+
+
+def _run_inputs(args: argparse.Namespace):
+    """(artifact, robot config, episode, notes) of a run; paths are checked first, and a
+    runtime config that changes what the cameras feed the model is said (``notes``)."""
+    from vpp_edge.episodes import load_episode
+    from vpp_edge.runtime.artifact import Artifact
     from vpp_edge.runtime.robot_config import load_robot_config
 
+    notes: list[str] = []
     if getattr(args, "runtime_config", None):  # from 'vpp calibrate': artifact, backend, precision
         from vpp_edge.calibrate.runtime_config import apply_to_args
 
-        apply_to_args(args)
+        _existing(args.runtime_config, "--runtime-config")
+        config = apply_to_args(args)
+        notes.append(f"runtime config {args.runtime_config}: artifact {config.artifact}, {config.backend}/"
+                     f"{config.precision} (replacing --artifact, --backend and --precision)")
+    _existing(args.episode, "--episode")
+    if not Path(args.artifact).is_dir():
+        raise ConfigError(f"no such artifact: {args.artifact} (make one with 'vpp export')")
     artifact = Artifact.open(args.artifact)
     robot = load_robot_config(args.robot)
     from vpp_edge.demo_data import default_episode
 
     episode = load_episode(args.episode or default_episode())
-    preset = artifact.preset
-    cameras = make_cameras(args.cameras, preset.num_views, preset.image_size, episode, args.camera_fps, args.dali_device)
-    metrics = Metrics(args.log, status=not args.quiet and sys.stderr.isatty())
-    host = getattr(args, "bridge_host", "127.0.0.1")  # vpp demo runs its bridge on loopback
+    offered = len(episode.video_paths) if args.cameras.startswith("replay") else None
+    if offered is not None and offered > artifact.preset.num_views:
+        notes.append(f"the model takes {artifact.preset.num_views} camera view(s): {offered - artifact.preset.num_views}"
+                     f" of the episode's {offered} left out")
+    return artifact, robot, episode, notes
+
+
+def _runtime_endpoints(host: str, base: int) -> tuple[str, str, str, str]:
+    """The runtime's action, state, events and command endpoints on ``host`` from port ``base``."""
+    from vpp_edge.runtime import protocol as P
+
     defaults = (P.ACTION_ENDPOINT, P.STATE_ENDPOINT, P.EVENT_ENDPOINT, P.COMMAND_ENDPOINT)
-    link = BridgeLink(*(P.endpoint_on(host, e) for e in defaults), curve=_curve_keys(args, "runtime", "bridge"),
-                      insecure=getattr(args, "insecure", False))
-    with create_engine(artifact, args.backend, args.precision) as engine:
-        policy = RuntimePolicy(artifact, engine, seed=args.seed)
-        policy.set_instruction(args.instruction or episode.instruction)
-        options = RunOptions(duration_s=args.duration, smoothing=args.smoothing, realtime_priority=args.rt_priority)
-        runtime = Runtime(policy, cameras, robot, link, options, metrics)
-        try:
-            summary = runtime.run()
-        finally:
-            metrics.close()
-            link.close()
-    summary["backend"] = f"{engine.backend}/{engine.precision}"
-    return summary
+    return tuple(P.endpoint_on(host, e, base) for e in defaults)  # type: ignore[return-value]
+
+
+def _report_instruction(policy, instruction: str, run: dict) -> None:
+    """Set the instruction; a truncation warning becomes one line of the run's notes, said once."""
+    import warnings
+
+    from vpp_edge.tokenizer import InstructionTruncatedWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", InstructionTruncatedWarning)
+        policy.set_instruction(instruction)
+    for w in caught:
+        if issubclass(w.category, InstructionTruncatedWarning):
+            note = f"instruction: {w.message}"
+            run["notes"].append(note)
+            print(f"note: {note}", flush=True)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _print_run_header(run: dict) -> None:
+    """What is about to run, one line per part (the summary repeats it under "run")."""
+    width = max(len(k) for k in run if k != "notes")
+    for key, value in run.items():
+        if key != "notes":
+            print(f"{key:>{width}}  {value}")
+    for note in run["notes"]:
+        print(f"note: {note}")
+    sys.stdout.flush()
 
 
 def _print_run(summary: dict) -> None:
-    from vpp_edge.runtime.metrics import print_summary
+    from vpp_edge.runtime.metrics import print_counts, print_summary
 
     print_summary(summary)
+    only_safety = {k: v for k, v in summary["safety"].items() if k not in summary["counts"]}
+    if only_safety:  # the gate's verdicts are counters already; its chunk refusals by reason are not
+        print_counts("safety gate (not in the counters above)", only_safety)
+    if summary.get("link"):
+        print_counts("bridge inputs refused", summary["link"])
     bj = summary["boundary_jump"]
     print(f"engine {summary['backend']}; boundary jump max {bj['max']:.4f} mean {bj['mean']:.4f} "
-          f"(within chunks {bj['inner_mean']:.4f}); safety {summary['safety']}")
+          f"(within chunks {bj['inner_mean']:.4f})")
+
+
+def _finish_run(summary: dict, args: argparse.Namespace) -> int:
+    """Write --json, then the verdict: 0, or :class:`RunFailed` with its one line."""
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2, default=float))
+    if args.log:
+        print(f"run log {args.log}: 'vpp plot {args.log}' draws targets and robot states over time")
+    if summary["verdict"] is not None:
+        raise RunFailed(summary["verdict"])
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     summary = _run_runtime(args)
     _print_run(summary)
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2, default=float))
-    return 0
+    return _finish_run(summary, args)
 
 
 METAWORLD_ARTIFACT = Path("artifacts/metaworld_tiny")  # written by `make metaworld-policy`
+DEFAULT_ARTIFACT = Path("artifacts/tiny")
 
 
 def _demo_metaworld(args: argparse.Namespace) -> int:
@@ -354,34 +514,56 @@ def _demo_metaworld(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """The embedded default, closed loop. With a trained MetaWorld policy (make
-    metaworld-policy): MetaWorld episodes through bridge and runtime. Otherwise: export the
-    tiny model if needed, start the kinematic sim bridge in its own process, run the
-    runtime against it over ZeroMQ, print the summary."""
-    import subprocess
-    import time
-
+def _use_metaworld(args: argparse.Namespace) -> bool:
+    """--sim: metaworld needs the trained policy and MetaWorld (errors otherwise); auto takes
+    it when both exist and no --artifact was given; kinematic never."""
+    from vpp_edge.errors import MissingDependencyError
     from vpp_edge.extras import is_available
 
-    use_metaworld = args.sim == "metaworld" or (
-        args.sim == "auto" and (METAWORLD_ARTIFACT / "manifest.json").is_file() and is_available("metaworld"))
-    if use_metaworld:
+    have_policy = (METAWORLD_ARTIFACT / "manifest.json").is_file()
+    if args.sim == "metaworld":
+        if not have_policy:
+            raise ConfigError(f"--sim metaworld: no trained MetaWorld policy at {METAWORLD_ARTIFACT} "
+                              "(make metaworld-policy)")
+        if not is_available("metaworld"):
+            raise MissingDependencyError("--sim metaworld: MetaWorld is not installed (pip install metaworld)")
+        return True
+    return args.sim == "auto" and args.artifact is None and have_policy and is_available("metaworld")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The embedded default, closed loop. With a trained MetaWorld policy (make
+    metaworld-policy) and no --artifact: MetaWorld episodes through bridge and runtime.
+    Otherwise: export the tiny model if needed, start the kinematic sim bridge in its own
+    process on free ports (its log goes to a file), run the runtime against it over
+    ZeroMQ, print the summary."""
+    import subprocess
+    import tempfile
+
+    from vpp_edge.runtime.protocol import free_base_port
+
+    if _use_metaworld(args):
         return _demo_metaworld(args)
-    artifact = Path(args.artifact)
-    if not (artifact / "manifest.json").is_file():
-        print(f"no artifact at {artifact}: exporting the tiny preset first (about two minutes on 2 cores)")
-        code = main(["export", "--preset", "tiny", "--out", str(artifact)])
+    args.artifact = Path(args.artifact or DEFAULT_ARTIFACT)
+    if not (args.artifact / "manifest.json").is_file():
+        print(f"no artifact at {args.artifact}: exporting the tiny preset first (about two minutes on 2 cores)")
+        code = main(["export", "--preset", "tiny", "--out", str(args.artifact)])
         if code:
             return code
-    bridge = subprocess.Popen([sys.executable, "-m", "vpp_edge.cli", "bridge", "--robot", "sim",
-                               "--duration", str(args.duration + 30)], stdout=subprocess.PIPE, text=True)
+    if args.base_port is None:  # beside any other bridge on this machine
+        args.base_port = free_base_port(start=_base_port(args))
+    bridge_log = Path(tempfile.gettempdir()) / f"vpp-demo-bridge-{args.base_port}.log"
+    with open(bridge_log, "w", encoding="utf-8") as err:
+        bridge = subprocess.Popen([sys.executable, "-m", "vpp_edge.cli", "bridge", "--robot", "sim",
+                                   "--base-port", str(args.base_port), "--duration", str(args.duration + 30)],
+                                  stdout=subprocess.PIPE, stderr=err, text=True)
     try:
         ready = bridge.stdout.readline() if bridge.stdout else ""
         if "bridge up" not in ready:
-            raise VPPError(f"the sim bridge did not start: {ready.strip()}")
-        print(ready.strip())
-        time.sleep(0.3)
+            bridge.wait(timeout=10)
+            tail = bridge_log.read_text().strip().splitlines()[-1:] or [ready.strip()]
+            raise VPPError(f"the sim bridge did not start: {tail[0]} (log {bridge_log})")
+        print(ready.strip(), f"(its log: {bridge_log})", flush=True)
         summary = _run_runtime(args)
     finally:
         bridge.send_signal(2)
@@ -391,33 +573,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
             bridge.kill()
             out, _ = bridge.communicate()
     _print_run(summary)
-    print(out.strip().splitlines()[-1] if out and out.strip() else "")
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2, default=float))
+    print(out.rstrip())  # the bridge's counter table, after the runtime's summary
+    return _finish_run(summary, args)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from vpp_edge.runlog import plot_run
+
+    _existing(args.log, "run log")
+    out = plot_run(args.log, args.out)
+    print(f"wrote {out}")
     return 0
 
 
-def _add_run_args(p: argparse.ArgumentParser, duration: float) -> None:
-    p.add_argument("--artifact", type=Path, default=Path("artifacts/tiny"), help="export artifact (default artifacts/tiny)")
+def _add_run_args(p: argparse.ArgumentParser, duration: float, artifact_default: Path | None = DEFAULT_ARTIFACT) -> None:
+    p.add_argument("--artifact", type=Path, default=artifact_default,
+                   help=f"export artifact (default {artifact_default or DEFAULT_ARTIFACT})")
     p.add_argument("--robot", default="sim", help="runtime robot config (limits, rates): sim, panda, xarm_xhand or a YAML")
-    p.add_argument("--backend", default="auto", help="auto | tensorrt | onnxruntime | torch")
-    p.add_argument("--precision", help="fp32 | fp16 | int8 | int8_cpu (default: the backend's)")
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, metavar="BACKEND",
+                   help="auto | tensorrt | onnxruntime | openvino | torch (default auto)")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, metavar="PRECISION",
+                   help="fp32 | fp16 | int8 | int8_cpu (default: the backend's)")
     p.add_argument("--cameras", default="replay", metavar="SPEC",
                    help="replay | replay-dali | v4l2:DEV[,DEV] | dali:DEV[,DEV] | gstreamer:DEV[,DEV] | "
                         "auto:DEV[,DEV] (one device per view; auto: DALI, else GStreamer (Jetson hardware JPEG), "
                         "else OpenCV; e.g. auto:/dev/video0,/dev/video2; default replay)")
-    p.add_argument("--dali-device", default="auto", help="DALI decode on auto | gpu | cpu (default auto)")
+    p.add_argument("--dali-device", default="auto", choices=["auto", "gpu", "cpu"],
+                   help="DALI decode on auto | gpu | cpu (default auto)")
     p.add_argument("--episode", type=Path, help="episode replayed as the cameras (default: the demo episode)")
     p.add_argument("--camera-fps", type=float, help="replay rate (default: the recorded rate)")
     p.add_argument("--instruction", help="task instruction (default: the episode's)")
-    p.add_argument("--smoothing", default="crossfade", help="none | ensemble | crossfade | rtc (default crossfade)")
+    p.add_argument("--smoothing", default="crossfade", choices=SMOOTHING_CHOICES, metavar="MODE",
+                   help="none | ensemble | crossfade | rtc (default crossfade)")
     p.add_argument("--duration", type=float, default=duration, help=f"seconds to run (default {duration:g})")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--rt-priority", type=int, default=0,
                    help="SCHED_FIFO priority for the control thread (needs CAP_SYS_NICE; 0 = off)")
-    p.add_argument("--log", type=Path, help="JSONL log of chunks and events")
+    p.add_argument("--log", type=Path, help="JSONL record of the run: chunks, targets sent and robot states per "
+                                            "tick, events (plot it with 'vpp plot LOG')")
     p.add_argument("--json", type=Path, help="write the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no live status line")
+    _add_port_arg(p)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -504,12 +700,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build-engines", help="build TensorRT engines for an artifact on this machine",
                        description="Build TensorRT engines from the artifact's ONNX graphs here (engines are not "
                                    "portable across GPUs or TensorRT versions). Exits 3 if TensorRT is missing.")
-    p.add_argument("artifact", type=Path)
+    p.add_argument("artifact", type=Path, help="export artifact folder (vpp export)")
     p.add_argument("--precisions", default="fp16", help="comma list from fp16,int8 (default fp16)")
     p.add_argument("--workspace-gb", type=float, default=4.0, help="builder workspace limit (default 4 GiB)")
     p.set_defaults(func=cmd_build_engines)
 
-    p = sub.add_parser("run", help="run the policy on the robot: cameras -> engine -> chunking -> safety -> bridge")
+    p = sub.add_parser("run", help="run the policy on the robot: cameras -> engine -> chunking -> safety -> bridge",
+                       description="Run the artifact closed loop against a bridge: cameras -> engine -> action plan "
+                                   "-> safety gate -> bridge, at the robot config's control rate. Prints what runs, "
+                                   "then a summary; exits 5 with one line when the run did not do its job (a camera "
+                                   "never delivered, the bridge went silent, most chunks were refused).")
     _add_run_args(p, 10.0)
     _add_link_args(p, "--bridge-host", "the bridge computer's address (default 127.0.0.1)",
                    "CurveZMQ keys folder holding runtime.key_secret and the bridge's bridge.key (vpp keys)")
@@ -525,39 +725,59 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_evaluation_parsers(sub)  # vpp record metaworld, vpp eval metaworld
 
-    p = sub.add_parser("bridge", help="run a robot bridge (ZeroMQ <-> robot controller)")
+    p = sub.add_parser("bridge", help="run a robot bridge (ZeroMQ <-> robot controller)",
+                       description="Serve a robot (or a simulator) to runtimes over ZeroMQ: targets in, state and "
+                                   "events out, its own deadlines and limits. Exits non-zero if a bridge thread fails.")
     p.add_argument("--robot", default="sim", help="sim | metaworld | panda | xarm_xhand")
     p.add_argument("--config", type=Path, help="bridge YAML (default firmware_bridge/robots/<robot>.yaml)")
     p.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (default: run until Ctrl-C)")
     _add_link_args(p, "--host", "interface to bind (default 127.0.0.1; 0.0.0.0: all, needs --keys or --insecure)",
                    "CurveZMQ keys folder holding bridge.key_secret (vpp keys bridge)")
     p.add_argument("--allow", type=Path, help="folder of the client public keys (*.key) the bridge admits")
+    _add_port_arg(p)
     p.set_defaults(func=cmd_bridge)
 
-    p = sub.add_parser("keys", help="make a CurveZMQ key pair for a runtime-bridge link beyond loopback")
+    p = sub.add_parser("keys", help="make a CurveZMQ key pair for a runtime-bridge link beyond loopback",
+                       description="Write NAME.key (public: copy it to the peer) and NAME.key_secret (mode 0600).")
     p.add_argument("name", help="bridge | runtime | an operator's name")
     p.add_argument("--out", type=Path, default=Path("keys"), help="folder (default ./keys)")
     p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("demo", help="the embedded default, closed loop: the trained MetaWorld policy if present, "
-                                    "else the tiny model + replay cameras + kinematic sim bridge")
-    _add_run_args(p, 10.0)
+                                    "else the tiny model + replay cameras + kinematic sim bridge",
+                       description="Closed loop on this machine: the kinematic sim bridge (its own process, on free "
+                                   "ports, its log in a file) and the runtime, or the trained MetaWorld policy. "
+                                   "Exits like 'vpp run'.")
+    _add_run_args(p, 10.0, artifact_default=None)
     p.add_argument("--sim", choices=["auto", "metaworld", "kinematic"], default="auto",
-                   help=f"auto: MetaWorld when {METAWORLD_ARTIFACT} exists (make metaworld-policy), else kinematic")
+                   help=f"auto: MetaWorld when {METAWORLD_ARTIFACT} exists (make metaworld-policy) and no --artifact "
+                        "is given, else kinematic (default auto)")
     p.add_argument("--task", default="drawer-close-v3", help="MetaWorld task of the demo (default drawer-close-v3)")
     p.add_argument("--episodes", type=int, default=3, help="MetaWorld episodes of the demo (default 3)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("presets", help="list presets, or show one")
+    p = sub.add_parser("plot", help="plot a run's JSONL log (--log): targets sent vs robot state over time",
+                       description="Draw a PNG from 'vpp run/demo --log LOG': per action dimension the targets the "
+                                   "runtime sent and the bridge's setpoint over time, chunk arrivals and events.")
+    p.add_argument("log", type=Path, help="JSONL run log written by --log")
+    p.add_argument("--out", type=Path, help="PNG to write (default: the log's name with .png)")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("presets", help="list presets, or show one",
+                       description="List the model presets, or print one in full as YAML.")
     p.add_argument("name", nargs="?", help="preset to show in full")
     p.set_defaults(func=cmd_presets)
 
-    p = sub.add_parser("doctor", help="report which optional components (TensorRT, DALI, robot SDKs) are present")
+    p = sub.add_parser("doctor", help="report which optional components (TensorRT, DALI, robot SDKs) are present",
+                       description="Which optional components are installed; with --artifact, verify an artifact "
+                                   "and (--selftest) run it.")
     p.add_argument("--artifact", type=Path, help="also verify this artifact's files against its manifest")
     p.add_argument("--selftest", action="store_true", help="with --artifact: load the engines, run inference, "
                    "print latencies (exit 2 if anything fails)")
-    p.add_argument("--backend", default="auto", help="self-test backend: auto | tensorrt | onnxruntime (default auto)")
-    p.add_argument("--precision", help="self-test precision (default: the backend's)")
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, metavar="BACKEND",
+                   help="self-test backend: auto | tensorrt | onnxruntime | openvino | torch (default auto)")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, metavar="PRECISION",
+                   help="self-test precision (default: the backend's)")
     p.add_argument("--runs", type=int, default=3, help="self-test inferences (default 3)")
     p.add_argument("--json", type=Path, help="write the self-test result as JSON")
     p.set_defaults(func=cmd_doctor)
@@ -572,7 +792,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_deploy_arguments(p)
     p.set_defaults(func=cmd_deploy)
 
-    p = sub.add_parser("convert", help="convert official VPP weights into a vpp-edge checkpoint")
+    p = sub.add_parser("convert", help="convert official VPP weights into a vpp-edge checkpoint",
+                       description="Load the official video model, CLIP and action model and save them as one "
+                                   "vpp-edge checkpoint folder.")
     _add_weight_args(p)
     p.add_argument("--out", type=Path, required=True, help="output checkpoint folder")
     p.set_defaults(func=cmd_convert)
@@ -586,12 +808,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from vpp_edge.errors import MissingDependencyError
+    from vpp_edge.runtime.threads import ThreadFailure
 
     try:
         return args.func(args)
     except MissingDependencyError as exc:
         print(f"vpp {args.command}: {exc}", file=sys.stderr)
         return EXIT_MISSING_DEPENDENCY
+    except (RunFailed, ThreadFailure) as exc:  # ran, and failed: a camera, the bridge, a worker thread
+        print(f"vpp {args.command}: failed: {exc}", file=sys.stderr)
+        return EXIT_RUN_FAILED
     except VPPError as exc:
         from vpp_edge.export.parity import ParityError
 

@@ -23,3 +23,7 @@ class MissingDependencyError(VPPError, ImportError):
 
 class ConfigError(VPPError, ValueError):
     """A configuration file or command-line value that cannot be used."""
+
+
+class RunFailed(VPPError):
+    """A run ended without doing its job (no frames, the bridge vanished, chunks refused)."""

@@ -38,6 +38,12 @@ class Camera(ABC):
         self.failure: str | None = None  # the capture thread died: the runtime must end
         self.dropped = 0  # frames refused (malformed, empty, wrong view count)
 
+    @property
+    def delivered(self) -> bool:
+        """Whether the source has produced at least one frame since it was created."""
+        with self._lock:
+            return self._latest is not None
+
     def start(self) -> "Camera":
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name=f"camera-{self.name}", daemon=True)

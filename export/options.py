@@ -1,0 +1,28 @@
+"""Export options: ``defaults.yaml``, then a user YAML file, then keyword overrides.
+No torch here, so ``vpp export --config`` is checked before the heavy imports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vpp_edge.config_schema import merge, read_yaml
+from vpp_edge.errors import ConfigError
+
+from .manifest import PRECISIONS
+
+DEFAULTS_FILE = Path(__file__).with_name("defaults.yaml")
+
+
+def load_options(path: str | Path | None = None, **overrides: Any) -> dict[str, Any]:
+    """The export options; a key of the file or the overrides that the defaults do not
+    have, at any depth, is a :class:`ConfigError` naming it and the closest allowed key."""
+    options = yaml.safe_load(DEFAULTS_FILE.read_text())
+    options = merge(options, read_yaml(path, "export config") if path else {}, "export option")
+    options = merge(options, overrides, "export option")
+    bad = [p for p in options["precisions"] if p not in PRECISIONS]
+    if bad or "fp32" not in options["precisions"]:
+        raise ConfigError(f"precisions must include fp32 and come from {list(PRECISIONS)}, got {options['precisions']}")
+    return options
