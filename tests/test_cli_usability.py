@@ -265,3 +265,18 @@ def test_verdicts_name_the_failure():
     refused = {"counts": {"chunks": 2, "chunk_rejected": 8}, "safety": {"chunk_stale_observation": 7, "chunk_nan": 1}}
     assert "8 of 10 action chunks refused, most as chunk_stale_observation" in run_verdict(refused, [], 0.1)
     assert "the robot never moved" in run_verdict({"counts": {}}, [], 0.1)
+
+
+def test_demo_runs_beside_another_bridge_and_keeps_its_log_apart(exported, demo_episode, capsys, monkeypatch):
+    base = P.free_base_port(start=16401)
+    monkeypatch.setenv("VPP_BASE_PORT", str(base))
+    with socket.socket() as taken:  # "another bridge" holds the configured ports
+        taken.bind(("127.0.0.1", base))
+        taken.listen()
+        code, out, err = run_cli(["demo", "--artifact", exported[0], "--episode", demo_episode, "--duration", 2,
+                                  "--quiet", "--sim", "kinematic"], capsys)
+    assert code == 0, err
+    assert "sim bridge up" in out and f":{base} " not in out.split("sim bridge up")[1].splitlines()[0]
+    assert "bridge event" not in out + err  # the bridge's log lines went to its log file
+    assert "bridge counters" in out.split("runtime summary")[1]  # after the runtime's summary, as a table
+    assert (out + err).count("truncated") <= 1  # said once (as a note), not per inference
