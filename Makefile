@@ -27,8 +27,9 @@ $(STAMP): pyproject.toml requirements/lock.txt requirements/apt.txt
 
 install: $(STAMP)  ## create .venv and install the pinned dependencies
 
-demo: $(STAMP)  ## the main job, closed loop: tiny model on ONNX Runtime + replay cameras + sim bridge (10 s)
-	$(BIN)/vpp demo --artifact artifacts/tiny
+# make demo [ARTIFACT=artifacts/name]: an ARTIFACT given is what runs (never replaced by the MetaWorld policy)
+demo: $(STAMP)  ## the main job, closed loop: tiny model (or the trained MetaWorld policy) + replay cameras + sim bridge (10 s)
+	$(BIN)/vpp demo $(if $(filter command line environment,$(origin ARTIFACT)),--artifact $(ARTIFACT))
 
 predict: $(STAMP)  ## one predict step of the tiny model on a sample episode, with per-stage timings
 	$(BIN)/vpp predict
