@@ -232,14 +232,18 @@ def test_run_with_a_bridge_that_dies_mid_run_fails_and_its_log_plots(exported, d
     assert code == 0 and (tmp_path / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_run_whose_chunks_are_all_stale_fails(exported, demo_episode, capsys, tmp_path):
+def test_run_whose_chunks_are_all_stale_fails_and_resizing_is_said_once(exported, capsys, tmp_path):
+    from vpp_edge.demo_data import write_demo_dataset
+
     robot = tmp_path / "impatient.yaml"
     text = (Path(P.__file__).parent / "robots" / "sim.yaml").read_text()
     robot.write_text(text.replace("stale_observation_s: 0.5", "stale_observation_s: 0.001"))
+    small = write_demo_dataset(tmp_path / "small", steps=6, size=96)  # its annotation
     with _Bridge() as bridge:
-        code, _, err = run_cli(["run", "--artifact", exported[0], "--episode", demo_episode, "--robot", robot,
-                                "--base-port", bridge.base, "--duration", 1.5, "--quiet"], capsys)
+        code, out, err = run_cli(["run", "--artifact", exported[0], "--episode", small, "--robot", robot,
+                                  "--base-port", bridge.base, "--duration", 1.5, "--quiet"], capsys)
     assert_one_line_error(code, err, cli.EXIT_RUN_FAILED, match="stale_observation")
+    assert out.count("camera frames of 96x96 were centre-cropped to squares and resized to") == 1
 
 
 def test_run_with_cameras_that_do_not_exist_fails(exported, capsys):

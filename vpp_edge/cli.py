@@ -364,10 +364,12 @@ def _run_runtime(args: argparse.Namespace) -> dict:
     from vpp_edge.runtime.loop import RunOptions, Runtime
     from vpp_edge.runtime.metrics import Metrics
     from vpp_edge.runtime.policy import RuntimePolicy
+    from vpp_edge.preprocess import source_sizes
     from vpp_edge.runtime.verdict import run_verdict
 
     artifact, robot, episode, notes = _run_inputs(args)
     preset = artifact.preset
+    source_sizes(reset=True)  # replay cameras prepare their frames here, live ones while running
     cameras = make_cameras(args.cameras, preset.num_views, preset.image_size, episode, args.camera_fps, args.dali_device)
     host, base = getattr(args, "bridge_host", "127.0.0.1"), _base_port(args)  # vpp demo: its bridge on loopback
     endpoints = _runtime_endpoints(host, base)
@@ -392,6 +394,12 @@ def _run_runtime(args: argparse.Namespace) -> dict:
     finally:
         metrics.close()
         link.close()
+    resized = sorted(f"{w}x{h}" for h, w in source_sizes() if (h, w) != (preset.image_size, preset.image_size))
+    if resized:  # said once, not per frame
+        note = (f"camera frames of {', '.join(resized)} were centre-cropped to squares and resized to "
+                f"{preset.image_size}x{preset.image_size} for the model")
+        run["notes"].append(note)
+        print(f"note: {note}", flush=True)
     summary["backend"] = run["engine"]
     summary["run"] = run
     summary["verdict"] = run_verdict(summary, cameras, robot.dt)

@@ -9,6 +9,17 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+_SOURCE_SIZES: set[tuple[int, int]] = set()  # (height, width) of every image prepare_frame took since the reset
+
+
+def source_sizes(reset: bool = False) -> set[tuple[int, int]]:
+    """The distinct (height, width) of the camera images :func:`prepare_frame` has taken
+    (so a run can say once that its frames were cropped and resized); ``reset`` empties it."""
+    seen = set(_SOURCE_SIZES)
+    if reset:
+        _SOURCE_SIZES.clear()
+    return seen
+
 
 def center_crop_square(image: np.ndarray) -> np.ndarray:
     """Crop the longer side of an [H, W, C] image to a centred square."""
@@ -36,6 +47,7 @@ def prepare_frame(image: np.ndarray, size: int) -> np.ndarray:
         raise ValueError(f"expected an RGB image [H, W, 3], got shape {image.shape}")
     if image.dtype != np.uint8:
         raise ValueError(f"expected uint8 pixels, got {image.dtype}")
+    _SOURCE_SIZES.add(image.shape[:2])  # one set insert per frame (atomic under the GIL)
     return np.ascontiguousarray(resize_square(center_crop_square(image), size))
 
 
