@@ -21,6 +21,8 @@ FORMAT_VERSION = 1
 # int8: Q/DQ graphs for TensorRT; int8_cpu: Q/DQ graphs for ONNX Runtime's CPU kernels.
 PRECISIONS = ("fp32", "fp16", "int8", "int8_cpu")
 INT8_PRECISIONS = ("int8", "int8_cpu")
+# Added to an exported artifact afterwards: int8_ov, NNCF INT8 for OpenVINO (export/openvino_int8.py).
+RUNTIME_PRECISIONS = (*PRECISIONS, "int8_ov")
 
 
 class ArtifactError(VPPError):

@@ -5,6 +5,7 @@ message, and no torch on the robot side."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,3 +119,46 @@ print("HEAVY", heavy, chunk.actions.shape)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "HEAVY [] (10, 7)" in out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (is_available("openvino") and is_available("nncf")), reason="openvino/nncf not installed")
+def test_nncf_int8_is_gated_end_to_end_and_added_to_the_artifact(exported, tmp_path):
+    import shutil
+
+    import yaml
+
+    from vpp_edge.export import openvino_int8
+    from vpp_edge.export.openvino_int8 import PRECISION, add_openvino_int8
+    from vpp_edge.export.parity import ParityError
+    from vpp_edge.runtime.artifact import Artifact
+    from vpp_edge.runtime.engines import create_engine
+
+    root = tmp_path / "art"
+    shutil.copytree(exported[0], root)
+    defaults = yaml.safe_load((Path(openvino_int8.__file__).with_name("defaults.yaml")).read_text())
+    fast = {"int8": {**defaults["int8"], "graphs": ["tvp", "action_sampler"]}}  # the two that matter, to stay quick
+
+    # A gate nothing can pass: refused, and the artifact is left as it was.
+    parity = json.loads((root / "parity.json").read_text())
+    strict = {**parity, "gates": {**parity["gates"], "int8_action_max_abs": 0.0}}
+    (root / "parity.json").write_text(json.dumps(strict))
+    before = (root / "manifest.json").read_text()
+    with pytest.raises(ParityError, match="OpenVINO INT8 .* fails the gate"):
+        add_openvino_int8(root, "transformer", threads=2, options=fast)
+    assert (root / "manifest.json").read_text() == before and not (root / PRECISION).exists()
+
+    (root / "parity.json").write_text(json.dumps(parity))
+    section = add_openvino_int8(root, "transformer", threads=2, options=fast)
+    assert section["passed"] and set(section["quantization"]) == {"tvp", "action_sampler"}
+    assert section["quantization"]["tvp"]["fake_quantize"] > 0
+    artifact = Artifact.open(root)
+    assert PRECISION in artifact.precisions()
+    assert artifact.manifest["graphs"][f"{PRECISION}/tvp"]["format"] == "openvino-ir"
+    assert json.loads((root / "parity.json").read_text())["precisions"][PRECISION]["passed"]
+    # The runtime runs it like any precision, and it stays within the INT8 gate of ONNX Runtime FP32.
+    frames = np.random.default_rng(2).integers(0, 256, (artifact.preset.num_views, artifact.preset.image_size,
+                                                        artifact.preset.image_size, 3), dtype=np.uint8)
+    ref = _chunk(artifact, create_engine(artifact, "onnxruntime", threads=2), frames)
+    got = _chunk(artifact, create_engine(artifact, "openvino", PRECISION, threads=2, cache_dir=""), frames)
+    assert passes(compare(ref, got), parity["gates"]["int8_action_cosine"], parity["gates"]["int8_action_max_abs"])

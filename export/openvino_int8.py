@@ -1,0 +1,221 @@
+"""INT8 graphs for the OpenVINO backend: NNCF post-training quantisation of an artifact's
+FP32 graphs, gated end to end like every other precision, added to the artifact as
+precision ``int8_ov``.
+
+    python -m vpp_edge.export.openvino_int8 artifacts/tiny [--preset transformer] [--threads 2]
+
+Workstation side (NNCF, OpenVINO, ONNX; no torch). What it does:
+
+1. the calibration and parity observations are the export's own (``parity.json`` names
+   them; they are sampled again the same way and checked against those names);
+2. calibration feeds of every graph are recorded from the FP32 graphs run by OpenVINO in
+   f32 on the calibration observations (the FP32 graphs passed the export's 0.9999 gate
+   against PyTorch, so their intermediate tensors are the model's), both action modes;
+3. NNCF quantises every graph the ``int8`` export options list (the text encoder, run
+   once per instruction, stays FP32), keeping the modules of ``int8.exclude_modules`` in
+   float, with the ``default`` preset (NNCF's performance preset) or ``transformer``
+   (``ModelType.TRANSFORMER``: NNCF's rules for attention, its mixed preset); the result is
+   an OpenVINO IR (``int8_ov/<graph>.xml`` + ``.bin``, hashed in the manifest like the ONNX
+   graphs) that OpenVINO runs with its INT8 kernels (VNNI/AMX);
+4. the gate: the chained action chunk of OpenVINO on the INT8 graphs against OpenVINO f32
+   on the FP32 graphs, on the held-out parity observations, with the export's INT8 gate
+   (cosine and max-abs in normalised action units); per-graph figures are recorded too.
+   Passed: the graphs, ``parity.json`` and the manifest are updated; failed: nothing is
+   written and :class:`ParityError` says by how much.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from vpp_edge.calibrate.frames import Observation, sample_observations
+from vpp_edge.extras import require
+from vpp_edge.runtime.artifact import GRAPH_NAMES, Artifact
+from vpp_edge.runtime.predict_step import ACTION_MODES, encode_text, predict_actions
+
+from . import onnx_io
+from .manifest import read_manifest, sha256_file, write_manifest
+from .parity import ParityError, compare, passes, summary_table, worst
+
+PRECISION = "int8_ov"
+NNCF_PRESETS = ("default", "transformer")
+Feeds = dict[str, np.ndarray]
+
+
+def _noise(policy_shapes: tuple[tuple[int, ...], tuple[int, ...]], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return tuple(rng.standard_normal(s, dtype=np.float32) for s in policy_shapes)
+
+
+def noise_shapes(artifact: Artifact) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of the TVP's and the action head's noise inputs."""
+    tvp = next(s for s in artifact.manifest["graphs"]["fp32/tvp"]["inputs"] if s["name"] == "noise")["shape"]
+    return tuple(tvp), (1, artifact.preset.action_horizon, artifact.preset.action_dim)
+
+
+def chain(run: Callable[[str, Feeds], Feeds], artifact: Artifact, obs: Observation, seed: int,
+          mode: str | None = None) -> np.ndarray:
+    """The normalised action chunk [1, T, A] of one observation (noise from ``seed``)."""
+    ids, mask = artifact.tokenizer()([obs.instruction])
+    condition, goal = encode_text(run, ids, mask)
+    noise, action_noise = _noise(noise_shapes(artifact), seed)
+    return predict_actions(run, condition, goal, obs.frames[None], noise, action_noise, artifact.sigmas,
+                           mode or artifact.action_mode)
+
+
+def record_feeds(run: Callable[[str, Feeds], Feeds], artifact: Artifact, observations: list[Observation],
+                 seed: int = 100) -> dict[str, list[Feeds]]:
+    """Every graph's feeds while ``run`` predicts on ``observations`` in every action mode."""
+    feeds: dict[str, list[Feeds]] = {name: [] for name in GRAPH_NAMES}
+
+    def recording(graph: str, inputs: Feeds) -> Feeds:
+        feeds[graph].append({k: np.array(v, copy=True) for k, v in inputs.items()})
+        return {k: np.array(v, copy=True) for k, v in run(graph, inputs).items()}
+
+    for k, obs in enumerate(observations):
+        for mode in ACTION_MODES:
+            chain(recording, artifact, obs, seed + k, mode)
+    # tvp/former ran once per mode on the same inputs: keep one copy each.
+    for name in ("text", "tvp", "former"):
+        feeds[name] = feeds[name][::len(ACTION_MODES)]
+    return feeds
+
+
+def quantize_graph(src: Path, dst: Path, feeds: list[Feeds], preset: str, exclude_modules: list[str],
+                   op_types: list[str]) -> dict[str, Any]:
+    """NNCF post-training INT8 of the ONNX graph ``src``, read by OpenVINO, into the
+    OpenVINO IR ``dst`` (``.xml`` + ``.bin``); returns what was kept in float and how long
+    it took. (NNCF's ONNX backend asserts on this model's attention and bias nodes, 3.4.)"""
+    if preset not in NNCF_PRESETS:
+        raise ValueError(f"NNCF preset '{preset}' unknown; allowed: {', '.join(NNCF_PRESETS)}")
+    nncf = require("nncf", "INT8 for OpenVINO")
+    ov = require("openvino", "INT8 for OpenVINO")
+
+    model = ov.Core().read_model(str(src))
+    excluded = onnx_io.nodes_matching(src, exclude_modules, op_types)
+    kwargs: dict[str, Any] = {"subset_size": len(feeds)}
+    if excluded:  # OpenVINO keeps the ONNX node names of the operations it reads
+        kwargs["ignored_scope"] = nncf.IgnoredScope(names=excluded, validate=False)
+    if preset == "transformer":
+        kwargs["model_type"] = nncf.ModelType.TRANSFORMER
+    start = time.perf_counter()
+    quantized = nncf.quantize(model, nncf.Dataset(feeds), **kwargs)
+    seconds = time.perf_counter() - start
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(quantized, str(dst), compress_to_fp16=False)
+    fq = sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ops())
+    return {"nncf_preset": preset, "kept_float": len(excluded), "seconds": round(seconds, 2), "fake_quantize": fq}
+
+
+def ir_entry(path: Path, root: Path, fp32_entry: dict[str, Any]) -> dict[str, Any]:
+    """Manifest entry of an OpenVINO IR graph: its hashes (``.bin`` as external data) and
+    the IO specs of the FP32 graph it was made from (quantisation changes no IO)."""
+    weights = path.with_suffix(".bin")
+    return {"file": str(path.relative_to(root)), "sha256": sha256_file(path), "bytes": path.stat().st_size,
+            "external_data": [{"file": str(weights.relative_to(root)), "sha256": sha256_file(weights)}],
+            "precision": PRECISION, "format": "openvino-ir",
+            "inputs": fp32_entry["inputs"], "outputs": fp32_entry["outputs"]}
+
+
+def _same_observations(artifact: Artifact, parity: dict[str, Any]) -> tuple[list[Observation], list[Observation]]:
+    """The export's parity and calibration observations, sampled again and checked by name."""
+    n_parity, n_calib = len(parity["observations"]), len(parity["calibration_observations"])
+    obs = sample_observations(artifact.preset.num_views, artifact.preset.image_size, n_parity + n_calib)
+    if [o.source for o in obs] != parity["observations"] + parity["calibration_observations"]:
+        raise ParityError(f"{artifact.root}: the export's observations cannot be sampled again here (exported "
+                          "with --calibration-data, or another shared/vpp_samples)")
+    return obs[:n_parity], obs[n_parity:]
+
+
+def evaluate(reference: Any, candidate: Any, artifact: Artifact, parity_obs: list[Observation],
+             gates: dict[str, float]) -> dict[str, Any]:
+    """Per-graph figures (each graph fed the reference's inputs) and the chained chunk of
+    ``candidate`` against ``reference`` (engines), with the export's INT8 gate."""
+    feeds = record_feeds(reference.run, artifact, parity_obs, seed=0)
+    graphs = {}
+    for name, graph_feeds in feeds.items():
+        stats: dict[str, list[dict[str, float]]] = {}
+        for f in graph_feeds:
+            want, got = reference.run(name, f), candidate.run(name, f)
+            for out in want:
+                stats.setdefault(out, []).append(compare(want[out], got[out]))
+        graphs[name] = {out: worst(s) for out, s in stats.items()}
+    actions = worst([compare(chain(reference.run, artifact, o, k), chain(candidate.run, artifact, o, k))
+                     for k, o in enumerate(parity_obs)])
+    gate = f"cosine >= {gates['int8_action_cosine']}, max-abs <= {gates['int8_action_max_abs']}"
+    ok = passes(actions, gates["int8_action_cosine"], gates["int8_action_max_abs"])
+    return {"graphs": graphs, "actions": actions, "gate": gate, "passed": bool(ok),
+            "reference": "OpenVINO f32 on the fp32 graphs"}
+
+
+def add_openvino_int8(root: str | Path, preset: str = "transformer", threads: int = 0,
+                      options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Quantise ``root``'s FP32 graphs with NNCF, gate them and add them as ``int8_ov``;
+    returns the precision's parity section. Raises :class:`ParityError` on a failed gate."""
+    from vpp_edge.runtime.engines.openvino import OvEngine
+
+    root = Path(root)
+    artifact = Artifact.open(root)
+    parity = json.loads((root / "parity.json").read_text())
+    defaults = yaml.safe_load(Path(__file__).with_name("defaults.yaml").read_text())
+    gates, int8 = parity["gates"], (options or defaults)["int8"]
+    parity_obs, calib_obs = _same_observations(artifact, parity)
+    reference = OvEngine(artifact, "fp32", threads=threads, inference_precision="f32", cache_dir="").load()
+    feeds = record_feeds(reference.run, artifact, calib_obs)
+    folder = root / PRECISION
+    with tempfile.TemporaryDirectory(prefix="vpp-int8-ov-", dir=root) as tmp:
+        out, info = Path(tmp) / PRECISION, {}
+        entries = {}
+        for name in GRAPH_NAMES:
+            src, _, _ = artifact.graph("fp32", name)
+            if name in int8["graphs"]:
+                dst = out / f"{name}.xml"
+                info[name] = quantize_graph(src, dst, feeds[name], preset, int8["exclude_modules"], int8["op_types"])
+                entries[f"{PRECISION}/{name}"] = ir_entry(dst, Path(tmp), artifact.manifest["graphs"][f"fp32/{name}"])
+            else:
+                onnx_io.keep_float(src, out / src.name, "int8")  # a copy of the ONNX graph
+                entries[f"{PRECISION}/{name}"] = onnx_io.graph_entry(out / src.name, Path(tmp), PRECISION)
+        # Gate on the files where they are: the in-memory manifest points at the temporary folder.
+        staged = Artifact(Path(tmp), {**artifact.manifest, "graphs": entries}, artifact.preset, artifact.normalizer)
+        candidate = OvEngine(staged, PRECISION, threads=threads, cache_dir="").load()
+        section = {**evaluate(reference, candidate, artifact, parity_obs, gates), "quantization": info}
+        candidate.close()
+        if not section["passed"]:
+            table = summary_table({"precisions": {PRECISION: section}})
+            raise ParityError(f"OpenVINO INT8 (NNCF {preset}) fails the gate:\n{table}")
+        if folder.exists():
+            shutil.rmtree(folder)
+        shutil.move(str(out), folder)
+    manifest = read_manifest(root)
+    manifest["graphs"] = {k: v for k, v in manifest["graphs"].items() if not k.startswith(f"{PRECISION}/")}
+    manifest["graphs"].update(entries)
+    parity["precisions"][PRECISION] = section
+    (root / "parity.json").write_text(json.dumps(parity, indent=2, default=float))
+    write_manifest(root, manifest)
+    return section
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("artifact", type=Path)
+    ap.add_argument("--preset", choices=NNCF_PRESETS, default="transformer")
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args(argv)
+    section = add_openvino_int8(args.artifact, args.preset, args.threads)
+    print(summary_table({"precisions": {PRECISION: section}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
