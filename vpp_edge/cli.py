@@ -358,13 +358,12 @@ def cmd_bridge(args: argparse.Namespace) -> int:
 def _run_runtime(args: argparse.Namespace) -> dict:
     """Build the runtime as ``vpp run`` describes it, run it, and return its summary with
     what ran (``summary["run"]``) and the verdict (``summary["verdict"]``: None or why it failed)."""
+    from vpp_edge.api import Policy
+    from vpp_edge.preprocess import source_sizes
     from vpp_edge.runtime.cameras.factory import make_cameras
-    from vpp_edge.runtime.engines import create_engine
     from vpp_edge.runtime.link import BridgeLink
     from vpp_edge.runtime.loop import RunOptions, Runtime
     from vpp_edge.runtime.metrics import Metrics
-    from vpp_edge.runtime.policy import RuntimePolicy
-    from vpp_edge.preprocess import source_sizes
     from vpp_edge.runtime.verdict import run_verdict
 
     artifact, robot, episode, notes = _run_inputs(args)
@@ -378,18 +377,18 @@ def _run_runtime(args: argparse.Namespace) -> dict:
                       insecure=getattr(args, "insecure", False))
     metrics = Metrics(args.log, status=not args.quiet and sys.stderr.isatty())
     try:
-        with create_engine(artifact, args.backend, args.precision) as engine:
+        with Policy.load(artifact, args.backend, args.precision, seed=args.seed) as policy:  # the Python API's object
+            engine = policy.engine
             run = {"artifact": str(artifact.root), "preset": preset.name, "engine": f"{engine.backend}/{engine.precision}",
                    "cameras": f"{args.cameras} ({preset.num_views} view(s) of {preset.image_size}x{preset.image_size})",
                    "instruction": instruction, "robot": f"{robot.name} ({robot.action_dim} actions at "
                    f"{1 / robot.dt:g} Hz)", "bridge": f"{host}, ports {base}-{base + 3}", "notes": notes}
             _print_run_header(run)
-            policy = RuntimePolicy(artifact, engine, seed=args.seed)
             _report_instruction(policy, instruction, run)
             metrics.record("run", **run)
             options = RunOptions(duration_s=args.duration, smoothing=args.smoothing,
                                  realtime_priority=args.rt_priority)
-            runtime = Runtime(policy, cameras, robot, link, options, metrics)
+            runtime = Runtime(policy.runtime, cameras, robot, link, options, metrics)
             summary = runtime.run()
     finally:
         metrics.close()
@@ -444,7 +443,7 @@ def _runtime_endpoints(host: str, base: int) -> tuple[str, str, str, str]:
     return tuple(P.endpoint_on(host, e, base) for e in defaults)  # type: ignore[return-value]
 
 
-def _report_instruction(policy, instruction: str, run: dict) -> None:
+def _report_instruction(policy: Any, instruction: str, run: dict) -> None:
     """Set the instruction; a truncation warning becomes one line of the run's notes, said once."""
     import warnings
 
