@@ -75,6 +75,27 @@ def bench_engines(engines: dict, frames: np.ndarray, repeats: int) -> dict[str, 
     return times
 
 
+def openvino_engines(artifact, variants: str, threads: int) -> dict:
+    """Unloaded OpenVINO engines for ``variants`` (comma list of f32, bf16, int8_ov) that
+    this machine and artifact can run, model cache off (so loading measures compilation)."""
+    from vpp_edge.extras import is_available
+
+    if not variants or not is_available("openvino"):
+        return {}
+    import openvino as ov
+
+    from vpp_edge.runtime.engines.openvino import OvEngine
+
+    bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    out = {}
+    for v in variants.split(","):
+        if v in ("f32", "bf16") and (v == "f32" or bf16):
+            out[f"openvino_fp32_{v}"] = OvEngine(artifact, "fp32", threads=threads, inference_precision=v, cache_dir="")
+        elif v == "int8_ov" and v in artifact.precisions():
+            out["openvino_int8_ov"] = OvEngine(artifact, v, threads=threads, cache_dir="")
+    return out
+
+
 def summarise(times: dict, flops: dict[str, float], baseline: str) -> dict:
     out = {}
     for name, stages in times.items():
@@ -150,6 +171,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precisions", default="fp32,fp16,int8,int8_cpu", help="ONNX Runtime precisions to include")
+    ap.add_argument("--openvino", default="f32,bf16,int8_ov",
+                    help="OpenVINO variants when openvino is installed: f32 / bf16 (inference precision on the fp32 "
+                         "graphs; bf16 only where the CPU has it), int8_ov (NNCF graphs, when the artifact has them)")
     ap.add_argument("--compile", action="store_true", help="also PyTorch with torch.compile (slow to compile)")
     ap.add_argument("--stock-attention", action="store_true",
                     help="also eager PyTorch with diffusers' stock attention processors, as the official code "
@@ -173,9 +197,16 @@ def main() -> int:
     frames = sample_observations(artifact.preset.num_views, artifact.preset.image_size, 1)[0].frames
 
     baseline = "pytorch_eager_fp32"
-    engines = {baseline: TorchEngine(artifact, "fp32", checkpoint=ckpt).load()}
+    engines, load_s = {}, {}
+
+    def add(name: str, engine) -> None:  # first-call cost: sessions built, graphs compiled (no cache)
+        start = time.perf_counter()
+        engines[name] = engine.load()
+        load_s[name] = time.perf_counter() - start
+
+    add(baseline, TorchEngine(artifact, "fp32", checkpoint=ckpt))
     if args.compile:
-        engines["pytorch_compiled_fp32"] = TorchEngine(artifact, "fp32", checkpoint=ckpt, compile=True).load()
+        add("pytorch_compiled_fp32", TorchEngine(artifact, "fp32", checkpoint=ckpt, compile=True))
     if args.stock_attention:
         from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -183,7 +214,9 @@ def main() -> int:
         engines["pytorch_eager_fp32_stock_attention"].policy.tvp.unet.set_attn_processor(AttnProcessor2_0())
     for precision in args.precisions.split(","):
         if precision in artifact.precisions():
-            engines[f"onnxruntime_{precision}"] = OrtEngine(artifact, precision, threads=args.threads).load()
+            add(f"onnxruntime_{precision}", OrtEngine(artifact, precision, threads=args.threads))
+    for name, engine in openvino_engines(artifact, args.openvino, args.threads).items():
+        add(name, engine)
     policy, tokenizer = load_checkpoint(ckpt, artifact.preset)
     flops = count_flops(policy, tokenizer, frames)
     times = bench_engines(engines, frames, args.repeats)
@@ -191,6 +224,8 @@ def main() -> int:
                            "torch": torch.__version__},
                "preset": artifact.preset.name, "repeats": args.repeats, "baseline": baseline,
                "flops_per_stage": flops, "engines": summarise(times, flops, baseline)}
+    for name, seconds in load_s.items():  # torch.compile compiles at the warm-up call, not here
+        results["engines"][name]["load_s"] = seconds
     if args.paper:
         results["paper_scale"] = paper_scale(args.paper_frames, args.threads)
     print_table(results)
@@ -211,10 +246,12 @@ def print_table(results: dict) -> None:
         table.add_column(stage, justify="right")
     table.add_column("step vs eager", justify="right")
     table.add_column("step GFLOP/s", justify="right")
+    table.add_column("load s", justify="right")
     for name, row in results["engines"].items():
         cells = [f"{row[s]['median_ms']:.1f} / {row[s]['p95_ms']:.1f}" for s in (*STAGES, "predict_step")]
         step = row["predict_step"]
-        table.add_row(name, *cells, f"{step['speedup_vs_baseline']:.2f}x", f"{step.get('gflop_per_s', 0):.1f}")
+        table.add_row(name, *cells, f"{step['speedup_vs_baseline']:.2f}x", f"{step.get('gflop_per_s', 0):.1f}",
+                      f"{row.get('load_s', 0):.1f}")
     flops = results["flops_per_stage"]
     table.caption = "GFLOP per forward: " + ", ".join(f"{s} {flops[s] / 1e9:.3f}" for s in STAGES)
     console = Console(width=max(150, Console().width))

@@ -41,6 +41,7 @@ def test_compile_config_carries_threads_and_the_latency_hint():
                                          "INFERENCE_NUM_THREADS": "2"}
     assert compile_config("f32", 0, "throughput") == {"PERFORMANCE_HINT": "THROUGHPUT",
                                                       "INFERENCE_PRECISION_HINT": "f32"}
+    assert compile_config("f32", 2, pin_threads=False)["ENABLE_CPU_PINNING"] == "NO"
     with pytest.raises(ValueError, match="hint 'fast' unknown"):
         compile_config("f32", 0, "fast")
     with pytest.raises(ValueError, match="threads must be >= 0"):

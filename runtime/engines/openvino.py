@@ -62,8 +62,10 @@ def choose_inference_precision(capabilities: Iterable[str], requested: str = "au
     return chosen
 
 
-def compile_config(inference_precision: str, threads: int = 0, hint: str = "latency") -> dict[str, str]:
-    """Properties for ``Core.compile_model`` on the CPU (string keys, OpenVINO's names)."""
+def compile_config(inference_precision: str, threads: int = 0, hint: str = "latency",
+                   pin_threads: bool | None = None) -> dict[str, str]:
+    """Properties for ``Core.compile_model`` on the CPU (string keys, OpenVINO's names).
+    ``pin_threads``: pin the inference threads to cores (None: OpenVINO's choice)."""
     if hint not in HINTS:
         raise ValueError(f"OpenVINO performance hint '{hint}' unknown; allowed: {', '.join(HINTS)}")
     if threads < 0:
@@ -71,6 +73,8 @@ def compile_config(inference_precision: str, threads: int = 0, hint: str = "late
     config = {"PERFORMANCE_HINT": HINTS[hint], "INFERENCE_PRECISION_HINT": inference_precision}
     if threads:
         config["INFERENCE_NUM_THREADS"] = str(threads)
+    if pin_threads is not None:
+        config["ENABLE_CPU_PINNING"] = "YES" if pin_threads else "NO"
     return config
 
 
@@ -82,10 +86,12 @@ class OvEngine(Engine):
     backend = "openvino"
 
     def __init__(self, *args, threads: int = 0, hint: str = "latency", inference_precision: str = "auto",
-                 cache_dir: str | Path | None = None, device: str = "CPU", **kwargs):
+                 cache_dir: str | Path | None = None, device: str = "CPU", pin_threads: bool | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.threads = threads
         self.hint = hint
+        self.pin_threads = pin_threads
         self.requested_precision = inference_precision
         self.inference_precision = ""  # chosen at load
         self.cache_dir = default_cache_dir() if cache_dir is None else (Path(cache_dir) if cache_dir else None)
@@ -101,7 +107,7 @@ class OvEngine(Engine):
         core = ov.Core()
         caps = core.get_property(self.device, "OPTIMIZATION_CAPABILITIES")
         self.inference_precision = choose_inference_precision(caps, self.requested_precision)
-        config = compile_config(self.inference_precision, self.threads, self.hint)
+        config = compile_config(self.inference_precision, self.threads, self.hint, self.pin_threads)
         if self.cache_dir is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             core.set_property({"CACHE_DIR": str(self.cache_dir)})
