@@ -472,7 +472,7 @@ def test_deploy_over_ssh_noop_and_rollbacks(exported, sshd, tmp_path, capsys):
         code, out = target.deploy(exported[0], capsys, config=crashing)
         assert code == 2, out
         assert "step 'health' failed" in out and "vpp-runtime.service is" in out
-        assert "annotation file not found" in out  # the unit's own log, shown by `status`
+        assert "--episode /nonexistent.json: no such file or folder" in out  # the unit's own log, shown by `status`
         assert f"rolled back to release {first}" in out
         assert target.current() == first
         runtime = target.service("vpp-runtime.service")
