@@ -23,7 +23,7 @@ from vpp_edge.errors import VPPError
 from vpp_edge.export.manifest import INT8_PRECISIONS, PRECISIONS
 from vpp_edge.presets import Preset
 
-BACKENDS = ("onnxruntime", "torch", "tensorrt")
+BACKENDS = ("onnxruntime", "openvino", "torch", "tensorrt")
 ACTION_MODES = ("sampler", "step")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 NOT_APPLICABLE = "-"  # value of a knob that does not apply to a point (calibration of an FP32 point)
@@ -69,7 +69,7 @@ def _extract_layer_check(v: Any, p: Preset) -> str | None:
 KNOBS: dict[str, Knob] = {k.name: k for k in (
     Knob("precision", "runtime", "graph precision: fp32 | fp16 | int8 (QDQ for TensorRT) | int8_cpu (QDQ for ONNX Runtime CPU)",
          lambda p: "fp32", _choice(PRECISIONS)),
-    Knob("backend", "runtime", "engine backend: onnxruntime | torch | tensorrt (the ones installed)",
+    Knob("backend", "runtime", "engine backend: onnxruntime | openvino | torch | tensorrt (the ones installed)",
          lambda p: "onnxruntime", _choice(BACKENDS)),
     Knob("action_mode", "artifact", "action head: 'sampler' (one unrolled graph) or 'step' (one graph per DDIM step)",
          lambda p: "sampler", _choice(ACTION_MODES)),

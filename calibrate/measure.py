@@ -78,6 +78,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     backend, precision, threads = job["backend"], job["precision"], int(job.get("threads", 0))
     if backend == "onnxruntime":
         import onnxruntime  # noqa: F401  (imported before the baseline: engine memory excludes the library)
+    elif backend == "openvino":
+        import openvino  # noqa: F401
     elif backend == "torch":
         import torch  # noqa: F401
     rss_start = _rss_mb()
@@ -85,7 +87,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         frames, tvp_noise, action_noise = data["frames"], data["tvp_noise"], data["action_noise"]
         instructions = [str(s) for s in data["instructions"]]
     options: dict[str, Any] = {}
-    if backend == "onnxruntime":
+    if backend in ("onnxruntime", "openvino"):
         options["threads"] = threads
     elif backend == "torch":
         import torch

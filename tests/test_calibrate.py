@@ -405,7 +405,7 @@ def test_runtime_config_errors(tmp_path):
 
 
 def test_shipped_tiny_grid_is_valid(tiny_preset):
-    points, skipped = expand(load_spec("tiny"), tiny_preset, available_backends=["onnxruntime", "torch"])
+    points, skipped = expand(load_spec("tiny"), tiny_preset, available_backends=["onnxruntime", "openvino", "torch"])
     assert len(points) >= 10 and not skipped
     assert {p.values["precision"] for p in points} == {"fp32", "fp16", "int8", "int8_cpu"}
     varied = {k for p in points for k in K.MODEL_KNOBS if p.values[k] != K.base_values(tiny_preset)[k]}
