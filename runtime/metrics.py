@@ -15,7 +15,7 @@ import threading
 import time
 from collections import Counter, defaultdict, deque
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -33,12 +33,16 @@ def percentiles(values: list[float]) -> dict[str, float]:
 class Metrics:
     """Thread-safe enough for one writer per series; readers take snapshots."""
 
-    def __init__(self, log_path: str | Path | None = None, status_every_s: float = 0.5, status: bool = False):
+    def __init__(self, log_path: str | Path | None = None, status_every_s: float = 0.5, status: bool = False,
+                 sinks: Sequence[Callable[[dict[str, Any]], None]] = ()):
+        """``sinks`` get every record too, on the log thread (a recorder); one that raises is
+        dropped and counted (``record_sink_failed``), never the run."""
         self.series: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=SERIES_WINDOW))
         self.observed: Counter[str] = Counter()  # values ever observed per series (the window forgets)
         self.counts: Counter[str] = Counter()
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=10000)
         self._log_path = Path(log_path) if log_path else None
+        self._sinks = list(sinks)
         self._status = status
         self._status_every = status_every_s
         self._thread = threading.Thread(target=self._writer, name="metrics-log", daemon=True)
@@ -58,8 +62,8 @@ class Metrics:
 
     @property
     def logging(self) -> bool:
-        """Whether records go to a log file (callers skip building per-tick records otherwise)."""
-        return self._log_path is not None
+        """Whether records go anywhere (a log file, a sink); callers skip building per-tick records otherwise."""
+        return self._log_path is not None or bool(self._sinks)
 
     def record(self, record: str, **data: Any) -> None:
         """Queue a JSONL record; dropped (and counted) rather than ever blocking the caller."""
@@ -81,6 +85,13 @@ class Metrics:
                     break
                 if item and f is not None:
                     f.write(json.dumps(item, default=float) + "\n")
+                for sink in list(self._sinks) if item else ():
+                    try:
+                        sink(item)
+                    except Exception as exc:  # a broken recorder must not end the log (or the run)
+                        self._sinks.remove(sink)
+                        self.counts["record_sink_failed"] += 1
+                        sys.stderr.write(f"\nrecord sink {sink!r} failed and was dropped: {exc}\n")
                 now = time.monotonic()
                 if self._status and now - last_status >= self._status_every:
                     last_status = now

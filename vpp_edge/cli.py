@@ -375,7 +375,12 @@ def _run_runtime(args: argparse.Namespace) -> dict:
     instruction = args.instruction or episode.instruction
     link = BridgeLink(*endpoints, curve=_curve_keys(args, "runtime", "bridge"),
                       insecure=getattr(args, "insecure", False))
-    metrics = Metrics(args.log, status=not args.quiet and sys.stderr.isatty())
+    recorder = None
+    if getattr(args, "record", None):  # a LeRobot dataset of the run, fed from the metrics thread
+        from vpp_edge.recording import EpisodeRecorder
+
+        recorder = EpisodeRecorder(args.record, cameras, instruction, 1.0 / robot.dt, robot.name)
+    metrics = Metrics(args.log, status=not args.quiet and sys.stderr.isatty(), sinks=[recorder] if recorder is not None else [])
     try:
         with Policy.load(artifact, args.backend, args.precision, seed=args.seed) as policy:  # the Python API's object
             engine = policy.engine
@@ -393,6 +398,8 @@ def _run_runtime(args: argparse.Namespace) -> dict:
     finally:
         metrics.close()
         link.close()
+    if recorder is not None:
+        _write_recording(recorder, run)
     resized = sorted(f"{w}x{h}" for h, w in source_sizes() if (h, w) != (preset.image_size, preset.image_size))
     if resized:  # said once, not per frame
         note = (f"camera frames of {', '.join(resized)} were centre-cropped to squares and resized to "
@@ -433,6 +440,18 @@ def _run_inputs(args: argparse.Namespace):
         notes.append(f"the model takes {artifact.preset.num_views} camera view(s): {offered - artifact.preset.num_views}"
                      f" of the episode's {offered} left out")
     return artifact, robot, episode, notes
+
+
+def _write_recording(recorder: Any, run: dict) -> None:
+    """Write ``vpp run --record``'s dataset and say how to train on it (or that it is empty)."""
+    if not len(recorder):
+        note = f"--record {recorder.out}: nothing recorded (no target was sent with a camera frame and a robot state)"
+    else:
+        path = recorder.write()
+        note = (f"recorded {len(recorder)} steps to {path} (LeRobot v3.0); train on it with: vpp train policy "
+                f"--set 'data.sources=[{{format: lerobot, path: {path}}}]'")
+    run["notes"].append(note)
+    print(f"note: {note}", flush=True)
 
 
 def _runtime_endpoints(host: str, base: int) -> tuple[str, str, str, str]:
@@ -618,6 +637,8 @@ def _add_run_args(p: argparse.ArgumentParser, duration: float, artifact_default:
                    help="SCHED_FIFO priority for the control thread (needs CAP_SYS_NICE; 0 = off)")
     p.add_argument("--log", type=Path, help="JSONL record of the run: chunks, targets sent and robot states per "
                                             "tick, events (plot it with 'vpp plot LOG')")
+    p.add_argument("--record", type=Path, metavar="DIR", help="write the run as a LeRobot v3.0 dataset (frames, "
+                   "robot states, actions sent, instruction) that 'vpp train' reads; DIR must be new or empty")
     p.add_argument("--json", type=Path, help="write the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no live status line")
     _add_port_arg(p)
