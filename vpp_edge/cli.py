@@ -47,7 +47,7 @@ class LazyChoices:
 
 BACKEND_CHOICES = LazyChoices("vpp_edge.runtime.engines", lambda m: m.BACKENDS, ("auto",))
 SMOOTHING_CHOICES = LazyChoices("vpp_edge.runtime.chunking", lambda m: m.SMOOTHING)
-PRECISION_CHOICES = LazyChoices("vpp_edge.export.manifest", lambda m: m.PRECISIONS)
+PRECISION_CHOICES = LazyChoices("vpp_edge.export.manifest", lambda m: m.RUNTIME_PRECISIONS)
 
 
 def _port(text: str) -> int:
@@ -619,7 +619,7 @@ def _add_run_args(p: argparse.ArgumentParser, duration: float, artifact_default:
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, metavar="BACKEND",
                    help="auto | tensorrt | onnxruntime | openvino | torch (default auto)")
     p.add_argument("--precision", choices=PRECISION_CHOICES, metavar="PRECISION",
-                   help="fp32 | fp16 | int8 | int8_cpu (default: the backend's)")
+                   help="fp32 | fp16 | int8 | int8_cpu | int8_ov (default: the backend's)")
     p.add_argument("--cameras", default="replay", metavar="SPEC",
                    help="replay | replay-dali | v4l2:DEV[,DEV] | dali:DEV[,DEV] | gstreamer:DEV[,DEV] | "
                         "auto:DEV[,DEV] (one device per view; auto: DALI, else GStreamer (Jetson hardware JPEG), "
