@@ -284,3 +284,22 @@ def test_demo_runs_beside_another_bridge_and_keeps_its_log_apart(exported, demo_
     assert "bridge event" not in out + err  # the bridge's log lines went to its log file
     assert "bridge counters" in out.split("runtime summary")[1]  # after the runtime's summary, as a table
     assert (out + err).count("truncated") <= 1  # said once (as a note), not per inference
+
+
+def test_a_runtime_config_and_views_left_out_are_said(exported, demo_episode, tmp_path):
+    from vpp_edge.calibrate.runtime_config import RuntimeConfig, write_runtime_config
+
+    config = write_runtime_config(tmp_path / "recommended.yaml", RuntimeConfig(exported[0], "onnxruntime", "fp32"))
+    import shutil
+
+    dataset = shutil.copytree(Path(demo_episode).parents[2], tmp_path / "dataset")  # the shared one stays as is
+    annotation = json.loads(Path(demo_episode).read_text())
+    annotation["videos"].append(dict(annotation["videos"][0]))  # a third camera the model does not take
+    three = dataset / Path(demo_episode).relative_to(Path(demo_episode).parents[2]).with_name("three_views.json")
+    three.write_text(json.dumps(annotation))
+    args = cli.build_parser().parse_args(["run", "--runtime-config", str(config), "--episode", str(three),
+                                          "--backend", "torch"])
+    artifact, _, episode, notes = cli._run_inputs(args)
+    assert args.backend == "onnxruntime" and artifact.root == exported[0]
+    assert any("runtime config" in n and "replacing --artifact, --backend and --precision" in n for n in notes)
+    assert any("the model takes 2 camera view(s): 1 of the episode's 3 left out" in n for n in notes)
