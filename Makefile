@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo predict export build-engines test test-fast lint clean
+.PHONY: help install demo predict export export-openvino build-engines test test-fast lint clean
 
 # make export [PRESET=calvin] [CKPT=checkpoints/run] [ARTIFACT=artifacts/name]
 PRESET   ?=
@@ -36,6 +36,9 @@ predict: $(STAMP)  ## one predict step of the tiny model on a sample episode, wi
 
 export: $(STAMP)  ## ONNX graphs + parity gates + FP16/INT8 into $(ARTIFACT) (CKPT=, PRESET=)
 	$(BIN)/vpp export $(if $(PRESET),--preset $(PRESET)) $(if $(CKPT),--checkpoint $(CKPT)) --out $(ARTIFACT)
+
+export-openvino: $(STAMP)  ## OpenVINO INT8 (NNCF, gated like the others) added to $(ARTIFACT) as int8_ov
+	$(BIN)/python -m vpp_edge.export.openvino_int8 $(ARTIFACT) --threads 2
 
 build-engines: $(STAMP)  ## TensorRT engines for $(ARTIFACT), built on this machine
 	$(BIN)/vpp build-engines $(ARTIFACT)
