@@ -267,7 +267,9 @@ class Runtime:
         # its last absolute setpoint (re-sending a delta action would keep moving the robot).
         sent = verdict.action is not None and not NOT_FRESH & set(verdict.events)
         if sent:
-            if not self.link.send_target(verdict.action, now, self.robot.dt):
+            if self.link.send_target(verdict.action, now, self.robot.dt):
+                self.metrics.count("targets_sent")
+            else:
                 self.metrics.count("bridge_unreachable")
         else:  # alive without a target: say why (only an idle runtime keeps the bridge holding)
             self.link.send_heartbeat(self._heartbeat_mode(now))

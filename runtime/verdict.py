@@ -41,6 +41,10 @@ def run_verdict(summary: Mapping[str, Any], cameras: Sequence[Camera], dt: float
         why = (f": all {stale} observations were older than the robot config's stale_observation_s" if stale
                else "")
         return f"no action chunk was planned in the whole run{why}: the robot never moved"
+    if not counts.get("targets_sent", 0):
+        held = {k: counts.get(k, 0) for k in ("estop", "stop", "hold", "starvation", "bridge_unreachable")}
+        worst = max(held, key=held.get)
+        return f"{chunks} chunk(s) planned but no target reached the bridge (mostly '{worst}'): the robot never moved"
     return None
 
 

@@ -261,7 +261,7 @@ def test_verdicts_name_the_failure():
         def __init__(self, name, delivered, error=None):
             self.name, self.delivered, self.error = name, delivered, error
 
-    ok = {"counts": {"chunks": 10, "chunk_rejected": 2}, "safety": {"chunk_stale_observation": 2}}
+    ok = {"counts": {"chunks": 10, "chunk_rejected": 2, "targets_sent": 40}, "safety": {"chunk_stale_observation": 2}}
     assert run_verdict(ok, [Cam("replay", True)], 0.1) is None
     assert "camera 'v4l2:/dev/video8' (cannot open) never delivered" in run_verdict(
         ok, [Cam("v4l2:/dev/video8", False, "cannot open")], 0.1)
@@ -269,6 +269,8 @@ def test_verdicts_name_the_failure():
     refused = {"counts": {"chunks": 2, "chunk_rejected": 8}, "safety": {"chunk_stale_observation": 7, "chunk_nan": 1}}
     assert "8 of 10 action chunks refused, most as chunk_stale_observation" in run_verdict(refused, [], 0.1)
     assert "the robot never moved" in run_verdict({"counts": {}}, [], 0.1)
+    assert "no target reached the bridge (mostly 'estop')" in run_verdict(
+        {"counts": {"chunks": 4, "estop": 30, "hold": 2}}, [], 0.1)
 
 
 def test_demo_runs_beside_another_bridge_and_keeps_its_log_apart(exported, demo_episode, capsys, monkeypatch):
