@@ -617,9 +617,9 @@ def _add_run_args(p: argparse.ArgumentParser, duration: float, artifact_default:
                    help=f"export artifact (default {artifact_default or DEFAULT_ARTIFACT})")
     p.add_argument("--robot", default="sim", help="runtime robot config (limits, rates): sim, panda, xarm_xhand or a YAML")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, metavar="BACKEND",
-                   help="auto | tensorrt | onnxruntime | openvino | torch (default auto)")
+                   help="%(choices)s (default %(default)s)")
     p.add_argument("--precision", choices=PRECISION_CHOICES, metavar="PRECISION",
-                   help="fp32 | fp16 | int8 | int8_cpu | int8_ov (default: the backend's)")
+                   help="%(choices)s (default: the backend's)")
     p.add_argument("--cameras", default="replay", metavar="SPEC",
                    help="replay | replay-dali | v4l2:DEV[,DEV] | dali:DEV[,DEV] | gstreamer:DEV[,DEV] | "
                         "auto:DEV[,DEV] (one device per view; auto: DALI, else GStreamer (Jetson hardware JPEG), "
@@ -630,7 +630,7 @@ def _add_run_args(p: argparse.ArgumentParser, duration: float, artifact_default:
     p.add_argument("--camera-fps", type=float, help="replay rate (default: the recorded rate)")
     p.add_argument("--instruction", help="task instruction (default: the episode's)")
     p.add_argument("--smoothing", default="crossfade", choices=SMOOTHING_CHOICES, metavar="MODE",
-                   help="none | ensemble | crossfade | rtc (default crossfade)")
+                   help="%(choices)s (default %(default)s)")
     p.add_argument("--duration", type=float, default=duration, help=f"seconds to run (default {duration:g})")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--rt-priority", type=int, default=0,
@@ -803,9 +803,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--selftest", action="store_true", help="with --artifact: load the engines, run inference, "
                    "print latencies (exit 2 if anything fails)")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, metavar="BACKEND",
-                   help="self-test backend: auto | tensorrt | onnxruntime | openvino | torch (default auto)")
+                   help="self-test backend: %(choices)s (default %(default)s)")
     p.add_argument("--precision", choices=PRECISION_CHOICES, metavar="PRECISION",
-                   help="self-test precision (default: the backend's)")
+                   help="self-test precision: %(choices)s (default: the backend's)")
     p.add_argument("--runs", type=int, default=3, help="self-test inferences (default 3)")
     p.add_argument("--json", type=Path, help="write the self-test result as JSON")
     p.set_defaults(func=cmd_doctor)
