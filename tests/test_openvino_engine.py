@@ -63,13 +63,16 @@ def test_missing_openvino_is_one_clear_line(exported, monkeypatch):
         OvEngine(artifact, "fp32").load()
 
 
-def _chunk(artifact, engine, frames):
+def _chunk(artifact, engine, frames, inpaint: bool = False):
+    """The normalised chunk of one inference; ``inpaint``: of a second one continuing the
+    first (real-time chunking: the step graph, its output fed back as its input)."""
     from vpp_edge.runtime.policy import RuntimePolicy
 
     with engine:
         policy = RuntimePolicy(artifact, engine, seed=3)
         policy.set_instruction("push the red block to the green target")
-        return policy.infer(frames).normalized
+        chunk = policy.infer(frames)
+        return policy.infer(frames, prefix=chunk.actions[2:], delay_steps=2).normalized if inpaint else chunk.normalized
 
 
 @pytest.mark.slow
@@ -90,6 +93,10 @@ def test_openvino_matches_onnxruntime_fp32_within_the_gates(exported, tmp_path):
     assert f32.inference_precision == "f32" and set(f32.compile_ms) == set(f32.graphs)
     assert passes(compare(ref, got), gates["fp32_action_cosine"]), compare(ref, got)
     assert any((tmp_path / "cache").iterdir()), "compiled models are cached"
+    ref_rtc = _chunk(artifact, create_engine(artifact, "onnxruntime", threads=2), frames, inpaint=True)
+    got_rtc = _chunk(artifact, create_engine(artifact, "openvino", threads=2, inference_precision="f32",
+                                             cache_dir=tmp_path / "cache"), frames, inpaint=True)
+    assert passes(compare(ref_rtc, got_rtc), gates["fp32_action_cosine"]), compare(ref_rtc, got_rtc)
 
     import openvino as ov
 
