@@ -1,5 +1,10 @@
 """systemd units for the runtime and the bridge, rendered from ``deploy/units/*.service.in``
-(string.Template: ``${name}`` placeholders)."""
+(string.Template: ``${name}`` placeholders).
+
+Every value that reaches a unit is checked first: a newline in a robot name or an
+argument would start a directive of its own (``ExecStartPre=...`` run as the service
+user), and ``%`` or ``$`` would be expanded by systemd.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +13,40 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
+from .config import DeployConfigError
+
 TEMPLATES = Path(__file__).with_name("units")
 RUNTIME_UNIT = "vpp-runtime.service"
 BRIDGE_UNIT = "vpp-bridge.service"
 _PLAIN = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# What each rendered value may be (whole match).
+_VALUES = {
+    "root": re.compile(r"/[A-Za-z0-9._+@/-]*"),  # absolute; no spaces, specifiers or variables
+    "robot": re.compile(r"[A-Za-z0-9_-]+"),
+    "user": re.compile(r"[a-z_][a-z0-9_-]{0,31}"),  # POSIX portable user names
+    "rtprio": re.compile(r"[0-9]|[1-9][0-9]"),  # 0..99
+    "memlock": re.compile(r"infinity|[0-9]+[KMG]?"),
+    "nofile": re.compile(r"[0-9]+"),
+}
+
+
+def check_unit_values(values: dict[str, Any]) -> None:
+    """Refuse a value that could change a unit's meaning, naming the setting."""
+    for name, value in values.items():
+        text = str(value)
+        if not _VALUES[name].fullmatch(text):
+            raise DeployConfigError(f"{name} {text!r} cannot go into a systemd unit: "
+                                    f"it must match {_VALUES[name].pattern}")
+    if ".." in str(values["root"]).split("/"):
+        raise DeployConfigError(f"install_root {values['root']!r} must not contain '..'")
 
 
 def exec_quote(arg: str) -> str:
     """One ExecStart argument as systemd parses it: specifiers (%) and variables ($)
     doubled, double quotes around anything with spaces or quotes."""
+    if _CONTROL.search(arg):  # a newline would end the ExecStart line and begin a new directive
+        raise DeployConfigError(f"command-line argument {arg!r} of a unit contains a control character")
     arg = arg.replace("%", "%%").replace("$", "$$")
     if arg and _PLAIN.match(arg):
         return arg
@@ -46,6 +76,7 @@ def render_units(cfg: dict[str, Any], user: str) -> dict[str, str]:
     common = {"root": cfg["install_root"], "robot": cfg["robot"], "user": user,
               "rtprio": cfg["limits"]["rtprio"], "memlock": cfg["limits"]["memlock"],
               "nofile": cfg["limits"]["nofile"]}
+    check_unit_values(common)
     bridge = bool(cfg["bridge"])
     out = {}
     if bridge:

@@ -159,6 +159,35 @@ def test_deploy_settings_are_checked():
         load_config(artifact_precisions="fp32")
 
 
+@pytest.mark.parametrize("setting, value, message", [
+    ("robot", "sim\nExecStartPre=/bin/rm -rf /", "robot .* cannot go into a systemd unit"),
+    ("install_root", "/opt/vpp/../etc", r"must not contain '\.\.'"),
+    ("install_root", "/opt/vpp %h", "install_root|root .* cannot go into a systemd unit"),
+    ("service_user", "robot\nUser=root", "user .* cannot go into a systemd unit"),
+    ("limits", {"rtprio": 120}, "rtprio '120' cannot go into a systemd unit"),
+    ("runtime", {"args": ["--camera-fps", "15\nExecStartPost=/bin/sh"]}, "contains a control character"),
+])
+def test_values_that_would_change_a_unit_are_refused(setting, value, message):
+    from vpp_edge.deploy.units import render_units
+
+    cfg = load_config(**{setting: value})
+    with pytest.raises(DeployConfigError, match=message):
+        render_units(cfg, cfg["service_user"] or "robot")
+
+
+def test_units_are_hardened_without_blocking_real_time():
+    from vpp_edge.deploy.units import render_units
+
+    for name, text in render_units(load_config(install_root="/usr/local/vpp"), "robot").items():
+        directives = dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
+        assert {k: directives.get(k) for k in ("NoNewPrivileges", "ProtectSystem", "PrivateTmp")} == \
+            {"NoNewPrivileges": "yes", "ProtectSystem": "full", "PrivateTmp": "yes"}, name
+        assert directives["ReadWritePaths"] == "/usr/local/vpp", "logs stay writable under a read-only /usr"
+        assert directives["LimitRTPRIO"] == "95" and directives["LimitMEMLOCK"] == "infinity"
+        for breaking in ("RestrictRealtime", "PrivateDevices", "MemoryDenyWriteExecute", "ProtectHome"):
+            assert breaking not in directives, f"{name}: {breaking} would break the GPU or SCHED_FIFO"
+
+
 # -- dry run --------------------------------------------------------------------
 
 def test_dry_run_prints_every_step_and_runs_nothing(exported, tmp_path, capsys, monkeypatch):
