@@ -48,6 +48,14 @@ def test_compile_config_carries_threads_and_the_latency_hint():
         compile_config("f32", -1)
 
 
+@needs_openvino
+def test_doctor_line_says_what_the_cpu_gets():
+    from vpp_edge.runtime.engines.openvino import cpu_summary
+
+    line = cpu_summary()
+    assert line.startswith("openvino ") and "FP32" in line and line.endswith(("in bf16", "in f32"))
+
+
 def test_missing_openvino_is_one_clear_line(exported, monkeypatch):
     from vpp_edge import extras
     from vpp_edge.runtime import engines

@@ -233,6 +233,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         import onnxruntime
 
         console.print(f"onnxruntime providers: {', '.join(onnxruntime.get_available_providers())}")
+    if is_available("openvino"):
+        from vpp_edge.runtime.engines.openvino import cpu_summary
+
+        console.print(cpu_summary())
     if args.artifact:  # deployment self-test (issue 8): engines load, one inference, latency
         from vpp_edge.deploy.selftest import format_report, run_selftest, verify_artifact
 

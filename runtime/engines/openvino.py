@@ -78,6 +78,16 @@ def compile_config(inference_precision: str, threads: int = 0, hint: str = "late
     return config
 
 
+def cpu_summary() -> str:
+    """One line for ``vpp doctor``: OpenVINO's version, the CPU, its capabilities and the
+    inference precision the backend would choose on it."""
+    ov = require("openvino", "the OpenVINO backend")
+    core = ov.Core()
+    caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return (f"openvino {ov.get_version()}: {core.get_property('CPU', 'FULL_DEVICE_NAME')}, capabilities "
+            f"{' '.join(caps)}; FP32 graphs run in {choose_inference_precision(caps)}")
+
+
 class OvEngine(Engine):
     """One compiled model and one infer request per graph; inputs are shared with OpenVINO
     (no copy) and outputs are views of the request's buffers, valid until the next call of
