@@ -45,7 +45,8 @@ from vpp_edge import __version__
 from vpp_edge.export import onnx_io
 from vpp_edge.export.artifact import int8_settings
 from vpp_edge.export.graphs import GRAPHS, reference_run
-from vpp_edge.export.manifest import FORMAT_NAME, FORMAT_VERSION, INT8_PRECISIONS, PRECISIONS, write_manifest
+from vpp_edge.export.manifest import (FORMAT_NAME, FORMAT_VERSION, INT8_PRECISIONS, PRECISIONS, tokenizer_entry,
+                                      write_manifest)
 from vpp_edge.files import atomic_dir
 from vpp_edge.presets import Preset
 from vpp_edge.tokenizer import InstructionTokenizer
@@ -309,7 +310,7 @@ class ArtifactBuilder:
             "source": f"{self.source}; vpp calibrate configuration: {label or 'base'}",
             "preset": preset.to_dict(),
             "normalization": self.base.normalizer.to_dict(),
-            "tokenizer": "tokenizer.json",
+            **tokenizer_entry(tmp),
             "text_max_length": preset.text.goal_length,  # ids the text graph takes
             "sigmas": sigmas,
             "action_mode": action_mode,

@@ -35,7 +35,8 @@ from vpp_edge.training.models.policy import VPPPolicy
 
 from . import onnx_io
 from .graphs import GRAPHS, reference_run
-from .manifest import FORMAT_NAME, FORMAT_VERSION, INT8_PRECISIONS, PRECISIONS, read_manifest, write_manifest
+from .manifest import (FORMAT_NAME, FORMAT_VERSION, INT8_PRECISIONS, PRECISIONS, read_manifest, tokenizer_entry,
+                       write_manifest)
 from .options import DEFAULTS_FILE, load_options  # noqa: F401 (the export API)
 from .parity import ParityError, compare, passes, summary_table, worst
 
@@ -262,7 +263,7 @@ def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, 
         "source": source,
         "preset": preset.to_dict(),
         "normalization": policy.normalizer.to_dict(),
-        "tokenizer": "tokenizer.json",
+        **tokenizer_entry(tmp),
         "text_max_length": preset.text.goal_length,  # ids the text graph takes
         "sigmas": sigmas,
         "action_mode": action_mode,

@@ -14,6 +14,7 @@ from typing import Any
 
 from vpp_edge.errors import VPPError
 from vpp_edge.files import read_json
+from vpp_edge.tokenizer import TOKENIZER_FILE
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_NAME = "vpp-edge-artifact"
@@ -79,20 +80,43 @@ def write_manifest(artifact: str | Path, manifest: dict[str, Any]) -> Path:
     return path
 
 
-def verify_entry(artifact: str | Path, key: str, entry: dict[str, Any]) -> Path:
-    """The file of a graph/engine entry, after checking it exists and its hash matches."""
-    path = Path(artifact) / entry["file"]
+def confined(artifact: str | Path, relative: Any, key: str) -> Path:
+    """``artifact / relative``, refused unless it is a relative path that stays inside the
+    artifact folder (a manifest is data from disk: it must not point the runtime elsewhere)."""
+    if not isinstance(relative, str) or not relative or Path(relative).is_absolute() or \
+            ".." in Path(relative).parts:
+        raise ArtifactError(f"{artifact}: '{key}' names {relative!r}, not a path inside the artifact")
+    root = Path(artifact).resolve()
+    path = (root / relative).resolve()
+    if root not in path.parents:
+        raise ArtifactError(f"{artifact}: '{key}' names {relative!r}, which leads outside the artifact")
+    return Path(artifact) / relative
+
+
+def verify_file(artifact: str | Path, relative: Any, sha256: Any, key: str) -> Path:
+    """The confined file ``relative`` after checking that it exists and has hash ``sha256``."""
+    path = confined(artifact, relative, key)
     if not path.is_file():
         raise ArtifactError(f"{path}: file of '{key}' is missing")
     digest = sha256_file(path)
-    if digest != entry["sha256"]:
+    if digest != sha256:
         raise ArtifactError(f"{path}: sha256 {digest[:12]}... does not match the manifest's "
-                            f"{entry['sha256'][:12]}... for '{key}' (file changed after export)")
-    for extra in entry.get("external_data", []):
-        data = Path(artifact) / extra["file"]
-        if not data.is_file() or sha256_file(data) != extra["sha256"]:
-            raise ArtifactError(f"{data}: external data of '{key}' is missing or changed")
+                            f"{str(sha256)[:12]}... for '{key}' (file changed after export)")
     return path
+
+
+def verify_entry(artifact: str | Path, key: str, entry: dict[str, Any]) -> Path:
+    """The file of a graph/engine entry, after checking it exists and its hash matches
+    (and those of its external data)."""
+    path = verify_file(artifact, entry["file"], entry["sha256"], key)
+    for extra in entry.get("external_data", []):
+        verify_file(artifact, extra["file"], extra["sha256"], f"{key} external data")
+    return path
+
+
+def tokenizer_entry(artifact: str | Path) -> dict[str, str]:
+    """The manifest's record of the tokenizer file written into ``artifact``."""
+    return {"tokenizer": TOKENIZER_FILE, "tokenizer_sha256": sha256_file(Path(artifact) / TOKENIZER_FILE)}
 
 
 def check_engine_fits(key: str, entry: dict[str, Any], machine: dict[str, Any]) -> None:

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vpp_edge.export.manifest import ArtifactError, TensorSpec, manifest_precisions, read_manifest, verify_entry
+from vpp_edge.export.manifest import (ArtifactError, TensorSpec, confined, manifest_precisions, read_manifest,
+                                      verify_entry, verify_file)
 from vpp_edge.normalization import ActionNormalizer
 from vpp_edge.presets import Preset, preset_from_dict
-from vpp_edge.tokenizer import InstructionTokenizer, load_tokenizer
+from vpp_edge.tokenizer import TOKENIZER_FILE, InstructionTokenizer, load_tokenizer
 
 GRAPH_NAMES = ("text", "tvp", "former", "action_context", "action_step", "action_sampler")
 
@@ -54,4 +55,11 @@ class Artifact:
         or 20 in artifacts exported before the goal had its own pass), warning past the
         video condition's ``preset.text.max_length`` tokens."""
         length = int(self.manifest["text_max_length"])
-        return load_tokenizer(self.root, length, min(length, self.preset.text.max_length))
+        name = self.manifest.get("tokenizer", TOKENIZER_FILE)
+        if "tokenizer_sha256" in self.manifest:  # artifacts written before it was recorded have none
+            path = verify_file(self.root, name, self.manifest["tokenizer_sha256"], "tokenizer")
+        else:
+            path = confined(self.root, name, "tokenizer")
+        if path.name != TOKENIZER_FILE:
+            raise ArtifactError(f"{self.root}: 'tokenizer' names {name!r}; expected {TOKENIZER_FILE}")
+        return load_tokenizer(path.parent, length, min(length, self.preset.text.max_length))

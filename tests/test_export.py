@@ -214,6 +214,29 @@ def test_tampered_or_missing_files_are_refused(exported, tmp_path):
         read_manifest(tmp_path)
 
 
+def test_manifest_paths_stay_inside_the_artifact_and_the_tokenizer_is_verified(exported, tmp_path):
+    from vpp_edge.runtime.artifact import Artifact
+
+    out, manifest = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (tmp_path / "outside.onnx").write_bytes(b"not yours")
+    entry = dict(manifest["graphs"]["fp32/former"], sha256=sha256_file(tmp_path / "outside.onnx"))
+    for name in ("../outside.onnx", str(tmp_path / "outside.onnx"), ""):
+        with pytest.raises(ArtifactError, match="not a path inside the artifact"):
+            verify_entry(copy, "fp32/former", dict(entry, file=name))
+    (copy / "link.onnx").symlink_to(tmp_path / "outside.onnx")
+    with pytest.raises(ArtifactError, match="leads outside the artifact"):
+        verify_entry(copy, "fp32/former", dict(entry, file="link.onnx"))
+
+    assert manifest["tokenizer_sha256"] == sha256_file(out / "tokenizer.json")
+    Artifact.open(copy).tokenizer()
+    with open(copy / "tokenizer.json", "a") as f:
+        f.write(" ")
+    with pytest.raises(ArtifactError, match="does not match the manifest.*'tokenizer'"):
+        Artifact.open(copy).tokenizer()
+
+
 def test_external_data_is_recorded_and_verified(tmp_path):
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 256])
     y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 256])
@@ -226,7 +249,7 @@ def test_external_data_is_recorded_and_verified(tmp_path):
     assert entry["external_data"] == [{"file": "m.onnx.data", "sha256": sha256_file(tmp_path / "m.onnx.data")}]
     verify_entry(tmp_path, "m", entry)
     (tmp_path / "m.onnx.data").write_bytes(b"changed")
-    with pytest.raises(ArtifactError, match="external data of 'm' is missing or changed"):
+    with pytest.raises(ArtifactError, match="does not match the manifest.*'m external data'"):
         verify_entry(tmp_path, "m", entry)
 
 
