@@ -43,6 +43,7 @@ import numpy as np
 import zmq
 
 from vpp_edge.runtime import protocol as P
+from vpp_edge.runtime.realtime import ThreadRealtime
 from vpp_edge.runtime.threads import ThreadFailure, dead, describe, guarded
 from vpp_edge.runtime.transport import CurveKeys, authenticate, make_socket, send, stop_authenticator
 
@@ -96,8 +97,10 @@ class Bridge:
     """Owns the driver; safe to start/stop; a context manager. Thread-safe by one lock."""
 
     def __init__(self, driver: RobotDriver, cfg: BridgeConfig, endpoints: Endpoints = Endpoints(),
-                 context: zmq.Context | None = None, security: Security = Security()):
+                 context: zmq.Context | None = None, security: Security = Security(),
+                 servo_realtime: ThreadRealtime = ThreadRealtime()):
         self.driver, self.cfg, self.endpoints, self.security = driver, cfg, endpoints, security
+        self.servo_realtime = servo_realtime  # the servo thread's own priority and CPUs (the network thread's stay)
         self._ctx = context or zmq.Context.instance()
         self._lock = threading.Lock()
         self._stop_flag = threading.Event()
@@ -467,6 +470,9 @@ class Bridge:
                 self.driver.estop()
 
     def _servo_loop(self) -> None:
+        for outcome in self.servo_realtime.apply():  # this thread only: it exists after the network thread
+            with self._lock:
+                self._event("realtime" if outcome.ok else "realtime_refused", outcome.detail)
         period = 1.0 / self.cfg.servo_hz
         state_every = max(1, round(self.cfg.servo_hz / self.cfg.state_hz))
         tick = 0

@@ -1,4 +1,4 @@
-"""Real-time settings of the runtime's control thread, and nothing else's.
+"""Real-time settings of one thread: the runtime's control thread, the bridge's servo thread.
 
 On Linux a thread inherits its creator's scheduling policy. The control loop therefore
 asks for SCHED_FIFO only after the camera and inference threads exist: they keep the
@@ -46,6 +46,29 @@ def control_thread_fifo(priority: int) -> Outcome:
         return Outcome(False, f"SCHED_FIFO {priority} not permitted ({exc}): the control thread stays best-effort "
                               "(the unit's LimitRTPRIO or CAP_SYS_NICE grants it)")
     return Outcome(True, f"SCHED_FIFO {priority} on the control thread ({threading.current_thread().name})")
+
+
+def pin_thread(cpus: tuple[int, ...]) -> Outcome:
+    """Run the calling thread on ``cpus`` only (on Linux, pid 0 in sched_setaffinity is the
+    calling thread): a servo loop on a core that inference does not use."""
+    try:
+        os.sched_setaffinity(0, cpus)
+    except (AttributeError, OSError, ValueError) as exc:
+        return Outcome(False, f"CPU affinity {list(cpus)} refused ({exc}): the thread runs on any CPU")
+    return Outcome(True, f"{threading.current_thread().name} on CPUs {sorted(os.sched_getaffinity(0))}")
+
+
+@dataclass(frozen=True)
+class ThreadRealtime:
+    """What one thread asks for: SCHED_FIFO ``priority`` (0: none) and ``cpus`` (empty: any)."""
+
+    priority: int = 0
+    cpus: tuple[int, ...] = ()
+
+    def apply(self) -> list[Outcome]:
+        """Apply to the calling thread; one outcome per setting asked for."""
+        out = [pin_thread(self.cpus)] if self.cpus else []
+        return out + ([control_thread_fifo(self.priority)] if self.priority else [])
 
 
 def memlock_granted(limit: int | None = None) -> bool:

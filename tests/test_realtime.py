@@ -58,3 +58,38 @@ def test_memory_is_locked_only_where_memlock_is_granted():
     ok, locked_kb = proc.stdout.split()
     assert ok == str(realtime.memlock_granted())
     assert (int(locked_kb) > 0) == (ok == "True")  # locked pages show in VmLck
+
+
+BRIDGE = """
+import json, os, time
+import zmq
+from vpp_edge.firmware_bridge.bridge import NET_THREAD, SERVO_THREAD, Bridge, Endpoints
+from vpp_edge.firmware_bridge.config import load_bridge_config
+from vpp_edge.firmware_bridge.driver import KinematicSimDriver
+from vpp_edge.runtime import realtime
+cfg = load_bridge_config("sim")
+cpu = min(os.sched_getaffinity(0))
+ctx = zmq.Context()
+any_port = Endpoints(*(f"tcp://127.0.0.1:*" for _ in range(5)))
+with Bridge(KinematicSimDriver(cfg.dim), cfg, any_port, ctx,
+            servo_realtime=realtime.ThreadRealtime(priority=1, cpus=(cpu,))) as bridge:
+    time.sleep(0.3)
+    threads = {t.name: t.native_id for t in __import__("threading").enumerate()}
+    print(json.dumps({"cpu": cpu, "all": sorted(os.sched_getaffinity(0)),
+                      "affinity": {n: sorted(os.sched_getaffinity(threads[n])) for n in (SERVO_THREAD, NET_THREAD)},
+                      "policies": realtime.thread_policies(), "counts": dict(bridge.counts)}))
+ctx.term()
+"""
+
+
+def test_the_bridge_servo_thread_alone_gets_its_priority_and_cpus():
+    proc = subprocess.run([sys.executable, "-c", BRIDGE], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["affinity"]["bridge-servo"] == [result["cpu"]]
+    assert result["affinity"]["bridge-net"] == result["all"], "the network thread keeps every CPU"
+    if result["counts"].get("event_realtime_refused"):
+        pytest.skip("SCHED_FIFO not permitted here")
+    assert result["counts"]["event_realtime"] == 2
+    assert result["policies"]["bridge-servo"] == "SCHED_FIFO"
+    assert result["policies"]["bridge-net"] == result["policies"]["MainThread"] == "SCHED_OTHER"
