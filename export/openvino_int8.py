@@ -21,13 +21,19 @@ Workstation side (NNCF, OpenVINO, ONNX; no torch). What it does:
    on the FP32 graphs, on the held-out parity observations, with the export's INT8 gate
    (cosine and max-abs in normalised action units); per-graph figures are recorded too.
    Passed: the graphs, ``parity.json`` and the manifest are updated; failed: nothing is
-   written and :class:`ParityError` says by how much.
+   written and :class:`ParityError` says by how much;
+5. defaults from data: every CPU engine/precision of the artifact that passes its gate
+   (ONNX Runtime FP32 / ``int8_cpu``, OpenVINO on the FP32 graphs in its chosen inference
+   precision, OpenVINO ``int8_ov``) is timed interleaved on this machine, and the fastest
+   is recorded in the manifest as ``cpu_default`` and reported in one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import platform
 import shutil
 import sys
 import tempfile
@@ -48,6 +54,7 @@ from . import onnx_io
 from .manifest import read_manifest, sha256_file, write_manifest
 from .parity import ParityError, compare, passes, summary_table, worst
 
+log = logging.getLogger(__name__)
 PRECISION = "int8_ov"
 NNCF_PRESETS = ("default", "transformer")
 Feeds = dict[str, np.ndarray]
@@ -159,10 +166,52 @@ def evaluate(reference: Any, candidate: Any, artifact: Artifact, parity_obs: lis
             "reference": "OpenVINO f32 on the fp32 graphs"}
 
 
+def fastest_cpu_engine(artifact: Artifact, parity: dict[str, Any], obs: Observation, threads: int = 0,
+                       rounds: int = 10) -> dict[str, Any]:
+    """The predict step of every CPU engine/precision of ``artifact`` whose gate passed
+    (``parity``'s precisions on ONNX Runtime; OpenVINO on the fp32 graphs in its chosen
+    inference precision, gated with the FP16 gate against OpenVINO f32 when that is not
+    f32; ``int8_ov``), timed interleaved on ``obs`` (median ms of ``rounds``), and the
+    fastest: what the artifact's manifest records as ``cpu_default``."""
+    from vpp_edge.extras import is_available
+    from vpp_edge.runtime.engines import create_engine
+    from vpp_edge.runtime.engines.openvino import OvEngine
+
+    passed = [p for p, s in parity["precisions"].items() if s["passed"] and p in artifact.precisions()]
+    candidates = {f"onnxruntime/{p}": ("onnxruntime", p) for p in passed
+                  if p in ("fp32", "int8_cpu") and is_available("onnxruntime")}
+    candidates.update({f"openvino/{p}": ("openvino", p) for p in passed if p in ("fp32", PRECISION)})
+    engines = {label: create_engine(artifact, b, p, threads=threads, **({"cache_dir": ""} if b == "openvino" else {}))
+               .load() for label, (b, p) in candidates.items()}
+    notes: dict[str, str] = {}
+    ov = engines.get("openvino/fp32")
+    if isinstance(ov, OvEngine) and ov.inference_precision != "f32":
+        reference = OvEngine(artifact, "fp32", threads=threads, inference_precision="f32", cache_dir="").load()
+        gate = parity["gates"]["fp16_action_cosine"]
+        worst_case = worst([compare(chain(reference.run, artifact, obs, 0), chain(ov.run, artifact, obs, 0))])
+        notes["openvino/fp32"] = f"{ov.inference_precision}, action cosine {worst_case['cosine']:.6f} (gate {gate})"
+        if not passes(worst_case, gate):
+            del engines["openvino/fp32"]
+    times: dict[str, list[float]] = {label: [] for label in engines}
+    for i in range(rounds + 1):  # the first round warms up
+        for label, engine in engines.items():
+            start = time.perf_counter()
+            chain(engine.run, artifact, obs, i)
+            if i:
+                times[label].append((time.perf_counter() - start) * 1e3)
+    medians = {label: float(np.median(v)) for label, v in times.items()}
+    best = min(medians, key=medians.get)
+    backend, precision = candidates[best]
+    return {"backend": backend, "precision": precision, "threads": threads, "median_ms": medians, "notes": notes,
+            "measured_on": platform.processor() or platform.machine()}
+
+
 def add_openvino_int8(root: str | Path, preset: str = "transformer", threads: int = 0,
-                      options: dict[str, Any] | None = None) -> dict[str, Any]:
+                      options: dict[str, Any] | None = None, rounds: int = 10) -> dict[str, Any]:
     """Quantise ``root``'s FP32 graphs with NNCF, gate them and add them as ``int8_ov``;
-    returns the precision's parity section. Raises :class:`ParityError` on a failed gate."""
+    returns the precision's parity section. Raises :class:`ParityError` on a failed gate.
+    Then every CPU engine that passes its gate is timed here (``rounds``; 0: not timed) and
+    the fastest recorded in the manifest as ``cpu_default``, with a one-line report."""
     from vpp_edge.runtime.engines.openvino import OvEngine
 
     root = Path(root)
@@ -203,6 +252,13 @@ def add_openvino_int8(root: str | Path, preset: str = "transformer", threads: in
     parity["precisions"][PRECISION] = section
     (root / "parity.json").write_text(json.dumps(parity, indent=2, default=float))
     write_manifest(root, manifest)
+    if rounds:
+        choice = fastest_cpu_engine(Artifact.open(root), parity, parity_obs[0], threads, rounds)
+        manifest["cpu_default"] = choice
+        write_manifest(root, manifest)
+        others = ", ".join(f"{k} {v:.1f}" for k, v in sorted(choice["median_ms"].items(), key=lambda kv: kv[1]))
+        log.info("fastest CPU engine here that passes its gate: %s/%s (median ms: %s)", choice["backend"],
+                 choice["precision"], others)
     return section
 
 
@@ -211,8 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("artifact", type=Path)
     ap.add_argument("--preset", choices=NNCF_PRESETS, default="transformer")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=10,
+                    help="interleaved predict steps per CPU engine to find the fastest (0: skip)")
     args = ap.parse_args(argv)
-    section = add_openvino_int8(args.artifact, args.preset, args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    section = add_openvino_int8(args.artifact, args.preset, args.threads, rounds=args.rounds)
     print(summary_table({"precisions": {PRECISION: section}}))
     return 0
 

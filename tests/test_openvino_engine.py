@@ -165,13 +165,18 @@ def test_nncf_int8_is_gated_end_to_end_and_added_to_the_artifact(exported, tmp_p
     assert (root / "manifest.json").read_text() == before and not (root / PRECISION).exists()
 
     (root / "parity.json").write_text(json.dumps(parity))
-    section = add_openvino_int8(root, "transformer", threads=2, options=fast)
+    section = add_openvino_int8(root, "transformer", threads=2, options=fast, rounds=2)
     assert section["passed"] and set(section["quantization"]) == {"tvp", "action_sampler"}
     assert section["quantization"]["tvp"]["fake_quantize"] > 0
     artifact = Artifact.open(root)
     assert PRECISION in artifact.precisions()
     assert artifact.manifest["graphs"][f"{PRECISION}/tvp"]["format"] == "openvino-ir"
     assert json.loads((root / "parity.json").read_text())["precisions"][PRECISION]["passed"]
+    # Defaults from data: every CPU engine that passes its gate was timed, the fastest recorded.
+    choice = artifact.manifest["cpu_default"]
+    times = choice["median_ms"]
+    assert {"onnxruntime/fp32", "onnxruntime/int8_cpu", f"openvino/{PRECISION}"} <= set(times)
+    assert f"{choice['backend']}/{choice['precision']}" == min(times, key=times.get)
     # The runtime runs it like any precision, and it stays within the INT8 gate of ONNX Runtime FP32.
     frames = np.random.default_rng(2).integers(0, 256, (artifact.preset.num_views, artifact.preset.image_size,
                                                         artifact.preset.image_size, 3), dtype=np.uint8)
