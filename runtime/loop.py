@@ -50,6 +50,7 @@ class RunOptions:
     action_dt: float | None = None  # spacing of the chunk's actions (default: the control period)
     realtime_priority: int = 0  # >0: SCHED_FIFO priority for the control thread (needs CAP_SYS_NICE)
     stop_when: Callable[[], bool] | None = None  # checked every tick: end the run early (e.g. task done)
+    tick_record_every: int = 1  # a "tick" record (planned, sent, state) every N ticks when logging; 0: none
 
 
 class InferenceWorker:
@@ -158,6 +159,7 @@ class Runtime:
         self.plan = ActionPlan(options.action_dt or robot.dt, options.smoothing, options.crossfade_steps)
         self.worker = InferenceWorker(policy, cameras, robot.stale_observation_s, metrics)
         self._failure: str | None = None
+        self._ticks = 0
         if options.smoothing == "rtc":
             self.worker.plan_dt = self.plan.dt
 
@@ -273,7 +275,9 @@ class Runtime:
                 self.metrics.count("bridge_unreachable")
         else:  # alive without a target: say why (only an idle runtime keeps the bridge holding)
             self.link.send_heartbeat(self._heartbeat_mode(now))
-        if self.metrics.logging:  # the run record ('vpp plot'): queued for the log thread, never written here
+        self._ticks += 1
+        every = self.options.tick_record_every
+        if self.metrics.logging and every and self._ticks % every == 0:  # queued for the log thread ('vpp plot')
             self.metrics.record("tick", planned=None if action is None else np.asarray(action).tolist(),
                                 target=np.asarray(verdict.action).tolist() if sent else None, events=list(verdict.events),
                                 state=None if state is None else {"stamp": state.stamp, "mode": state.mode,

@@ -62,6 +62,7 @@ BAD_INPUTS = [
     (["run", "--duration", "soon"], "invalid float value"),
     (["run", "--base-port", "99999"], "not a port"),
     (["run", "--base-port", "http"], "not a port"),
+    (["run", "--log-ticks", "-1"], "not a non-negative integer"),
     (["run", "--artifact", "/nonexistent"], "no such artifact: /nonexistent"),
     (["run", "--artifact", "${empty_dir}"], "manifest.json"),
     (["run", "--episode", "/nonexistent.json"], "--episode /nonexistent.json: no such file"),
@@ -305,3 +306,13 @@ def test_a_runtime_config_and_views_left_out_are_said(exported, demo_episode, tm
     assert args.backend == "onnxruntime" and artifact.root == exported[0]
     assert any("runtime config" in n and "replacing --artifact, --backend and --precision" in n for n in notes)
     assert any("the model takes 2 camera view(s): 1 of the episode's 3 left out" in n for n in notes)
+
+
+def test_tick_records_default_to_none_for_an_endless_run():
+    parse = cli.build_parser().parse_args
+    run: dict = {"notes": []}
+    assert cli._tick_record_every(parse(["run", "--log", "x.jsonl"]), run) == 1
+    assert cli._tick_record_every(parse(["run", "--log", "x.jsonl", "--duration", "inf"]), run) == 0
+    assert "per-tick" in run["notes"][-1]
+    assert cli._tick_record_every(parse(["run", "--log", "x", "--duration", "inf", "--log-ticks", "5"]), run) == 5
+    assert cli._tick_record_every(parse(["run", "--duration", "inf", "--log-ticks", "0", "--record", "d"]), run) == 1

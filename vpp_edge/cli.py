@@ -59,6 +59,13 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _non_negative(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"not a non-negative integer: {text!r}")
+    return int(text)
+
+
 def _add_port_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-port", type=_port, default=None, metavar="PORT",
                    help="first of the link's five ports: action PORT, state +1, command +2, events +3, camera +4 "
@@ -396,7 +403,7 @@ def _run_runtime(args: argparse.Namespace) -> dict:
             _report_instruction(policy, instruction, run)
             metrics.record("run", **run)
             options = RunOptions(duration_s=args.duration, smoothing=args.smoothing,
-                                 realtime_priority=args.rt_priority)
+                                 realtime_priority=args.rt_priority, tick_record_every=_tick_record_every(args, run))
             runtime = Runtime(policy.runtime, cameras, robot, link, options, metrics)
             summary = runtime.run()
     finally:
@@ -444,6 +451,22 @@ def _run_inputs(args: argparse.Namespace):
         notes.append(f"the model takes {artifact.preset.num_views} camera view(s): {offered - artifact.preset.num_views}"
                      f" of the episode's {offered} left out")
     return artifact, robot, episode, notes
+
+
+def _tick_record_every(args: argparse.Namespace, run: dict) -> int:
+    """--log-ticks, else every tick for a run of finite duration and none for an endless one
+    (a deployed service's log would grow by GBs a day); --record needs every tick."""
+    import math
+
+    if getattr(args, "record", None):
+        return 1
+    if args.log_ticks is not None:
+        return args.log_ticks
+    if args.log and math.isinf(args.duration):
+        run["notes"].append("an endless run logs no per-tick records (--log-ticks N: every Nth tick)")
+        print(f"note: {run['notes'][-1]}", flush=True)
+        return 0
+    return 1
 
 
 def _write_recording(recorder: Any, run: dict) -> None:
@@ -641,6 +664,8 @@ def _add_run_args(p: argparse.ArgumentParser, duration: float, artifact_default:
                    help="SCHED_FIFO priority for the control thread (needs CAP_SYS_NICE; 0 = off)")
     p.add_argument("--log", type=Path, help="JSONL record of the run: chunks, targets sent and robot states per "
                                             "tick, events (plot it with 'vpp plot LOG')")
+    p.add_argument("--log-ticks", type=_non_negative, metavar="N", help="with --log: a tick record every N ticks, 0 none "
+                   "(default 1; 0 for --duration inf, where a tick log grows by GBs a day)")
     p.add_argument("--record", type=Path, metavar="DIR", help="write the run as a LeRobot v3.0 dataset (frames, "
                    "robot states, actions sent, instruction) that 'vpp train' reads; DIR must be new or empty")
     p.add_argument("--json", type=Path, help="write the summary as JSON")
