@@ -182,6 +182,15 @@ def test_predict_prints_every_value_of_a_wide_action(capsys, monkeypatch):
 # --- runs that end with a verdict -------------------------------------------------------------
 
 
+def sim_robot(tmp_path: Path, stale_s: float) -> Path:
+    """The sim robot config with another stale_observation_s: 0.001 refuses every chunk; a
+    generous one keeps a run that must succeed from failing on a loaded CI machine."""
+    robot = tmp_path / f"sim_stale_{stale_s}.yaml"
+    text = (Path(P.__file__).parent / "robots" / "sim.yaml").read_text()
+    robot.write_text(text.replace("stale_observation_s: 0.5", f"stale_observation_s: {stale_s}"))
+    return robot
+
+
 class _Bridge:
     """The kinematic sim bridge in this process on free ports; ``stop_after_chunks`` closes it mid-run."""
 
@@ -236,9 +245,7 @@ def test_run_with_a_bridge_that_dies_mid_run_fails_and_its_log_plots(exported, d
 def test_run_whose_chunks_are_all_stale_fails_and_resizing_is_said_once(exported, capsys, tmp_path):
     from vpp_edge.demo_data import write_demo_dataset
 
-    robot = tmp_path / "impatient.yaml"
-    text = (Path(P.__file__).parent / "robots" / "sim.yaml").read_text()
-    robot.write_text(text.replace("stale_observation_s: 0.5", "stale_observation_s: 0.001"))
+    robot = sim_robot(tmp_path, 0.001)
     small = write_demo_dataset(tmp_path / "small", steps=6, size=96)  # its annotation
     with _Bridge() as bridge:
         code, out, err = run_cli(["run", "--artifact", exported[0], "--episode", small, "--robot", robot,
@@ -274,14 +281,15 @@ def test_verdicts_name_the_failure():
         {"counts": {"chunks": 4, "estop": 30, "hold": 2}}, [], 0.1)
 
 
-def test_demo_runs_beside_another_bridge_and_keeps_its_log_apart(exported, demo_episode, capsys, monkeypatch):
+def test_demo_runs_beside_another_bridge_and_keeps_its_log_apart(exported, demo_episode, capsys, monkeypatch,
+                                                                  tmp_path):
     base = P.free_base_port(start=16401)
     monkeypatch.setenv("VPP_BASE_PORT", str(base))
     with socket.socket() as taken:  # "another bridge" holds the configured ports
         taken.bind(("127.0.0.1", base))
         taken.listen()
         code, out, err = run_cli(["demo", "--artifact", exported[0], "--episode", demo_episode, "--duration", 2,
-                                  "--quiet", "--sim", "kinematic"], capsys)
+                                  "--quiet", "--sim", "kinematic", "--robot", sim_robot(tmp_path, 5.0)], capsys)
     assert code == 0, err
     assert "sim bridge up" in out and f":{base} " not in out.split("sim bridge up")[1].splitlines()[0]
     assert "bridge event" not in out + err  # the bridge's log lines went to its log file

@@ -9,7 +9,7 @@ import pytest
 
 from vpp_edge import cli
 
-from .test_cli_usability import _Bridge, assert_one_line_error, run_cli
+from .test_cli_usability import _Bridge, assert_one_line_error, run_cli, sim_robot
 
 
 def test_a_recorded_run_round_trips_into_training(exported, demo_episode, capsys, tmp_path):
@@ -18,7 +18,8 @@ def test_a_recorded_run_round_trips_into_training(exported, demo_episode, capsys
     record, log = tmp_path / "rollout", tmp_path / "run.jsonl"
     with _Bridge() as bridge:
         code, out, err = run_cli(["run", "--artifact", exported[0], "--episode", demo_episode, "--base-port",
-                                  bridge.base, "--duration", 3, "--quiet", "--record", record, "--log", log], capsys)
+                                  bridge.base, "--duration", 3, "--quiet", "--record", record, "--log", log,
+                                  "--robot", sim_robot(tmp_path, 5.0)], capsys)
     assert code == 0, err
     assert f"to {record} (LeRobot v3.0)" in out
 
