@@ -44,9 +44,10 @@ class SSHTarget:
 
     def __init__(self, destination: str, options: list[str] = (), connect_timeout: float = 20):
         self.destination = destination
-        self.ssh = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(connect_timeout)}",
-                    "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
-        for opt in options:
+        # ssh keeps the first value of each option: the user's come first, so they win over ours.
+        self.ssh = ["ssh"]
+        for opt in [*options, "BatchMode=yes", f"ConnectTimeout={int(connect_timeout)}", "ServerAliveInterval=15",
+                    "ServerAliveCountMax=4"]:
             self.ssh += ["-o", opt]
 
     def command(self, remote: str) -> list[str]:

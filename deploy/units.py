@@ -68,7 +68,15 @@ def runtime_command(cfg: dict[str, Any]) -> list[str]:
 
 
 def bridge_command(cfg: dict[str, Any]) -> list[str]:
-    return [f"{cfg['install_root']}/current/bin/vpp", "bridge", "--robot", cfg["robot"]]
+    """`vpp bridge` as the unit starts it, its servo thread's priority and CPUs included."""
+    servo = cfg["bridge_servo"]
+    priority, cpus = servo["rt_priority"], servo["cpus"]
+    if not (isinstance(priority, int) and 0 <= priority <= 99):
+        raise DeployConfigError(f"bridge_servo.rt_priority must be 0-99, got {priority!r}")
+    if not (isinstance(cpus, list) and all(isinstance(c, int) and c >= 0 for c in cpus)):
+        raise DeployConfigError(f"bridge_servo.cpus must be a list of CPU numbers, got {cpus!r}")
+    argv = [f"{cfg['install_root']}/current/bin/vpp", "bridge", "--robot", cfg["robot"], "--rt-priority", str(priority)]
+    return argv + (["--cpus", ",".join(map(str, cpus))] if cpus else [])
 
 
 def render_units(cfg: dict[str, Any], user: str) -> dict[str, str]:

@@ -43,9 +43,10 @@ def control_thread_fifo(priority: int) -> Outcome:
     try:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
     except (AttributeError, PermissionError, OSError) as exc:
-        return Outcome(False, f"SCHED_FIFO {priority} not permitted ({exc}): the control thread stays best-effort "
+        return Outcome(False, f"SCHED_FIFO {priority} not permitted ({exc}): {threading.current_thread().name} stays "
+                              "best-effort "
                               "(the unit's LimitRTPRIO or CAP_SYS_NICE grants it)")
-    return Outcome(True, f"SCHED_FIFO {priority} on the control thread ({threading.current_thread().name})")
+    return Outcome(True, f"SCHED_FIFO {priority} on thread {threading.current_thread().name}")
 
 
 def pin_thread(cpus: tuple[int, ...]) -> Outcome:

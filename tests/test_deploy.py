@@ -166,6 +166,8 @@ def test_deploy_settings_are_checked():
     ("service_user", "robot\nUser=root", "user .* cannot go into a systemd unit"),
     ("limits", {"rtprio": 120}, "rtprio '120' cannot go into a systemd unit"),
     ("runtime", {"args": ["--camera-fps", "15\nExecStartPost=/bin/sh"]}, "contains a control character"),
+    ("bridge_servo", {"rt_priority": 120}, "bridge_servo.rt_priority must be 0-99"),
+    ("bridge_servo", {"cpus": "3"}, "bridge_servo.cpus must be a list"),
 ])
 def test_values_that_would_change_a_unit_are_refused(setting, value, message):
     from vpp_edge.deploy.units import render_units
@@ -186,6 +188,8 @@ def test_units_are_hardened_without_blocking_real_time():
         assert directives["LimitRTPRIO"] == "95" and directives["LimitMEMLOCK"] == "infinity"
         for breaking in ("RestrictRealtime", "PrivateDevices", "MemoryDenyWriteExecute", "ProtectHome"):
             assert breaking not in directives, f"{name}: {breaking} would break the GPU or SCHED_FIFO"
+    bridge = render_units(load_config(bridge_servo={"cpus": [2, 3]}), "robot")["vpp-bridge.service"]
+    assert "vpp bridge --robot sim --rt-priority 90 --cpus 2,3" in bridge
 
 
 # -- dry run --------------------------------------------------------------------
@@ -536,3 +540,16 @@ def test_deploy_takes_the_calibrated_runtime_config(exported, tmp_path, monkeypa
     assert Path(seen["artifact"]).resolve() == Path(exported[0]).resolve()
     argv = runtime_command(seen["cfg"])
     assert argv[argv.index("--backend") + 1] == "onnxruntime" and argv[argv.index("--precision") + 1] == "int8"
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="no ssh client here (openssh-client)")
+def test_ssh_options_of_the_user_win_over_the_built_in_ones():
+    from vpp_edge.deploy.ssh import SSHTarget
+
+    def effective(target: SSHTarget) -> dict[str, str]:  # ssh -G: the configuration ssh would use, no connection
+        out = subprocess.run([*target.ssh, "-G", target.destination], capture_output=True, text=True, timeout=30)
+        return dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
+
+    assert effective(SSHTarget("robot@jetson", connect_timeout=20))["connecttimeout"] == "20"
+    chosen = effective(SSHTarget("robot@jetson", ["ConnectTimeout=3", "Port=2222"], connect_timeout=20))
+    assert chosen["connecttimeout"] == "3" and chosen["port"] == "2222" and chosen["batchmode"] == "yes"

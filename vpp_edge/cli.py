@@ -345,6 +345,22 @@ def _add_link_args(p: argparse.ArgumentParser, host_flag: str, host_help: str, k
                    help="allow a plaintext link beyond loopback (an isolated network only)")
 
 
+def _rt_priority(text: str) -> int:
+    """A SCHED_FIFO priority, 0 (off) to 99."""
+    value = int(text)
+    if not 0 <= value <= 99:
+        raise ValueError(text)
+    return value
+
+
+def _cpu_list(text: str) -> tuple[int, ...]:
+    """``3`` or ``2,3`` -> (2, 3); argparse turns the ValueError into a one-line usage error."""
+    cpus = tuple(int(c) for c in text.split(",") if c.strip())
+    if not cpus or min(cpus) < 0:
+        raise ValueError(text)
+    return cpus
+
+
 def cmd_bridge(args: argparse.Namespace) -> int:
     from vpp_edge.firmware_bridge.bridge import Bridge, Endpoints, Security
     from vpp_edge.firmware_bridge.config import load_bridge_config
@@ -354,7 +370,11 @@ def cmd_bridge(args: argparse.Namespace) -> int:
     security = Security(_curve_keys(args, "bridge"), str(args.allow) if args.allow else None, args.insecure)
     from vpp_edge.runtime.metrics import print_counts
 
-    with Bridge(make_driver(cfg), cfg, Endpoints.on(args.host, _base_port(args)), security=security) as bridge:
+    from vpp_edge.runtime.realtime import ThreadRealtime
+
+    servo = ThreadRealtime(args.rt_priority, tuple(args.cpus))
+    with Bridge(make_driver(cfg), cfg, Endpoints.on(args.host, _base_port(args)), security=security,
+                servo_realtime=servo) as bridge:
         print(f"{args.robot} bridge up: {bridge.bound()}", flush=True)
         try:  # a failed bridge thread raises ThreadFailure: a non-zero exit, and systemd restarts the bridge
             bridge.supervise(args.duration if args.duration else float("inf"))
@@ -791,6 +811,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_link_args(p, "--host", "interface to bind (default 127.0.0.1; 0.0.0.0: all, needs --keys or --insecure)",
                    "CurveZMQ keys folder holding bridge.key_secret (vpp keys bridge)")
     p.add_argument("--allow", type=Path, help="folder of the client public keys (*.key) the bridge admits")
+    p.add_argument("--rt-priority", type=_rt_priority, default=0, metavar="0-99",
+                   help="SCHED_FIFO priority of the servo thread only (0: best effort); above the runtime's control "
+                        "thread when both share a computer")
+    p.add_argument("--cpus", type=_cpu_list, default=(), metavar="LIST",
+                   help="CPUs of the servo thread, e.g. 3 or 2,3 (default: any)")
     _add_port_arg(p)
     p.set_defaults(func=cmd_bridge)
 
