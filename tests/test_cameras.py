@@ -69,7 +69,7 @@ def test_camera_specs_are_checked(demo_episode):
     from vpp_edge.runtime import protocol as P
     from vpp_edge.runtime.cameras.factory import make_cameras
 
-    with pytest.raises(ConfigError, match="unknown camera source 'usb'.*replay, replay-dali, v4l2, dali, zmq"):
+    with pytest.raises(ConfigError, match="unknown camera source 'usb'.*replay, replay-dali, v4l2, dali, gstreamer, auto, zmq"):
         make_cameras("usb:0", 2, 64)
     with pytest.raises(ConfigError, match="lists 1 device.*takes 2 view"):
         make_cameras("v4l2:/dev/video0", 2, 64)
