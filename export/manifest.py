@@ -14,7 +14,6 @@ from typing import Any
 
 from vpp_edge.errors import VPPError
 from vpp_edge.files import read_json
-from vpp_edge.tokenizer import TOKENIZER_FILE
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_NAME = "vpp-edge-artifact"
@@ -116,6 +115,8 @@ def verify_entry(artifact: str | Path, key: str, entry: dict[str, Any]) -> Path:
 
 def tokenizer_entry(artifact: str | Path) -> dict[str, str]:
     """The manifest's record of the tokenizer file written into ``artifact``."""
+    from vpp_edge.tokenizer import TOKENIZER_FILE  # numpy and tokenizers: not for the stdlib-only deploy agent
+
     return {"tokenizer": TOKENIZER_FILE, "tokenizer_sha256": sha256_file(Path(artifact) / TOKENIZER_FILE)}
 
 
