@@ -29,6 +29,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -157,7 +158,6 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 8192, repeats
         a @ b
     timer = StageTimer(device)
     ms = statistics.median(timer.time(lambda: a @ b) for _ in range(repeats))
-    del a, b
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
@@ -185,12 +185,18 @@ def count_stage_flops(policy, x) -> dict[str, float]:
     return flops
 
 
+@dataclass
 class Variant:
-    """One way of running the step: a callable plus what it holds on the device."""
+    """One way of running the step: a callable plus the policy copy it runs."""
 
-    def __init__(self, name: str, dtype: torch.dtype, fn: Callable[..., torch.Tensor], policy,
-                 fast: FastPredictStep | None = None):
-        self.name, self.dtype, self.fn, self.policy, self.fast = name, dtype, fn, policy, fast
+    dtype: torch.dtype
+    fn: Callable[..., torch.Tensor]
+    policy: torch.nn.Module
+    fast: FastPredictStep | None = None
+
+    @property
+    def sampler_dtype(self) -> torch.dtype:
+        return self.fast.options.sampler_dtype if self.fast else torch.float32
 
     @property
     def staged(self) -> bool:
@@ -208,7 +214,7 @@ def make_variants(base, device: torch.device, names: list[str], compile_mode: st
         dtype = DTYPES[prec]
         sampler = dtype if name.endswith("+head") else torch.float32
         if kind == "eager" and prec == "fp32":
-            out[name] = Variant(name, dtype, lambda *a: base(*a), base)
+            out[name] = Variant(dtype, lambda *a: base(*a), base)
             continue
         options = {
             "eager": FastStepOptions(dtype, sampler, channels_last=False, compile=False, cuda_graph=False,
@@ -217,7 +223,7 @@ def make_variants(base, device: torch.device, names: list[str], compile_mode: st
             "compiled": FastStepOptions(dtype, sampler, compile=True, compile_mode=compile_mode),
         }[kind]
         fast = FastPredictStep(copy.deepcopy(base), options)
-        out[name] = Variant(name, dtype, fast, fast.policy, fast)
+        out[name] = Variant(dtype, fast, fast.policy, fast)
     return out
 
 
@@ -436,8 +442,7 @@ def main() -> int:
                 samples: dict[str, list[float]] = {s: [] for s in STAGES}
                 for _ in range(max(3, args.repeats // 3)):
                     timer.start()
-                    predict_step(v.policy, v.dtype, *x, mark=timer.mark,
-                                 sampler_dtype=v.fast.options.sampler_dtype if v.fast else torch.float32)
+                    predict_step(v.policy, v.dtype, *x, mark=timer.mark, sampler_dtype=v.sampler_dtype)
                     for s, ms in timer.stages_ms().items():
                         samples[s].append(ms)
                 rows[n] = {s: {**summary(t), "tflops": flops[s] / (statistics.median(t) * 1e-3) / 1e12 if flops else None}
