@@ -38,6 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--heldout-set", type=Path, help="held-out set .npz from 'vpp calibrate dataset'")
     s.add_argument("--fresh", action="store_true", help="discard earlier results in --out (the graph cache stays)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_opt_in(s)
     s.set_defaults(func=cmd_sweep)
 
     r = csub.add_parser("report", help="re-render a sweep's report from its finished points",
@@ -45,6 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                     "(e.g. after changing recommend.tolerance in the sweep file).")
     r.add_argument("out", type=Path, help="sweep output folder")
     r.add_argument("--grid", help="sweep file whose 'recommend' section to use (default: the one the sweep ran)")
+    _add_opt_in(r)
     r.set_defaults(func=cmd_report)
 
     d = csub.add_parser("dataset", help="sample a calibration set from real episodes into an .npz",
@@ -62,6 +64,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     k.set_defaults(func=cmd_knobs)
 
 
+def _add_opt_in(parser: argparse.ArgumentParser) -> None:
+    """The opt-in that lets a recommendation change what the policy is fed."""
+    parser.add_argument("--allow-input-changes", action="store_true",
+                        help="let the recommendation change the policy's inputs (fewer cameras: views; fewer "
+                             "frames). Off by default: such points are measured and plotted, never recommended")
+
+
 def _overrides(args: argparse.Namespace) -> dict:
     return {"data": {"roots": [str(p) for p in args.data]}} if getattr(args, "data", None) else {}
 
@@ -72,7 +81,7 @@ def _model_description(spec, checkpoint: Path | None) -> str:
     return f"untrained '{spec['model']['preset']}' model (random weights, seed {spec['model']['seed']})"
 
 
-def _render(out: Path, spec, checkpoint: Path | None, rows: list) -> dict:
+def _render(out: Path, spec, checkpoint: Path | None, rows: list, allow_input_changes: bool = False) -> dict:
     from .report import write_report
     from .sweep import STATE_FILE, base_preset
     from . import knobs as K
@@ -82,7 +91,7 @@ def _render(out: Path, spec, checkpoint: Path | None, rows: list) -> dict:
     split = out / "data" / "split.txt"
     note = split.read_text().strip() if split.is_file() else ""
     base = K.normalize({**K.base_values(base_preset(spec, checkpoint)), **spec["base"]})
-    return write_report(out, spec, rows, base, wall, note, _model_description(spec, checkpoint))
+    return write_report(out, spec, rows, base, wall, note, _model_description(spec, checkpoint), allow_input_changes)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -95,7 +104,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     outcome = run_sweep(spec, out, checkpoint, fresh=args.fresh, progress=not args.quiet,
                         calibration_set=args.calibration_set, heldout_set=args.heldout_set)
     _save_spec(out, args.grid, spec)
-    report = _render(out, spec, checkpoint, outcome.rows)
+    report = _render(out, spec, checkpoint, outcome.rows, args.allow_input_changes)
     _print(report, out, outcome.measured_now, outcome.wall_s)
     return 0
 
@@ -123,7 +132,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     ckpt = state["context"].get("checkpoint")
     checkpoint = Path(ckpt["path"]) if ckpt else None
     rows = read_rows(args.out)
-    report = _render(args.out, spec, checkpoint, rows)
+    report = _render(args.out, spec, checkpoint, rows, args.allow_input_changes)
     _print(report, args.out, 0, None)
     return 0
 
@@ -140,6 +149,10 @@ def _print(report: dict, out: Path, measured_now: int, wall_s: float | None) -> 
     if pick:
         console.print(f"recommended: [green]{pick['label']}[/green] ({pick['total_p50_ms']:.1f} ms p50, action MSE "
                       f"{pick['action_mse']:.2e}) -> {report['runtime_config']}")
+        console.print(f"trades: {report['trade']}", highlight=False)
+    if report["ineligible"]:
+        console.print(f"{len(report['ineligible'])} point(s) that change the policy's inputs (cameras, frames) were "
+                      "not considered; --allow-input-changes lets them be", highlight=False)
 
 
 def cmd_dataset(args: argparse.Namespace) -> int:

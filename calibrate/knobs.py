@@ -41,6 +41,7 @@ class Knob:
     base: Callable[[Preset], Any]  # the value the trained model / a plain export uses
     check: Callable[[Any, Preset], str | None]  # None if fine, else why not
     changes: Callable[[Any, Preset], dict[str, Any]] | None = None  # model knobs: Preset.replace() arguments
+    changes_inputs: bool = False  # what the policy is fed (cameras, frames): never recommended unless opted in
 
 
 def _choice(allowed: tuple[str, ...]) -> Callable[[Any, Preset], str | None]:
@@ -84,16 +85,23 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
     Knob("frames", "model", "frames the TVP predicts and the Video Former reads (at most the trained number)",
          lambda p: p.former.num_frames,
          _int_range(lambda _: 1, lambda q: q.former.num_frames, "the Former has per-frame queries for these only"),
-         lambda v, p: {"tvp": {"num_frames": v}, "former": {"num_frames": v}}),
+         lambda v, p: {"tvp": {"num_frames": v}, "former": {"num_frames": v}}, changes_inputs=True),
     Knob("extract_layer", "model", "TVP up-block the features are taken from (at most the trained one)",
          lambda p: p.tvp.extract_layer_idx, _extract_layer_check,
          lambda v, p: {"tvp": {"extract_layer_idx": v}}),
     Knob("views", "model", "cameras used: the first N of the preset's views",
          lambda p: p.num_views, _int_range(lambda _: 1, lambda q: q.num_views, "cameras the model was trained with"),
-         lambda v, p: {"views": list(p.views[:v])}),
+         lambda v, p: {"views": list(p.views[:v])}, changes_inputs=True),
 )}
 
 MODEL_KNOBS = tuple(k for k, knob in KNOBS.items() if knob.kind == "model")
+INPUT_KNOBS = tuple(k for k, knob in KNOBS.items() if knob.changes_inputs)
+
+
+def input_changes(values: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """The knobs of ``values`` that change the policy's inputs (cameras, frames) from ``base``
+    (the trained configuration), with their values; empty when the inputs are the trained ones."""
+    return {k: values[k] for k in INPUT_KNOBS if k in values and values[k] != base.get(k)}
 
 
 def unknown_knob(name: str, where: str = "") -> KnobError:

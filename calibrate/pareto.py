@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from vpp_edge.errors import VPPError
 
@@ -106,15 +106,19 @@ class Recommendation:
     rejected: dict[str, list[str]] = field(default_factory=dict)  # id -> violations
 
 
-def recommend(rows: Sequence[dict[str, Any]], tolerance: Tolerance, objective: str = "p50") -> Recommendation:
+def recommend(rows: Sequence[dict[str, Any]], tolerance: Tolerance, objective: str = "p50",
+              ineligible: Mapping[str, str] | None = None) -> Recommendation:
     """The fastest measured point within ``tolerance``; ties go to the lower action error,
-    then to the lower p99. ``row`` is None (with the reason) when no point qualifies."""
+    then to the lower p99. ``row`` is None (with the reason) when no point qualifies.
+    ``ineligible``: point id -> why it may not be recommended whatever its figures (it
+    changes the policy's inputs); such points are rejected with that reason first."""
     measured = [r for r in rows if r.get("status") == "ok"]
     if not measured:
         return Recommendation(None, "no point was measured successfully")
+    ineligible = ineligible or {}
     passing, rejected = [], {}
     for r in measured:
-        why = tolerance.violations(r, objective)
+        why = ([ineligible[r["id"]]] if r["id"] in ineligible else []) + tolerance.violations(r, objective)
         if why:
             rejected[r["id"]] = why
         else:

@@ -28,8 +28,12 @@ from .runtime_config import RuntimeConfig, write_runtime_config
 
 ERROR_FLOOR = 1e-12  # errors below this are drawn at it (log axis)
 STAGE_COLOURS = {"tvp": "#4C72B0", "former": "#55A868", "action_head": "#C44E52"}
-PRECISION_COLOURS = {"fp32": "#1f77b4", "fp16": "#ff7f0e", "int8": "#2ca02c"}
-BACKEND_MARKERS = {"onnxruntime": "o", "torch": "s", "tensorrt": "^"}
+PRECISION_COLOURS = {"fp32": "#1f77b4", "fp16": "#ff7f0e", "int8": "#2ca02c", "int8_cpu": "#9467bd",
+                     "int8_ov": "#8c564b"}
+BACKEND_MARKERS = {"onnxruntime": "o", "torch": "s", "tensorrt": "^", "openvino": "v"}
+SPARE_COLOURS = ("#e377c2", "#7f7f7f", "#bcbd22", "#17becf")  # precisions without a colour of their own
+SPARE_MARKERS = ("D", "P", "X", "h")
+OPT_IN_FLAG = "--allow-input-changes"
 KNOB_COLUMNS = list(K.KNOBS)
 MEASURED_COLUMNS = ["total_p50_ms", "total_p99_ms", "tvp_p50_ms", "tvp_p99_ms", "former_p50_ms", "former_p99_ms",
                     "action_head_p50_ms", "action_head_p99_ms", "text_p50_ms", "text_p99_ms", "action_mse",
@@ -71,6 +75,61 @@ def no_effect_notes(rows: Sequence[dict[str, Any]], base: dict[str, Any]) -> lis
     return sorted(notes)
 
 
+def series_styles(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, str], dict[str, str]]:
+    """Colour per precision and marker per backend for every one that ``rows`` use, so
+    each series the plot draws has its own legend entry."""
+    precisions = sorted({r["precision"] for r in rows})
+    backends = sorted({r["backend"] for r in rows})
+    spare_c = iter(SPARE_COLOURS * (1 + len(precisions)))
+    spare_m = iter(SPARE_MARKERS * (1 + len(backends)))
+    colours = {p: PRECISION_COLOURS.get(p) or next(spare_c) for p in precisions}
+    markers = {b: BACKEND_MARKERS.get(b) or next(spare_m) for b in backends}
+    return colours, markers
+
+
+def ineligible_points(rows: Sequence[dict[str, Any]], base: dict[str, Any],
+                      allow_input_changes: bool = False) -> dict[str, str]:
+    """Point id -> why it may not be recommended: it changes the policy's inputs (cameras,
+    frames) from the trained configuration ``base``, and the user did not opt in."""
+    if allow_input_changes:
+        return {}
+    out = {}
+    for r in rows:
+        changed = K.input_changes(r, base) if r.get("status") == "ok" else {}
+        if changed:
+            what = ", ".join(f"{k}={v}" for k, v in changed.items())
+            out[r["id"]] = f"changes the policy's inputs ({what}; opt in with {OPT_IN_FLAG})"
+    return out
+
+
+def _is_reference(row: dict[str, Any], base: dict[str, Any]) -> bool:
+    """``row`` is the trained configuration at FP32 on the default backend."""
+    return row.get("status") == "ok" and all(row.get(k) == base.get(k) for k in K.KNOBS if k != "calibration")
+
+
+def accuracy_trade(pick: dict[str, Any], rows: Sequence[dict[str, Any]], base: dict[str, Any],
+                   objective: str) -> str:
+    """One sentence: the speed the recommended point gains over the trained configuration,
+    the accuracy it gives up for it (vs the FP32 reference), and any input it changes."""
+    errors = (f"action MSE {pick['action_mse']:.2e}, max abs {pick['action_max_abs']:.2e}, feature cosine "
+              f"{pick['feature_cosine_min']:.5f} vs the FP32 reference")
+    reference = next((r for r in rows if _is_reference(r, base)), None)
+    if reference is None:
+        text = f"trades {errors} (the trained configuration was not measured, so no speed-up is known)"
+    elif reference["id"] == pick["id"]:
+        text = f"the trained configuration itself: no accuracy traded ({errors}, i.e. export round-off)"
+    else:
+        ref_ms, ms = latency(reference, objective), latency(pick, objective)
+        text = (f"{ref_ms / ms:.2f}x the speed of the trained configuration ({reference['label']}: {ref_ms:.1f} -> "
+                f"{ms:.1f} ms {objective}) for {errors} (trained configuration: action MSE "
+                f"{reference['action_mse']:.2e})")
+    changed = K.input_changes(pick, base)
+    if changed:
+        text += ("; CHANGES THE POLICY'S INPUTS: " + ", ".join(f"{k}={v} (trained: {base[k]})"
+                                                             for k, v in changed.items()))
+    return text
+
+
 def _cell(v: Any) -> Any:
     if isinstance(v, (list, dict)):
         return json.dumps(v)
@@ -105,22 +164,27 @@ def _place_labels(fig: Any, ax: Any, items: list[tuple[str, float, float, dict[s
 
 
 def plot_pareto(path: Path, rows: Sequence[dict[str, Any]], front: list[str], pick: dict[str, Any] | None,
-                tolerance: Tolerance, objective: str, title: str) -> None:
+                tolerance: Tolerance, objective: str, title: str, ineligible: Sequence[str] = ()) -> list[str]:
+    """Latency vs action error of every measured point; returns the legend's labels (every
+    series drawn has one). ``ineligible``: ids of points that may not be recommended
+    (drawn hollow)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ok = sorted((r for r in rows if r.get("status") == "ok"), key=lambda r: latency(r, objective))
+    colours, markers = series_styles(ok)
     fig, ax = plt.subplots(figsize=(12, 6.5), dpi=110)
     floored = False
     for r in ok:
         x, y = latency(r, objective), max(r["action_mse"], ERROR_FLOOR)
         floored |= r["action_mse"] < ERROR_FLOOR
-        colour = PRECISION_COLOURS.get(r["precision"], "grey")
+        colour = colours[r["precision"]]
         ax.plot([x, r["total_p99_ms"]], [y, y], color=colour, alpha=0.35, lw=1.2, zorder=1)  # p50 -> p99
-        ax.scatter([x], [y], color=colour, marker=BACKEND_MARKERS.get(r["backend"], "D"), s=46,
-                   edgecolor="black", linewidth=0.5, zorder=3)
+        hollow = r["id"] in ineligible
+        ax.scatter([x], [y], marker=markers[r["backend"]], s=46, zorder=3, linewidth=1.2 if hollow else 0.5,
+                   facecolor="none" if hollow else colour, edgecolor=colour if hollow else "black")
     by_id = {r["id"]: r for r in ok}
     frontier = sorted((by_id[i] for i in front if i in by_id), key=lambda r: latency(r, objective))
     if frontier:
@@ -143,14 +207,18 @@ def plot_pareto(path: Path, rows: Sequence[dict[str, Any]], front: list[str], pi
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.25)
     handles, labels = ax.get_legend_handles_labels()
-    for p, c in PRECISION_COLOURS.items():
-        if any(r["precision"] == p for r in ok):
-            handles.append(plt.Line2D([], [], color=c, marker="o", ls="", markeredgecolor="black"))
-            labels.append(p)
-    for b, m in BACKEND_MARKERS.items():
-        if any(r["backend"] == b for r in ok):
-            handles.append(plt.Line2D([], [], color="grey", marker=m, ls="", markeredgecolor="black"))
-            labels.append(b)
+    for p, c in colours.items():
+        handles.append(plt.Line2D([], [], color=c, marker="o", ls="", markeredgecolor="black"))
+        labels.append(f"precision {p}")
+    for b, m in markers.items():
+        handles.append(plt.Line2D([], [], color="grey", marker=m, ls="", markeredgecolor="black"))
+        labels.append(f"backend {b}")
+    if ok:
+        handles.append(plt.Line2D([], [], color="grey", alpha=0.5, lw=1.2))
+        labels.append(f"{objective} -> p99 latency")
+    if any(r["id"] in ineligible for r in ok):
+        handles.append(plt.Line2D([], [], color="grey", marker="o", ls="", markerfacecolor="none"))
+        labels.append(f"changes the policy's inputs: not recommended ({OPT_IN_FLAG})")
     ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.canvas.draw()  # final limits and layout: label boxes are measured in them
@@ -162,6 +230,7 @@ def plot_pareto(path: Path, rows: Sequence[dict[str, Any]], front: list[str], pi
                      for r in ok if r["id"] not in front])
     fig.savefig(path)
     plt.close(fig)
+    return labels
 
 
 def plot_stages(path: Path, rows: Sequence[dict[str, Any]], pick: dict[str, Any] | None, objective: str,
@@ -213,8 +282,9 @@ def _md_table(rows: Sequence[dict[str, Any]], objective: str) -> str:
 
 
 def publish_recommendation(out: Path, pick: dict[str, Any] | None, spec: SweepSpec, tolerance: Tolerance,
-                           objective: str) -> Path | None:
-    """``recommended/artifact`` + ``recommended.yaml`` for ``pick`` (both removed when None)."""
+                           objective: str, trade: str | None = None) -> Path | None:
+    """``recommended/artifact`` + ``recommended.yaml`` for ``pick`` (both removed when None);
+    ``trade``: the accuracy it trades (see :func:`accuracy_trade`), kept in the file."""
     config_path, folder = out / "recommended.yaml", out / "recommended"
     if pick is None:
         config_path.unlink(missing_ok=True)
@@ -229,7 +299,7 @@ def publish_recommendation(out: Path, pick: dict[str, Any] | None, spec: SweepSp
         "measured": {k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in measured.items()},
         "sweep": {"name": spec.name, "point": pick["id"], "label": pick["label"], "objective": objective,
                   "tolerance": {k: v for k, v in tolerance.__dict__.items() if v is not None},
-                  "machine": machine()},
+                  "machine": machine(), **({"trade": trade} if trade else {})},
     })
     return write_runtime_config(config_path, config)
 
@@ -242,10 +312,12 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def write_report(out: str | Path, spec: SweepSpec, rows: Sequence[dict[str, Any]], base: dict[str, Any],
-                 wall_s: float | None = None, data_note: str = "", model: str = "") -> dict[str, Any]:
+                 wall_s: float | None = None, data_note: str = "", model: str = "",
+                 allow_input_changes: bool = False) -> dict[str, Any]:
     """Write every report file into ``out``; returns the JSON report. ``base``: the knob
-    values of the trained configuration. Raises :class:`RecommendationError` (after
-    writing) when no point is within tolerance."""
+    values of the trained configuration. Points that change the policy's inputs (cameras,
+    frames) are measured and plotted but only recommended with ``allow_input_changes``.
+    Raises :class:`RecommendationError` (after writing) when no point is within tolerance."""
     out = Path(out)
     rec_cfg = spec["recommend"]
     objective = rec_cfg["objective"]
@@ -254,21 +326,24 @@ def write_report(out: str | Path, spec: SweepSpec, rows: Sequence[dict[str, Any]
     # Errors below the floor are float32 round-off: equal, so the faster point dominates.
     front_idx = pareto_front([(latency(r, objective), max(r["action_mse"], ERROR_FLOOR)) for r in ok])
     front = [ok[i]["id"] for i in front_idx]
-    rec: Recommendation = recommend(rows, tolerance, objective)
+    ineligible = ineligible_points(rows, base, allow_input_changes)
+    rec: Recommendation = recommend(rows, tolerance, objective, ineligible)
     pick = rec.row
+    trade = accuracy_trade(pick, rows, base, objective) if pick else None
     notes = no_effect_notes(rows, base)
     title = f"{spec.name}: {len(ok)} measured point(s) on {machine()}"
 
     write_csv(out / "report.csv", rows)
-    plot_pareto(out / "pareto.png", rows, front, pick, tolerance, objective, title)
+    plot_pareto(out / "pareto.png", rows, front, pick, tolerance, objective, title, list(ineligible))
     plot_stages(out / "stages.png", rows, pick, objective, f"{spec.name}: per-stage latency ({objective} bars)")
-    config_path = publish_recommendation(out, pick, spec, tolerance, objective)
+    config_path = publish_recommendation(out, pick, spec, tolerance, objective, trade)
     report = {
         "sweep": spec.name, "source": spec.source, "model": model, "machine": machine(), "objective": objective,
         "tolerance": {k: v for k, v in tolerance.__dict__.items() if v is not None},
         "wall_s": wall_s, "data": data_note,
         "counts": {s: sum(1 for r in rows if r.get("status") == s) for s in ("ok", "failed", "skipped")},
-        "frontier": front, "recommended": pick["id"] if pick else None, "reason": rec.reason,
+        "frontier": front, "recommended": pick["id"] if pick else None, "reason": rec.reason, "trade": trade,
+        "allow_input_changes": allow_input_changes, "ineligible": ineligible,
         "runtime_config": str(config_path) if config_path else None, "no_effect": notes,
         "rejected": rec.rejected, "points": list(rows),
     }
@@ -312,6 +387,7 @@ def _summary(spec: SweepSpec, rows: Sequence[dict[str, Any]], ok: list[dict[str,
                   f"- {objective} {latency(r, objective):.1f} ms (p99 {r['total_p99_ms']:.1f} ms); action MSE "
                   f"{r['action_mse']:.2e}, max abs {r['action_max_abs']:.2e}; feature cosine "
                   f"{r['feature_cosine_min']:.5f}; peak RSS {r['peak_rss_mb']:.0f} MB",
+                  f"- trades: {report['trade']}",
                   f"- why: {rec.reason}; tolerance {report['tolerance']}",
                   f"- run it: `vpp run --runtime-config {report['runtime_config']}`", ""]
     else:
@@ -321,6 +397,11 @@ def _summary(spec: SweepSpec, rows: Sequence[dict[str, Any]], ok: list[dict[str,
     lines += [_md_table([by_id[i] for i in front], objective), "", "![latency vs error](pareto.png)", "",
               "![per-stage latency](stages.png)", ""]
     lines += ["## Notes", ""]
+    if report["ineligible"]:
+        lines.append(f"- {len(report['ineligible'])} point(s) change the policy's inputs (cameras or frames: "
+                     f"{', '.join(K.INPUT_KNOBS)}) and were not recommended whatever their figures; re-run with "
+                     f"`{OPT_IN_FLAG}` to let them be: "
+                     + ", ".join(by_id[i]["label"] for i in report["ineligible"]) + ".")
     for n in notes:
         lines.append(f"- `{n}` exports the same graphs as the trained configuration: the knob has no effect here.")
     if "untrained" in str(report["model"]):
