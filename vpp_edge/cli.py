@@ -404,14 +404,20 @@ def _run_runtime(args: argparse.Namespace) -> dict:
     host, base = getattr(args, "bridge_host", "127.0.0.1"), _base_port(args)  # vpp demo: its bridge on loopback
     endpoints = _runtime_endpoints(host, base)
     instruction = args.instruction or episode.instruction
-    link = BridgeLink(*endpoints, curve=_curve_keys(args, "runtime", "bridge"),
-                      insecure=getattr(args, "insecure", False))
     recorder = None
     if getattr(args, "record", None):  # a LeRobot dataset of the run, fed from the metrics thread
         from vpp_edge.recording import EpisodeRecorder
 
         recorder = EpisodeRecorder(args.record, cameras, instruction, 1.0 / robot.dt, robot.name)
-    metrics = Metrics(args.log, status=not args.quiet and sys.stderr.isatty(), sinks=[recorder] if recorder is not None else [])
+    viewer = None
+    if getattr(args, "rerun", None):  # a rerun recording of the run, also fed from the metrics thread
+        from vpp_edge.rerun_view import RerunWriter
+
+        viewer = RerunWriter(args.rerun, cameras, robot.dt)
+    sinks = [sink for sink in (recorder, viewer) if sink is not None]
+    link = BridgeLink(*endpoints, curve=_curve_keys(args, "runtime", "bridge"),
+                      insecure=getattr(args, "insecure", False))
+    metrics = Metrics(args.log, status=not args.quiet and sys.stderr.isatty(), sinks=sinks)
     try:
         with Policy.load(artifact, args.backend, args.precision, seed=args.seed) as policy:  # the Python API's object
             engine = policy.engine
@@ -429,8 +435,13 @@ def _run_runtime(args: argparse.Namespace) -> dict:
     finally:
         metrics.close()
         link.close()
+        if viewer is not None:
+            viewer.close()
     if recorder is not None:
         _write_recording(recorder, run)
+    if viewer is not None:
+        run["notes"].append(f"rerun recording {args.rerun}: open it with 'rerun {args.rerun}'")
+        print(f"note: {run['notes'][-1]}", flush=True)
     resized = sorted(f"{w}x{h}" for h, w in source_sizes() if (h, w) != (preset.image_size, preset.image_size))
     if resized:  # said once, not per frame
         note = (f"camera frames of {', '.join(resized)} were centre-cropped to squares and resized to "
@@ -475,10 +486,10 @@ def _run_inputs(args: argparse.Namespace):
 
 def _tick_record_every(args: argparse.Namespace, run: dict) -> int:
     """--log-ticks, else every tick for a run of finite duration and none for an endless one
-    (a deployed service's log would grow by GBs a day); --record needs every tick."""
+    (a deployed service's log would grow by GBs a day); --record and --rerun need every tick."""
     import math
 
-    if getattr(args, "record", None):
+    if getattr(args, "record", None) or getattr(args, "rerun", None):
         return 1
     if args.log_ticks is not None:
         return args.log_ticks
@@ -688,6 +699,9 @@ def _add_run_args(p: argparse.ArgumentParser, duration: float, artifact_default:
                    "(default 1; 0 for --duration inf, where a tick log grows by GBs a day)")
     p.add_argument("--record", type=Path, metavar="DIR", help="write the run as a LeRobot v3.0 dataset (frames, "
                    "robot states, actions sent, instruction) that 'vpp train' reads; DIR must be new or empty")
+    p.add_argument("--rerun", type=Path, metavar="FILE.rrd", help="write a rerun recording of the run (camera views, "
+                   "predicted chunks vs targets sent, robot state, latency per stage; open it with 'rerun FILE.rrd'; "
+                   "needs the optional rerun-sdk)")
     p.add_argument("--json", type=Path, help="write the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no live status line")
     _add_port_arg(p)

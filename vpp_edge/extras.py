@@ -36,6 +36,7 @@ EXTRAS: dict[str, Extra] = {
         Extra("nvidia.dali", "nvidia-dali-cuda120", "DALI camera decoding", "pip install nvidia-dali-cuda120"),
         Extra("metaworld", "metaworld", "MetaWorld simulator bridge and evaluation", "make install"),
         Extra("zmq", "pyzmq", "ZeroMQ link runtime <-> bridge", "pip install pyzmq"),
+        Extra("rerun", "rerun-sdk", "rerun recordings of a run (--rerun FILE.rrd)", "pip install rerun-sdk==0.41.0"),
         Extra("franky", "franky-control", "Franka Panda driver", "pip install franky-control"),
         Extra("xarm", "xarm-python-sdk", "xArm driver", "pip install xarm-python-sdk"),
         Extra("xhand_controller", "xhand_controller", "XHand driver (RobotEra SDK, not on PyPI)",
