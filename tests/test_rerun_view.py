@@ -18,10 +18,10 @@ needs_rerun = pytest.mark.skipif(not is_available("rerun"), reason="rerun-sdk is
 def test_a_run_writes_a_rerun_recording(exported, demo_episode, capsys, tmp_path):
     from vpp_edge.rerun_view import read_entities
 
-    rrd = tmp_path / "run.rrd"
+    rrd, log = tmp_path / "run.rrd", tmp_path / "run.jsonl"
     with _Bridge() as bridge:
         code, out, err = run_cli(["run", "--artifact", exported[0], "--episode", demo_episode, "--base-port",
-                                  bridge.base, "--duration", 2, "--quiet", "--rerun", rrd,
+                                  bridge.base, "--duration", 2, "--quiet", "--rerun", rrd, "--log", log,
                                   "--robot", sim_robot(tmp_path, 5.0)], capsys)
     assert code == 0, err
     assert f"rerun recording {rrd}: open it with 'rerun {rrd}'" in out
@@ -36,6 +36,26 @@ def test_a_run_writes_a_rerun_recording(exported, demo_episode, capsys, tmp_path
     assert rows["/robot/joints/j0"] >= 3
     assert any(e.startswith("/latency/") and e != "/latency/end_to_end_ms" for e in rows)  # per stage
     assert rows["/latency/end_to_end_ms"] >= 2
+
+    # vpp replay: the run log as a recording, the same series less the camera frames
+    code, out, err = run_cli(["replay", log, "--out", tmp_path / "replay.rrd"], capsys)
+    assert code == 0, err
+    assert f"wrote {tmp_path / 'replay.rrd'}" in out
+    replayed = read_entities(tmp_path / "replay.rrd")
+    assert not any(e.startswith("/cameras/") for e in replayed)
+    for entity in ("/run", "/actions/a0/predicted", "/actions/a0/executed", "/actions/a0/setpoint",
+                   "/robot/joints/j0", "/latency/end_to_end_ms"):
+        assert replayed[entity] == rows[entity], entity  # every record the live writer got is in the log
+
+
+@needs_rerun
+def test_replay_refuses_a_log_without_ticks(capsys, tmp_path):
+    log = tmp_path / "run.jsonl"
+    log.write_text('{"t": 1.0, "record": "run"}\n')
+    code, _, err = run_cli(["replay", log], capsys)
+    assert_one_line_error(code, err, cli.EXIT_ERROR, match="fewer than two tick records")
+    code, _, err = run_cli(["replay", tmp_path / "nope.jsonl"], capsys)
+    assert_one_line_error(code, err, cli.EXIT_ERROR, match="no such file")
 
 
 def test_rerun_without_rerun_sdk_is_one_line_and_exit_3(exported, capsys, tmp_path, monkeypatch):

@@ -670,6 +670,17 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from vpp_edge.extras import require
+    from vpp_edge.rerun_view import replay_log
+
+    _existing(args.log, "run log")
+    require("rerun", "vpp replay (a rerun recording of a run log)")
+    out = replay_log(args.log, args.out)
+    print(f"wrote {out}: open it with 'rerun {out}'")
+    return 0
+
+
 def _add_run_args(p: argparse.ArgumentParser, duration: float, artifact_default: Path | None = DEFAULT_ARTIFACT) -> None:
     p.add_argument("--artifact", type=Path, default=artifact_default,
                    help=f"export artifact (default {artifact_default or DEFAULT_ARTIFACT})")
@@ -858,6 +869,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("log", type=Path, help="JSONL run log written by --log")
     p.add_argument("--out", type=Path, help="PNG to write (default: the log's name with .png)")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("replay", help="a run's JSONL log (--log) as a rerun recording (.rrd) to replay",
+                       description="Turn 'vpp run/demo --log LOG' into a rerun recording: predicted chunks vs the "
+                                   "targets sent and the robot's setpoint per action dimension, joints, per-stage "
+                                   "latency and events over time (no camera frames: the log has none; 'vpp run "
+                                   "--rerun' records them). Needs the optional rerun-sdk.")
+    p.add_argument("log", type=Path, help="JSONL run log written by --log")
+    p.add_argument("--out", type=Path, help="recording to write (default: the log's name with .rrd)")
+    p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("presets", help="list presets, or show one",
                        description="List the model presets, or print one in full as YAML.")

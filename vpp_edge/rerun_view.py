@@ -15,6 +15,9 @@ first record, on the runtime's monotonic clock)::
     robot/joints/j<K>       the robot's joint state as the bridge reported it
     latency/<stage>_ms      per-stage inference time of each chunk, and end_to_end_ms
     events                  safety verdicts (other than clamping), faults, bridge events
+
+``vpp replay LOG`` (:func:`replay_log`) writes the same recording, less the camera frames,
+from a finished run's ``--log``.
 """
 
 from __future__ import annotations
@@ -132,6 +135,27 @@ class RerunWriter:
         detail = record.get("detail")
         self.stream.log("events", self.rr.TextLog(f"{record.get('kind', '?')}" + (f": {detail}" if detail else ""),
                                                   level="WARN"))
+
+
+def replay_log(log: str | Path, out: str | Path | None = None) -> Path:
+    """``vpp replay LOG``: a run log (``--log``) as a rerun recording, everything but the
+    camera frames (the log has none); the control period is the ticks' median spacing.
+    Returns the .rrd's path (default: the log's with ``.rrd``)."""
+    from vpp_edge.errors import DataError
+    from vpp_edge.runlog import read_records
+
+    records = read_records(log)
+    ticks = np.array([r["t"] for r in records if r.get("record") == "tick"], np.float64)
+    if len(ticks) < 2:
+        raise DataError(f"{log}: fewer than two tick records (written by 'vpp run --log' with --log-ticks 1)")
+    out = Path(out) if out else Path(log).with_suffix(".rrd")
+    writer = RerunWriter(out, cameras=(), dt=float(np.median(np.diff(ticks))))
+    try:
+        for record in records:
+            writer(record)
+    finally:
+        writer.close()
+    return out
 
 
 def read_entities(path: str | Path) -> dict[str, int]:

@@ -38,8 +38,8 @@ class RunLog:
     events: list[tuple[float, str]] = field(default_factory=list)  # (t, kind)
 
 
-def read_run(path: str | Path) -> RunLog:
-    """Parse a run log; :class:`DataError` for a file that is not one, naming the line."""
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a run log in order; :class:`DataError` naming the line that is not JSON."""
     path = Path(path)
     records = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -49,6 +49,13 @@ def read_run(path: str | Path) -> RunLog:
             records.append(json.loads(line))
         except json.JSONDecodeError as exc:
             raise DataError(f"{path} line {n}: not JSON ({exc.msg})") from None
+    return records
+
+
+def read_run(path: str | Path) -> RunLog:
+    """Parse a run log; :class:`DataError` for a file that is not one, naming the line."""
+    path = Path(path)
+    records = read_records(path)
     ticks = [r for r in records if r.get("record") == "tick"]
     if not ticks:
         raise DataError(f"{path}: no tick records (written by 'vpp run --log' since the run record was added)")
