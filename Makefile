@@ -84,7 +84,7 @@ MW_EVAL     ?= 10
 metaworld-policy: $(STAMP)  ## record MetaWorld demos, train + export metaworld_tiny, evaluate it closed loop (FP32, INT8)
 	@test -f data/metaworld/demos.json || $(BIN)/vpp record metaworld --tasks $(MW_TASKS) --episodes $(MW_EPISODES) --out data/metaworld
 	@test -e runs/policy-metaworld/last || $(BIN)/vpp train policy --config policy_metaworld --out runs/policy-metaworld
-	$(BIN)/vpp export --checkpoint runs/policy-metaworld/last --out artifacts/metaworld_tiny --precisions fp32,int8 --calibration-data data/metaworld
+	$(BIN)/vpp export --checkpoint runs/policy-metaworld/last --out artifacts/metaworld_tiny --precisions fp32,int8 --data data/metaworld
 	$(BIN)/vpp eval metaworld --artifact artifacts/metaworld_tiny --tasks $(MW_TASKS) --episodes $(MW_EVAL) --precision fp32 --out results/metaworld/fp32
 	$(BIN)/vpp eval metaworld --artifact artifacts/metaworld_tiny --tasks $(MW_TASKS) --episodes $(MW_EVAL) --precision int8 --out results/metaworld/int8
 

@@ -32,8 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--grid", default="tiny", help="sweep name in calibrate/sweeps (default tiny) or a YAML file")
     s.add_argument("--out", type=Path, help="output folder (default artifacts/calibrate/<sweep name>)")
     s.add_argument("--checkpoint", type=Path, help="trained vpp-edge checkpoint (default: the sweep's model section)")
-    s.add_argument("--data", type=Path, action="append",
-                   help="folder of datasets in the official sample format (repeatable; default shared/vpp_samples)")
+    s.add_argument("--data", type=Path, action="extend", nargs="+", metavar="DIR",
+                   help="folder(s) of datasets in the official sample format (repeatable; default shared/vpp_samples)")
     s.add_argument("--calibration-set", type=Path, help="calibration set .npz from 'vpp calibrate dataset'")
     s.add_argument("--heldout-set", type=Path, help="held-out set .npz from 'vpp calibrate dataset'")
     s.add_argument("--fresh", action="store_true", help="discard earlier results in --out (the graph cache stays)")
@@ -56,7 +56,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--preset", default="tiny", help="preset giving the views and image size (default tiny)")
     d.add_argument("--samples", type=int, default=16, help="observations (default 16)")
     d.add_argument("--offset", type=int, default=0, help="time-step offset (use another one for a held-out set)")
-    d.add_argument("--data", type=Path, action="append", help="dataset folder(s) (default shared/vpp_samples)")
+    d.add_argument("--data", type=Path, action="extend", nargs="+", metavar="DIR",
+                   help="folder(s) of datasets in the official sample format (repeatable; default shared/vpp_samples)")
     d.set_defaults(func=cmd_dataset)
 
     k = csub.add_parser("knobs", help="list the knobs a sweep grid can turn")

@@ -141,7 +141,7 @@ def _same_observations(artifact: Artifact, parity: dict[str, Any]) -> tuple[list
     obs = sample_observations(artifact.preset.num_views, artifact.preset.image_size, n_parity + n_calib)
     if [o.source for o in obs] != parity["observations"] + parity["calibration_observations"]:
         raise ParityError(f"{artifact.root}: the export's observations cannot be sampled again here (exported "
-                          "with --calibration-data, or another shared/vpp_samples)")
+                          "with --data, or another shared/vpp_samples)")
     return obs[:n_parity], obs[n_parity:]
 
 

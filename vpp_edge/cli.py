@@ -273,7 +273,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.calibration_samples is not None:
         overrides["calibration_samples"] = args.calibration_samples
     options = load_options(args.config, **overrides)  # a bad config fails here, before torch is imported
-    for path in args.calibration_data or ():
+    data = [*(args.data or ()), *(args.data_old_spelling or ())]
+    for path in args.data or ():
+        _existing(path, "--data")
+    for path in args.data_old_spelling or ():
         _existing(path, "--calibration-data")
     _existing(args.checkpoint, "--checkpoint")
     import torch
@@ -286,13 +289,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     (policy, tokenizer), source = _load_policy(args)
     out = args.out or Path("artifacts") / policy.preset.name
     observations = None
-    if args.calibration_data:  # frames of the robot/simulator the model will see, not the samples
+    if data:  # frames of the robot/simulator the model will see, not the samples
         from vpp_edge.calibrate.frames import sample_observations
 
         preset = policy.preset
         observations = sample_observations(preset.num_views, preset.image_size,
                                            options["parity_samples"] + options["calibration_samples"],
-                                           roots=list(args.calibration_data))
+                                           roots=data)
     manifest = export_artifact(policy, tokenizer, out, options, observations, source=source, progress=not args.quiet)
     print((Path(out) / "parity.md").read_text())
     print(f"wrote {out}: {len(manifest['graphs'])} graphs ({', '.join(manifest_precisions(manifest))}), "
@@ -792,9 +795,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precisions", help="comma list from fp32,fp16,int8,int8_cpu (default all)")
     p.add_argument("--parity-samples", type=int, help="held-out observations for the gates")
     p.add_argument("--calibration-samples", type=int, help="observations for INT8 calibration")
-    p.add_argument("--calibration-data", type=Path, nargs="+", metavar="DIR",
-                   help="datasets (sample format) supplying the parity and calibration frames "
-                        "(default: ../shared/vpp_samples)")
+    p.add_argument("--data", type=Path, action="extend", nargs="+", metavar="DIR",
+                   help="folder(s) of datasets in the official sample format supplying the parity and calibration "
+                        "frames (repeatable; default shared/vpp_samples), as for 'vpp calibrate'")
+    p.add_argument("--calibration-data", dest="data_old_spelling", type=Path, action="extend", nargs="+",
+                   help=argparse.SUPPRESS)  # the spelling before --data: still accepted
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_export)
