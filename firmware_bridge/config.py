@@ -1,4 +1,5 @@
-"""Bridge configs as data (``firmware_bridge/robots/<name>.yaml``)."""
+"""Bridge configs: the bridge's view of the robot's one description (``vpp_edge/robots/<name>.yaml``,
+shared with the runtime; see :mod:`vpp_edge.robot_description`)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from vpp_edge.errors import VPPError
-from vpp_edge.files import named_config
+from vpp_edge.robot_description import ROBOTS_DIR, bridge_part, read_robot_description
 
-CONFIG_DIR = Path(__file__).with_name("robots")
+CONFIG_DIR: Path = ROBOTS_DIR  # the one home of robot descriptions (the runtime reads the same files)
 _VECTORS = ("setpoint_low", "setpoint_high", "max_step", "max_vel", "max_acc", "max_tracking_error")
 
 
@@ -49,6 +49,7 @@ class BridgeConfig:
 
 
 def bridge_config_from_dict(data: dict, source: str = "bridge config") -> BridgeConfig:
+    """A ``BridgeConfig`` from its fields (``bridge_part`` of a robot description)."""
     names = {f.name for f in fields(BridgeConfig)}
     if isinstance(data, dict):
         data = {"driver": {}, **data}
@@ -72,8 +73,6 @@ def bridge_config_from_dict(data: dict, source: str = "bridge config") -> Bridge
 
 
 def load_bridge_config(name_or_path: str) -> BridgeConfig:
-    path = named_config(name_or_path, CONFIG_DIR, BridgeConfigError, "bridge robot")
-    try:
-        return bridge_config_from_dict(yaml.safe_load(path.read_text()), str(path))
-    except (OSError, yaml.YAMLError) as exc:
-        raise BridgeConfigError(f"{path}: cannot read ({exc})") from None
+    """The bridge's part of a shipped robot description by name, or of a description YAML."""
+    data, source = read_robot_description(name_or_path, BridgeConfigError, "bridge robot")
+    return bridge_config_from_dict(bridge_part(data), source)

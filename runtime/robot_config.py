@@ -1,4 +1,5 @@
-"""Per-robot runtime limits and rates, as data (``runtime/robots/<name>.yaml``)."""
+"""Per-robot runtime limits and rates: the runtime's view of the robot's one description
+(``vpp_edge/robots/<name>.yaml``, shared with the bridge; see :mod:`vpp_edge.robot_description`)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from vpp_edge.errors import VPPError
-from vpp_edge.files import named_config
+from vpp_edge.robot_description import ROBOTS_DIR, read_robot_description, runtime_part
 
-ROBOT_DIR = Path(__file__).with_name("robots")
+ROBOT_DIR: Path = ROBOTS_DIR  # the one home of robot descriptions (the bridge reads the same files)
 
 
 class ConfigError(VPPError, ValueError):
@@ -48,6 +48,7 @@ class RobotConfig:
 
 
 def robot_config_from_dict(data: dict, source: str = "robot config") -> RobotConfig:
+    """A ``RobotConfig`` from its fields (``runtime_part`` of a robot description)."""
     names = {f.name for f in fields(RobotConfig)}
     if not isinstance(data, dict) or set(data) != names:
         got = set(data) if isinstance(data, dict) else set()
@@ -66,10 +67,6 @@ def robot_config_from_dict(data: dict, source: str = "robot config") -> RobotCon
 
 
 def load_robot_config(name_or_path: str) -> RobotConfig:
-    """A shipped robot config by name, or a YAML file."""
-    path = named_config(name_or_path, ROBOT_DIR, ConfigError, "robot")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read ({exc})") from None
-    return robot_config_from_dict(data, str(path))
+    """The runtime's part of a shipped robot description by name, or of a description YAML."""
+    data, source = read_robot_description(name_or_path, ConfigError, "robot")
+    return robot_config_from_dict(runtime_part(data), source)

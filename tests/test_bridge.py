@@ -378,20 +378,74 @@ def test_bridge_configs():
         config(hold_after_s=2.0)
 
 
-@pytest.mark.parametrize("robot", ["sim", "metaworld", "panda", "xarm_xhand"])
-def test_runtime_limits_fit_inside_the_bridge_limits(robot):
-    """Whatever the runtime's safety gate lets through, the bridge accepts: delta actions no
-    larger than one accepted step, absolute ones inside the setpoint bounds."""
+SHIPPED_ROBOTS = ("metaworld", "panda", "sim", "xarm_xhand")
+
+
+def test_each_robot_is_described_in_one_file_only():
+    """vpp_edge/robots/<name>.yaml is the only place a robot's limits, rates and deadlines are
+    written: both loaders read that folder, and no other YAML in the packages carries them."""
+    from pathlib import Path
+
+    from vpp_edge.firmware_bridge.config import CONFIG_DIR
+    from vpp_edge.robot_description import ROBOTS_DIR, known_robots
+    from vpp_edge.runtime.robot_config import ROBOT_DIR
+
+    assert ROBOT_DIR == CONFIG_DIR == ROBOTS_DIR and tuple(known_robots()) == SHIPPED_ROBOTS
+    repo = Path(__file__).resolve().parents[1]
+    facts = ("watchdog_hold_s", "hold_after_s", "hold_s:", "action_low", "setpoint_low", "max_step", "control_hz")
+    elsewhere = [p.relative_to(repo).as_posix()
+                 for top in ("vpp_edge", "runtime", "firmware_bridge", "deploy", "calibrate", "export", "evaluation")
+                 for p in (repo / top).rglob("*.yaml")
+                 if p.parent != ROBOTS_DIR and any(f in p.read_text() for f in facts)]
+    assert not elsewhere, f"robot facts outside vpp_edge/robots: {elsewhere}"
+
+
+@pytest.mark.parametrize("robot", SHIPPED_ROBOTS)
+def test_runtime_and_bridge_read_one_description(robot, tmp_path):
+    """The shared facts come out the same on both sides, and a change written once reaches both."""
+    import yaml
+
+    from vpp_edge.robot_description import ROBOTS_DIR
     from vpp_edge.runtime.robot_config import load_robot_config
 
     rt, br = load_robot_config(robot), load_bridge_config(robot)
-    delta = np.asarray(br.delta_dims, bool)
-    biggest = np.maximum(np.abs(rt.low), np.abs(rt.high))
-    assert rt.action_dim == br.dim
-    assert np.all(biggest[delta] <= br.vec("max_step")[delta] + 1e-12)
-    assert np.all(rt.low[~delta] >= br.vec("setpoint_low")[~delta])
-    assert np.all(rt.high[~delta] <= br.vec("setpoint_high")[~delta])
-    assert np.all(rt.delta[~delta] <= br.vec("max_step")[~delta])
+    assert rt.name == br.name == robot and rt.action_dim == br.dim
+    assert (rt.watchdog_hold_s, rt.watchdog_stop_s) == (br.hold_after_s, br.stop_after_s)
+
+    data = yaml.safe_load((ROBOTS_DIR / f"{robot}.yaml").read_text())
+    data["watchdog"] = {"hold_s": 0.25, "stop_s": 0.75}
+    data["runtime"]["stale_observation_s"] = 0.2
+    data["bridge"]["servo_hz"] = 123
+    path = tmp_path / f"{robot}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    rt, br = load_robot_config(str(path)), load_bridge_config(str(path))
+    assert (rt.watchdog_hold_s, rt.watchdog_stop_s) == (br.hold_after_s, br.stop_after_s) == (0.25, 0.75)
+    assert rt.stale_observation_s == 0.2 and br.servo_hz == 123
+
+
+def test_a_description_whose_runtime_limits_exceed_the_bridge_is_refused_by_both(tmp_path):
+    """Whatever the runtime's safety gate lets through, the bridge accepts (delta actions no
+    larger than one accepted step, absolute ones inside the setpoint bounds): checked when
+    either side reads the description, so a robot cannot ship with parts that disagree."""
+    import yaml
+
+    from vpp_edge.robot_description import ROBOTS_DIR
+    from vpp_edge.runtime.robot_config import ConfigError, load_robot_config
+
+    base = yaml.safe_load((ROBOTS_DIR / "sim.yaml").read_text())
+    high = base["runtime"]["action_high"]
+    delta_too_big = {**base, "runtime": {**base["runtime"], "action_high": [0.5, *high[1:]]}}  # x: beyond max_step
+    gripper_outside = {**base, "runtime": {**base["runtime"], "action_high": [*high[:6], 1.5]}}  # beyond setpoint_high
+    for i, data in enumerate((delta_too_big, gripper_outside)):
+        path = tmp_path / f"bad{i}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        with pytest.raises(ConfigError, match="the bridge refuses in dimension"):
+            load_robot_config(str(path))
+        with pytest.raises(BridgeConfigError, match="the bridge refuses in dimension"):
+            load_bridge_config(str(path))
+    path.write_text(yaml.safe_dump({**base, "watchdog": {"hold_s": 0.5}}))
+    with pytest.raises(BridgeConfigError, match="missing"):
+        load_bridge_config(str(path))
 
 
 def test_handshake_checks_schema_and_action_shape(rig):

@@ -186,7 +186,9 @@ def sim_robot(tmp_path: Path, stale_s: float) -> Path:
     """The sim robot config with another stale_observation_s: 0.001 refuses every chunk; a
     generous one keeps a run that must succeed from failing on a loaded CI machine."""
     robot = tmp_path / f"sim_stale_{stale_s}.yaml"
-    text = (Path(P.__file__).parent / "robots" / "sim.yaml").read_text()
+    from vpp_edge.robot_description import ROBOTS_DIR
+
+    text = (ROBOTS_DIR / "sim.yaml").read_text()
     robot.write_text(text.replace("stale_observation_s: 0.5", f"stale_observation_s: {stale_s}"))
     return robot
 

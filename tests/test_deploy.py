@@ -63,7 +63,7 @@ def test_bundle_contents_checksums_and_determinism(exported, tmp_path):
     out = write_bundle(bundle, tmp_path / "bundle")
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     for needed in ("code/vpp_edge/cli.py", "code/vpp_edge/runtime/policy.py", "code/vpp_edge/runtime/engines/onnxruntime.py",
-                   "code/vpp_edge/runtime/cameras/replay.py", "code/vpp_edge/runtime/robots/sim.yaml",
+                   "code/vpp_edge/runtime/cameras/replay.py", "code/vpp_edge/robots/sim.yaml",
                    "code/vpp_edge/export/manifest.py", "code/vpp_edge/firmware_bridge/bridge.py",
                    "code/vpp_edge/deploy/remote.py", "code/vpp_edge/presets/tiny.yaml",
                    "artifact/manifest.json", "artifact/tokenizer.json", "artifact/fp32/tvp.onnx",

@@ -687,7 +687,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def _add_run_args(p: argparse.ArgumentParser, duration: float, artifact_default: Path | None = DEFAULT_ARTIFACT) -> None:
     p.add_argument("--artifact", type=Path, default=artifact_default,
                    help=f"export artifact (default {artifact_default or DEFAULT_ARTIFACT})")
-    p.add_argument("--robot", default="sim", help="runtime robot config (limits, rates): sim, panda, xarm_xhand or a YAML")
+    p.add_argument("--robot", default="sim", help="robot description (vpp_edge/robots/<name>.yaml, shared with the "
+                   "bridge): sim, metaworld, panda, xarm_xhand or a YAML")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, metavar="BACKEND",
                    help="%(choices)s (default %(default)s)")
     p.add_argument("--precision", choices=PRECISION_CHOICES, metavar="PRECISION",
@@ -836,7 +837,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Serve a robot (or a simulator) to runtimes over ZeroMQ: targets in, state and "
                                    "events out, its own deadlines and limits. Exits non-zero if a bridge thread fails.")
     p.add_argument("--robot", default="sim", help="sim | metaworld | panda | xarm_xhand")
-    p.add_argument("--config", type=Path, help="bridge YAML (default firmware_bridge/robots/<robot>.yaml)")
+    p.add_argument("--config", type=Path,
+                   help="robot description YAML (default vpp_edge/robots/<robot>.yaml, shared with the runtime)")
     p.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (default: run until Ctrl-C)")
     _add_link_args(p, "--host", "interface to bind (default 127.0.0.1; 0.0.0.0: all, needs --keys or --insecure)",
                    "CurveZMQ keys folder holding bridge.key_secret (vpp keys bridge)")
