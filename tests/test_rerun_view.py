@@ -58,11 +58,12 @@ def test_replay_refuses_a_log_without_ticks(capsys, tmp_path):
     assert_one_line_error(code, err, cli.EXIT_ERROR, match="no such file")
 
 
-def test_rerun_without_rerun_sdk_is_one_line_and_exit_3(exported, capsys, tmp_path, monkeypatch):
+def test_rerun_without_rerun_sdk_is_one_line_and_exit_3(capsys, tmp_path, monkeypatch):
     from vpp_edge import extras
 
     real = extras.is_available
     monkeypatch.setattr(extras, "is_available", lambda module: module != "rerun" and real(module))
-    code, _, err = run_cli(["run", "--artifact", exported[0], "--duration", 1, "--rerun", tmp_path / "x.rrd"], capsys)
+    code, _, err = run_cli(["run", "--artifact", tmp_path / "none", "--duration", 1, "--rerun", tmp_path / "x.rrd"],
+                           capsys)  # said before the artifact is even looked at
     assert_one_line_error(code, err, cli.EXIT_MISSING_DEPENDENCY, match="pip install rerun-sdk==0.41.0")
     assert not (tmp_path / "x.rrd").exists()

@@ -400,6 +400,10 @@ def _run_runtime(args: argparse.Namespace) -> dict:
     from vpp_edge.runtime.metrics import Metrics
     from vpp_edge.runtime.verdict import run_verdict
 
+    if getattr(args, "rerun", None):  # a missing optional package fails before any heavy work
+        from vpp_edge.rerun_view import require_rerun
+
+        require_rerun()
     artifact, robot, episode, notes = _run_inputs(args)
     preset = artifact.preset
     source_sizes(reset=True)  # replay cameras prepare their frames here, live ones while running

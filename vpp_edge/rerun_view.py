@@ -35,12 +35,17 @@ TIMELINE = "run_time"
 APPLICATION_ID = "vpp-edge"
 
 
+def require_rerun() -> Any:
+    """The ``rerun`` module, or :class:`MissingDependencyError` with its one-line install hint."""
+    return require("rerun", "--rerun (a rerun recording of the run)")
+
+
 class RerunWriter:
     """Writes the metrics records of one run (``__call__`` takes each) into an .rrd file;
     :meth:`close` flushes it. Raises :class:`MissingDependencyError` without rerun-sdk."""
 
     def __init__(self, path: str | Path, cameras: Sequence[Any], dt: float, image_every_s: float = 0.1):
-        self.rr = require("rerun", "--rerun (a rerun recording of the run)")
+        self.rr = require_rerun()
         self.path, self.cameras, self.dt, self.image_every_s = Path(path), cameras, dt, image_every_s
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.stream = self.rr.RecordingStream(APPLICATION_ID)
