@@ -12,7 +12,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--artifact", type=Path, default=Path("artifacts/tiny"),
                    help="export artifact to deploy (default artifacts/tiny)")
     p.add_argument("--runtime-config", type=Path, help="runtime config YAML (recommended.yaml from 'vpp calibrate'): "
-                   "its artifact, backend and precision replace --artifact and the runtime settings")
+                   "its artifact, backend, precision and threads replace --artifact and the runtime settings")
     p.add_argument("--robot", help="robot of the runtime and bridge units: sim | panda | xarm_xhand (default sim)")
     p.add_argument("--install-root", help="folder on the target (default /opt/vpp-edge)")
     p.add_argument("--profile", help="target: jetson-orin-jp6 (JetPack 6.2) | jetson-orin-jp7 (JetPack 7) | linux | "
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
         recommended = load_runtime_config(args.runtime_config)
         args.artifact = recommended.artifact
-        runtime = {"backend": recommended.backend, "precision": recommended.precision}
+        runtime = {"backend": recommended.backend, "precision": recommended.precision, "threads": recommended.threads}
     cfg = load_config(args.config, install_root=args.install_root, profile=args.profile, python=args.python,
                       venv_python=args.venv_python, online=args.online, allow_cpu_fallback=args.allow_cpu_fallback,
                       service_manager=args.service_manager, unit_dir=args.unit_dir, robot=args.robot,

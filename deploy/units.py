@@ -64,6 +64,11 @@ def runtime_command(cfg: dict[str, Any]) -> list[str]:
         argv += ["--cameras", rt["cameras"]]
     if rt.get("precision"):
         argv += ["--precision", rt["precision"]]
+    threads = rt.get("threads") or 0
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise DeployConfigError(f"runtime.threads must be a non-negative integer, got {threads!r}")
+    if threads:
+        argv += ["--threads", str(threads)]
     return argv + [str(a) for a in rt.get("args", [])]
 
 

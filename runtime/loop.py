@@ -45,8 +45,9 @@ MAX_COUNTERS = 256  # distinct counter names a run keeps (bridge event kinds bey
 class RunOptions:
     duration_s: float = 10.0
     smoothing: str = "crossfade"
-    crossfade_steps: int = 3
-    margin_steps: int = 2
+    crossfade_steps: int = 3  # smoothing "crossfade": ticks over which a new chunk fades in
+    margin_steps: int = 2  # infer when the plan would run dry within p95 latency + this many ticks
+    ensemble_m: float = 0.1  # smoothing "ensemble": weight exp(-m * i) of a tick's i-th vote, oldest first
     action_dt: float | None = None  # spacing of the chunk's actions (default: the control period)
     realtime_priority: int = 0  # >0: SCHED_FIFO priority for the control thread (needs CAP_SYS_NICE)
     stop_when: Callable[[], bool] | None = None  # checked every tick: end the run early (e.g. task done)
@@ -156,7 +157,8 @@ class Runtime:
         self.policy, self.cameras, self.robot, self.link, self.options = policy, cameras, robot, link, options
         self.metrics = metrics
         self.safety = SafetyGate(robot)
-        self.plan = ActionPlan(options.action_dt or robot.dt, options.smoothing, options.crossfade_steps)
+        self.plan = ActionPlan(options.action_dt or robot.dt, options.smoothing, options.crossfade_steps,
+                               options.ensemble_m)
         self.worker = InferenceWorker(policy, cameras, robot.stale_observation_s, metrics)
         self._failure: str | None = None
         self._ticks = 0

@@ -168,6 +168,7 @@ def test_deploy_settings_are_checked():
     ("runtime", {"args": ["--camera-fps", "15\nExecStartPost=/bin/sh"]}, "contains a control character"),
     ("bridge_servo", {"rt_priority": 120}, "bridge_servo.rt_priority must be 0-99"),
     ("bridge_servo", {"cpus": "3"}, "bridge_servo.cpus must be a list"),
+    ("runtime", {"threads": "2\nExecStartPost=/bin/sh"}, "runtime.threads must be a non-negative integer"),
 ])
 def test_values_that_would_change_a_unit_are_refused(setting, value, message):
     from vpp_edge.deploy.units import render_units
@@ -525,7 +526,8 @@ def test_deploy_takes_the_calibrated_runtime_config(exported, tmp_path, monkeypa
     from vpp_edge.deploy.units import runtime_command
 
     config = write_runtime_config(tmp_path / "recommended.yaml",
-                                  RuntimeConfig(artifact=exported[0], backend="onnxruntime", precision="int8"))
+                                  RuntimeConfig(artifact=exported[0], backend="onnxruntime", precision="int8",
+                                                threads=2))
     seen = {}
 
     class Recorder:
@@ -540,6 +542,7 @@ def test_deploy_takes_the_calibrated_runtime_config(exported, tmp_path, monkeypa
     assert Path(seen["artifact"]).resolve() == Path(exported[0]).resolve()
     argv = runtime_command(seen["cfg"])
     assert argv[argv.index("--backend") + 1] == "onnxruntime" and argv[argv.index("--precision") + 1] == "int8"
+    assert argv[argv.index("--threads") + 1] == "2"  # the thread count it was measured with
 
 
 @pytest.mark.skipif(shutil.which("ssh") is None, reason="no ssh client here (openssh-client)")

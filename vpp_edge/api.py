@@ -64,17 +64,18 @@ class Policy:
 
     @classmethod
     def load(cls, artifact: str | Path | Artifact, backend: str = "auto", precision: str | None = None,
-             seed: int = 0, instruction: str | None = None) -> Policy:
+             seed: int = 0, instruction: str | None = None, threads: int = 0) -> Policy:
         """Open ``artifact`` (an export folder, or one opened already) and load it on
         ``backend`` at ``precision`` (default: the backend's). ``seed`` fixes the noise:
-        same seed and frames, same actions."""
+        same seed and frames, same actions. ``threads``: CPU inference threads (0: the
+        backend's choice; TensorRT has none)."""
         if isinstance(artifact, Artifact):
             opened = artifact
         elif Path(artifact).is_dir():
             opened = Artifact.open(artifact)
         else:
             raise ConfigError(f"no such artifact: {artifact} (make one with 'vpp export')")
-        engine = create_engine(opened, backend, precision).load()
+        engine = create_engine(opened, backend, precision, threads=threads).load()
         try:
             return cls(opened, engine, seed, instruction)
         except BaseException:

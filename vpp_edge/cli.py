@@ -396,7 +396,7 @@ def _run_runtime(args: argparse.Namespace) -> dict:
     from vpp_edge.preprocess import source_sizes
     from vpp_edge.runtime.cameras.factory import make_cameras
     from vpp_edge.runtime.link import BridgeLink
-    from vpp_edge.runtime.loop import RunOptions, Runtime
+    from vpp_edge.runtime.loop import Runtime
     from vpp_edge.runtime.metrics import Metrics
     from vpp_edge.runtime.verdict import run_verdict
 
@@ -426,7 +426,8 @@ def _run_runtime(args: argparse.Namespace) -> dict:
                       insecure=getattr(args, "insecure", False))
     metrics = Metrics(args.log, status=not args.quiet and sys.stderr.isatty(), sinks=sinks)
     try:
-        with Policy.load(artifact, args.backend, args.precision, seed=args.seed) as policy:  # the Python API's object
+        with Policy.load(artifact, args.backend, args.precision, seed=args.seed,  # the Python API's object
+                         threads=args.threads) as policy:
             engine = policy.engine
             run = {"artifact": str(artifact.root), "preset": preset.name, "engine": f"{engine.backend}/{engine.precision}",
                    "cameras": f"{args.cameras} ({preset.num_views} view(s) of {preset.image_size}x{preset.image_size})",
@@ -435,8 +436,7 @@ def _run_runtime(args: argparse.Namespace) -> dict:
             _print_run_header(run)
             _report_instruction(policy, instruction, run)
             metrics.record("run", **run)
-            options = RunOptions(duration_s=args.duration, smoothing=args.smoothing,
-                                 realtime_priority=args.rt_priority, tick_record_every=_tick_record_every(args, run))
+            options = _run_options(args, run)
             runtime = Runtime(policy.runtime, cameras, robot, link, options, metrics)
             summary = runtime.run()
     finally:
@@ -476,6 +476,10 @@ def _run_inputs(args: argparse.Namespace):
         config = apply_to_args(args)
         notes.append(f"runtime config {args.runtime_config}: artifact {config.artifact}, {config.backend}/"
                      f"{config.precision} (replacing --artifact, --backend and --precision)")
+        if config.threads:  # the thread count the recommendation was measured with
+            args.threads = config.threads
+            notes.append(f"runtime config {args.runtime_config}: {config.threads} inference thread(s) "
+                         "(replacing --threads)")
     _existing(args.episode, "--episode")
     if not Path(args.artifact).is_dir():
         raise ConfigError(f"no such artifact: {args.artifact} (make one with 'vpp export')")
@@ -489,6 +493,26 @@ def _run_inputs(args: argparse.Namespace):
         notes.append(f"the model takes {artifact.preset.num_views} camera view(s): {offered - artifact.preset.num_views}"
                      f" of the episode's {offered} left out")
     return artifact, robot, episode, notes
+
+
+def _run_options(args: argparse.Namespace, run: dict):
+    """The control loop's options from the command line (smoothing and its parameters included)."""
+    from vpp_edge.runtime.loop import RunOptions
+
+    return RunOptions(duration_s=args.duration, smoothing=args.smoothing, crossfade_steps=args.crossfade_steps,
+                      margin_steps=args.margin_steps, ensemble_m=args.ensemble_m,
+                      realtime_priority=args.rt_priority, tick_record_every=_tick_record_every(args, run))
+
+
+def _non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"not a non-negative number: {text!r}")
+    return value
 
 
 def _tick_record_every(args: argparse.Namespace, run: dict) -> int:
@@ -708,8 +732,16 @@ def _add_run_args(p: argparse.ArgumentParser, duration: float, artifact_default:
     p.add_argument("--instruction", help="task instruction (default: the episode's)")
     p.add_argument("--smoothing", default="crossfade", choices=SMOOTHING_CHOICES, metavar="MODE",
                    help="%(choices)s (default %(default)s)")
+    p.add_argument("--crossfade-steps", type=_non_negative, default=3, metavar="N",
+                   help="crossfade: control ticks over which a new chunk fades in (default %(default)s; 0 acts as 1)")
+    p.add_argument("--ensemble-m", type=_non_negative_float, default=0.1, metavar="M",
+                   help="ensemble: a tick's i-th prediction, oldest first, weighs exp(-M * i) (default %(default)s)")
+    p.add_argument("--margin-steps", type=_non_negative, default=2, metavar="N",
+                   help="infer when the plan would run dry within p95 latency + N control ticks (default %(default)s)")
     p.add_argument("--duration", type=float, default=duration, help=f"seconds to run (default {duration:g})")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--threads", type=_non_negative, default=0, metavar="N",
+                   help="CPU inference threads of ONNX Runtime, OpenVINO or torch (default 0: the backend's choice)")
     p.add_argument("--rt-priority", type=int, default=0,
                    help="SCHED_FIFO priority for the control thread (needs CAP_SYS_NICE; 0 = off)")
     p.add_argument("--log", type=Path, help="JSONL record of the run: chunks, targets sent and robot states per "

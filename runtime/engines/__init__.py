@@ -19,7 +19,10 @@ def available_backends() -> list[str]:
 
 def create_engine(artifact: Artifact, backend: str = "auto", precision: str | None = None, **options) -> Engine:
     """An unloaded engine for ``backend`` (``auto``: TensorRT when it and engines for this
-    artifact are present, else ONNX Runtime)."""
+    artifact are present, else ONNX Runtime). ``threads`` (an option, 0: the backend's
+    choice) sets the CPU inference threads of ONNX Runtime, OpenVINO and torch; TensorRT,
+    on the GPU, has none."""
+    threads = options.pop("threads", 0) or 0
     available = available_backends()
     if backend == "auto":
         has_engines = bool(artifact.manifest.get("engines"))
@@ -37,12 +40,17 @@ def create_engine(artifact: Artifact, backend: str = "auto", precision: str | No
     if backend == "onnxruntime":
         from .onnxruntime import OrtEngine
 
-        return OrtEngine(artifact, precision, **options)
+        return OrtEngine(artifact, precision, threads=threads, **options)
     if backend == "openvino":
         from .openvino import OvEngine
 
-        return OvEngine(artifact, precision, **options)
+        return OvEngine(artifact, precision, threads=threads, **options)
     from .torch_backend import TorchEngine
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
     return TorchEngine(artifact, precision, **options)
 
