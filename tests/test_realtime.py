@@ -16,6 +16,8 @@ import pytest
 from vpp_edge.runtime import realtime
 
 THREADS = """
+import os as _os
+_os.sched_setscheduler(0, _os.SCHED_OTHER, _os.sched_param(0))  # start as a service does, whatever ran pytest
 import json, sys, threading
 from vpp_edge.runtime import realtime
 go, done = threading.Event(), threading.Event()
@@ -61,6 +63,8 @@ def test_memory_is_locked_only_where_memlock_is_granted():
 
 
 BRIDGE = """
+import os as _os
+_os.sched_setscheduler(0, _os.SCHED_OTHER, _os.sched_param(0))  # start as a service does, whatever ran pytest
 import json, os, time
 import zmq
 from vpp_edge.firmware_bridge.bridge import NET_THREAD, SERVO_THREAD, Bridge, Endpoints
