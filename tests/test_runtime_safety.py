@@ -26,6 +26,8 @@ from vpp_edge.runtime.loop import RunOptions, Runtime
 from vpp_edge.runtime.metrics import Metrics
 from vpp_edge.runtime.policy import Chunk, EngineOutputError
 from vpp_edge.runtime.robot_config import load_robot_config
+
+from .test_bridge import wait_until
 from vpp_edge.runtime.threads import ThreadFailure
 from vpp_edge.runtime.transport import make_socket, send
 
@@ -41,15 +43,6 @@ def ctx():
 
 def bound(sock: zmq.Socket) -> str:
     return sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-
-
-def wait_until(cond, timeout=3.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 class FakeBridge:
