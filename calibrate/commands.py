@@ -160,7 +160,7 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     from vpp_edge.presets import get_preset
 
     from .dataset import build_observation_set
-    from .frames import find_episodes
+    from vpp_edge.observations import find_episodes
 
     preset = get_preset(args.preset)
     episodes = find_episodes(preset.num_views, args.data)

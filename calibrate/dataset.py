@@ -21,7 +21,7 @@ import numpy as np
 from vpp_edge.episodes import Episode
 from vpp_edge.errors import DataError
 
-from .frames import Observation, find_episodes, sample_observations
+from vpp_edge.observations import Observation, find_episodes, observations_digest, sample_observations
 
 OBSERVATIONS_FORMAT = "vpp-edge-observations/1"
 FEEDS_FORMAT = "vpp-edge-quantizer-feeds/1"
@@ -84,9 +84,7 @@ class ObservationSet:
 
     def digest(self) -> str:
         """sha256 of the frames and instructions: what a cached result was computed from."""
-        h = hashlib.sha256(self.frames.tobytes())
-        h.update("\n".join(self.instructions).encode())
-        return h.hexdigest()
+        return observations_digest(self.observations())
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

@@ -157,7 +157,7 @@ def spec_from_dict(data: Any, source: str = "sweep", overrides: dict[str, dict[s
 def _check_int8(int8: dict[str, Any], source: str) -> None:
     import re
 
-    from .qdq import METHODS, calibrator_options
+    from vpp_edge.export.qdq import METHODS, calibrator_options
 
     try:
         for method in METHODS:
