@@ -1,14 +1,24 @@
 """A bridge process: ZeroMQ in, a robot driver out, safety in between.
 
-* Targets arrive as action chunks (the first action is this control tick's target).
-  Each is validated (schema, dimension, finite, step size, workspace bounds) before it
-  can move anything; a rejected one is counted and published as an event with the reason.
-* A fixed-rate servo thread interpolates towards the current target with per-joint
-  velocity and acceleration limits, and publishes robot state at ``state_hz``.
-* Motion per second is bounded twice: a target moves at most ``max_step`` per message
-  and, over any T seconds, at most ``cfg.burst() + max_vel * T`` whatever the message rate
-  (a burst is clamped and counted as ``rate_limited``); the interpolator bounds the robot's
-  velocity and acceleration whatever the targets do.
+* The bridge owns time. The runtime sends plans (:class:`~vpp_edge.runtime.protocol.Waypoints`):
+  absolute targets, its delta actions already added up, with the times (on this bridge's
+  clock) they are to be reached at. The servo thread executes them on its own clock,
+  interpolating between waypoints (:class:`~.servo.WaypointSchedule`), so the runtime's
+  scheduling jitter and a dropped or late plan do not reach the robot: a late waypoint is
+  skipped, not jumped to, and the next plan says where to be. The older per-tick stream
+  (action chunks whose first action is this tick's target, delta or absolute) is still
+  served (``vpp run --target-stream per_tick``; the jitter bench compares the two).
+* Every target and waypoint is validated (schema, dimension, finite, step size per
+  waypoint interval, workspace bounds) before it can move anything; a rejected one is
+  counted and published as an event with the reason.
+* A fixed-rate servo thread steers towards the schedule's point of the moment (or the
+  current target) with per-joint velocity and acceleration limits, and publishes robot
+  state at ``state_hz``.
+* Motion per second is bounded on what moves the robot: the interpolator's ``max_vel`` and
+  ``max_acc`` act on every servo setpoint whatever the plans or their timing say. On the
+  per-tick stream a target also moves at most ``max_step`` per message and, over any T
+  seconds, at most ``cfg.burst() + max_vel * T`` whatever the message rate (a burst is
+  clamped and counted as ``rate_limited``); a plan may reach at most ``hold_after_s`` ahead.
 * Order and freshness: the action link belongs to the session of the runtime's last hello;
   targets and heartbeats of other sessions, replayed or reordered ones (sequence numbers
   strictly increase), stale ones and ones stamped in the future are refused and counted.
@@ -49,7 +59,7 @@ from vpp_edge.runtime.transport import CurveKeys, authenticate, make_socket, sen
 
 from .config import BridgeConfig
 from .driver import RobotDriver
-from .servo import LimitedInterpolator
+from .servo import LimitedInterpolator, WaypointSchedule
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +118,8 @@ class Bridge:
         self.counts: Counter[str] = Counter()
         self.mode = "idle"
         self._estop: str | None = None
-        self._target: np.ndarray | None = None
+        self._target: np.ndarray | None = None  # where the robot is heading (published in the state)
+        self._schedule: WaypointSchedule | None = None  # timestamped waypoints; None: servo to _target
         self._last_rx: float | None = None
         self._last_heartbeat = float("-inf")
         self._last_chunk_seq = -1
@@ -131,7 +142,7 @@ class Bridge:
         self._interp = LimitedInterpolator(setpoint, self.cfg.vec("max_vel"), self.cfg.vec("max_acc"),
                                            1.0 / self.cfg.servo_hz, self.cfg.vec("setpoint_low"),
                                            self.cfg.vec("setpoint_high"))
-        self._target = setpoint.copy()
+        self._rest(setpoint)
         if self.security.keys is not None:  # admit only the allowed client keys (ZAP), not any key
             authenticate(self._ctx, self.security.allowed_clients)
         opts = {"bind": True, "timeout_ms": 50, "curve": self.security.keys, "insecure": self.security.insecure}
@@ -174,7 +185,8 @@ class Bridge:
             setpoint = np.asarray(reset(), np.float64)
             self._interp.p = setpoint.copy()
             self._interp.halt()
-            self._target, self._last_rx, self._last_heartbeat = setpoint.copy(), None, float("-inf")
+            self._rest(setpoint)
+            self._last_rx, self._last_heartbeat = None, float("-inf")
             self._runtime_stop, self._budget = False, None
             if self._estop is None:
                 self.mode = "idle"
@@ -245,13 +257,15 @@ class Bridge:
             msg = P.from_wire(data)
         except P.ProtocolError as exc:
             return self._reject("malformed", str(exc))
-        if not isinstance(msg, (P.Heartbeat, P.ActionChunk)):
-            return self._reject("wrong_type", f"expected action_chunk or heartbeat, got {msg.TYPE.value}")
+        if not isinstance(msg, (P.Heartbeat, P.ActionChunk, P.Waypoints)):
+            return self._reject("wrong_type", f"expected waypoints, action_chunk or heartbeat, got {msg.TYPE.value}")
         refusal = self._check_order(msg, now)
         if refusal is not None:
             return self._reject(*refusal)
         if isinstance(msg, P.Heartbeat):
             return self._heartbeat(msg, now)
+        if isinstance(msg, P.Waypoints):
+            return self._waypoints(msg, now)
         action = msg.actions[0].astype(np.float64)
         if action.shape != (self.cfg.dim,):
             return self._reject("wrong_dim", f"action has {action.shape[0]} values, robot takes {self.cfg.dim}")
@@ -269,14 +283,68 @@ class Bridge:
             if np.any(target < low - tol) or np.any(target > high + tol):
                 return self._reject("out_of_limits", f"target {np.round(target, 4).tolist()} outside workspace")
             target = self._rate_limit(base, np.clip(target, low, high), now)
-            self._target, self._last_rx, self._last_chunk_seq = target, now, msg.seq
-            self._runtime_stop = False
-            self.counts["accepted"] += 1
-            if self.mode == "stopped":
-                self._resume_pending = True
-            if self.mode in ("idle", "hold", "stopped"):
-                self._event("tracking", f"chunk {msg.seq}")
-            self.mode = "tracking"
+            self._rest(target)
+            self._accepted(msg.seq, now)
+        return None
+
+    def _accepted(self, seq: int, now: float) -> None:
+        """A target or plan was taken (under the lock): the runtime is alive and commanding."""
+        self._last_rx, self._last_chunk_seq = now, seq
+        self._runtime_stop = False
+        self.counts["accepted"] += 1
+        if self.mode == "stopped":
+            self._resume_pending = True
+        if self.mode in ("idle", "hold", "stopped"):
+            self._event("tracking", f"chunk {seq}")
+        self.mode = "tracking"
+
+    def _rest(self, position: np.ndarray) -> None:
+        """Servo to ``position`` and stay there (forgets any waypoint schedule)."""
+        self._target, self._schedule = np.asarray(position, np.float64).copy(), None
+
+    def _waypoints(self, msg: P.Waypoints, now: float) -> str | None:
+        """Check a plan of timestamped absolute targets and hand it to the servo loop's clock.
+
+        Per waypoint: inside the workspace, and at most ``max_step`` from its predecessor
+        per waypoint interval (``dt``) between them, so a plan that follows a dropped or late
+        one is not refused for the motion the dropped one would have asked for. Waypoints
+        already in the past are skipped (counted as ``waypoints_late``), never jumped to; a
+        plan entirely in the past is not accepted and does not feed the watchdog. The
+        velocity and acceleration limits act on what the servo loop sends the robot."""
+        targets = msg.targets.astype(np.float64)
+        if targets.shape[1] != self.cfg.dim:
+            return self._reject("wrong_dim", f"waypoints have {targets.shape[1]} values, robot takes {self.cfg.dim}")
+        if msg.dt < 1.0 / self.cfg.servo_hz - 1e-9:
+            return self._reject("bad_timing", f"waypoints {msg.dt:g} s apart, finer than the servo period")
+        times = msg.times()
+        if times[-1] > now + self.cfg.hold_after_s:  # the watchdog's horizon: no plan may outlive it
+            return self._reject("too_far_ahead", f"last waypoint {times[-1] - now:.2f} s ahead")
+        tol = 1e-6  # float32 on the wire
+        low, high = self.cfg.vec("setpoint_low"), self.cfg.vec("setpoint_high")
+        if np.any(targets < low - tol) or np.any(targets > high + tol):
+            return self._reject("out_of_limits", "a waypoint lies outside the workspace")
+        targets = np.clip(targets, low, high)
+        with self._lock:
+            if self._estop is not None:
+                return self._reject("estopped", "e-stop latched; send 'reset' first")
+            future = times > now
+            late = int(np.count_nonzero(~future))
+            self.counts["waypoints_late"] += late
+            if not late < len(times):
+                return None
+            schedule = self._schedule or WaypointSchedule(self._target, now)
+            t_ref, p_ref = schedule.reference(times[future][0], now)
+            intervals = max(1, int(np.ceil((times[future][0] - t_ref) / msg.dt - 1e-3)))
+            first, rest = targets[future][0], targets[future]
+            step = np.abs(first - p_ref) / intervals
+            if len(rest) > 1:
+                step = np.maximum(step, np.abs(np.diff(rest, axis=0)).max(axis=0))
+            if np.any(step > self.cfg.vec("max_step") + tol):
+                return self._reject("step_too_large", f"waypoints move {np.round(step, 4).tolist()} per interval, "
+                                    "beyond max_step")
+            schedule.plan(times, targets, now)
+            self._schedule, self._target = schedule, schedule.end()
+            self._accepted(msg.seq, now)
         return None
 
     def _check_order(self, msg: P.Message, now: float) -> tuple[str, str] | None:
@@ -339,11 +407,11 @@ class Bridge:
                     self._event("reset", "e-stop cleared")
                     self._resume_pending = True
                 self._estop, self._last_rx, self._runtime_stop = None, None, False
-                self._target = self._interp.p.copy()
+                self._rest(self._interp.p)
                 self._interp.halt()
                 self.mode = "idle"
             elif cmd.command == P.Command.HOLD.value:
-                self._target = self._interp.p.copy()
+                self._rest(self._interp.p)
                 self.mode = "hold" if self._estop is None else self.mode
                 self._event("hold", "by command: setpoint is the current position")
             elif cmd.command == P.Command.ENABLE.value:
@@ -434,7 +502,7 @@ class Bridge:
         if self._estop is not None:
             return None
         if self._last_rx is None and not self._runtime_stop:
-            return self._target
+            return self._goal(now)
         silent = float("inf") if self._last_rx is None else now - self._last_rx
         # Only a runtime that is idle on purpose may keep the robot holding; a starved or
         # broken one is treated like a dead one, and one that says stop is stopped now.
@@ -445,14 +513,18 @@ class Bridge:
                             else f"no target for {silent:.2f} s")
                 self.driver.stop()
                 self._interp.halt()
-                self._target = self._interp.p.copy()  # resume from where it stopped
+                self._rest(self._interp.p)  # resume from where it stopped
             return None
         if silent > self.cfg.hold_after_s:
             if self.mode != "hold":
                 self.mode = "hold"
                 self._event("watchdog_hold", f"no target for {silent:.2f} s")
-                self._target = self._interp.p.copy()
-        return self._target
+                self._rest(self._interp.p)
+        return self._goal(now)
+
+    def _goal(self, now: float) -> np.ndarray:
+        """What the servo loop steers to now: the schedule's point of this moment, else the target."""
+        return self._target if self._schedule is None else self._schedule.goal(now)
 
     def _check_tracking(self, measured: np.ndarray, setpoint: np.ndarray) -> None:
         """Latch the e-stop when the robot is farther from ``setpoint`` than the config allows."""
@@ -493,7 +565,7 @@ class Bridge:
                     self._interp.p = self.driver.resume()
                     self._interp.halt()
                     if self._last_rx is None:
-                        self._target = self._interp.p.copy()
+                        self._rest(self._interp.p)
                 target = self._watchdog(now)
                 servoed = None  # the setpoint sent this tick, for the tracking guard
                 if target is not None:

@@ -27,11 +27,12 @@ import numpy as np
 
 from vpp_edge.errors import VPPError
 
-PROTOCOL_VERSION = 2  # 2: session ids, the runtime's mode in its heartbeat
+PROTOCOL_VERSION = 3  # 2: session ids, the runtime's mode in its heartbeat; 3: waypoints
 MAX_ARRAY_BYTES = 16 * 2**20  # far above any action chunk or state; bounds a hostile peer
 MAX_HEADER_BYTES = 64 * 2**10
 MAX_NDIM = 4
 MAX_ARRAYS = 3  # the most arrays any message type carries (RobotState)
+MAX_WAYPOINTS = 256  # targets one Waypoints message may schedule
 # The largest valid frame on the wire (header + buffers + the envelope's few bytes): every
 # socket refuses longer ones (ZMQ_MAXMSGSIZE) before they are buffered in memory.
 MAX_WIRE_BYTES = MAX_HEADER_BYTES + MAX_ARRAYS * (MAX_ARRAY_BYTES + 8) + 64
@@ -98,6 +99,7 @@ class MsgType(str, Enum):
     HEARTBEAT = "heartbeat"
     EVENT = "event"
     CAMERA = "camera"
+    WAYPOINTS = "waypoints"
 
 
 class RuntimeMode(str, Enum):
@@ -171,6 +173,35 @@ class ActionChunk(Message):
             raise ProtocolError("action_chunk: actions contain NaN or Inf")
         if not (math.isfinite(self.dt) and self.dt > 0):
             raise ProtocolError(f"action_chunk: dt must be a positive number of seconds, got {self.dt}")
+
+
+@dataclass(frozen=True)
+class Waypoints(Message):
+    """Absolute targets [T, A] (robot units: the runtime has already added delta actions up)
+    to be reached at the bridge's times ``start + i * dt``. The bridge's servo loop executes
+    them on its own clock, interpolating between them; a later message replaces the
+    schedule from its first waypoint on. Absolute, so a dropped (conflated) message loses
+    no motion: the next one says where to be."""
+
+    TYPE: ClassVar[MsgType] = MsgType.WAYPOINTS
+    ARRAYS: ClassVar[dict[str, ArraySpec]] = {"targets": ArraySpec(2)}
+    start: float = 0.0  # the bridge's monotonic time of targets[0]
+    dt: float = 0.0  # seconds between consecutive targets
+    targets: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+
+    def check(self) -> None:
+        if self.targets.ndim != 2 or not 0 < self.targets.shape[0] <= MAX_WAYPOINTS:
+            raise ProtocolError(f"waypoints: targets must be [T, A] with 0 < T <= {MAX_WAYPOINTS}, "
+                                f"got {self.targets.shape}")
+        if not np.all(np.isfinite(self.targets)):
+            raise ProtocolError("waypoints: targets contain NaN or Inf")
+        if not (math.isfinite(self.dt) and self.dt > 0):
+            raise ProtocolError(f"waypoints: dt must be a positive number of seconds, got {self.dt}")
+        if not math.isfinite(self.start + self.dt * self.targets.shape[0]):
+            raise ProtocolError("waypoints: the last waypoint's time is not finite")
+
+    def times(self) -> np.ndarray:
+        return self.start + self.dt * np.arange(self.targets.shape[0])
 
 
 @dataclass(frozen=True)
@@ -248,7 +279,8 @@ class CameraFrames(Message):
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.TYPE.value: cls for cls in (Hello, ActionChunk, RobotState, CommandMsg, Reply, Heartbeat, Event, CameraFrames)
+    cls.TYPE.value: cls for cls in (Hello, ActionChunk, RobotState, CommandMsg, Reply, Heartbeat, Event, CameraFrames,
+                                    Waypoints)
 }
 
 

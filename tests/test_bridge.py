@@ -495,3 +495,107 @@ def test_a_bridge_beyond_loopback_admits_only_allowed_runtime_keys(tmp_path):
             link.close()
         bridge.close()
         ctx.destroy(linger=0)
+
+
+# --- the bridge owns time: waypoints executed on its clock (issue 19) -----------------------
+def _plan(client, targets, start, dt=0.02, **changes):
+    """Send absolute ``targets`` for the bridge's times ``start + i * dt``."""
+    msg = P.Waypoints(**client.next(**changes), start=start, dt=dt, targets=np.asarray(targets, np.float64))
+    assert send(client.push, msg)
+    return msg
+
+
+def test_waypoint_schedule_interpolates_skips_the_past_and_never_jumps():
+    from vpp_edge.firmware_bridge.servo import WaypointSchedule
+
+    s = WaypointSchedule(np.zeros(1), now=0.0)
+    assert s.plan(np.array([-0.1, 0.1, 0.2]), np.array([[9.0], [1.0], [2.0]]), now=0.0) == 1, "the past one skipped"
+    assert s.goal(0.05) == pytest.approx([0.5]) and s.goal(0.15) == pytest.approx([1.5])
+    assert s.goal(0.3) == pytest.approx([2.0]) and s.end() == pytest.approx([2.0]), "held after the last"
+    # A new plan mid-segment starts from the goal of the moment: no jump, later points replaced.
+    s = WaypointSchedule(np.zeros(1), now=0.0)
+    s.plan(np.array([0.1, 0.2]), np.array([[1.0], [2.0]]), now=0.0)
+    before = s.goal(0.05)
+    s.plan(np.array([0.08]), np.array([[-1.0]]), now=0.05)
+    assert s.goal(0.05) == pytest.approx(before) and s.end() == pytest.approx([-1.0]) and len(s) == 2
+    assert s.goal(0.065) == pytest.approx((before - 1.0) / 2), "from the goal of the moment to the new point"
+    # A plan after a dropped one is measured from the last waypoint's time, a rest from now.
+    s = WaypointSchedule(np.zeros(1), now=0.0)
+    assert s.reference(0.5, now=0.3) == (0.3, pytest.approx([0.0]))
+    s.plan(np.array([0.1]), np.array([[1.0]]), now=0.0)
+    t_ref, p_ref = s.reference(0.2, now=0.15)
+    assert t_ref == pytest.approx(0.1) and p_ref == pytest.approx([1.0])
+
+
+def test_waypoints_are_executed_on_the_bridges_clock_within_the_limits(rig):
+    bridge, driver, client = rig
+    start = driver.setpoint.copy()
+    ramp = start + np.outer(np.arange(1, 11) * 0.004, np.eye(7)[0])  # 0.2 m/s along x, 10 waypoints
+    t0 = P.now() + 0.05
+    _plan(client, ramp, t0)
+    assert wait_until(lambda: np.allclose(driver.setpoint, ramp[-1], atol=1e-9))
+    assert bridge.counts["accepted"] == 1 and bridge.mode == "tracking"
+    steps = np.abs(np.diff(np.stack(driver.history), axis=0))
+    assert np.all(steps <= bridge.cfg.vec("max_vel") / bridge.cfg.servo_hz + 1e-9)
+    assert np.count_nonzero(steps[:, 0]) >= 5, "spread over the plan's time, not one jump"
+    assert np.allclose(bridge._target, ramp[-1]), "the state says where the robot is heading"
+
+
+def test_a_dropped_plan_loses_no_motion_and_is_not_refused():
+    ctx = zmq.Context()
+    driver = KinematicSimDriver(7)
+    bridge = Bridge(driver, config(max_step=[0.02] * 6 + [1.0]), ANY, ctx).start()
+    try:
+        _dropped_plan(bridge, driver, Client(bridge, ctx))
+    finally:
+        bridge.close()
+        ctx.destroy(linger=0)
+
+
+def _dropped_plan(bridge, driver, client):
+    dt, lead, x = 0.05, 0.1, np.eye(7)[0]
+    base = driver.setpoint.copy()
+    t0 = P.now()
+    for tick in (1, 2, 4, 5):  # the plan of tick 3 is lost (a conflated socket keeps only the newest)
+        target = base + x * bridge.cfg.max_step[0] * tick  # each tick moves one full max_step
+        _plan(client, [target], t0 + tick * dt + lead, dt=dt)
+        time.sleep(max(0.0, t0 + tick * dt - P.now()))
+    assert wait_until(lambda: np.allclose(driver.setpoint, base + x * 5 * bridge.cfg.max_step[0], atol=1e-9))
+    assert bridge.counts["accepted"] == 4 and bridge.counts["rejected"] == 0, dict(bridge.counts)
+
+
+def test_late_waypoints_are_skipped_not_jumped_to(rig):
+    bridge, driver, client = rig
+    start = driver.setpoint.copy()
+    far = start + np.eye(7)[0] * 0.01
+    _plan(client, [far, far], P.now() - 0.1)  # all in the past: skipped, nothing taken
+    assert wait_until(lambda: bridge.counts["waypoints_late"] == 2)
+    _plan(client, [far, start], P.now() - 0.01, dt=0.05)  # its first waypoint is past: only the second runs
+    assert wait_until(lambda: bridge.counts["accepted"] == 1 and bridge.counts["waypoints_late"] == 3)
+    time.sleep(0.15)
+    assert np.allclose(np.stack(driver.history or [start]), start), "the robot never went to the late waypoint"
+    assert bridge.counts["rejected"] == 0
+
+
+@pytest.mark.parametrize("changes, reason", [
+    ({"targets": np.zeros((1, 6))}, "wrong_dim"),
+    ({"targets": [[0.5, 0, 0, 0, 0, 0, 0], [0.0] * 7]}, "step_too_large"),  # a jump inside the plan
+    ({"targets": [[0, 0, 0, 0, 0, 0, -0.5]]}, "out_of_limits"),
+    ({"dt": 1e-4}, "bad_timing"),
+    ({"start_in": 5.0}, "too_far_ahead"),
+])
+def test_invalid_plans_are_rejected_with_a_reason(rig, changes, reason):
+    bridge, driver, client = rig
+    plan = {"targets": [driver.setpoint.tolist()], "dt": 0.02, **changes}
+    _plan(client, plan["targets"], P.now() + plan.get("start_in", 0.05), dt=plan["dt"])
+    assert wait_until(lambda: bridge.counts[f"rejected_{reason}"] == 1), dict(bridge.counts)
+    assert bridge.counts["accepted"] == 0 and bridge.mode == "idle"
+
+
+def test_plans_obey_the_watchdog_and_the_estop(rig):
+    bridge, driver, client = rig
+    _plan(client, [driver.setpoint + np.eye(7)[0] * 0.01], P.now() + 0.05)
+    assert wait_until(lambda: bridge.mode == "hold") and wait_until(lambda: bridge.mode == "stopped")
+    assert client.command("estop").ok and wait_until(lambda: driver.stopped)
+    _plan(client, [driver.setpoint], P.now() + 0.05)
+    assert wait_until(lambda: bridge.counts["rejected_estopped"] == 1)

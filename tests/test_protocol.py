@@ -21,6 +21,7 @@ MESSAGES = [
     P.Heartbeat(seq=3, stamp=5.0, sender="runtime"),
     P.Event(seq=4, stamp=6.0, kind="watchdog_hold", detail="no chunk for 0.31 s"),
     P.CameraFrames(seq=6, stamp=7.0, index=12, images=np.arange(2 * 4 * 5 * 3, dtype=np.uint8).reshape(2, 4, 5, 3)),
+    P.Waypoints(seq=7, stamp=8.0, start=8.05, dt=0.02, targets=np.arange(21, dtype=np.float64).reshape(3, 7)),
 ]
 
 
@@ -179,3 +180,18 @@ def test_curve_link_admits_only_allowed_client_keys(tmp_path):
     finally:
         stop_authenticator(ctx)
         ctx.destroy(linger=0)
+
+
+@pytest.mark.parametrize("changes, why", [
+    ({"targets": np.zeros((0, 7))}, "0 < T"),
+    ({"targets": np.zeros((P.MAX_WAYPOINTS + 1, 7))}, "0 < T"),
+    ({"targets": np.full((2, 7), np.nan)}, "NaN"),
+    ({"dt": 0.0}, "dt must be"),
+    ({"start": 1.7e308, "dt": 1e308}, "not finite"),
+])
+def test_waypoints_are_checked_before_they_leave_or_arrive(changes, why):
+    good = {"seq": 1, "stamp": 1.0, "start": 1.1, "dt": 0.02, "targets": np.zeros((3, 7))}
+    msg = P.Waypoints(**{**good, **changes})
+    with pytest.raises(P.ProtocolError, match=why):
+        P.encode(msg)
+    assert np.allclose(P.Waypoints(**good).times(), [1.1, 1.12, 1.14])

@@ -54,6 +54,8 @@ MESSAGE_STRATEGIES = {
     P.Heartbeat: st.builds(P.Heartbeat, **_common(), sender=text,
                            mode=st.sampled_from([m.value for m in P.RuntimeMode])),
     P.Event: st.builds(P.Event, **_common(), kind=text, detail=text),
+    P.Waypoints: st.builds(P.Waypoints, **_common(), start=st.floats(-1e9, 1e9), dt=st.floats(1e-6, 10.0),
+                           targets=_floats(2, min_side=1)),
     P.CameraFrames: st.builds(P.CameraFrames, **_common(), index=int64,
                               images=hnp.arrays(np.uint8, st.tuples(*[st.integers(1, 4)] * 3, st.just(3)))),
 }
