@@ -34,7 +34,7 @@ from vpp_edge.tokenizer import InstructionTokenizer
 from vpp_edge.training.models.policy import VPPPolicy
 
 from . import onnx_io
-from .graphs import GRAPHS, reference_run
+from .graphs import GRAPHS, STATE_INPUT, reference_run
 from .manifest import (FORMAT_NAME, FORMAT_VERSION, INT8_PRECISIONS, PRECISIONS, read_manifest, tokenizer_entry,
                        write_manifest)
 from .options import DEFAULTS_FILE, load_options  # noqa: F401 (the export API)
@@ -52,11 +52,20 @@ def int8_settings(int8: dict[str, Any], options: dict[str, Any], precision: str)
     return {**int8, **{k: options[precision][k] for k in ("op_types", "graphs", "exclude_modules")}}
 
 
+def parity_state(policy: VPPPolicy, seed: int) -> torch.Tensor | None:
+    """A seeded normalised robot state [1, P] in [-1, 1] for a policy that takes one (parity
+    and calibration observations carry no state), else None."""
+    if not policy.preset.action_head.use_proprio:
+        return None
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    return torch.rand(1, policy.preset.action_head.proprio_dim, generator=gen) * 2 - 1
+
+
 def reference(policy: VPPPolicy, tokenizer: InstructionTokenizer, obs: Observation, seed: int) -> dict:
     ids, mask = (torch.from_numpy(a) for a in tokenizer([obs.instruction]))
     noise = policy.make_noise(1, seed)
     frames = torch.from_numpy(obs.frames).unsqueeze(0)
-    return reference_run(policy, ids, mask, frames, noise.tvp, noise.action)
+    return reference_run(policy, ids, mask, frames, noise.tvp, noise.action, parity_state(policy, seed))
 
 
 def runner(sessions: dict[str, Any]) -> Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
@@ -68,14 +77,24 @@ def runner(sessions: dict[str, Any]) -> Callable[[str, dict[str, np.ndarray]], d
     return run
 
 
+def _inputs(graph: str, ref: dict) -> tuple[str, ...]:
+    """The graph's inputs; the reference run holds a state only for policies that take one."""
+    gdef = GRAPHS[graph]
+    return (*gdef.inputs, STATE_INPUT) if gdef.takes_state and STATE_INPUT in ref else gdef.inputs
+
+
 def _feeds(graph: str, ref: dict) -> dict[str, np.ndarray]:
-    return {name: ref[name].numpy() for name in GRAPHS[graph].inputs}
+    return {name: ref[name].numpy() for name in _inputs(graph, ref)}
+
+
+def _state(ref: dict) -> np.ndarray | None:
+    return ref[STATE_INPUT].numpy() if STATE_INPUT in ref else None
 
 
 def _chain(run, ref: dict, sigmas: list[float], mode: str) -> np.ndarray:
     out = run("text", _feeds("text", ref))
     return predict_actions(run, out["condition"], out["goal"], ref["frames"].numpy(), ref["noise"].numpy(),
-                           ref["action_noise"].numpy(), sigmas, mode)
+                           ref["action_noise"].numpy(), sigmas, mode, state=_state(ref))
 
 
 def evaluate_precision(precision: str, sessions: dict, refs: list[dict], sigmas: list[float], mode: str,
@@ -113,15 +132,16 @@ def _time_action_modes(sessions: dict, ref: dict, sigmas: list[float], repeats: 
     """Median ms of the action head per mode: unrolled sampler graph vs. step-graph loop."""
     run = runner(sessions)
     tokens, goal, noise = (ref[k].numpy() for k in ("tokens", "goal", "action_noise"))
+    with_state = {} if _state(ref) is None else {STATE_INPUT: _state(ref)}
     timings = {}
     for mode in ACTION_MODES:
         samples = []
         for _ in range(repeats + 1):
             start = time.perf_counter()
             if mode == "sampler":
-                run("action_sampler", {"tokens": tokens, "goal": goal, "action_noise": noise})
+                run("action_sampler", {"tokens": tokens, "goal": goal, "action_noise": noise, **with_state})
             else:
-                context = run("action_context", {"tokens": tokens, "goal": goal})["context"]
+                context = run("action_context", {"tokens": tokens, "goal": goal, **with_state})["context"]
                 x = noise * np.float32(sigmas[0])
                 for s, s_next in zip(sigmas[:-1], sigmas[1:]):
                     x = run("action_step", {"context": context, "x": x, "sigma": np.array([s], np.float32),
@@ -188,7 +208,8 @@ def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, 
     for name, gdef in GRAPHS.items():
         bar.set_description(f"export fp32/{name}")
         path = tmp / "fp32" / f"{name}.onnx"
-        onnx_io.export_onnx(gdef.adapter(policy), tuple(refs[0][i] for i in gdef.inputs), gdef.inputs,
+        inputs = gdef.inputs_for(preset)
+        onnx_io.export_onnx(gdef.adapter(policy), tuple(refs[0][i] for i in inputs), inputs,
                             gdef.outputs, path, opts["opset"])
         paths["fp32"][name] = path
         advance(f"exported fp32/{name}")
@@ -263,6 +284,8 @@ def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, 
         "source": source,
         "preset": preset.to_dict(),
         "normalization": policy.normalizer.to_dict(),
+        # Policies that take the robot state: its bounds, which the runtime normalises and checks with.
+        **({"state_normalization": policy.state_normalizer.to_dict()} if policy.state_normalizer else {}),
         **tokenizer_entry(tmp),
         "text_max_length": preset.text.goal_length,  # ids the text graph takes
         "sigmas": sigmas,

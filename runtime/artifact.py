@@ -9,7 +9,7 @@ from typing import Any
 
 from vpp_edge.export.manifest import (ArtifactError, TensorSpec, confined, manifest_precisions, read_manifest,
                                       verify_entry, verify_file)
-from vpp_edge.normalization import ActionNormalizer
+from vpp_edge.normalization import ActionNormalizer, StateNormalizer
 from vpp_edge.presets import Preset, preset_from_dict
 from vpp_edge.tokenizer import TOKENIZER_FILE, InstructionTokenizer, load_tokenizer
 
@@ -22,13 +22,20 @@ class Artifact:
     manifest: dict[str, Any]
     preset: Preset
     normalizer: ActionNormalizer
+    state_normalizer: StateNormalizer | None = None  # policies that take the robot state (use_proprio)
 
     @classmethod
     def open(cls, root: str | Path) -> "Artifact":
         root = Path(root)
         manifest = read_manifest(root)
         preset = preset_from_dict(manifest["preset"], source=str(root / "manifest.json"))
-        return cls(root, manifest, preset, ActionNormalizer.from_dict(manifest.get("normalization")))
+        state = StateNormalizer.from_dict(manifest.get("state_normalization"))
+        head = preset.action_head
+        if head.use_proprio != (state is not None) or (state is not None and state.dim != head.proprio_dim):
+            raise ArtifactError(f"{root}: preset '{preset.name}' {'takes' if head.use_proprio else 'takes no'} a robot "
+                                f"state of {head.proprio_dim} values but the manifest's state_normalization has "
+                                f"{'none' if state is None else state.dim}")
+        return cls(root, manifest, preset, ActionNormalizer.from_dict(manifest.get("normalization")), state)
 
     @property
     def sigmas(self) -> list[float]:

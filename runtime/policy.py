@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vpp_edge.errors import VPPError
+from vpp_edge.normalization import StateError
 
 from .artifact import Artifact
 from .engines.base import Engine
@@ -53,9 +54,18 @@ class RuntimePolicy:
         self.instruction = instruction
         return (time.perf_counter() - start) * 1e3
 
+    @property
+    def takes_state(self) -> bool:
+        """Whether the policy needs the robot state with every inference (``action_head.use_proprio``)."""
+        return self.artifact.state_normalizer is not None
+
     def infer(self, frames: np.ndarray, noise: np.ndarray | None = None, action_noise: np.ndarray | None = None,
-              prefix: np.ndarray | None = None, delay_steps: int = 0) -> Chunk:
+              prefix: np.ndarray | None = None, delay_steps: int = 0, state: np.ndarray | None = None) -> Chunk:
         """uint8 frames [V, S, S, 3] -> action chunk; noise drawn from the seeded generator.
+
+        ``state``: the raw robot state [proprio_dim] for a policy that takes one; checked
+        (shape, finite, range: :class:`~vpp_edge.normalization.StateError`) and normalised with
+        the artifact's state bounds, as the official real-robot code does.
 
         ``prefix``: actions (robot units, [k, A]) the robot will still execute at this
         chunk's first k ticks; the sampler inpaints them (real-time chunking), holding the
@@ -65,6 +75,14 @@ class RuntimePolicy:
             raise VPPError("set an instruction before the first inference")
         if frames.shape != self.frame_shape or frames.dtype != np.uint8:
             raise ValueError(f"expected uint8 frames {list(self.frame_shape)}, got {frames.dtype} {list(frames.shape)}")
+        norm_state = None
+        if self.takes_state:
+            if state is None:
+                raise StateError(f"missing: the policy takes the robot state ({self.artifact.state_normalizer.dim} "
+                                 "values) with every inference")
+            norm_state = self.artifact.state_normalizer.normalize(state)[None]
+        elif state is not None:
+            raise ValueError("this policy takes no robot state (its preset's action_head.use_proprio is false)")
         noise = self.rng.standard_normal(self.noise_shape, dtype=np.float32) if noise is None else noise
         action_noise = (self.rng.standard_normal(self.action_shape, dtype=np.float32)
                         if action_noise is None else action_noise)
@@ -74,7 +92,7 @@ class RuntimePolicy:
         weights = None if known is None else inpainting_weights(len(known), delay_steps)
         normalized = predict_actions(timed(self.engine.run, timings), condition, goal, frames[None], noise,
                                      action_noise, self.artifact.sigmas, self.artifact.action_mode, known,
-                                     weights)[0]
+                                     weights, norm_state)[0]
         if normalized.shape != self.action_shape[1:] or not np.all(np.isfinite(normalized)):
             raise EngineOutputError(f"engine '{self.engine.backend}' returned an invalid chunk "
                                     f"(shape {normalized.shape}, finite={bool(np.all(np.isfinite(normalized)))})")

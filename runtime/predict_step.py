@@ -50,7 +50,7 @@ def inpainting_weights(overlap: int, delay: int) -> np.ndarray:
 def predict_actions(run: GraphRunner, condition: np.ndarray, goal: np.ndarray, frames: np.ndarray,
                     noise: np.ndarray, action_noise: np.ndarray, sigmas: Sequence[float],
                     action_mode: str = "sampler", prefix: np.ndarray | None = None,
-                    prefix_weights: np.ndarray | None = None) -> np.ndarray:
+                    prefix_weights: np.ndarray | None = None, state: np.ndarray | None = None) -> np.ndarray:
     """Normalised action chunk [1, T, A] from uint8 frames [1, V, S, S, 3] and the noises.
 
     ``action_mode`` ``sampler`` runs the unrolled sampler graph; ``step`` runs the context
@@ -61,16 +61,21 @@ def predict_actions(run: GraphRunner, condition: np.ndarray, goal: np.ndarray, f
     actions are pulled, with ``prefix_weights`` [k], towards the prefix noised to the
     step's noise level, so the new chunk continues what the robot is already doing
     (real-time chunking). Needs the step graph.
+
+    ``state``: the normalised robot state [1, P] for artifacts whose action graphs take
+    one (``action_head.use_proprio``); it joins the action-head context.
     """
+    with_state = {} if state is None else {"state": state}
     features = run("tvp", {"frames": frames, "condition": condition, "noise": noise})["features"]
     tokens = run("former", {"features": features})["tokens"]
     if prefix is not None and len(prefix):
         action_mode = "step"
     if action_mode == "sampler":
-        return run("action_sampler", {"tokens": tokens, "goal": goal, "action_noise": action_noise})["actions"]
+        return run("action_sampler", {"tokens": tokens, "goal": goal, "action_noise": action_noise,
+                                      **with_state})["actions"]
     if action_mode != "step":
         raise ValueError(f"action_mode '{action_mode}' unknown; allowed: {list(ACTION_MODES)}")
-    context = run("action_context", {"tokens": tokens, "goal": goal})["context"]
+    context = run("action_context", {"tokens": tokens, "goal": goal, **with_state})["context"]
     x = (action_noise * np.float32(sigmas[0])).astype(np.float32)
     k = 0 if prefix is None else min(len(prefix), x.shape[1])
     w = None if not k else (np.ones(k, np.float32) if prefix_weights is None else prefix_weights[:k])[None, :, None]

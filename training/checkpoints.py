@@ -33,7 +33,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 from vpp_edge import __version__
 from vpp_edge.files import atomic_dir, read_json
 from vpp_edge.errors import CheckpointError
-from vpp_edge.normalization import ActionNormalizer
+from vpp_edge.normalization import ActionNormalizer, StateNormalizer
 from vpp_edge.presets import Preset, preset_from_dict
 from vpp_edge.tokenizer import InstructionTokenizer, load_tokenizer
 
@@ -219,8 +219,13 @@ def to_official_state_dict(policy: VPPPolicy) -> dict[str, torch.Tensor]:
 
 
 def load_official(preset: Preset | None, video_model: str | Path, clip: str | Path, action_model: str | Path | None,
-                  normalizer: ActionNormalizer | None = None) -> tuple[VPPPolicy, InstructionTokenizer]:
+                  normalizer: ActionNormalizer | None = None,
+                  state_normalizer: StateNormalizer | None = None) -> tuple[VPPPolicy, InstructionTokenizer]:
     """Policy from the official release files; without ``action_model`` the Former and head stay random.
+
+    A preset with ``action_head.use_proprio`` (the official XBot policy) needs
+    ``state_normalizer``: the config's ``dataset_args.state_01`` / ``state_99`` that its
+    states were normalised with in training; weights without them are refused.
 
     The action model's tensor shapes are checked against ``preset`` field by field
     (:mod:`.official_shapes`); without a preset, the one shipped preset they fit is used.
@@ -239,7 +244,15 @@ def load_official(preset: Preset | None, video_model: str | Path, clip: str | Pa
                               f"name one with --preset")
     text_model, tokenizer = load_clip(clip, preset.text.goal_length, preset.text.max_length)
     _check_components(preset, unet, vae, text_model, f"{video_model} + {clip}")
+    if preset.action_head.use_proprio and official is not None and state_normalizer is None:
+        raise CheckpointError(f"{action_model}: preset '{preset.name}' feeds the robot state to the policy; give its "
+                              "state bounds (the official config's dataset_args.state_01 / state_99) as "
+                              "'state': {\"low\": [...], \"high\": [...]} in --normalization")
     policy = assemble_policy(preset, text_model, unet, vae, scheduler, normalizer)
+    try:
+        policy.set_state_normalizer(state_normalizer)
+    except ValueError as exc:
+        raise CheckpointError(f"{action_model or video_model}: {exc}") from None
     if official is not None:
         state = from_official_state_dict(official, str(action_model))
         for prefix in ("former.", "action_head."):
@@ -283,6 +296,7 @@ def save_checkpoint(policy: VPPPolicy, tokenizer: InstructionTokenizer, folder: 
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "preset": policy.preset.to_dict(),
             "normalization": policy.normalizer.to_dict(),
+            **({"state_normalization": policy.state_normalizer.to_dict()} if policy.state_normalizer else {}),
             "components": {
                 "clip": policy.text_encoder.clip.config.to_dict(),
                 "unet": dict(policy.tvp.unet.config),
@@ -356,6 +370,10 @@ def load_checkpoint(folder: str | Path, preset: Preset | None = None) -> tuple[V
     with init_empty_weights():
         policy = assemble_policy(stored, clip, unet, vae, scheduler, normalizer)
     _load_into(policy, state, str(weights))
+    try:
+        policy.set_state_normalizer(StateNormalizer.from_dict(config.get("state_normalization")))
+    except ValueError as exc:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: {exc}") from None
     return policy.eval(), tokenizer
 
 

@@ -49,12 +49,17 @@ class TorchPredictor:
         return (time.perf_counter() - start) * 1e3
 
     @torch.inference_mode()
-    def predict(self, frames: np.ndarray, instruction: str, seed: int = 0) -> Prediction:
-        """``frames``: uint8 [V, S, S, 3] (already cropped/resized) -> actions [T, A]."""
+    def predict(self, frames: np.ndarray, instruction: str, seed: int = 0, state: np.ndarray | None = None) -> Prediction:
+        """``frames``: uint8 [V, S, S, 3] (already cropped/resized) -> actions [T, A].
+
+        ``state``: the raw robot state [proprio_dim] of a policy with ``action_head.use_proprio``
+        (normalised here with the policy's state statistics; refused without it or for a
+        policy that takes none)."""
         p = self.policy.preset
         expected = (p.num_views, p.image_size, p.image_size, 3)
         if frames.shape != expected or frames.dtype != np.uint8:
             raise ValueError(f"expected uint8 frames {list(expected)}, got {frames.dtype} {list(frames.shape)}")
+        norm_state = self.policy.normalize_state(state)
         timings = {"text": self.set_instruction(instruction)}
         condition, goal = self._text  # type: ignore[misc]  # set just above
         noise = self.policy.make_noise(1, seed)
@@ -64,7 +69,8 @@ class TorchPredictor:
         t1 = time.perf_counter()
         tokens = self.policy.former(feats)
         t2 = time.perf_counter()
-        actions = self.policy.denormalize(self.policy.sample_actions(tokens, goal, noise.action.to(self.device)))
+        actions = self.policy.denormalize(self.policy.sample_actions(
+            tokens, goal, noise.action.to(self.device), None if norm_state is None else norm_state.to(self.device)))
         t3 = time.perf_counter()
         timings.update(tvp=(t1 - t0) * 1e3, former=(t2 - t1) * 1e3, action_head=(t3 - t2) * 1e3)
         return Prediction(actions=actions[0].float().cpu().numpy(), timings_ms=timings)

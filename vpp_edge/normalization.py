@@ -1,7 +1,8 @@
 """Action normalisation statistics, stored with every checkpoint and export artifact.
 
 The action head works in a normalised space; these statistics map its output back to
-robot units. numpy only: the runtime de-normalises without torch.
+robot units. Policies that take the robot state (``action_head.use_proprio``) carry state
+statistics too (:class:`StateNormalizer`). numpy only: the runtime uses them without torch.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from vpp_edge.errors import CheckpointError
+from vpp_edge.errors import CheckpointError, VPPError
 
 MODES = ("identity", "bounds", "mean_std")
 
@@ -98,3 +99,81 @@ class ActionNormalizer:
         if mode == "mean_std":
             return cls(mode="mean_std", mean=tuple(actions.mean(0)), std=tuple(np.maximum(actions.std(0), 1e-6)))
         return cls()
+
+
+class StateError(VPPError, ValueError):
+    """A robot state the policy must not see: wrong shape, NaN/Inf, or far outside its bounds."""
+
+
+@dataclass(frozen=True)
+class StateNormalizer:
+    """Proprioceptive-state statistics of a policy that takes the robot state.
+
+    The official real-robot code (``step3_deploy_real_xbot.py`` ``normalize_bound`` with the
+    config's ``state_01`` / ``state_99``) maps ``[low, high]`` to ``[-1, 1]`` as
+    ``2 (s - low) / (high - low + 1e-8) - 1`` and clips to ``[-1, 1]``; this is that map.
+
+    ``tolerance`` guards the robot: a state more than ``tolerance`` x (high - low) outside
+    ``[low, high]`` in any dimension is refused rather than clipped, since it means wrong
+    units or a miswired field, not a pose the policy has seen.
+    """
+
+    low: tuple[float, ...]
+    high: tuple[float, ...]
+    tolerance: float = 0.5
+    EPS = 1e-8  # the official normalize_bound's eps
+
+    def __post_init__(self) -> None:
+        low, high = np.asarray(self.low, np.float64), np.asarray(self.high, np.float64)
+        if low.ndim != 1 or low.shape != high.shape or low.size == 0:
+            raise CheckpointError("state normalization needs equal-length, non-empty low/high vectors")
+        if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
+            raise CheckpointError("state normalization statistics contain NaN or Inf")
+        if np.any(high < low):
+            raise CheckpointError("state normalization: high must not be below low in any dimension")
+        if not (np.isfinite(self.tolerance) and self.tolerance >= 0):
+            raise CheckpointError(f"state normalization: tolerance must be >= 0, got {self.tolerance}")
+
+    @property
+    def dim(self) -> int:
+        return len(self.low)
+
+    def check(self, state: Any) -> np.ndarray:
+        """``state`` as float64 [dim] after refusing a wrong shape, NaN/Inf or an out-of-range value
+        (:class:`StateError` whose first word names the reason: shape, nonfinite, range)."""
+        s = np.asarray(state, dtype=np.float64)
+        if s.shape != (self.dim,):
+            raise StateError(f"shape: the policy takes a robot state of {self.dim} values, got shape {list(s.shape)}")
+        if not np.all(np.isfinite(s)):
+            raise StateError(f"nonfinite: robot state has NaN/Inf at {np.flatnonzero(~np.isfinite(s)).tolist()}")
+        low, high = np.asarray(self.low), np.asarray(self.high)
+        margin = self.tolerance * (high - low)
+        out = np.flatnonzero((s < low - margin) | (s > high + margin))
+        if out.size:
+            i = int(out[0])
+            raise StateError(f"range: robot state[{i}] = {s[i]:.4g} is outside [{low[i]:.4g}, {high[i]:.4g}] by more "
+                             f"than {self.tolerance:g} x the range ({out.size} value(s) out of range)")
+        return s
+
+    def normalize(self, state: Any) -> np.ndarray:
+        """Checked state [dim] -> the model's input [dim] float32 in [-1, 1]."""
+        s = self.check(state)
+        low, high = np.asarray(self.low), np.asarray(self.high)
+        return np.clip(2.0 * (s - low) / (high - low + self.EPS) - 1.0, -1.0, 1.0).astype(np.float32)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": "bounds", "low": list(self.low), "high": list(self.high), "tolerance": self.tolerance}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "StateNormalizer | None":
+        """None for no statistics (a policy without state input)."""
+        if not data:
+            return None
+        unknown = set(data) - {"mode", "low", "high", "tolerance"}
+        if unknown:
+            raise CheckpointError(f"state normalization has unknown key(s) {sorted(unknown)}")
+        if data.get("mode", "bounds") != "bounds":
+            raise CheckpointError(f"state normalization mode '{data.get('mode')}' unknown; allowed: ['bounds'] "
+                                  "(the official normalize_bound)")
+        return cls(low=tuple(float(v) for v in data.get("low", ())), high=tuple(float(v) for v in data.get("high", ())),
+                   tolerance=float(data.get("tolerance", 0.5)))

@@ -45,7 +45,8 @@ class TorchEngine(Engine):
         torch = self._torch
         gdef = GRAPHS[graph]
         with torch.inference_mode():
-            args = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device) for n in gdef.inputs]
+            args = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device)
+                    for n in gdef.inputs_for(self.policy.preset)]
             out = self._modules[graph](*args)
         out = out if isinstance(out, tuple) else (out,)
         return {n: t.cpu().numpy() for n, t in zip(gdef.outputs, out)}

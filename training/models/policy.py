@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vpp_edge.normalization import ActionNormalizer
+from vpp_edge.normalization import ActionNormalizer, StateNormalizer
 from vpp_edge.presets import Preset
 
 from .action_head import EDMActionHead
@@ -39,7 +39,7 @@ class VPPPolicy(nn.Module):
     """
 
     def __init__(self, preset: Preset, text_encoder: TextEncoder, tvp: TVPFeatureExtractor,
-                 normalizer: ActionNormalizer | None = None):
+                 normalizer: ActionNormalizer | None = None, state_normalizer: StateNormalizer | None = None):
         super().__init__()
         self.preset = preset
         self.text_encoder = text_encoder
@@ -54,6 +54,7 @@ class VPPPolicy(nn.Module):
             num_obs_tokens=self.former.num_tokens,
         )
         self.set_normalizer(normalizer or ActionNormalizer())
+        self.set_state_normalizer(state_normalizer)
 
     def set_normalizer(self, normalizer: ActionNormalizer) -> None:
         """Install action statistics (checked against the action dimension)."""
@@ -61,6 +62,37 @@ class VPPPolicy(nn.Module):
         self.normalizer = normalizer
         self.register_buffer("action_scale", torch.from_numpy(scale), persistent=False)
         self.register_buffer("action_offset", torch.from_numpy(offset), persistent=False)
+
+    def set_state_normalizer(self, normalizer: StateNormalizer | None) -> None:
+        """Install the robot-state statistics of a policy with ``action_head.use_proprio``.
+
+        Without statistics such a policy gets ``[-1, 1]`` bounds (states pass through
+        unchanged): right for an untrained model, never for trained weights, whose loaders
+        require the statistics they were trained with.
+        """
+        head = self.preset.action_head
+        if not head.use_proprio:
+            if normalizer is not None:
+                raise ValueError(f"preset '{self.preset.name}' takes no robot state (action_head.use_proprio is "
+                                 "false): state statistics do not belong to it")
+            self.state_normalizer = None
+            return
+        normalizer = normalizer or StateNormalizer(low=(-1.0,) * head.proprio_dim, high=(1.0,) * head.proprio_dim)
+        if normalizer.dim != head.proprio_dim:
+            raise ValueError(f"state statistics have {normalizer.dim} dims, the policy takes a state of "
+                             f"{head.proprio_dim} (action_head.proprio_dim)")
+        self.state_normalizer = normalizer
+
+    def normalize_state(self, state) -> torch.Tensor | None:
+        """Raw robot state [proprio_dim] (checked: shape, finite, range) -> model input [1, proprio_dim];
+        None for a policy without state input (which refuses a state)."""
+        if self.state_normalizer is None:
+            if state is not None:
+                raise ValueError(f"preset '{self.preset.name}' takes no robot state (action_head.use_proprio is false)")
+            return None
+        if state is None:
+            raise ValueError(f"preset '{self.preset.name}' takes the robot state ({self.state_normalizer.dim} values)")
+        return torch.from_numpy(self.state_normalizer.normalize(state))[None]
 
     # ---- shapes -----------------------------------------------------------------------
     def noise_shapes(self, batch: int = 1) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -102,8 +134,9 @@ class VPPPolicy(nn.Module):
         return actions * self.action_scale + self.action_offset
 
     def forward(self, frames: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                tvp_noise: torch.Tensor, action_noise: torch.Tensor) -> torch.Tensor:
-        """The whole predict step: de-normalised action chunk [B, T, A]."""
+                tvp_noise: torch.Tensor, action_noise: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole predict step: de-normalised action chunk [B, T, A] (``state``: the
+        normalised robot state [B, proprio_dim] of a policy with ``action_head.use_proprio``)."""
         condition, goal = self.encode_text(input_ids, attention_mask)
         tokens = self.former(self.predictive_features(frames, condition, tvp_noise))
-        return self.denormalize(self.sample_actions(tokens, goal, action_noise))
+        return self.denormalize(self.sample_actions(tokens, goal, action_noise, state))
