@@ -27,7 +27,9 @@ import numpy as np
 
 from vpp_edge.extras import require
 
+from .config import BridgeConfig
 from .driver import RobotDriver
+from .factory import DRIVERS
 from .rotations import matrix_to_rpy, rpy_to_matrix
 
 log = logging.getLogger(__name__)
@@ -196,3 +198,8 @@ class FrankaDriver(RobotDriver):
                 log.info("franky stop at disconnect: %s", exc)
         # Drop the connections now: franky-sim and the FCI serve one client at a time.
         self.robot = self.gripper = self._gripper_worker = None
+
+
+@DRIVERS.register("panda")
+def _build(cfg: BridgeConfig) -> RobotDriver:
+    return FrankaDriver(cfg.driver)

@@ -23,7 +23,9 @@ import numpy as np
 
 from vpp_edge.extras import require
 
+from .config import BridgeConfig
 from .driver import RobotDriver
+from .factory import DRIVERS
 
 # Off-screen rendering; MuJoCo reads this once, when it is first imported.
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -197,3 +199,8 @@ class MetaWorldDriver(RobotDriver):
             if self._renderer is not None:
                 self._renderer.close()
                 self._renderer = None
+
+
+@DRIVERS.register("metaworld")
+def _build(cfg: BridgeConfig) -> RobotDriver:
+    return MetaWorldDriver(cfg.driver)

@@ -14,7 +14,9 @@ import numpy as np
 from vpp_edge.errors import VPPError
 from vpp_edge.extras import require
 
+from .config import BridgeConfig
 from .driver import RobotDriver
+from .factory import DRIVERS
 
 XARM_MAX_SERVO_HZ = 250.0  # the controller's streaming limit for set_servo_cartesian
 HAND_JOINTS = 12
@@ -140,3 +142,8 @@ class XArmXHandDriver(RobotDriver):
             self.hand.close_device()
         if self.arm is not None:
             self.arm.disconnect()
+
+
+@DRIVERS.register("xarm_xhand")
+def _build(cfg: BridgeConfig) -> RobotDriver:
+    return XArmXHandDriver(cfg.driver, cfg.servo_hz)

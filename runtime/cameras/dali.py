@@ -24,6 +24,7 @@ from vpp_edge.errors import DataError
 from vpp_edge.extras import require
 
 from .base import Camera, Frame, StaleFrameError
+from .factory import CAMERAS, CameraRequest
 
 
 class DaliDecoder:
@@ -173,3 +174,16 @@ class DaliCameras(Camera):
             images = self.decoder.decode([f.image for f in frames])
             self._publish(Frame(images, min(f.stamp for f in frames), index))
             last, index = key, index + 1
+
+
+
+@CAMERAS.register("replay-dali")
+def _replay_dali(req: CameraRequest) -> list[Camera]:
+    episode = req.need_episode()
+    return [DaliCameras([ReplayMjpegStream(episode, v, fps=req.fps) for v in range(req.views)], req.size,
+                        req.dali_device)]
+
+
+@CAMERAS.register("dali")
+def _dali(req: CameraRequest) -> list[Camera]:
+    return [DaliCameras([V4L2MjpegStream(d) for d in req.devices()], req.size, req.dali_device)]

@@ -27,7 +27,10 @@ from typing import Callable
 
 import cv2
 
+from vpp_edge.errors import ConfigError
+
 from .base import Camera
+from .factory import CAMERAS, CameraRequest
 from .opencv import OpenCVCamera
 
 log = logging.getLogger(__name__)
@@ -152,3 +155,17 @@ def auto_cameras(devices: list[int | str], size: int, dali_device: str = "auto",
         decoder = next(d for d in GST_DECODERS if d[0] == choice.detail)
         return [GStreamerCamera(d, size, decoder) for d in devices]
     return [OpenCVCamera(d, size) for d in devices]
+
+
+
+@CAMERAS.register("auto")
+def _auto(req: CameraRequest) -> list[Camera]:
+    return auto_cameras(req.devices(), req.size, req.dali_device)
+
+
+@CAMERAS.register("gstreamer")
+def _gstreamer(req: CameraRequest) -> list[Camera]:
+    ok, detail = _probe_gstreamer()
+    if not ok:
+        raise ConfigError(f"camera source 'gstreamer' unavailable here: {detail}")
+    return auto_cameras(req.devices(), req.size, req.dali_device, DecoderChoice("gstreamer", detail))

@@ -12,6 +12,7 @@ from vpp_edge.preprocess import prepare_frame
 from .. import protocol as P
 from ..transport import make_socket, recv
 from .base import Camera, Frame
+from .factory import CAMERAS, CameraRequest
 
 
 class ZmqCameras(Camera):
@@ -47,3 +48,9 @@ class ZmqCameras(Camera):
                 self._publish(Frame(images, msg.stamp, msg.index))
         finally:
             sock.close(linger=0)
+
+
+
+@CAMERAS.register("zmq")
+def _zmq(req: CameraRequest) -> list[Camera]:
+    return [ZmqCameras(req.arg or P.CAMERA_ENDPOINT, req.views, req.size)]

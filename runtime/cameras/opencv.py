@@ -9,6 +9,7 @@ import cv2
 from vpp_edge.preprocess import prepare_frame
 
 from .base import Camera, Frame
+from .factory import CAMERAS, CameraRequest
 
 
 class OpenCVCamera(Camera):
@@ -59,3 +60,9 @@ class OpenCVCamera(Camera):
                 index += 1
         finally:
             cap.release()
+
+
+
+@CAMERAS.register("v4l2")
+def _v4l2(req: CameraRequest) -> list[Camera]:
+    return [OpenCVCamera(d, req.size) for d in req.devices()]

@@ -12,6 +12,7 @@ from vpp_edge.errors import DataError
 from vpp_edge.preprocess import prepare_frame
 
 from .base import Camera, Frame
+from .factory import CAMERAS, CameraRequest
 
 
 class ReplayCameras(Camera):
@@ -41,3 +42,9 @@ class ReplayCameras(Camera):
             t += 1
             next_t += period
             self._stop.wait(max(0.0, next_t - time.monotonic()) if period else 0.001)
+
+
+
+@CAMERAS.register("replay")
+def _replay(req: CameraRequest) -> list[Camera]:
+    return [ReplayCameras(req.need_episode(), req.views, req.size, fps=req.fps)]
