@@ -7,6 +7,7 @@ import numpy as np
 
 from vpp_edge.extras import require
 
+from . import ENGINES
 from .base import Engine
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -65,3 +66,8 @@ class OrtEngine(Engine):
         self._sessions.clear()
         self._bindings.clear()
         self._outputs.clear()
+
+
+@ENGINES.register("onnxruntime", requires="onnxruntime", default_precision="fp32", cpu=True)
+def _build(artifact, precision: str, threads: int = 0, **options) -> Engine:
+    return OrtEngine(artifact, precision, threads=threads, **options)

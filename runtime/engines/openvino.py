@@ -27,6 +27,7 @@ import numpy as np
 
 from vpp_edge.extras import require
 
+from . import ENGINES
 from .base import Engine
 
 # Our names -> OpenVINO's element type names for INFERENCE_PRECISION_HINT.
@@ -140,3 +141,8 @@ class OvEngine(Engine):
     def close(self) -> None:
         self._requests.clear()
         self._outputs.clear()
+
+
+@ENGINES.register("openvino", requires="openvino", default_precision="fp32", cpu=True)
+def _build(artifact, precision: str, threads: int = 0, **options) -> Engine:
+    return OvEngine(artifact, precision, threads=threads, **options)

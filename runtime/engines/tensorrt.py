@@ -43,6 +43,7 @@ from vpp_edge.errors import MissingDependencyError
 from vpp_edge.export.manifest import ArtifactError, check_engine_fits, verify_entry
 from vpp_edge.extras import require
 
+from . import ENGINES
 from .base import Engine
 
 # Where cuda-python keeps its runtime (cudart) bindings, newest layout first: 12.6+ and
@@ -249,3 +250,8 @@ def link_on_device(runners: dict[str, _EngineRunner]) -> list[tuple[str, str, st
                     links.append((producer_name, tensor, consumer_name))
                     break
     return links
+
+
+@ENGINES.register("tensorrt", requires="tensorrt", default_precision="fp16", cpu=False)
+def _build(artifact, precision: str, threads: int = 0, **options) -> Engine:
+    return TrtEngine(artifact, precision, **options)  # on the GPU: no CPU threads to set

@@ -9,6 +9,7 @@ import numpy as np
 
 from vpp_edge.extras import require
 
+from . import ENGINES
 from .base import Engine
 
 
@@ -50,3 +51,10 @@ class TorchEngine(Engine):
             out = self._modules[graph](*args)
         out = out if isinstance(out, tuple) else (out,)
         return {n: t.cpu().numpy() for n, t in zip(gdef.outputs, out)}
+
+
+@ENGINES.register("torch", requires="torch", default_precision="fp32", cpu=True)
+def _build(artifact, precision: str, threads: int = 0, **options) -> Engine:
+    if threads:  # torch's thread count is process-wide
+        require("torch", "the PyTorch backend").set_num_threads(threads)
+    return TorchEngine(artifact, precision, **options)
