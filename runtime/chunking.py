@@ -12,6 +12,10 @@ plan by a smoothing policy, because consecutive chunks disagree at their boundar
 * ``rtc``: real-time chunking: the sampler itself inpaints the plan's remaining actions
   into the new chunk (see ``predict_step.predict_actions``), which then replaces the plan.
 
+Smoothing policies are a registry (:data:`SMOOTHING`): a new one is a
+:class:`SmoothingPolicy` subclass decorated ``@SMOOTHING.register("name")``, in this module or
+in its own (imported before the runtime is built).
+
 The control loop asks for one action per tick; an empty plan is *starvation* (the
 caller holds the last safe target). numpy only; no locking: one owner thread.
 """
@@ -24,7 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-SMOOTHING = ("none", "ensemble", "crossfade", "rtc")
+from vpp_edge.registry import Registry
+
 JUMP_WINDOW = 10_000
 
 
@@ -59,19 +64,84 @@ class MergeStats:
     latency_s: float
 
 
+class SmoothingPolicy:
+    """How a new chunk's actions merge with the plan's actions for the same ticks.
+
+    ``keeps_overlap``: False drops the plan's ticks from the new chunk's first one on (the new
+    chunk replaces them); True calls :meth:`merge` for every tick both cover.
+    ``inpaints``: the sampler continues the plan's remaining actions (the runtime passes them
+    as a prefix, see ``predict_step.predict_actions``)."""
+
+    keeps_overlap = True
+    inpaints = False
+
+    def __init__(self, crossfade_steps: int = 3, ensemble_m: float = 0.1):
+        self.crossfade_steps = max(1, int(crossfade_steps))
+        self.ensemble_m = float(ensemble_m)
+
+    def merge(self, votes: list[np.ndarray], current: np.ndarray, new: np.ndarray, overlap: int) -> list[np.ndarray]:
+        """The tick's votes after ``new`` arrives; ``current`` is the tick's value so far and
+        ``overlap`` counts the overlapping ticks of this chunk before this one."""
+        return [new]
+
+    def value(self, votes: list[np.ndarray]) -> np.ndarray:
+        """The action of a tick from its votes (oldest first)."""
+        return votes[-1]
+
+
+SMOOTHING: Registry[type[SmoothingPolicy]] = Registry("smoothing policy")
+
+
+@SMOOTHING.register("none")
+class Replace(SmoothingPolicy):
+    """The new chunk replaces the plan from its first still-valid action."""
+
+    keeps_overlap = False
+
+
+@SMOOTHING.register("ensemble")
+class Ensemble(SmoothingPolicy):
+    """ACT's temporal ensembling: every chunk covering a tick votes, weighted exp(-m * k)."""
+
+    def merge(self, votes, current, new, overlap):
+        return [*votes, new]
+
+    def value(self, votes):
+        if len(votes) == 1:
+            return votes[0]
+        w = np.exp(-self.ensemble_m * np.arange(len(votes)))
+        return np.tensordot(w / w.sum(), np.stack(votes), axes=1)
+
+
+@SMOOTHING.register("crossfade")
+class Crossfade(SmoothingPolicy):
+    """Old -> new linearly over the first ``crossfade_steps`` overlapping ticks, then new only."""
+
+    def merge(self, votes, current, new, overlap):
+        alpha = min(1.0, (overlap + 1) / (self.crossfade_steps + 1))
+        return [(1 - alpha) * current + alpha * new]
+
+
+@SMOOTHING.register("rtc")
+class RealTimeChunking(Replace):
+    """The sampler inpaints the plan's remaining actions into the new chunk, which replaces the plan."""
+
+    inpaints = True
+
+
 class ActionPlan:
     """Time-indexed plan of future actions on the control grid ``tick * dt``."""
 
     def __init__(self, dt: float, smoothing: str = "none", crossfade_steps: int = 3, ensemble_m: float = 0.1,
                  latency: LatencyTracker | None = None):
         if smoothing not in SMOOTHING:
-            raise ValueError(f"smoothing '{smoothing}' unknown; allowed: {list(SMOOTHING)}")
+            raise ValueError(f"smoothing '{smoothing}' unknown; allowed: {SMOOTHING.names()}")
         if dt <= 0:
             raise ValueError(f"dt must be positive, got {dt}")
         self.dt = dt
         self.smoothing = smoothing
-        self.crossfade_steps = max(1, int(crossfade_steps))
-        self.ensemble_m = float(ensemble_m)
+        self.policy = SMOOTHING.get(smoothing)(crossfade_steps, ensemble_m)
+        self.crossfade_steps, self.ensemble_m = self.policy.crossfade_steps, self.policy.ensemble_m
         self.latency = latency or LatencyTracker()
         self._slots: deque[_Slot] = deque()
         self._last_seq = -1
@@ -94,7 +164,7 @@ class ActionPlan:
         while self._slots and self._slots[0].tick < current:
             self._slots.popleft()
         existing = {s.tick: s for s in self._slots}
-        if self.smoothing in ("none", "rtc"):
+        if not self.policy.keeps_overlap:
             existing = {t: s for t, s in existing.items() if t < min(new, default=current)}
         overlap = 0
         for tick in sorted(new):
@@ -102,22 +172,15 @@ class ActionPlan:
             if slot is None or not slot.votes:
                 existing[tick] = _Slot(tick, [new[tick]], seq)
                 continue
-            if self.smoothing == "ensemble":
-                slot.votes.append(new[tick])
-            else:  # crossfade: old -> new over the first k overlapping ticks, then new only
-                alpha = min(1.0, (overlap + 1) / (self.crossfade_steps + 1))
-                slot.votes = [(1 - alpha) * self._value(slot) + alpha * new[tick]]
-                overlap += 1
+            slot.votes = self.policy.merge(slot.votes, self._value(slot), new[tick], overlap)
+            overlap += 1
             slot.chunk_seq = seq
         self._slots = deque(existing[t] for t in sorted(existing))
         self._last_seq = seq
         return MergeStats(skipped=skipped, used=len(new), latency_s=max(0.0, now - obs_stamp))
 
     def _value(self, slot: _Slot) -> np.ndarray:
-        if len(slot.votes) == 1:
-            return slot.votes[0]
-        w = np.exp(-self.ensemble_m * np.arange(len(slot.votes)))
-        return np.tensordot(w / w.sum(), np.stack(slot.votes), axes=1)
+        return slot.votes[0] if len(slot.votes) == 1 else self.policy.value(slot.votes)
 
     def pop(self, now: float) -> np.ndarray | None:
         """The action for the current tick, or None (starvation) when the plan has none."""

@@ -162,7 +162,7 @@ class Runtime:
         self.worker = InferenceWorker(policy, cameras, robot.stale_observation_s, metrics)
         self._failure: str | None = None
         self._ticks = 0
-        if options.smoothing == "rtc":
+        if self.plan.policy.inpaints:  # the sampler continues the plan (real-time chunking)
             self.worker.plan_dt = self.plan.dt
 
     def set_instruction(self, text: str) -> None:
@@ -286,7 +286,7 @@ class Runtime:
                                                                   "target": state.target.tolist(),
                                                                   "joints": state.joints.tolist()})
         if self.safety.mode(now) is not Mode.ESTOP and self.plan.needs_inference(now, self.options.margin_steps):
-            if self.options.smoothing == "rtc" and not self.worker.busy:
+            if self.plan.policy.inpaints and not self.worker.busy:
                 self.worker.delay_steps = int(np.ceil(self.plan.latency.stats()["p95"] / self.plan.dt))
                 self.worker.trigger(self.plan.snapshot(now))
             else:
