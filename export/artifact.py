@@ -11,6 +11,7 @@ end: a failed gate, a full disk or Ctrl-C leaves no half-written artifact.
 
 from __future__ import annotations
 
+import gc
 import logging
 import platform
 import shutil
@@ -33,12 +34,13 @@ from vpp_edge.runtime.predict_step import ACTION_MODES, predict_actions
 from vpp_edge.tokenizer import InstructionTokenizer
 from vpp_edge.training.models.policy import VPPPolicy
 
-from . import onnx_io
+from . import onnx_io, tempdirs
 from .graphs import GRAPHS, STATE_INPUT, reference_run
 from .manifest import (FORMAT_NAME, FORMAT_VERSION, INT8_PRECISIONS, PRECISIONS, read_manifest, tokenizer_entry,
                        write_manifest)
 from .options import DEFAULTS_FILE, load_options  # noqa: F401 (the export API)
 from .parity import ParityError, compare, passes, summary_table, worst
+from .phases import Phases, gb
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +162,15 @@ def _toolchain() -> dict[str, str]:
 
 def export_artifact(policy: VPPPolicy, tokenizer: InstructionTokenizer, out: str | Path,
                     options: dict[str, Any] | None = None, observations: list[Observation] | None = None,
-                    source: str = "", progress: bool = True) -> dict[str, Any]:
+                    source: str = "", progress: bool = True, release_policy: bool = False) -> dict[str, Any]:
     """Export, convert, gate and package; returns the manifest. Raises :class:`ParityError`
-    (after saving the report next to ``out``) when a gate fails."""
+    (after saving the report next to ``out``) when a gate fails.
+
+    ``release_policy``: free the policy's weights once the FP32 graphs are written (the
+    policy is unusable afterwards), so that no later phase holds them beside the graphs'
+    (``vpp export`` does; at paper scale they are 6 GB). Temporary folders that an export
+    killed by SIGKILL or the kernel left next to ``out`` are removed first (see
+    :mod:`.tempdirs`); SIGTERM unwinds like Ctrl-C and leaves nothing."""
     opts = options or load_options()
     out = Path(out)
     precisions = [p for p in PRECISIONS if p in opts["precisions"]]
@@ -182,10 +190,13 @@ def export_artifact(policy: VPPPolicy, tokenizer: InstructionTokenizer, out: str
         bar.set_description(what)
         bar.update(1)
 
+    tempdirs.sweep(out)
     try:
-        with atomic_dir(out) as tmp:
+        with tempdirs.terminate_as_interrupt(), atomic_dir(out) as tmp:
+            tempdirs.claim(tmp)
             _export_into(tmp, policy, tokenizer, out, opts, precisions, n_parity, n_calib, observations,
-                         source, threads, bar, advance)
+                         source, threads, bar, advance, release_policy)
+            tempdirs.release(tmp)
     finally:
         bar.close()
     return read_manifest(out)
@@ -193,11 +204,15 @@ def export_artifact(policy: VPPPolicy, tokenizer: InstructionTokenizer, out: str
 
 def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, out: Path, opts: dict[str, Any],
                  precisions: list[str], n_parity: int, n_calib: int, observations: list[Observation] | None,
-                 source: str, threads: int, bar: tqdm, advance: Callable[[str], None]) -> None:
+                 source: str, threads: int, bar: tqdm, advance: Callable[[str], None],
+                 release_policy: bool = False) -> None:
     preset = policy.preset
+    phase = Phases(bar)
+    weights = gb(sum(p.numel() * p.element_size() for p in policy.parameters()))
     obs = observations or sample_observations(preset.num_views, preset.image_size, n_parity + n_calib)
     if len(obs) < n_parity + n_calib:
         raise VPPError(f"need {n_parity + n_calib} observations, got {len(obs)}")
+    phase.start("reference run", holds=f"the PyTorch model ({weights})")
     refs = [reference(policy, tokenizer, o, seed=k) for k, o in enumerate(obs[:n_parity])]
     calib_refs = [reference(policy, tokenizer, o, seed=100 + k) for k, o in enumerate(obs[n_parity:])]
     advance("reference run")
@@ -206,16 +221,20 @@ def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, 
 
     paths: dict[str, dict[str, Path]] = {p: {} for p in precisions}
     for name, gdef in GRAPHS.items():
-        bar.set_description(f"export fp32/{name}")
+        phase.start(f"export fp32/{name}", holds=f"the PyTorch model ({weights}) and the graph")
         path = tmp / "fp32" / f"{name}.onnx"
         inputs = gdef.inputs_for(preset)
         onnx_io.export_onnx(gdef.adapter(policy), tuple(refs[0][i] for i in inputs), inputs,
-                            gdef.outputs, path, opts["opset"])
+                            gdef.outputs, path, opts["opset"], opts["external_data_bytes"])
         paths["fp32"][name] = path
         advance(f"exported fp32/{name}")
 
-    sessions = {"fp32": {n: onnx_io.session(p, threads) for n, p in paths["fp32"].items()}}
-    mode_ms = _time_action_modes(sessions["fp32"], refs[0], sigmas)
+    if release_policy:  # every later phase works on the graphs
+        phase.start("release the PyTorch model")
+        _release_weights(policy)
+    phase.start("action head timing", holds="sessions of the FP32 action graphs")
+    mode_ms = _time_action_modes({n: onnx_io.session(paths["fp32"][n], threads) for n in _ACTION_GRAPHS},
+                                 refs[0], sigmas)
     action_mode = min(mode_ms, key=mode_ms.get)
     advance(f"action head: {action_mode} wins")
 
@@ -224,7 +243,8 @@ def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, 
         q = int8_settings(opts["int8"], opts, precision) if precision in INT8_PRECISIONS else {}
         for name in GRAPHS:
             src, dst = paths["fp32"][name], tmp / precision / f"{name}.onnx"
-            bar.set_description(f"{precision}/{name}")
+            phase.start(f"{precision}/{name}", holds="the graph; weights stream one tensor at a time"
+                        if precision == "fp16" else "the graph with its weights, calibration activations")
             if precision == "fp16":
                 onnx_io.convert_fp16(src, dst, opts["fp16"]["keep_fp32_ops"])
             elif name in q["graphs"]:
@@ -237,7 +257,6 @@ def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, 
                 onnx_io.keep_float(src, dst, precision)
             paths[precision][name] = dst
             advance(f"{precision}/{name}")
-        sessions[precision] = {n: onnx_io.session(p, threads) for n, p in paths[precision].items()}
     for precision in quant_info:  # calibration record + activation scales beside the INT8 graphs
         from vpp_edge.calibrate.dataset import ObservationSet
         from vpp_edge.calibrate.qdq import activation_scales, write_record
@@ -257,13 +276,18 @@ def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, 
         "gates": opts["gates"],
         "precisions": {},
     }
-    for precision in precisions:
-        bar.set_description(f"parity {precision}")
-        report["precisions"][precision] = evaluate_precision(precision, sessions[precision], refs, sigmas, action_mode,
+    for precision in precisions:  # one precision's sessions at a time: at paper scale each holds gigabytes
+        phase.start(f"parity {precision}", holds=f"ONNX Runtime sessions of the {precision} graphs")
+        sessions = {n: onnx_io.session(p, threads) for n, p in paths[precision].items()}
+        report["precisions"][precision] = evaluate_precision(precision, sessions, refs, sigmas, action_mode,
                                                     scale, offset, opts["gates"])
+        del sessions
+        gc.collect()
     for precision, info in quant_info.items():
         report["precisions"][precision]["quantization"] = info
     advance("parity checked")
+    phase.finish()
+    report["phases"] = phase.records
     bar.close()
 
     table = summary_table(report)
@@ -298,6 +322,19 @@ def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, 
         "toolchain": _toolchain(),
     }
     write_manifest(tmp, manifest)
+
+
+# The graphs that time the action head's two modes.
+_ACTION_GRAPHS = ("action_sampler", "action_context", "action_step")
+
+
+def _release_weights(policy: VPPPolicy) -> None:
+    """Free every parameter's storage (each becomes an empty tensor): the caller's policy
+    object stays, unusable, but its weights no longer count against the export's memory."""
+    with torch.no_grad():
+        for param in policy.parameters():
+            param.data = torch.empty(0, dtype=param.dtype)
+    gc.collect()
 
 
 def _dumps(obj: Any) -> str:

@@ -50,8 +50,10 @@ def quiet_tools() -> Iterator[io.StringIO]:
 
 
 def export_onnx(module, args: tuple, input_names: Sequence[str], output_names: Sequence[str], path: Path,
-                opset: int) -> None:
-    """Export ``module`` with torch's ONNX exporter (static shapes), then check it by path."""
+                opset: int, external_data_bytes: int = TWO_GB) -> None:
+    """Export ``module`` with torch's ONNX exporter (static shapes), then check it by path.
+    Weights reaching ``external_data_bytes`` in all go to ``<path>.data``, written from the
+    module's own tensors (the exported graph refers to them, it holds no copy)."""
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +62,10 @@ def export_onnx(module, args: tuple, input_names: Sequence[str], output_names: S
             program = torch.onnx.export(module.eval(), args, input_names=list(input_names),
                                         output_names=list(output_names), dynamo=True, opset_version=opset,
                                         verbose=False, optimize=True)
-            program.save(str(path))  # initializers go to <name>.data beyond 2 GB
+            weights = sum(v.const_value.nbytes for v in program.model.graph.initializers.values()
+                          if v.const_value is not None)
+            program.save(str(path), external_data=weights >= external_data_bytes)
+            del program
     except Exception as exc:
         raise ExportError(f"{path.name}: torch.onnx.export failed: {exc}\n{quiet.getvalue()[-2000:]}") from exc
     check(path)
@@ -156,16 +161,12 @@ def _same_computation(first: bytes, node: onnx.NodeProto) -> bool:
 
 
 def convert_fp16(src: Path, dst: Path, keep_fp32_ops: Sequence[str]) -> None:
-    """FP16 weights and activations, FP32 inputs/outputs, ``keep_fp32_ops`` in FP32."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    """FP16 weights and activations, FP32 inputs/outputs, ``keep_fp32_ops`` in FP32; external
+    data converted tensor by tensor (:func:`.external_data.convert_fp16`)."""
+    from .external_data import convert_fp16 as streaming_fp16
 
-    model = onnx.load(str(src))
-    with quiet_tools():
-        model16 = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(keep_fp32_ops),
-                                           disable_shape_infer=False)
-    _drop_duplicate_nodes(model16.graph)
-    _toposort(model16.graph)  # the converter appends some Cast nodes after their consumers
-    _save(model16, dst)
+    # the converter appends some Cast nodes after their consumers, and duplicates some
+    streaming_fp16(src, dst, keep_fp32_ops, graph_fixes=(_drop_duplicate_nodes, _toposort))
 
 
 def _toposort(graph: onnx.GraphProto) -> None:
@@ -185,13 +186,6 @@ def _toposort(graph: onnx.GraphProto) -> None:
         pending = [n for n in pending if id(n) not in ready_ids]
     del graph.node[:]
     graph.node.extend(ordered)
-
-
-def _save(model: onnx.ModelProto, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    large = model.ByteSize() >= TWO_GB if not any(i.external_data for i in model.graph.initializer) else True
-    onnx.save(model, str(dst), save_as_external_data=large, location=f"{dst.name}.data" if large else None)
-    check(dst)
 
 
 def module_path(node: onnx.NodeProto) -> str:

@@ -26,3 +26,19 @@ def load_options(path: str | Path | None = None, **overrides: Any) -> dict[str, 
     if bad or "fp32" not in options["precisions"]:
         raise ConfigError(f"precisions must include fp32 and come from {list(PRECISIONS)}, got {options['precisions']}")
     return options
+
+
+def names_precisions(path: str | Path | None) -> bool:
+    """Whether the export config file at ``path`` sets ``precisions``."""
+    return bool(path) and "precisions" in (read_yaml(path, "export config") or {})
+
+
+def precisions_for(options: dict[str, Any], weight_bytes: int, named: bool) -> list[str]:
+    """The precisions to export: ``options["precisions"]`` when the user ``named`` them
+    (--precisions, an export config) or the model is small; for a model whose weights reach
+    ``large_model.weight_bytes``, ``large_model.precisions`` (what its targets run, see
+    defaults.yaml)."""
+    large = options["large_model"]
+    if named or weight_bytes < int(large["weight_bytes"]):
+        return list(options["precisions"])
+    return list(large["precisions"])

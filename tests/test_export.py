@@ -144,8 +144,8 @@ def test_failed_gate_stops_export_and_leaves_no_artifact(tiny_policy, tmp_path, 
     """Export with a graph corrupted on the way out: exit 4, no artifact, a report beside it."""
     real_export = onnx_io.export_onnx
 
-    def corrupting_export(module, args, inputs, outputs, path, opset):
-        real_export(module, args, inputs, outputs, path, opset)
+    def corrupting_export(module, args, inputs, outputs, path, opset, *rest):
+        real_export(module, args, inputs, outputs, path, opset, *rest)
         if path.stem == "action_context":
             model = onnx.load(str(path))
             for init in model.graph.initializer:

@@ -283,6 +283,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from vpp_edge.export.artifact import export_artifact
     from vpp_edge.export.manifest import manifest_precisions
+    from vpp_edge.export.options import names_precisions, precisions_for
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -296,7 +297,15 @@ def cmd_export(args: argparse.Namespace) -> int:
         observations = sample_observations(preset.num_views, preset.image_size,
                                            options["parity_samples"] + options["calibration_samples"],
                                            roots=data)
-    manifest = export_artifact(policy, tokenizer, out, options, observations, source=source, progress=not args.quiet)
+    weight_bytes = sum(p.numel() * p.element_size() for p in policy.parameters())
+    precisions = precisions_for(options, weight_bytes, bool(args.precisions) or names_precisions(args.config))
+    if precisions != options["precisions"]:
+        print(f"{weight_bytes / 1e9:.1f} GB of weights: exporting {', '.join(precisions)}, what TensorRT (its FP16 "
+              "engine too) and ONNX Runtime on a CPU run; add others with --precisions")
+        options["precisions"] = precisions
+    # release_policy: the PyTorch weights are freed once the FP32 graphs are written (paper scale: 6 GB)
+    manifest = export_artifact(policy, tokenizer, out, options, observations, source=source, progress=not args.quiet,
+                               release_policy=True)
     print((Path(out) / "parity.md").read_text())
     print(f"wrote {out}: {len(manifest['graphs'])} graphs ({', '.join(manifest_precisions(manifest))}), "
           f"action head mode '{manifest['action_mode']}' ({manifest['action_mode_ms'][manifest['action_mode']]:.1f} ms)")

@@ -1,0 +1,127 @@
+"""Paper-scale export (issue 20): `vpp export --preset calvin` with random weights, in a
+child process, measured from outside.
+
+    python bench/paper_export.py [--out artifacts/calvin-bench] [--precisions fp32,fp16]
+                                 [--parity-samples 1] [--limit-gb 12] [--json bench/results/paper_export.json]
+
+Prints per phase (reference run, FP32 export per graph, precision passes, parity per
+precision) the wall time, the child's resident memory at the phase's end and its peak so
+far (its own getrusage); then the kernel's peak resident memory of the whole child
+(``os.wait4``), the files written with their sizes and the parity figures. Exits 1 when the
+export fails or its peak exceeds ``--limit-gb``. Timings are measured here, never asserted
+in tests (tests/test_export_streaming.py runs this script only when VPP_PAPER_EXPORT=1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class _PhaseFile(logging.Handler):
+    """Appends each export phase's figures (the ``export_phase`` extra of
+    vpp_edge.export.phases) to a JSON-lines file, and echoes it."""
+
+    def __init__(self, path: Path):
+        super().__init__(logging.INFO)
+        self.path = path
+
+    def emit(self, record: logging.LogRecord) -> None:
+        phase = getattr(record, "export_phase", None)
+        if phase is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(phase) + "\n")
+        print(f"[{time.strftime('%H:%M:%S')}] {record.getMessage()}", file=sys.stderr, flush=True)
+
+
+def child(args: argparse.Namespace) -> int:
+    logger = logging.getLogger("vpp_edge.export.phases")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(_PhaseFile(Path(args.phases)))
+    from vpp_edge.cli import main
+
+    cmd = ["export", "--preset", args.preset, "--out", args.out, "--parity-samples", str(args.parity_samples),
+           "--quiet"]
+    if args.precisions:
+        cmd += ["--precisions", args.precisions]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    return main(cmd)
+
+
+def _files(out: Path) -> list[tuple[str, int]]:
+    return [(str(p.relative_to(out)), p.stat().st_size) for p in sorted(out.rglob("*")) if p.is_file()]
+
+
+def parent(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    phases_file = Path(args.json).with_suffix(".phases.jsonl")
+    phases_file.parent.mkdir(parents=True, exist_ok=True)
+    phases_file.unlink(missing_ok=True)
+    cmd = [sys.executable, __file__, "--child", "--phases", str(phases_file), "--preset", args.preset,
+           "--out", str(out), "--parity-samples", str(args.parity_samples)]
+    if args.precisions:
+        cmd += ["--precisions", args.precisions]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(proc.pid, 0)  # the kernel's accounting of this child alone
+    proc.returncode = code = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    peak = usage.ru_maxrss * 1024
+    phases = [json.loads(line) for line in phases_file.read_text().splitlines()] if phases_file.exists() else []
+
+    print(f"\npaper-scale export ({args.preset}, precisions {args.precisions or 'default'}, "
+          f"{args.parity_samples} parity sample(s)): exit {code}, {wall / 60:.1f} min, "
+          f"kernel peak resident memory {peak / 1e9:.2f} GB (limit {args.limit_gb} GB), "
+          f"user {usage.ru_utime / 60:.1f} min, system {usage.ru_stime / 60:.1f} min CPU")
+    print("\n| phase | wall s | RSS at end GB | peak so far GB |\n| --- | ---: | ---: | ---: |")
+    for p in phases:
+        print(f"| {p['phase']} | {p['seconds']:.1f} | {p['rss_bytes'] / 1e9:.2f} | {p['peak_rss_bytes'] / 1e9:.2f} |")
+    files, parity = [], {}
+    if code == 0:
+        files = _files(out)
+        print("\n| file | MB |\n| --- | ---: |")
+        for name, size in files:
+            print(f"| {name} | {size / 1e6:.1f} |")
+        report = json.loads((out / "parity.json").read_text())
+        parity = {p: {"passed": s["passed"], "gate": s["gate"], "actions": s["actions"], "graphs": s["graphs"]}
+                  for p, s in report["precisions"].items()}
+        print((out / "parity.md").read_text())
+    result = {"preset": args.preset, "precisions": args.precisions, "parity_samples": args.parity_samples,
+              "exit_code": code, "wall_s": round(wall, 1), "peak_rss_bytes": peak,
+              "cpu_user_s": round(usage.ru_utime, 1), "cpu_system_s": round(usage.ru_stime, 1),
+              "phases": phases, "files": files, "parity": parity, "cpus": os.cpu_count(),
+              "machine_memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.json}")
+    ok = code == 0 and peak <= args.limit_gb * 1e9 and all(s["passed"] for s in parity.values())
+    return 0 if ok else 1
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="calvin")
+    p.add_argument("--out", default=str(ROOT / "artifacts" / "calvin-bench"))
+    p.add_argument("--precisions", default="", help="comma list (default: what vpp export writes for the preset)")
+    p.add_argument("--parity-samples", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--limit-gb", type=float, default=12.0, help="peak resident memory the export must stay within")
+    p.add_argument("--json", default=str(ROOT / "bench" / "results" / "paper_export.json"))
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--phases", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    return child(args) if args.child else parent(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Export phases on the progress bar, with their wall time and the process's memory.
+
+At paper scale an export runs for tens of minutes and its memory decides whether it
+finishes, so each phase says on the bar what it holds in memory, and its figures (wall
+time, resident memory at its end, the kernel's peak so far) go into the parity report,
+where ``bench/paper_export.py`` reads them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    """The kernel's peak resident memory of this process so far (getrusage; KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+class Phases:
+    """One phase after another: ``phases.start("fp16/tvp", holds="the graph, one tensor at a
+    time")`` ends the phase before it (recording its figures in :attr:`records`) and names
+    the new one, with what it holds, on the progress bar ``bar`` (tqdm-like, or None);
+    :meth:`finish` ends the last one. The bar itself advances where the caller says."""
+
+    def __init__(self, bar: Any = None):
+        self.bar = bar
+        self.records: list[dict[str, Any]] = []
+        self._current: tuple[str, float] | None = None
+
+    def start(self, name: str, holds: str = "") -> None:
+        self.finish()
+        if self.bar is not None:
+            self.bar.set_description(f"{name} [holds {holds}]" if holds else name)
+        log.info("phase %s started (rss %s)%s", name, gb(rss_bytes()), f", holds {holds}" if holds else "")
+        self._current = (name, time.perf_counter())
+
+    def finish(self) -> None:
+        if self._current is None:
+            return
+        name, start = self._current
+        self._current = None
+        record = {"phase": name, "seconds": round(time.perf_counter() - start, 3), "rss_bytes": rss_bytes(),
+                  "peak_rss_bytes": peak_rss_bytes()}
+        self.records.append(record)
+        # extra: a log handler (bench/paper_export.py's) gets the figures as data, even of an export that fails
+        log.info("phase %s: %.1f s, rss %s, peak so far %s", name, record["seconds"], gb(record["rss_bytes"]),
+                 gb(record["peak_rss_bytes"]), extra={"export_phase": record})
