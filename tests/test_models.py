@@ -58,7 +58,8 @@ def test_paper_presets_shapes_on_meta_device(name):
         tvp_noise, act_noise = (torch.zeros(s) for s in policy.noise_shapes(1))
         feats = policy.predictive_features(torch.zeros(1, v, 3, 256, 256), cond, tvp_noise)
         toks = policy.former(feats)
-        actions = policy.denormalize(policy.sample_actions(toks, goal, act_noise))
+        state = torch.zeros(1, p.action_head.proprio_dim) if p.action_head.use_proprio else None  # xbot
+        actions = policy.denormalize(policy.sample_actions(toks, goal, act_noise, state))
     assert tvp_noise.shape == (1, v, p.tvp.num_frames, 4, 32, 32)
     channels = 2560 if p.tvp.use_all_layer else 1280  # up-blocks 0+1 (1280 + 1280), or 1, at 16x16
     assert feats.shape == (1, f, v * 16 * 16, channels)

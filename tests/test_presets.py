@@ -67,6 +67,8 @@ def test_presets_mirror_the_official_configs_field_by_field(name):
     wrong = {k: v for k, v in mirrored.items() if v[0] != v[1]}
     assert not wrong, f"preset '{name}' differs from the official config at (preset, official): {wrong}"
     assert p.text.goal_length == 77  # clip.tokenize's context (the official goal pass)
+    # The robot state reaches the action head exactly where the official policy class feeds state_obs.
+    assert p.action_head.use_proprio == config["uses_state_obs"], "use_proprio mirrors the official state_obs use"
     assert "use_Former" not in m or m["use_Former"] == "3d"
 
 
@@ -119,3 +121,34 @@ def test_missing_required_keys_and_bad_files(tmp_path):
 def test_replace_merges_sections():
     p = get_preset("tiny").replace(former={"depth": 3}, action_horizon=5)
     assert p.former.depth == 3 and p.former.dim == get_preset("tiny").former.dim and p.action_horizon == 5
+
+
+@pytest.mark.parametrize("name", ["metaworld", "panda"])
+def test_presets_without_an_official_config_keep_the_shared_official_architecture(name):
+    """The official repository has configs for CALVIN, XHand and XBot only: MetaWorld and Panda
+    keep every field those three agree on (read from the copies, not restated), and the file
+    says what it mirrors and what is its own."""
+    data = yaml.safe_load(OFFICIAL_CONFIGS.read_text())
+    models = [{**data["defaults"], **c["model"]} for c in data["configs"].values()]
+    shared = {k: models[0][k] for k in models[0] if all(k in m and m[k] == models[0][k] for m in models)}
+    p = get_preset(name)
+    ours = {
+        "latent_dim": p.former.dim, "Former_depth": p.former.depth, "Former_heads": p.former.heads,
+        "Former_dim_head": p.former.dim_head, "extract_layer_idx": p.tvp.extract_layer_idx, "timestep": p.tvp.timesteps,
+        "sampler_type": p.action_head.sampler, "num_sampling_steps": p.action_head.num_steps,
+        "sigma_data": p.action_head.sigma_data, "sigma_min": p.action_head.sigma_min,
+        "sigma_max": p.action_head.sigma_max,
+    }
+    assert set(ours) <= set(shared), f"the official configs disagree on {sorted(set(ours) - set(shared))}"
+    wrong = {k: (v, shared[k]) for k, v in ours.items() if v != shared[k]}
+    assert not wrong, f"preset '{name}' differs from the shared official architecture at (preset, official): {wrong}"
+    per_frame = {m["num_latents"] // m["Former_num_time_embeds"] for m in models}
+    assert per_frame == {p.former.queries_per_frame}, "latents per predicted frame as every official config"
+    assert not p.action_head.use_proprio and p.text.goal_length == 77
+    header = (Path(__file__).parents[1] / "vpp_edge" / "presets" / f"{name}.yaml").read_text()
+    assert "Mirrors the architecture that every official config shares" in header
+    assert "has no" in header and "config" in header  # says what is its own
+    if name == "panda":  # the CALVIN robot's shapes: CALVIN weights load into it
+        calvin = get_preset("calvin")
+        assert (p.action_dim, p.action_horizon, p.num_views, p.tvp.use_all_layer, p.text) == \
+            (calvin.action_dim, calvin.action_horizon, calvin.num_views, calvin.tvp.use_all_layer, calvin.text)
