@@ -62,6 +62,13 @@ class BridgeLink:
         msg = P.ActionChunk(**self._next(), obs_stamp=obs_stamp, dt=dt, actions=np.asarray(action, np.float32)[None])
         return send(self._push, msg, flags=zmq.NOBLOCK)
 
+    def send_waypoints(self, targets: np.ndarray, start: float, dt: float) -> bool:
+        """Absolute ``targets`` [T, A] to be reached at ``start + i * dt`` (``start`` on this
+        process's clock; it travels on the bridge's); False if it could not be queued."""
+        msg = P.Waypoints(**self._next(), start=start + self.clock_offset, dt=dt,
+                          targets=np.asarray(targets, np.float64).reshape(len(targets), -1))
+        return send(self._push, msg, flags=zmq.NOBLOCK)
+
     @property
     def last_seq(self) -> int:
         """Sequence number of the last message sent (targets are acknowledged in the state's ``last_chunk_seq``)."""

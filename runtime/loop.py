@@ -31,6 +31,7 @@ from .policy import Chunk, EngineOutputError, RuntimePolicy
 from .protocol import RuntimeMode
 from .robot_config import RobotConfig
 from .safety import Mode, SafetyGate
+from .targets import TARGET_STREAMS, AbsoluteTargets
 from .threads import ThreadFailure, describe, guarded
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 # Verdicts whose action is the last safe one again, not this tick's: never re-sent (a delta
 # action sent twice moves the robot twice); the tick sends a heartbeat instead.
 NOT_FRESH = frozenset({"hold", "starvation", "action_invalid"})
+GRID_PHASE = 0.05  # control ticks fall this fraction of a plan step after the plan's grid points
 MAX_COUNTERS = 256  # distinct counter names a run keeps (bridge event kinds beyond it count as bridge_other)
 
 
@@ -52,6 +54,16 @@ class RunOptions:
     realtime_priority: int = 0  # >0: SCHED_FIFO priority for the control thread (needs CAP_SYS_NICE)
     stop_when: Callable[[], bool] | None = None  # checked every tick: end the run early (e.g. task done)
     tick_record_every: int = 1  # a "tick" record (planned, sent, state) every N ticks when logging; 0: none
+    # How targets travel (runtime/targets.py): "waypoints", absolute and stamped with the time the
+    # bridge reaches them (its servo loop owns time), or "per_tick", this tick's action as it comes.
+    target_stream: str = "waypoints"
+    waypoint_lead_ticks: int = 2  # waypoints are due this many control periods after their tick
+
+    def __post_init__(self) -> None:
+        if self.target_stream not in TARGET_STREAMS:
+            raise ValueError(f"target_stream '{self.target_stream}' unknown; allowed: {list(TARGET_STREAMS)}")
+        if self.waypoint_lead_ticks < 1:
+            raise ValueError("waypoint_lead_ticks must be at least 1 (a waypoint due now is already late)")
 
 
 class InferenceWorker:
@@ -162,6 +174,9 @@ class Runtime:
         self.worker = InferenceWorker(policy, cameras, robot.stale_observation_s, metrics)
         self._failure: str | None = None
         self._ticks = 0
+        self.targets: AbsoluteTargets | None = None  # after the handshake (it says which dimensions are deltas)
+        # The bridge refuses a plan reaching beyond its hold deadline: keep the lead well inside it.
+        self._lead_ticks = max(1, min(options.waypoint_lead_ticks, int(robot.watchdog_hold_s / 2 / self.plan.dt)))
         if self.plan.policy.inpaints:  # the sampler continues the plan (real-time chunking)
             self.worker.plan_dt = self.plan.dt
 
@@ -175,12 +190,16 @@ class Runtime:
         status = self.link.handshake(self.robot.name, self.robot.action_dim)
         self.safety.absolute = ~np.asarray(status.get("delta_dims", [True] * self.robot.action_dim), bool)
         self.metrics.record("handshake", robot=status.get("robot"), delta_dims=(~self.safety.absolute).tolist())
+        self.targets = AbsoluteTargets(~self.safety.absolute)
         for cam in self.cameras:
             cam.start()
         self.worker.start()
         if self.options.realtime_priority > 0:  # after the threads exist: they keep the normal policy
             _realtime(self.options.realtime_priority, self.metrics)
-        start = time.monotonic()
+        # Tick just after the plan's grid points (multiples of its dt on the monotonic clock): a
+        # late wake-up then stays in its grid interval, so no planned action is taken twice or skipped.
+        start = (np.floor(time.monotonic() / self.plan.dt) + 1 + GRID_PHASE) * self.plan.dt
+        time.sleep(max(0.0, start - time.monotonic()))
         tick_time = start
         try:
             stop_when = self.options.stop_when
@@ -215,6 +234,8 @@ class Runtime:
                                     "inner_mean": float(np.mean(self.plan.inner_jumps)) if self.plan.inner_jumps else 0.0}
         summary["latency_tracker_s"] = self.plan.latency.stats()
         summary["link"] = dict(self.link.counts)  # inputs from the bridge refused, by reason
+        if self.targets is not None:
+            summary["link"].update(self.targets.counts)
         return summary
 
     def _check_threads(self) -> str | None:
@@ -255,7 +276,9 @@ class Runtime:
             self.metrics.count(f"bridge_{event.kind}" if known else "bridge_other")
             self.metrics.record("bridge_event", kind=event.kind, detail=event.detail)
             self.safety.bridge_event(event.kind)
+            self.targets.on_event(event)
         if state is not None:
+            self.targets.on_state(state)
             self.safety.robot_target(state.target)
             if state.estopped:
                 self.safety.estop("bridge reports e-stop")
@@ -271,10 +294,7 @@ class Runtime:
         # its last absolute setpoint (re-sending a delta action would keep moving the robot).
         sent = verdict.action is not None and not NOT_FRESH & set(verdict.events)
         if sent:
-            if self.link.send_target(verdict.action, now, self.robot.dt):
-                self.metrics.count("targets_sent")
-            else:
-                self.metrics.count("bridge_unreachable")
+            self._send(verdict.action, now)
         else:  # alive without a target: say why (only an idle runtime keeps the bridge holding)
             self.link.send_heartbeat(self._heartbeat_mode(now))
         self._ticks += 1
@@ -291,6 +311,22 @@ class Runtime:
                 self.worker.trigger(self.plan.snapshot(now))
             else:
                 self.worker.trigger()
+
+
+    def _send(self, action: np.ndarray, now: float) -> None:
+        """This tick's checked action to the bridge, as the options' target stream says."""
+        if self.options.target_stream == "per_tick":
+            ok = self.link.send_target(action, now, self.robot.dt)
+        else:
+            target = self.targets.target(action)
+            if target is None:  # the bridge's target is not known yet: nothing to add the delta to
+                self.link.send_heartbeat(RuntimeMode.STARVED)
+                return
+            # Due on the plan's grid (not this tick's jittered clock), a lead ahead: the bridge's
+            # servo loop reaches it then, on its own clock.
+            due = (self.plan.tick_of(now) + self._lead_ticks) * self.plan.dt
+            ok = self.link.send_waypoints(target[None], due, self.plan.dt)
+        self.metrics.count("targets_sent" if ok else "bridge_unreachable")
 
 
 def _realtime(priority: int, metrics: Metrics) -> None:
