@@ -10,15 +10,14 @@ from typing import Any
 
 import yaml
 
-from vpp_edge.errors import VPPError
+from vpp_edge.errors import ConfigError
 
 HERE = Path(__file__).parent
 DEFAULTS = HERE / "defaults.yaml"
 PROFILES = HERE / "profiles"
 
 
-class DeployConfigError(VPPError, ValueError):
-    """A deploy setting or profile is unknown or invalid."""
+DeployConfigError = ConfigError  # a deploy setting or profile is unknown or invalid: the one ConfigError (issue 21)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
-from vpp_edge.errors import VPPError
+from vpp_edge.errors import ConfigError
 from vpp_edge.robot_description import ROBOTS_DIR, bridge_part, read_robot_description
 
 CONFIG_DIR: Path = ROBOTS_DIR  # the one home of robot descriptions (the runtime reads the same files)
 _VECTORS = ("setpoint_low", "setpoint_high", "max_step", "max_vel", "max_acc", "max_tracking_error")
 
 
-class BridgeConfigError(VPPError, ValueError):
-    pass
+BridgeConfigError = ConfigError  # the one ConfigError (issue 21); the old name stays importable
 
 
 @dataclass(frozen=True)

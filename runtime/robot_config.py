@@ -8,14 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from vpp_edge.errors import VPPError
+from vpp_edge.errors import ConfigError  # the one ConfigError (issue 21), still importable from here
 from vpp_edge.robot_description import ROBOTS_DIR, read_robot_description, runtime_part
 
 ROBOT_DIR: Path = ROBOTS_DIR  # the one home of robot descriptions (the bridge reads the same files)
-
-
-class ConfigError(VPPError, ValueError):
-    """A robot config is missing, unknown or inconsistent."""
 
 
 @dataclass(frozen=True)

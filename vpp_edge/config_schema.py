@@ -25,6 +25,23 @@ def unknown(what: str, name: str, allowed: Iterable[str]) -> ConfigError:
     return ConfigError(f"unknown {what} '{name}'{closest(name, allowed)}; allowed: {', '.join(allowed)}")
 
 
+def check_keys(data: object, required: Iterable[str], where: str, optional: Iterable[str] = (),
+               error: type[Exception] = ConfigError) -> dict[str, Any]:
+    """``data`` when it is a mapping holding every ``required`` key and nothing beyond
+    ``required`` and ``optional``; else ``error`` naming ``where``, the keys missing and the
+    ones unknown (each with its closest allowed name). The one check of a config section's
+    keys (robot descriptions, bridge and robot configs, runtime configs)."""
+    required, optional = tuple(required), tuple(optional)
+    if not isinstance(data, Mapping):
+        raise error(f"{where}: expected a mapping with {', '.join(required) or 'no keys'}")
+    allowed = (*required, *optional)
+    missing, extra = [k for k in required if k not in data], sorted(str(k) for k in data if k not in allowed)
+    if missing or extra:
+        hints = "".join(closest(k, allowed) for k in extra[:1])
+        raise error(f"{where}: keys differ (missing {sorted(missing)}, unknown {extra}){hints}")
+    return dict(data)
+
+
 def read_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
     """A YAML mapping from ``path`` (an empty file is ``{}``); :class:`ConfigError` naming
     the file and the line for a missing file, a syntax error or a top level that is not a mapping."""

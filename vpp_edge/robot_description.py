@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from vpp_edge.config_schema import check_keys
 from vpp_edge.files import named_config
 
 ROBOTS_DIR = Path(__file__).with_name("robots")
@@ -46,12 +47,7 @@ def known_robots() -> list[str]:
 
 def _keys(data: object, expected: tuple[str, ...], where: str, error: type[Exception],
           optional: tuple[str, ...] = ()) -> dict:
-    if not isinstance(data, dict):
-        raise error(f"{where}: expected a mapping with {', '.join(expected)}")
-    missing, unknown = set(expected) - set(data), set(data) - set(expected) - set(optional)
-    if missing or unknown:
-        raise error(f"{where}: keys differ (missing {sorted(missing)}, unknown {sorted(unknown)})")
-    return data
+    return check_keys(data, expected, where, optional, error)
 
 
 def read_robot_description(name_or_path: str | Path, error: type[Exception], what: str = "robot") -> tuple[dict, str]:

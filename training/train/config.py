@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from vpp_edge.errors import VPPError
+from vpp_edge.errors import ConfigError  # the one ConfigError (issue 21), still importable from here
 from vpp_edge.presets import Preset, get_preset
 
 from ..data.sources import SourceConfig, source_from_dict
@@ -21,10 +21,6 @@ from ..data.sources import SourceConfig, source_from_dict
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 STAGES = ("policy", "tvp")
 MIXED_PRECISION = ("no", "fp16", "bf16")
-
-
-class ConfigError(VPPError, ValueError):
-    """A training config that cannot be used (unknown key, bad value, missing file)."""
 
 
 @dataclass(frozen=True)
