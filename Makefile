@@ -41,7 +41,7 @@ export-openvino: $(STAMP)  ## OpenVINO INT8 (NNCF, gated like the others) added 
 	$(BIN)/python -m vpp_edge.export.openvino_int8 $(ARTIFACT) --threads 2
 
 build-engines: $(STAMP)  ## TensorRT engines for $(ARTIFACT), built on this machine
-	$(BIN)/vpp build-engines $(ARTIFACT)
+	$(BIN)/vpp build-engines --artifact $(ARTIFACT)
 
 # make train-policy [TRAIN_CONFIG=policy_tiny] [RUN=runs/policy-tiny]; multi-GPU: accelerate launch -m vpp_edge.cli train ...
 TRAIN_CONFIG ?=

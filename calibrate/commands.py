@@ -55,12 +55,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--out", type=Path, required=True, help="output .npz")
     d.add_argument("--preset", default="tiny", help="preset giving the views and image size (default tiny)")
     d.add_argument("--samples", type=int, default=16, help="observations (default 16)")
-    d.add_argument("--offset", type=int, default=0, help="time-step offset (use another one for a held-out set)")
+    d.add_argument("--offset", type=int, default=0,
+                   help="time-step offset (use another one for a held-out set; default %(default)s)")
     d.add_argument("--data", type=Path, action="extend", nargs="+", metavar="DIR",
                    help="folder(s) of datasets in the official sample format (repeatable; default shared/vpp_samples)")
     d.set_defaults(func=cmd_dataset)
 
-    k = csub.add_parser("knobs", help="list the knobs a sweep grid can turn")
+    k = csub.add_parser("knobs", help="list the knobs a sweep grid can turn",
+                        description="List every knob a sweep file's grid can turn, what it changes and the values "
+                                    "it takes for a preset.")
     k.add_argument("--preset", default="tiny", help="show values for this preset (default tiny)")
     k.set_defaults(func=cmd_knobs)
 
@@ -178,6 +181,9 @@ def cmd_knobs(args: argparse.Namespace) -> int:
 
     preset = get_preset(args.preset)
     base = K.base_values(preset)
-    for name, knob in K.KNOBS.items():
-        print(f"{name:14s} [{knob.kind:8s}] trained/default: {base[name]!s:12s} {knob.help}")
+    import textwrap
+
+    for name, knob in K.KNOBS.items():  # 80 columns: the name line, then the help indented
+        print(f"{name:14s} [{knob.kind}] trained/default: {base[name]}")
+        print(textwrap.fill(knob.help, 80, initial_indent="    ", subsequent_indent="    "))
     return 0

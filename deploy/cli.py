@@ -13,7 +13,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="export artifact to deploy (default artifacts/tiny)")
     p.add_argument("--runtime-config", type=Path, help="runtime config YAML (recommended.yaml from 'vpp calibrate'): "
                    "its artifact, backend, precision and threads replace --artifact and the runtime settings")
-    p.add_argument("--robot", help="robot of the runtime and bridge units: sim | panda | xarm_xhand (default sim)")
+    from vpp_edge.cli import LazyChoices
+
+    p.add_argument("--robot", choices=LazyChoices("vpp_edge.robot_description", lambda m: m.known_robots()),
+                   metavar="ROBOT", help="robot of the runtime and bridge units, a shipped description: %(choices)s "
+                   "(default: the deploy config's, sim)")
     p.add_argument("--install-root", help="folder on the target (default /opt/vpp-edge)")
     p.add_argument("--profile", help="target: jetson-orin-jp6 (JetPack 6.2) | jetson-orin-jp7 (JetPack 7) | linux | "
                    "a YAML (default jetson-orin = jetson-orin-jp6)")
@@ -30,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "without systemd: 'PY -m vpp_edge.deploy.supervisor --unit-dir D --state-dir S')")
     p.add_argument("--unit-dir", help="where the units go on the target (default /etc/systemd/system)")
     p.add_argument("--ssh-option", action="append", default=[], metavar="OPTION",
-                   help="ssh/rsync option, as ssh -o OPTION (repeatable): Port=2222, IdentityFile=~/.ssh/robot, ...")
+                   help="ssh/rsync option, as ssh -o OPTION (repeatable): Port=2222, IdentityFile=~/.ssh/robot, ... "
+                   "(default: none; yours win over the built-in ConnectTimeout)")
     p.add_argument("--config", type=Path, help="YAML overriding vpp_edge/deploy/defaults.yaml")
     p.add_argument("--no-bridge", action="store_true", help="do not run the bridge on this computer")
     p.add_argument("--bundle-dir", type=Path, default=Path("build/deploy"),

@@ -206,7 +206,7 @@ class Agent:
             local_cache.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(cache, local_cache)
             say(f"  timing cache: {cache} ({cache.stat().st_size} bytes)")
-        code = self._vpp("build-engines", str(artifact), "--precisions", ",".join(eng["precisions"]),
+        code = self._vpp("build-engines", "--artifact", str(artifact), "--precisions", ",".join(eng["precisions"]),
                          "--workspace-gb", str(eng["workspace_gb"]), timeout=self.cfg["timeouts"]["build_engines"])
         if code == EXIT_NO_TENSORRT:
             if self.gpu_required:

@@ -41,8 +41,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("record", help="record oracle demonstrations in a simulator into the sample format")
-    p.add_argument("simulator", choices=["metaworld"])
+    from vpp_edge.cli import PRECISION_CHOICES, SMOOTHING_CHOICES, LazyChoices
+
+    p = sub.add_parser("record", help="record oracle demonstrations in a simulator into the sample format",
+                       description="Run the simulator's scripted oracle on each task and keep its successful "
+                                   "episodes (camera views, states, actions, the task as instruction) as a dataset "
+                                   "in the official sample format, ready for 'vpp train' and 'vpp export --data'.")
+    p.add_argument("simulator", choices=["metaworld"], help="simulator to record in: %(choices)s")
     p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma list of MetaWorld tasks (default {DEFAULT_TASKS})")
     p.add_argument("--episodes", type=int, default=10, help="successful demonstrations per task (default 10)")
     p.add_argument("--out", type=Path, default=Path("data/metaworld"), help="dataset folder (default data/metaworld)")
@@ -56,17 +61,21 @@ def add_parsers(sub) -> None:
                        description="Each episode: the simulator bridge resets the world, its cameras stream to the "
                                    "runtime over ZeroMQ, the runtime acts until MetaWorld reports success or the "
                                    "step limit. Writes results.json and results.md.")
-    p.add_argument("simulator", choices=["metaworld"])
+    p.add_argument("simulator", choices=["metaworld"], help="simulator to evaluate in: %(choices)s")
     p.add_argument("--artifact", type=Path, required=True, help="exported artifact of a MetaWorld-shaped model")
     p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma list of tasks (default {DEFAULT_TASKS})")
     p.add_argument("--episodes", type=int, default=10, help="episodes per task (default 10)")
     p.add_argument("--seed", type=int, default=1000, help="first evaluation seed (default 1000)")
     p.add_argument("--max-steps", type=int, default=200, help="MetaWorld steps per episode (default 200)")
-    p.add_argument("--backend", default="onnxruntime", help="onnxruntime | tensorrt | torch")
-    p.add_argument("--precision", default="fp32", help="fp32 | fp16 | int8")
-    p.add_argument("--smoothing", default="crossfade", help="none | ensemble | crossfade | rtc")
+    p.add_argument("--backend", default="onnxruntime", metavar="BACKEND",
+                   choices=LazyChoices("vpp_edge.runtime.engines", lambda m: m.BACKENDS),
+                   help="%(choices)s (default %(default)s)")
+    p.add_argument("--precision", default="fp32", choices=PRECISION_CHOICES, metavar="PRECISION",
+                   help="%(choices)s (default %(default)s)")
+    p.add_argument("--smoothing", default="crossfade", choices=SMOOTHING_CHOICES, metavar="MODE",
+                   help="%(choices)s (default %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default: its choice)")
-    p.add_argument("--out", type=Path, default=Path("results/metaworld"), help="report folder")
+    p.add_argument("--out", type=Path, default=Path("results/metaworld"), help="report folder (default %(default)s)")
     p.add_argument("--video", action="store_true", help="save each episode's camera stream in OUT/videos")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -71,7 +71,11 @@ BAD_INPUTS = [
     (["demo", "--smoothing", "foo"], "invalid choice: 'foo'"),
     (["bridge", "--base-port", "0"], "not a port"),
     (["bridge", "--robot", "nosuch"], "nosuch"),
-    (["build-engines", "/nonexistent"], "no such artifact: /nonexistent"),
+    (["build-engines", "--artifact", "/nonexistent"], "no such artifact: /nonexistent"),
+    (["build-engines", "/nonexistent"], "no such artifact: /nonexistent"),  # the old positional spelling
+    (["build-engines", "--artifact", "a", "b"], "two artifacts: --artifact a and b"),
+    (["run", "--log-frames"], "--log-frames keeps the camera views beside a run log: it needs --log LOG"),
+    (["replay", "${no_ticks}", "--video", "x.mp4"], "fewer than two tick records"),
     (["build-engines", "${empty_dir}"], "manifest.json"),
     (["export", "--config", "${broken}"], "line 2: not valid YAML"),
     (["export", "--config", "${nested_typo}"], "'gates.fp32_cosin' (did you mean 'gates.fp32_graph_cosine'?)"),

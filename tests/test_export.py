@@ -271,7 +271,7 @@ def test_engine_selection_and_compatibility(exported):
 def test_build_engines_without_tensorrt_says_so(exported, capsys):
     out, _ = exported
     before = (out / "manifest.json").read_bytes()
-    assert main(["build-engines", str(out)]) == EXIT_MISSING_DEPENDENCY
+    assert main(["build-engines", "--artifact", str(out)]) == EXIT_MISSING_DEPENDENCY
     assert "TensorRT not available" in capsys.readouterr().err
     assert (out / "manifest.json").read_bytes() == before
 

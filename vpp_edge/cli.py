@@ -199,9 +199,13 @@ def cmd_presets(args: argparse.Namespace) -> int:
     if args.name:
         print(yaml.safe_dump(get_preset(args.name).to_dict(), sort_keys=False))
         return 0
-    for name in available_presets():
-        p = get_preset(name)
-        print(f"{name:10s} {p.description}")
+    import textwrap
+
+    names = available_presets()
+    width = max(map(len, names)) + 2
+    for name in names:  # 80 columns: the description wraps under itself
+        print(textwrap.fill(get_preset(name).description, 80, initial_indent=f"{name:{width}s}",
+                            subsequent_indent=" " * width))
     return 0
 
 
@@ -317,6 +321,9 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
     from vpp_edge.export.manifest import read_manifest
     from vpp_edge.extras import is_available
 
+    if args.artifact and args.artifact_old_spelling and args.artifact != args.artifact_old_spelling:
+        raise ConfigError(f"two artifacts: --artifact {args.artifact} and {args.artifact_old_spelling}")
+    args.artifact = args.artifact or args.artifact_old_spelling or DEFAULT_ARTIFACT
     if not Path(args.artifact).is_dir():
         raise ConfigError(f"no such artifact: {args.artifact} (make one with 'vpp export')")
     read_manifest(args.artifact)  # an artifact folder, not any folder
@@ -409,6 +416,8 @@ def _run_runtime(args: argparse.Namespace) -> dict:
     from vpp_edge.runtime.metrics import Metrics
     from vpp_edge.runtime.verdict import run_verdict
 
+    if getattr(args, "log_frames", False) and not args.log:
+        raise ConfigError("--log-frames keeps the camera views beside a run log: it needs --log LOG")
     if getattr(args, "rerun", None):  # a missing optional package fails before any heavy work
         from vpp_edge.rerun_view import require_rerun
 
@@ -430,7 +439,12 @@ def _run_runtime(args: argparse.Namespace) -> dict:
         from vpp_edge.rerun_view import RerunWriter
 
         viewer = RerunWriter(args.rerun, cameras, robot.dt)
-    sinks = [sink for sink in (recorder, viewer) if sink is not None]
+    frame_log = None
+    if getattr(args, "log_frames", False):  # camera frames beside the log, for 'vpp replay LOG --video'
+        from vpp_edge.run_video import FrameLog, frames_dir
+
+        frame_log = FrameLog(frames_dir(args.log), cameras)
+    sinks = [sink for sink in (recorder, viewer, frame_log) if sink is not None]
     link = BridgeLink(*endpoints, curve=_curve_keys(args, "runtime", "bridge"),
                       insecure=getattr(args, "insecure", False))
     metrics = Metrics(args.log, status=not args.quiet and sys.stderr.isatty(), sinks=sinks)
@@ -521,6 +535,14 @@ def _non_negative_float(text: str) -> float:
         value = -1.0
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"not a non-negative number: {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"not a positive number: {text!r}")
     return value
 
 
@@ -711,13 +733,25 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    """The rerun recording (without --video, or with --out), the annotated video (--video)."""
     from vpp_edge.extras import require
-    from vpp_edge.rerun_view import replay_log
 
     _existing(args.log, "run log")
-    require("rerun", "vpp replay (a rerun recording of a run log)")
-    out = replay_log(args.log, args.out)
-    print(f"wrote {out}: open it with 'rerun {out}'")
+    _existing(args.frames, "--frames")
+    if args.video is None or args.out is not None:
+        from vpp_edge.rerun_view import replay_log
+
+        require("rerun", "vpp replay (a rerun recording of a run log)")
+        out = replay_log(args.log, args.out)
+        print(f"wrote {out}: open it with 'rerun {out}'")
+    if args.video is not None:
+        from vpp_edge.run_video import frames_dir, render_video
+
+        video, count, _ = render_video(args.log, args.video, args.fps, args.frames)
+        frames = args.frames or frames_dir(args.log)
+        seen = f"camera views from {frames}" if Path(frames).is_dir() else \
+            "no camera views (record them with 'vpp run --log LOG --log-frames')"
+        print(f"wrote {video}: {count} frames at {args.fps:g} fps, {seen}")
     return 0
 
 
@@ -725,7 +759,7 @@ def _add_run_args(p: argparse.ArgumentParser, duration: float, artifact_default:
     p.add_argument("--artifact", type=Path, default=artifact_default,
                    help=f"export artifact (default {artifact_default or DEFAULT_ARTIFACT})")
     p.add_argument("--robot", default="sim", help="robot description (vpp_edge/robots/<name>.yaml, shared with the "
-                   "bridge): sim, metaworld, panda, xarm_xhand or a YAML")
+                   "bridge): sim, metaworld, panda, xarm_xhand or a YAML (default %(default)s)")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, metavar="BACKEND",
                    help="%(choices)s (default %(default)s)")
     p.add_argument("--precision", choices=PRECISION_CHOICES, metavar="PRECISION",
@@ -752,13 +786,15 @@ def _add_run_args(p: argparse.ArgumentParser, duration: float, artifact_default:
     p.add_argument("--threads", type=_non_negative, default=0, metavar="N",
                    help="CPU inference threads of ONNX Runtime, OpenVINO or torch (default 0: the backend's choice)")
     p.add_argument("--rt-priority", type=int, default=0,
-                   help="SCHED_FIFO priority for the control thread (needs CAP_SYS_NICE; 0 = off)")
+                   help="SCHED_FIFO priority for the control thread (needs CAP_SYS_NICE; default %(default)s: off)")
     p.add_argument("--log", type=Path, help="JSONL record of the run: chunks, targets sent and robot states per "
                                             "tick, events (plot it with 'vpp plot LOG')")
     p.add_argument("--log-ticks", type=_non_negative, metavar="N", help="with --log: a tick record every N ticks, 0 none "
                    "(default 1; 0 for --duration inf, where a tick log grows by GBs a day)")
     p.add_argument("--record", type=Path, metavar="DIR", help="write the run as a LeRobot v3.0 dataset (frames, "
                    "robot states, actions sent, instruction) that 'vpp train' reads; DIR must be new or empty")
+    p.add_argument("--log-frames", action="store_true", help="with --log: also keep the camera views (as the model "
+                   "saw them, JPEG, 10 a second, 160 px) in LOG.frames/ for 'vpp replay LOG --video OUT.mp4'")
     p.add_argument("--rerun", type=Path, metavar="FILE.rrd", help="write a rerun recording of the run (camera views, "
                    "predicted chunks vs targets sent, robot state, latency per stage; open it with 'rerun FILE.rrd'; "
                    "needs the optional rerun-sdk)")
@@ -853,7 +889,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build-engines", help="build TensorRT engines for an artifact on this machine",
                        description="Build TensorRT engines from the artifact's ONNX graphs here (engines are not "
                                    "portable across GPUs or TensorRT versions). Exits 3 if TensorRT is missing.")
-    p.add_argument("artifact", type=Path, help="export artifact folder (vpp export)")
+    p.add_argument("--artifact", type=Path, help="export artifact folder (vpp export; default artifacts/tiny)")
+    p.add_argument("artifact_old_spelling", type=Path, nargs="?", metavar="ARTIFACT",
+                   help=argparse.SUPPRESS)  # the spelling before --artifact: still accepted
     p.add_argument("--precisions", default="fp16", help="comma list from fp16,int8 (default fp16)")
     p.add_argument("--workspace-gb", type=float, default=4.0, help="builder workspace limit (default 4 GiB)")
     p.set_defaults(func=cmd_build_engines)
@@ -881,7 +919,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bridge", help="run a robot bridge (ZeroMQ <-> robot controller)",
                        description="Serve a robot (or a simulator) to runtimes over ZeroMQ: targets in, state and "
                                    "events out, its own deadlines and limits. Exits non-zero if a bridge thread fails.")
-    p.add_argument("--robot", default="sim", help="sim | metaworld | panda | xarm_xhand")
+    p.add_argument("--robot", default="sim", help="robot description: sim, metaworld, panda, xarm_xhand "
+                   "(vpp_edge/robots/<name>.yaml) or a YAML (default %(default)s)")
     p.add_argument("--config", type=Path,
                    help="robot description YAML (default vpp_edge/robots/<robot>.yaml, shared with the runtime)")
     p.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (default: run until Ctrl-C)")
@@ -889,8 +928,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "CurveZMQ keys folder holding bridge.key_secret (vpp keys bridge)")
     p.add_argument("--allow", type=Path, help="folder of the client public keys (*.key) the bridge admits")
     p.add_argument("--rt-priority", type=_rt_priority, default=0, metavar="0-99",
-                   help="SCHED_FIFO priority of the servo thread only (0: best effort); above the runtime's control "
-                        "thread when both share a computer")
+                   help="SCHED_FIFO priority of the servo thread only (default %(default)s: best effort); above the "
+                        "runtime's control thread when both share a computer")
     p.add_argument("--cpus", type=_cpu_list, default=(), metavar="LIST",
                    help="CPUs of the servo thread, e.g. 3 or 2,3 (default: any)")
     _add_port_arg(p)
@@ -922,13 +961,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="PNG to write (default: the log's name with .png)")
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("replay", help="a run's JSONL log (--log) as a rerun recording (.rrd) to replay",
+    p = sub.add_parser("replay", help="a run's JSONL log (--log) as a rerun recording (.rrd) or an annotated video",
                        description="Turn 'vpp run/demo --log LOG' into a rerun recording: predicted chunks vs the "
                                    "targets sent and the robot's setpoint per action dimension, joints, per-stage "
                                    "latency and events over time (no camera frames: the log has none; 'vpp run "
-                                   "--rerun' records them). Needs the optional rerun-sdk.")
+                                   "--rerun' records them). Needs the optional rerun-sdk. With --video OUT.mp4: an "
+                                   "annotated video of the run instead, with the camera views when the run kept "
+                                   "them (--log-frames).")
     p.add_argument("log", type=Path, help="JSONL run log written by --log")
-    p.add_argument("--out", type=Path, help="recording to write (default: the log's name with .rrd)")
+    p.add_argument("--out", type=Path, help="recording to write (default: the log's name with .rrd; with --video: "
+                   "none unless given)")
+    p.add_argument("--video", type=Path, metavar="OUT.mp4", help="write the run as an annotated video instead: camera "
+                   "views (from --log-frames), instruction, time, sending or holding and the robot's mode, events, "
+                   "and per action dimension the predicted chunk vs the targets sent (default: no video)")
+    p.add_argument("--frames", type=Path, metavar="DIR", help="with --video: the camera views' folder (default "
+                   "LOG.frames, written by 'vpp run --log LOG --log-frames')")
+    p.add_argument("--fps", type=_positive_float, default=10.0, help="with --video: frames per second of run time "
+                   "(default %(default)s)")
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("presets", help="list presets, or show one",
