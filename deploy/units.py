@@ -8,6 +8,7 @@ user), and ``%`` or ``$`` would be expanded by systemd.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from string import Template
@@ -29,6 +30,10 @@ _VALUES = {
     "memlock": re.compile(r"infinity|[0-9]+[KMG]?"),
     "nofile": re.compile(r"[0-9]+"),
 }
+_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})|[0-9A-Fa-f:.]+")  # a host name, IPv4 or IPv6 address
+_FOLDER = re.compile(r"/[A-Za-z0-9._+@/-]*")
+LINK_DEFAULTS = {"bridge_host": "127.0.0.1", "bind": "127.0.0.1", "base_port": 5701}
+PORT_SPAN = 5  # ports a bridge binds from base_port on (runtime/protocol.py)
 
 
 def check_unit_values(values: dict[str, Any]) -> None:
@@ -53,6 +58,48 @@ def exec_quote(arg: str) -> str:
     return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it leaves the machine
+        return False
+
+
+def link_args(cfg: dict[str, Any], side: str) -> list[str]:
+    """The link options of `vpp run` (``side`` "runtime") or `vpp bridge` ("bridge") from the
+    ``link`` settings, checked here so that a unit never starts a link the process would
+    refuse: an address beyond loopback needs CurveZMQ keys (and a bridge with keys the folder
+    of the clients it admits) or ``insecure`` said on purpose. Nothing for the loopback defaults."""
+    link = cfg["link"]
+    host_key = "bridge_host" if side == "runtime" else "bind"
+    host, port, keys, allow, insecure = (link[host_key], link["base_port"], link["keys"], link["allow"],
+                                         link["insecure"])
+    if not (isinstance(host, str) and _HOST.fullmatch(host)):
+        raise DeployConfigError(f"link.{host_key} {host!r} is not a host name or address")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535 - PORT_SPAN:
+        raise DeployConfigError(f"link.base_port must be a port from 1 to {65535 - PORT_SPAN}, got {port!r}")
+    for name, folder in (("keys", keys), ("allow", allow)):
+        if folder is not None and not (isinstance(folder, str) and _FOLDER.fullmatch(folder)
+                                       and ".." not in folder.split("/")):
+            raise DeployConfigError(f"link.{name} must be an absolute folder on the target without '..' or spaces, "
+                                    f"got {folder!r}")
+    if not isinstance(insecure, bool):
+        raise DeployConfigError(f"link.insecure must be true or false, got {insecure!r}")
+    if not _loopback(host) and keys is None and not insecure:
+        raise DeployConfigError(f"link.{host_key} {host} is beyond loopback: set link.keys (CurveZMQ keys made by "
+                                "'vpp keys') or, on an isolated network only, link.insecure: true")
+    if side == "bridge" and keys is not None and allow is None:
+        raise DeployConfigError("a bridge with CurveZMQ keys admits only listed clients: set link.allow (the folder "
+                                "of the runtimes' public keys)")
+    argv = [] if host == LINK_DEFAULTS[host_key] else ["--bridge-host" if side == "runtime" else "--host", host]
+    argv += [] if port == LINK_DEFAULTS["base_port"] else ["--base-port", str(port)]
+    argv += ["--keys", keys] if keys is not None else []
+    argv += ["--allow", allow] if side == "bridge" and allow is not None else []
+    return argv + (["--insecure"] if insecure else [])
+
+
 def runtime_command(cfg: dict[str, Any]) -> list[str]:
     """`vpp run` as the unit starts it (paths on the target; the artifact is relative to
     the WorkingDirectory, i.e. the release `current` pointed to at start)."""
@@ -69,7 +116,7 @@ def runtime_command(cfg: dict[str, Any]) -> list[str]:
         raise DeployConfigError(f"runtime.threads must be a non-negative integer, got {threads!r}")
     if threads:
         argv += ["--threads", str(threads)]
-    return argv + [str(a) for a in rt.get("args", [])]
+    return argv + link_args(cfg, "runtime") + [str(a) for a in rt.get("args", [])]
 
 
 def bridge_command(cfg: dict[str, Any]) -> list[str]:
@@ -81,7 +128,7 @@ def bridge_command(cfg: dict[str, Any]) -> list[str]:
     if not (isinstance(cpus, list) and all(isinstance(c, int) and c >= 0 for c in cpus)):
         raise DeployConfigError(f"bridge_servo.cpus must be a list of CPU numbers, got {cpus!r}")
     argv = [f"{cfg['install_root']}/current/bin/vpp", "bridge", "--robot", cfg["robot"], "--rt-priority", str(priority)]
-    return argv + (["--cpus", ",".join(map(str, cpus))] if cpus else [])
+    return argv + (["--cpus", ",".join(map(str, cpus))] if cpus else []) + link_args(cfg, "bridge")
 
 
 def render_units(cfg: dict[str, Any], user: str) -> dict[str, str]:

@@ -556,3 +556,46 @@ def test_ssh_options_of_the_user_win_over_the_built_in_ones():
     assert effective(SSHTarget("robot@jetson", connect_timeout=20))["connecttimeout"] == "20"
     chosen = effective(SSHTarget("robot@jetson", ["ConnectTimeout=3", "Port=2222"], connect_timeout=20))
     assert chosen["connecttimeout"] == "3" and chosen["port"] == "2222" and chosen["batchmode"] == "yes"
+
+
+# -- the runtime-bridge link: endpoints and keys (issue 19) ------------------------------------
+REMOTE = {"bind": "0.0.0.0", "bridge_host": "10.0.0.2", "base_port": 5801, "keys": "/etc/vpp-edge/keys",
+          "allow": "/etc/vpp-edge/clients"}
+
+
+@pytest.mark.parametrize("link, message", [
+    ({"bind": "0.0.0.0"}, r"link.bind 0.0.0.0 is beyond loopback: set link.keys"),
+    ({"bridge_host": "10.0.0.2"}, r"link.bridge_host 10.0.0.2 is beyond loopback"),
+    ({"bind": "0.0.0.0", "keys": "/etc/vpp-edge/keys"}, "admits only listed clients: set link.allow"),
+    ({"bridge_host": "robot\nExecStartPre=/bin/sh"}, "is not a host name or address"),
+    ({"keys": "/etc/vpp-edge/../../root"}, "without '..'"),
+    ({"keys": "keys"}, "absolute folder"),
+    ({"base_port": 65534}, "link.base_port must be a port"),
+    ({"insecure": "yes"}, "link.insecure must be true or false"),
+])
+def test_link_settings_that_the_processes_would_refuse_are_refused_before_the_units(link, message):
+    from vpp_edge.deploy.units import render_units
+
+    with pytest.raises(DeployConfigError, match=message):
+        render_units(load_config(link=link), "robot")
+
+
+def test_units_take_the_link_endpoints_and_key_folders_and_vpp_parses_them():
+    from vpp_edge.cli import build_parser
+    from vpp_edge.deploy.units import bridge_command, render_units, runtime_command
+
+    default = load_config()
+    assert not {"--bridge-host", "--host", "--keys", "--insecure"} & {*runtime_command(default), *bridge_command(default)}
+    cfg = load_config(link=REMOTE)
+    units = render_units(cfg, "robot")
+    assert "--host 0.0.0.0 --base-port 5801 --keys /etc/vpp-edge/keys --allow /etc/vpp-edge/clients" in \
+        units["vpp-bridge.service"]
+    assert "--bridge-host 10.0.0.2 --base-port 5801 --keys /etc/vpp-edge/keys" in units["vpp-runtime.service"]
+    parser = build_parser()
+    run = parser.parse_args(runtime_command(cfg)[1:])
+    bridge = parser.parse_args(bridge_command(cfg)[1:])
+    assert (run.bridge_host, run.base_port, str(run.keys)) == ("10.0.0.2", 5801, "/etc/vpp-edge/keys")
+    assert (bridge.host, bridge.base_port, str(bridge.keys), str(bridge.allow)) == \
+        ("0.0.0.0", 5801, "/etc/vpp-edge/keys", "/etc/vpp-edge/clients")
+    plain = load_config(link={"bind": "0.0.0.0", "insecure": True})
+    assert parser.parse_args(bridge_command(plain)[1:]).insecure, "plaintext beyond loopback only when said"
