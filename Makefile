@@ -109,6 +109,10 @@ bench: $(STAMP)  ## benchmarks: stages per engine vs eager PyTorch, paper-scale 
 bench-safety: $(STAMP)  ## safety chain: fuzz every endpoint, hold/stop latency per runtime fault, memory soak
 	$(BIN)/python bench/safety_bench.py
 
+.PHONY: bench-paper-export
+bench-paper-export: $(STAMP)  ## paper-scale export (calvin, random weights; most of an hour): per-phase time and memory, kernel peak <= 12 GB, gates
+	$(BIN)/python bench/paper_export.py $(if $(PRECISIONS),--precisions $(PRECISIONS))
+
 .PHONY: bench-gpu
 bench-gpu: $(STAMP)  ## paper-scale step on a CUDA GPU: eager FP32/BF16/FP16 vs CUDA graph vs compiled, profile, training (offline GPU box: bench/gpu_offline.sh)
 	$(BIN)/python bench/gpu_bench.py

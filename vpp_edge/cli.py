@@ -874,7 +874,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_weight_args(p)
     p.add_argument("--out", type=Path, help="artifact folder (default artifacts/<preset>)")
     p.add_argument("--config", type=Path, help="YAML overriding export/defaults.yaml (gates, FP16/INT8 options)")
-    p.add_argument("--precisions", help="comma list from fp32,fp16,int8,int8_cpu (default all)")
+    p.add_argument("--precisions", help="comma list from fp32,fp16,int8,int8_cpu (default all; "
+                        "fp32 only for a model past 2 GB of weights, docs/export.md)")
     p.add_argument("--parity-samples", type=int, help="held-out observations for the gates")
     p.add_argument("--calibration-samples", type=int, help="observations for INT8 calibration")
     p.add_argument("--data", type=Path, action="extend", nargs="+", metavar="DIR",
