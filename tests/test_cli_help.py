@@ -96,3 +96,14 @@ def test_listings_fit_80_columns(argv, capsys, monkeypatch):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) >= 5
     assert max(map(len, lines)) <= 80, max(lines, key=len)
+
+
+def test_the_readme_lists_every_command():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("## The command line", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
+    listed = [line.split()[1] for line in block.splitlines() if line.startswith("vpp ")]
+    top = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert sorted(listed) == sorted(top.choices)
+    assert max(map(len, block.splitlines())) <= 80

@@ -630,7 +630,8 @@ def _finish_run(summary: dict, args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2, default=float))
     if args.log:
-        print(f"run log {args.log}: 'vpp plot {args.log}' draws targets and robot states over time")
+        print(f"run log {args.log}: 'vpp plot {args.log}' draws targets and robot states over time, "
+              f"'vpp replay {args.log} --video OUT.mp4' the run as an annotated video")
     if summary["verdict"] is not None:
         raise RunFailed(summary["verdict"])
     return 0
@@ -766,8 +767,9 @@ def _add_run_args(p: argparse.ArgumentParser, duration: float, artifact_default:
                    help="%(choices)s (default: the backend's)")
     p.add_argument("--cameras", default="replay", metavar="SPEC",
                    help="replay | replay-dali | v4l2:DEV[,DEV] | dali:DEV[,DEV] | gstreamer:DEV[,DEV] | "
-                        "auto:DEV[,DEV] (one device per view; auto: DALI, else GStreamer (Jetson hardware JPEG), "
-                        "else OpenCV; e.g. auto:/dev/video0,/dev/video2; default replay)")
+                        "auto:DEV[,DEV] | zmq[:ENDPOINT] (one device per view; auto: DALI, else GStreamer (Jetson "
+                        "hardware JPEG), else OpenCV; zmq: views streamed by a simulator bridge, as 'vpp eval'; "
+                        "e.g. auto:/dev/video0,/dev/video2; default replay)")
     p.add_argument("--dali-device", default="auto", choices=["auto", "gpu", "cpu"],
                    help="DALI decode on auto | gpu | cpu (default auto)")
     p.add_argument("--episode", type=Path, help="episode replayed as the cameras (default: the demo episode)")
