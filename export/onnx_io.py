@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Collection, Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -233,12 +233,13 @@ INT8_FORMATS = {
 ORT_OPSET = 23
 
 
-def fuse_for_onnxruntime(src: Path, dst: Path) -> dict[str, int]:
+def fuse_for_onnxruntime(src: Path, dst: Path, skip_rules: Collection[str] = ()) -> dict[str, int]:
     """ONNX Runtime contrib-op fusions of onnxscript (SDPA -> MultiHeadAttention, Gelu),
     then the exact rewrites of :mod:`.ort_rules` for ONNX Runtime's CPU kernels, at opset
     :data:`ORT_OPSET`: the graph then runs on ONNX Runtime only. Returns how often each
-    fusion and rule applied. InstanceNormalization -> GroupNorm (optimize_for_ort's last
-    step) is left out on purpose: ONNX Runtime has no CPU kernel for GroupNorm."""
+    fusion and rule applied; ``skip_rules``: rules left out. InstanceNormalization ->
+    GroupNorm (optimize_for_ort's last step) is left out on purpose: ONNX Runtime has no
+    CPU kernel for GroupNorm."""
     import onnx_ir as ir
     from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveUnusedNodesPass
     from onnxscript import version_converter
@@ -252,7 +253,7 @@ def fuse_for_onnxruntime(src: Path, dst: Path) -> dict[str, int]:
         version_converter.convert_version(model, ORT_OPSET)
         model, counts = _core.fuse_xformers(model)
         rewrite(model, [*softmax.rules.rules, *fused_matmul_rule_sets.fused_matmul_rule_sets()])
-        counts.update(apply_rules(model))
+        counts.update(apply_rules(model, skip_rules))
         # The quantiser takes only initializers for weights (a Constant is an activation to it);
         # the rewrites leave replaced weights unused.
         LiftConstantsToInitializersPass()(model)

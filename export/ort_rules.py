@@ -9,6 +9,8 @@ its SiLU takes 4.0 ms as exported, 2.6 ms per channel, 3.4 ms as LayerNormalizat
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
@@ -301,7 +303,11 @@ RULES: dict[str, type[pattern.RewriteRuleClassBase]] = {
 }
 
 
-def apply_rules(model: ir.Model) -> dict[str, int]:
-    """Every rule of :data:`RULES` in turn, in place; how often each applied."""
+def apply_rules(model: ir.Model, skip: Collection[str] = ()) -> dict[str, int]:
+    """Every rule of :data:`RULES` but those named in ``skip`` (to measure what each one
+    is worth: bench/ort_rules_bench.py) in turn, in place; how often each applied."""
+    unknown = set(skip) - set(RULES)
+    if unknown:
+        raise ValueError(f"unknown rules {sorted(unknown)}; allowed: {list(RULES)}")
     return {name: pattern.RewriteRuleSet([rule.rule()], commute=True).apply_to_model(model)
-            for name, rule in RULES.items()}
+            for name, rule in RULES.items() if name not in skip}

@@ -384,6 +384,13 @@ def test_attention_channel_padding_and_block_transposes_are_rewritten_exactly(tm
     for name, e, g in zip(outputs, expected, got):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5, err_msg=name)
     np.testing.assert_array_equal(got[3], expected[3])  # a pure reordering
+    # A rule can be left out (what bench/ort_rules_bench.py measures each one's worth with)
+    unpadded = tmp_path / "unpadded.onnx"
+    assert "pad_input_channels" not in onnx_io.fuse_for_onnxruntime(src, unpadded, skip_rules=["pad_input_channels"])
+    conv = next(n for n in onnx.load(str(unpadded)).graph.node if n.op_type == "Conv")
+    assert conv.input[1] == "w"
+    with pytest.raises(ValueError, match=r"unknown rules \['no_such_rule'\]"):
+        onnx_io.fuse_for_onnxruntime(src, unpadded, skip_rules=["no_such_rule"])
 
 
 def test_artifact_gives_the_official_actions_for_any_length(exported, tiny_policy, tiny_preset):
