@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -32,8 +33,16 @@ def demo_run(exported, demo_episode, tmp_path_factory):
     if is_available("rerun"):
         argv += ["--rerun", rrd]
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main([str(a) for a in argv])
+    columns = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "80"  # rich sizes its tables from it off a terminal
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main([str(a) for a in argv])
+    finally:
+        if columns is None:
+            os.environ.pop("COLUMNS")
+        else:
+            os.environ["COLUMNS"] = columns
     assert code == 0, err.getvalue()
     return {"log": log, "rrd": rrd, "out": out.getvalue(), "tmp": tmp}
 
@@ -52,6 +61,12 @@ def test_the_demo_writes_a_rerun_recording(demo_run):
         assert rows[f"/actions/a0/{series}"] >= 5, series
     assert rows["/robot/joints/j0"] >= 5
     assert rows["/latency/end_to_end_ms"] >= 2
+
+
+def test_the_demo_summary_tables_fit_80_columns(demo_run):
+    tables = [line for line in demo_run["out"].splitlines() if line[:1] in "┏┃┡│└"]
+    assert len(tables) >= 20  # latencies, counters, the bridge's counters
+    assert max(map(len, tables)) <= 80, max(tables, key=len)
 
 
 def test_log_frames_keeps_the_camera_views_beside_the_log(demo_run):

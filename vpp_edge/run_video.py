@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+from fractions import Fraction
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,9 +201,11 @@ def _read_run(log: str | Path) -> _Run:
     t0 = float(ticks[0]["t"])
     tick_t = np.array([r["t"] for r in ticks], np.float64) - t0
     dims = max(len(r.get("target") or r.get("planned") or ()) for r in ticks) or 1
-    nan = [math.nan] * dims
-    sent = np.array([r["target"] if r.get("target") else nan for r in ticks], np.float64)
-    setpoint = np.array([(r.get("state") or {}).get("target") or nan for r in ticks], np.float64)
+    def row(values: Any) -> list[float]:  # a tick's vector, NaN where it has none (or not one per action)
+        return list(values) if values and len(values) == dims else [math.nan] * dims
+
+    sent = np.array([row(r.get("target")) for r in ticks], np.float64)
+    setpoint = np.array([row((r.get("state") or {}).get("target")) for r in ticks], np.float64)
     chunk_records = [r for r in records if r.get("record") == "chunk" and r.get("actions")]
     dt = float(np.median(np.diff(tick_t)))
     chunks = [(float(r["obs_stamp"]) - t0 + dt * np.arange(len(r["actions"])), np.asarray(r["actions"], np.float64))
@@ -296,7 +299,7 @@ def render_video(log: str | Path, out: str | Path, fps: float = 10.0,
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(out), mode="w") as container:
-        stream = container.add_stream("libx264", rate=round(fps) or 1)
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = lay.width, lay.height, "yuv420p"
         for k in range(count):
             t = k / fps
