@@ -7,7 +7,8 @@
   scheduling jitter and a dropped or late plan do not reach the robot: a late waypoint is
   skipped, not jumped to, and the next plan says where to be. The older per-tick stream
   (action chunks whose first action is this tick's target, delta or absolute) is still
-  served (``vpp run --target-stream per_tick``; the jitter bench compares the two).
+  served (``RunOptions.target_stream = "per_tick"``; ``bench/bridge_bench.py --jitter``
+  compares the two).
 * Every target and waypoint is validated (schema, dimension, finite, step size per
   waypoint interval, workspace bounds) before it can move anything; a rejected one is
   counted and published as an event with the reason.
@@ -455,7 +456,9 @@ class Bridge:
                 self._session, self._last_action_seq = msg.session, msg.seq
         return self._reply(msg.seq, ok=True, status={
             "robot": self.driver.name, "dim": self.cfg.dim, "version": P.PROTOCOL_VERSION,
-            "delta_dims": [bool(d) for d in self.cfg.delta_dims]})
+            "delta_dims": [bool(d) for d in self.cfg.delta_dims],
+            # The workspace, so that a runtime adding delta actions up keeps its waypoints inside it.
+            "setpoint_low": self.cfg.vec("setpoint_low").tolist(), "setpoint_high": self.cfg.vec("setpoint_high").tolist()})
 
     def _reply(self, request_seq: int, ok: bool, reason: str = "", status: dict | None = None) -> P.Reply:
         self._seq += 1  # the reply's stamp is the bridge's clock: the runtime measures its offset by it

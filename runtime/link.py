@@ -45,6 +45,7 @@ class BridgeLink:
         self.clock_offset = 0.0  # bridge clock - runtime clock (s): the handshake's, then the state stream's
         self._clock_bounds: deque[float] = deque(maxlen=CLOCK_SAMPLES)
         self.action_dim: int | None = None  # known after the handshake: states are checked against it
+        self.workspace: tuple[np.ndarray, np.ndarray] | None = None  # the bridge's setpoint bounds, if it says
         self.last_state: P.RobotState | None = None
         self.counts: Counter[str] = Counter()  # refused inputs from the bridge, by reason
 
@@ -123,6 +124,7 @@ class BridgeLink:
         delta = status.get("delta_dims")
         if not (isinstance(delta, list) and len(delta) == action_dim and all(isinstance(d, bool) for d in delta)):
             raise P.ProtocolError(f"bridge's delta_dims {delta!r} is not {action_dim} booleans")
+        self.workspace = _workspace(status, action_dim)
         # The reply was stamped between send and receipt: assume halfway (error <= half the round trip).
         self.clock_offset = reply.stamp - (sent + received) / 2
         self.action_dim = action_dim
@@ -148,6 +150,21 @@ class BridgeLink:
     def close(self) -> None:
         for sock in (self._push, self._state, self._events, self._cmd):
             sock.close(linger=0)
+
+
+def _workspace(status: dict, action_dim: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The setpoint bounds of a hello reply (None when it gives none); refused unless they are
+    ``action_dim`` finite numbers each, low below high."""
+    if "setpoint_low" not in status and "setpoint_high" not in status:
+        return None
+    try:
+        low, high = (np.asarray(status.get(k), np.float64) for k in ("setpoint_low", "setpoint_high"))
+    except (TypeError, ValueError):
+        low = high = np.zeros(0)
+    if not (low.shape == high.shape == (action_dim,) and np.all(np.isfinite(low)) and np.all(np.isfinite(high))
+            and np.all(low < high)):
+        raise P.ProtocolError(f"bridge's setpoint bounds are not {action_dim} finite pairs, low below high")
+    return low, high
 
 
 def _drain(sock: zmq.Socket, kind: type, counts: Counter[str]) -> list:

@@ -58,12 +58,15 @@ class RunOptions:
     # bridge reaches them (its servo loop owns time), or "per_tick", this tick's action as it comes.
     target_stream: str = "waypoints"
     waypoint_lead_ticks: int = 2  # waypoints are due this many control periods after their tick
+    waypoint_horizon: int = 8  # waypoints per plan: this tick's and the next planned ones (a preview)
 
     def __post_init__(self) -> None:
         if self.target_stream not in TARGET_STREAMS:
             raise ValueError(f"target_stream '{self.target_stream}' unknown; allowed: {list(TARGET_STREAMS)}")
         if self.waypoint_lead_ticks < 1:
             raise ValueError("waypoint_lead_ticks must be at least 1 (a waypoint due now is already late)")
+        if self.waypoint_horizon < 1:
+            raise ValueError("waypoint_horizon must be at least 1 (this tick's target)")
 
 
 class InferenceWorker:
@@ -177,6 +180,8 @@ class Runtime:
         self.targets: AbsoluteTargets | None = None  # after the handshake (it says which dimensions are deltas)
         # The bridge refuses a plan reaching beyond its hold deadline: keep the lead well inside it.
         self._lead_ticks = max(1, min(options.waypoint_lead_ticks, int(robot.watchdog_hold_s / 2 / self.plan.dt)))
+        self._horizon = max(1, min(options.waypoint_horizon,
+                                   int(0.75 * robot.watchdog_hold_s / self.plan.dt) - self._lead_ticks))
         if self.plan.policy.inpaints:  # the sampler continues the plan (real-time chunking)
             self.worker.plan_dt = self.plan.dt
 
@@ -190,7 +195,7 @@ class Runtime:
         status = self.link.handshake(self.robot.name, self.robot.action_dim)
         self.safety.absolute = ~np.asarray(status.get("delta_dims", [True] * self.robot.action_dim), bool)
         self.metrics.record("handshake", robot=status.get("robot"), delta_dims=(~self.safety.absolute).tolist())
-        self.targets = AbsoluteTargets(~self.safety.absolute)
+        self.targets = AbsoluteTargets(~self.safety.absolute, getattr(self.link, "workspace", None))
         for cam in self.cameras:
             cam.start()
         self.worker.start()
@@ -318,14 +323,16 @@ class Runtime:
         if self.options.target_stream == "per_tick":
             ok = self.link.send_target(action, now, self.robot.dt)
         else:
-            target = self.targets.target(action)
-            if target is None:  # the bridge's target is not known yet: nothing to add the delta to
+            ahead = self.plan.snapshot(now + self.plan.dt)[1][: self._horizon - 1]  # the next ticks' actions
+            actions = np.vstack([action[None], self.safety.preview(ahead)]) if len(ahead) else action[None]
+            targets = self.targets.plan(actions)
+            if targets is None:  # the bridge's target is not known yet: nothing to add the deltas to
                 self.link.send_heartbeat(RuntimeMode.STARVED)
                 return
             # Due on the plan's grid (not this tick's jittered clock), a lead ahead: the bridge's
-            # servo loop reaches it then, on its own clock.
+            # servo loop reaches them then, on its own clock.
             due = (self.plan.tick_of(now) + self._lead_ticks) * self.plan.dt
-            ok = self.link.send_waypoints(target[None], due, self.plan.dt)
+            ok = self.link.send_waypoints(targets, due, self.plan.dt)
         self.metrics.count("targets_sent" if ok else "bridge_unreachable")
 
 

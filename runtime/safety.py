@@ -116,6 +116,19 @@ class SafetyGate:
         self.counts[reason] += 1
         return reason
 
+    def preview(self, actions: np.ndarray) -> np.ndarray:
+        """The planned actions after this tick's, as :meth:`filter` would pass them if nothing
+        changed: inside the limits, each within ``max_delta`` of the one before (starting from
+        the last safe action). Nothing is counted or remembered: they are sent ahead as a
+        preview, and each is filtered again on its own tick."""
+        out = np.clip(np.asarray(actions, np.float64), self.cfg.low, self.cfg.high)
+        previous = self._last_safe
+        for i in range(len(out)):
+            if previous is not None:
+                out[i] = np.clip(out[i], previous - self.cfg.delta, previous + self.cfg.delta)
+            previous = out[i]
+        return out
+
     def filter(self, action: np.ndarray | None, now: float) -> Verdict:
         """The action to send this tick: clamped to limits and rate, or the hold target."""
         mode = self.mode(now)

@@ -455,8 +455,11 @@ def test_handshake_checks_schema_and_action_shape(rig):
     ends = bridge.bound()
     link = BridgeLink(ends.action, ends.state, ends.events, ends.command)
     try:
+        cfg = bridge.cfg
         assert link.handshake("sim", 7) == {"robot": "sim", "dim": 7, "version": P.PROTOCOL_VERSION,
-                                            "delta_dims": [True] * 6 + [False]}
+                                            "delta_dims": [True] * 6 + [False],
+                                            "setpoint_low": list(cfg.setpoint_low), "setpoint_high": list(cfg.setpoint_high)}
+        assert np.array_equal(link.workspace[1], cfg.vec("setpoint_high")), "the runtime keeps its sums inside"
         with pytest.raises(P.ProtocolError, match="takes 7 actions, the runtime sends 18"):
             link.handshake("xarm_xhand", 18)
     finally:

@@ -84,6 +84,10 @@ GOOD_STATUS = {"robot": "sim", "dim": 7, "version": P.PROTOCOL_VERSION, "delta_d
     ({"dim": True}, "takes True actions"),
     ({"dim": "7"}, "takes '7' actions"),
     ({"version": 1}, "speaks schema 1"),
+    ({"setpoint_low": [0.0] * 7, "setpoint_high": [0.0] * 7}, "setpoint bounds"),
+    ({"setpoint_low": [0.0] * 6, "setpoint_high": [1.0] * 7}, "setpoint bounds"),
+    ({"setpoint_low": ["a"] * 7, "setpoint_high": [1.0] * 7}, "setpoint bounds"),
+    ({"setpoint_high": [1.0] * 7}, "setpoint bounds"),
 ])
 def test_a_handshake_reply_the_runtime_cannot_use_is_refused(ctx, change, reason):
     fake = FakeBridge(ctx, {**GOOD_STATUS, **change})
@@ -329,3 +333,36 @@ def test_delta_actions_travel_as_absolute_waypoints_and_a_dropped_one_loses_no_m
     assert bridge.counts["rejected"] == 0 and bridge.counts["accepted"] == arrived, dict(bridge.counts)
     assert np.max(np.stack(driver.history)[:, 0]) > start[0] + 0.01 * (len(calls) - 5), \
         "the robot followed the sum, lagging its lead (until the run's closing hold)"
+
+
+def test_absolute_targets_add_deltas_up_inside_the_workspace_and_restart_where_the_bridge_rests():
+    from vpp_edge.runtime.targets import AbsoluteTargets
+
+    targets = AbsoluteTargets(np.array([True, False]), (np.array([-1.0, 0.0]), np.array([0.25, 1.0])))
+    assert targets.plan(np.array([[0.1, 0.5]])) is None, "no base before the bridge's state"
+    targets.on_state(P.RobotState(seq=1, stamp=1.0, target=np.array([0.0, 0.2])))
+    plan = targets.plan(np.array([[0.1, 0.5], [0.1, 0.6], [0.1, 0.7]]))
+    assert np.allclose(plan, [[0.1, 0.5], [0.2, 0.6], [0.25, 0.7]]), "a sum beyond the workspace stops at its edge"
+    assert np.allclose(targets.base, [0.1, 0.5]), "only this tick's target is committed; the rest is a preview"
+    assert np.allclose(targets.plan(np.array([[0.1, 0.5]])), [[0.2, 0.5]])
+    targets.on_event(P.Event(seq=2, stamp=5.0, kind="rejected"))
+    assert targets.base is not None, "a refused plan leaves the bridge's older one running: the sum goes on"
+    targets.on_event(P.Event(seq=3, stamp=5.0, kind="watchdog_hold"))
+    targets.on_state(P.RobotState(seq=4, stamp=4.9, target=np.array([-0.5, 0.0])))
+    assert targets.base is None, "a state from before the hold does not say where the bridge rests"
+    targets.on_state(P.RobotState(seq=5, stamp=5.0, target=np.array([-0.5, 0.0])))
+    assert np.allclose(targets.plan(np.array([[0.1, 0.3]])), [[-0.4, 0.3]])
+
+
+def test_the_preview_obeys_the_gates_limits_without_touching_its_state():
+    from vpp_edge.runtime.safety import SafetyGate
+
+    robot = load_robot_config("sim")
+    gate = SafetyGate(robot)
+    gate.fresh_chunk(0.0)
+    first = gate.filter(np.zeros(7), 0.0).action
+    ahead = np.array([np.full(7, 10.0), np.full(7, -10.0)])
+    preview = gate.preview(ahead)
+    assert np.all(preview <= robot.high) and np.all(preview >= robot.low)
+    assert np.all(np.abs(np.diff(np.vstack([first, preview]), axis=0)) <= robot.delta + 1e-12)
+    assert np.array_equal(gate._last_safe, first) and "clamped_rate" not in gate.counts
