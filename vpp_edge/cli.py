@@ -408,11 +408,10 @@ def cmd_bridge(args: argparse.Namespace) -> int:
 def _run_runtime(args: argparse.Namespace) -> dict:
     """Build the runtime as ``vpp run`` describes it, run it, and return its summary with
     what ran (``summary["run"]``) and the verdict (``summary["verdict"]``: None or why it failed)."""
-    from vpp_edge.api import Policy
     from vpp_edge.preprocess import source_sizes
+    from vpp_edge.runtime.build import build_runtime, open_policy, resolve_instruction
     from vpp_edge.runtime.cameras.factory import make_cameras
     from vpp_edge.runtime.link import BridgeLink
-    from vpp_edge.runtime.loop import Runtime
     from vpp_edge.runtime.metrics import Metrics
     from vpp_edge.runtime.verdict import run_verdict
 
@@ -423,12 +422,18 @@ def _run_runtime(args: argparse.Namespace) -> dict:
 
         require_rerun()
     artifact, robot, episode, notes = _run_inputs(args)
+    config = args.runtime  # the effective runtime config (_run_inputs): flags, --runtime-config, --set
+    _print_effective_config(config)
     preset = artifact.preset
+    instruction, source = resolve_instruction(config, episode)  # never a demo's on live cameras
+    notes += [source] if source else []
     source_sizes(reset=True)  # replay cameras prepare their frames here, live ones while running
-    cameras = make_cameras(args.cameras, preset.num_views, preset.image_size, episode, args.camera_fps, args.dali_device)
-    host, base = getattr(args, "bridge_host", "127.0.0.1"), _base_port(args)  # vpp demo: its bridge on loopback
+    camera_spec = config.cameras.spec(preset.views)  # devices bound by the preset's view names
+    cameras = make_cameras(camera_spec, preset.num_views, preset.image_size, episode, config.cameras.fps,
+                           config.cameras.dali_device)
+    host = config.bridge.host  # vpp demo: its bridge on loopback
+    base = config.bridge.base_port if config.bridge.base_port is not None else _base_port(args)
     endpoints = _runtime_endpoints(host, base)
-    instruction = args.instruction or episode.instruction
     recorder = None
     if getattr(args, "record", None):  # a LeRobot dataset of the run, fed from the metrics thread
         from vpp_edge.recording import EpisodeRecorder
@@ -446,22 +451,24 @@ def _run_runtime(args: argparse.Namespace) -> dict:
         frame_log = FrameLog(frames_dir(args.log), cameras)
     sinks = [sink for sink in (recorder, viewer, frame_log) if sink is not None]
     link = BridgeLink(*endpoints, curve=_curve_keys(args, "runtime", "bridge"),
-                      insecure=getattr(args, "insecure", False))
+                      insecure=config.bridge.insecure)
     metrics = Metrics(args.log, status=not args.quiet and sys.stderr.isatty(), sinks=sinks)
     try:
-        with Policy.load(artifact, args.backend, args.precision, seed=args.seed,  # the Python API's object
-                         threads=args.threads) as policy:
+        with open_policy(config, artifact) as policy:  # the Python API's object
             engine = policy.engine
+            if getattr(engine, "choice", None):  # --backend auto: what it chose and why, in one line
+                notes.append(engine.choice)
             run = {"artifact": str(artifact.root), "preset": preset.name, "engine": f"{engine.backend}/{engine.precision}",
-                   "cameras": f"{args.cameras} ({preset.num_views} view(s) of {preset.image_size}x{preset.image_size})",
+                   "cameras": f"{camera_spec} ({preset.num_views} view(s) of {preset.image_size}x{preset.image_size})",
                    "instruction": instruction, "robot": f"{robot.name} ({robot.action_dim} actions at "
                    f"{1 / robot.dt:g} Hz)", "bridge": f"{host}, ports {base}-{base + 3}", "notes": notes}
             _print_run_header(run)
             _report_instruction(policy, instruction, run)
             metrics.record("run", **run)
-            options = _run_options(args, run)
-            runtime = Runtime(policy.runtime, cameras, robot, link, options, metrics)
-            summary = runtime.run()
+            built = build_runtime(config, policy=policy, cameras=cameras, link=link, metrics=metrics, robot=robot,
+                                  episode=episode, tick_record_every=_tick_record_every(args, run),
+                                  set_instruction=False)  # set above, its truncation said once
+            summary = built.run()
     finally:
         metrics.close()
         link.close()
@@ -486,45 +493,81 @@ def _run_runtime(args: argparse.Namespace) -> dict:
 
 def _run_inputs(args: argparse.Namespace):
     """(artifact, robot config, episode, notes) of a run; paths are checked first, and a
-    runtime config that changes what the cameras feed the model is said (``notes``)."""
-    from vpp_edge.episodes import load_episode
-    from vpp_edge.runtime.artifact import Artifact
+    runtime config that changes what the cameras feed the model is said (``notes``). The
+    effective runtime config is left in ``args.runtime``."""
+    from vpp_edge.runtime.build import open_artifact, replay_episode
     from vpp_edge.runtime.robot_config import load_robot_config
 
-    notes: list[str] = []
-    if getattr(args, "runtime_config", None):  # from 'vpp calibrate': artifact, backend, precision
-        from vpp_edge.calibrate.runtime_config import apply_to_args
-
-        _existing(args.runtime_config, "--runtime-config")
-        config = apply_to_args(args)
-        notes.append(f"runtime config {args.runtime_config}: artifact {config.artifact}, {config.backend}/"
-                     f"{config.precision} (replacing --artifact, --backend and --precision)")
-        if config.threads:  # the thread count the recommendation was measured with
-            args.threads = config.threads
-            notes.append(f"runtime config {args.runtime_config}: {config.threads} inference thread(s) "
-                         "(replacing --threads)")
-    _existing(args.episode, "--episode")
-    if not Path(args.artifact).is_dir():
-        raise ConfigError(f"no such artifact: {args.artifact} (make one with 'vpp export')")
-    artifact = Artifact.open(args.artifact)
-    robot = load_robot_config(args.robot)
-    from vpp_edge.demo_data import default_episode
-
-    episode = load_episode(args.episode or default_episode())
-    offered = len(episode.video_paths) if args.cameras.startswith("replay") else None
+    config, notes = _runtime_config(args)
+    args.runtime = config
+    artifact = open_artifact(config)
+    robot = load_robot_config(config.robot)
+    episode = replay_episode(config)  # None for live cameras: a robot loads no demo data
+    offered = len(episode.video_paths) if episode is not None else None
     if offered is not None and offered > artifact.preset.num_views:
         notes.append(f"the model takes {artifact.preset.num_views} camera view(s): {offered - artifact.preset.num_views}"
                      f" of the episode's {offered} left out")
     return artifact, robot, episode, notes
 
 
+def _runtime_config(args: argparse.Namespace):
+    """(the effective RuntimeConfig of vpp run/demo, notes): the command-line flags, then
+    --runtime-config's file (the values it holds replace the flags', as a calibrated
+    recommendation must run as measured), then --set KEY=VALUE. The flags' values are what
+    the arguments left; ``args.artifact/backend/precision/threads`` follow the result."""
+    from vpp_edge.runtime.config import (CameraConfig, LinkConfig, RuntimeConfig, SmoothingConfig, config_from_dict,
+                                         deep_update, load_runtime_config, with_overrides)
+
+    _existing(args.episode, "--episode")
+    kind, _, devices = args.cameras.partition(":")
+    keys = getattr(args, "keys", None)
+    config = RuntimeConfig(
+        artifact=Path(args.artifact or DEFAULT_ARTIFACT), backend=args.backend, precision=args.precision,
+        threads=args.threads, seed=args.seed, robot=args.robot, instruction=args.instruction,
+        cameras=CameraConfig(kind, devices, args.camera_fps, args.dali_device, str(args.episode) if args.episode else None),
+        smoothing=SmoothingConfig(args.smoothing, args.crossfade_steps, args.ensemble_m, args.margin_steps),
+        bridge=LinkConfig(getattr(args, "bridge_host", "127.0.0.1"), args.base_port, str(keys) if keys else None,
+                          getattr(args, "insecure", False)),
+        duration_s=args.duration, rt_priority=args.rt_priority)
+    notes: list[str] = []
+    path = getattr(args, "runtime_config", None)
+    if path:  # from 'vpp calibrate' or 'vpp deploy'
+        from vpp_edge.config_schema import read_yaml
+
+        _existing(path, "--runtime-config")
+        loaded = load_runtime_config(path)
+        given = read_yaml(path, "runtime config")
+        layer = {k: v for k, v in loaded.to_dict().items() if k in given}
+        config = config_from_dict(deep_update(config.to_dict(), layer), str(path))
+        if {"artifact", "backend", "precision"} <= set(given):
+            notes.append(f"runtime config {path}: artifact {config.artifact}, {config.backend}/{config.precision} "
+                         "(replacing --artifact, --backend and --precision)")
+        if given.get("threads"):  # the thread count the recommendation was measured with
+            notes.append(f"runtime config {path}: {config.threads} inference thread(s) (replacing --threads)")
+        others = sorted(set(given) - {"format", "format_version", "artifact", "backend", "precision", "threads",
+                                      "knobs", "measured", "sweep"})
+        if others:
+            notes.append(f"runtime config {path}: {', '.join(others)} from the file")
+    config = with_overrides(config, getattr(args, "set", None) or [])
+    args.artifact, args.backend, args.precision, args.threads = config.artifact, config.backend, config.precision, \
+        config.threads
+    return config, notes
+
+
+def _print_effective_config(config: Any) -> None:
+    """The effective runtime config at start, one ``key: value`` per line (the keys --set takes)."""
+    print("runtime config (change any with --set KEY=VALUE):")
+    for key, value in config.flat().items():
+        print(f"  {key}: {value}")
+    sys.stdout.flush()
+
+
 def _run_options(args: argparse.Namespace, run: dict):
     """The control loop's options from the command line (smoothing and its parameters included)."""
-    from vpp_edge.runtime.loop import RunOptions
+    from vpp_edge.runtime.build import run_options
 
-    return RunOptions(duration_s=args.duration, smoothing=args.smoothing, crossfade_steps=args.crossfade_steps,
-                      margin_steps=args.margin_steps, ensemble_m=args.ensemble_m,
-                      realtime_priority=args.rt_priority, tick_record_every=_tick_record_every(args, run))
+    config = getattr(args, "runtime", None) or _runtime_config(args)[0]
+    return run_options(config, tick_record_every=_tick_record_every(args, run))
 
 
 def _non_negative_float(text: str) -> float:
@@ -802,6 +845,10 @@ def _add_run_args(p: argparse.ArgumentParser, duration: float, artifact_default:
                    "needs the optional rerun-sdk)")
     p.add_argument("--json", type=Path, help="write the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no live status line")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a runtime config value (after the flags and --runtime-config), e.g. --set "
+                        "smoothing.policy=ensemble --set cameras.devices='{static: 0, gripper: 2}' (repeatable; "
+                        "values are YAML; vpp run prints every key at start)")
     _add_port_arg(p)
 
 
