@@ -122,8 +122,9 @@ def test_replay_video_draws_the_run(demo_run, capsys):
 
     # the text (time, tick, state) and every action plot change as the run goes on
     assert np.abs(region(frames[0], lay.text) - region(frames[last], lay.text)).max() > 100
-    for d, box in enumerate(lay.plots):
-        assert np.abs(region(frames[0], box) - region(frames[last], box)).mean() > 1, d
+    for d, box in enumerate(lay.plots):  # empty at first; the chunk's points and the targets' line later
+        changed = np.abs(region(frames[0], box) - region(frames[last], box)).max(axis=2) > 60
+        assert changed.sum() > 100, d
     # the robot holds before the first chunk: the status says so in red, later in black
     red = [np.sum((region(f, lay.text)[..., 0] > 150) & (region(f, lay.text)[..., 1] < 80)) for f in (frames[0],
                                                                                                    frames[last])]

@@ -15,9 +15,9 @@ The video (:func:`render_video`), one frame every 1/fps seconds of the run from 
 tick to its last: the camera views as they were at that time, the instruction, the time
 and tick, whether the runtime was sending targets or holding and the robot's mode (the
 bridge's: active, hold, stopped, estop), the last safety or bridge events, and one small
-plot per action dimension around that time: the newest predicted chunk (points at the
-times it planned them for) against the targets sent (line) and, for absolute dimensions,
-the robot's setpoint.
+plot per action dimension around that time (x: seconds from the frame's time): the newest
+predicted chunk (points at the times it planned them for) against the targets sent (line)
+and, for absolute dimensions, the robot's setpoint.
 """
 
 from __future__ import annotations
@@ -261,38 +261,48 @@ def render_video(log: str | Path, out: str | Path, fps: float = 10.0,
         return fig.add_axes((x0 / lay.width, 1 - y1 / lay.height, (x1 - x0) / lay.width, (y1 - y0) / lay.height))
 
     blank = np.full((8, 8, 3), 40, np.uint8)
-    images = []
+    images, labels = [], []  # labels: drawn over the images, so animated too
     for v, box in enumerate(lay.cameras):
         ax = axes(box, (2, 2, 2, 2))
         ax.set_axis_off()
-        images.append(ax.imshow(blank, interpolation="bilinear"))
-        ax.text(0.02, 0.98, f"view {v}", transform=ax.transAxes, va="top", fontsize=8, color="w",
-                bbox={"facecolor": "k", "alpha": 0.5, "lw": 0})
+        images.append(ax.imshow(blank, interpolation="bilinear", animated=True))
+        labels.append(ax.text(0.02, 0.98, f"view {v}", transform=ax.transAxes, va="top", fontsize=8, color="w",
+                              bbox={"facecolor": "k", "alpha": 0.5, "lw": 0}, animated=True))
         if saved is None:
-            ax.text(0.5, 0.5, "no camera frames:\nrecord them with\nvpp run --log LOG\n--log-frames",
-                    transform=ax.transAxes, ha="center", va="center", fontsize=9, color="w")
+            labels.append(ax.text(0.5, 0.5, "no camera frames:\nrecord them with\nvpp run --log LOG\n--log-frames",
+                                  transform=ax.transAxes, ha="center", va="center", fontsize=9, color="w",
+                                  animated=True))
     text_ax = axes(lay.text, (10, 8, 6, 4))
     text_ax.set_axis_off()
     text_ax.text(0, 1, _wrap(run.instruction or "(no instruction logged)", 48), va="top", fontsize=10,
                  weight="bold", transform=text_ax.transAxes)
     text_ax.text(0, 0, run.title, va="bottom", fontsize=7, color="0.4", transform=text_ax.transAxes)
-    status = text_ax.text(0, 0.62, "", va="top", fontsize=10, family="monospace", transform=text_ax.transAxes)
-    event_text = text_ax.text(0, 0.3, "", va="top", fontsize=8, color="C3", transform=text_ax.transAxes)
+    status = text_ax.text(0, 0.62, "", va="top", fontsize=10, family="monospace", transform=text_ax.transAxes,
+                          animated=True)
+    event_text = text_ax.text(0, 0.3, "", va="top", fontsize=8, color="C3", transform=text_ax.transAxes,
+                              animated=True)
 
     plot_artists = []
     for d, box in enumerate(lay.plots):
         ax = axes(box, (44, 16, 8, 18))
         ax.tick_params(labelsize=6, pad=1)
+        # time relative to the frame's: the axes never move, so they are drawn once (blitting)
+        ax.set_xlim(-WINDOW_BEFORE_S, WINDOW_AFTER_S)
+        ticks = np.arange(-math.floor(WINDOW_BEFORE_S), math.floor(WINDOW_AFTER_S) + 1)
+        ax.set_xticks(ticks, [f"{x:+d} s" if x else "now" for x in ticks])
         ax.set_title(f"a{d}" + (" (step)" if run.delta[d] else ""), fontsize=7, pad=2, loc="left")
         ax.set_ylim(*_limits([run.sent[:, d], *(c[:, d] for _, c in run.chunks)]
                              + ([] if run.delta[d] else [run.setpoint[:, d]])))
-        predicted, = ax.plot([], [], ".", ms=3, color="C0", label="predicted chunk")
-        executed, = ax.plot([], [], "-", lw=1.2, color="C1", label="target sent")
-        setpoint, = ax.plot([], [], "-", lw=0.8, color="C2", label="robot setpoint")
-        now = ax.axvline(0, color="0.5", lw=0.8)
+        predicted, = ax.plot([], [], ".", ms=3, color="C0", label="predicted chunk", animated=True)
+        executed, = ax.plot([], [], "-", lw=1.2, color="C1", label="target sent", animated=True)
+        setpoint, = ax.plot([], [], "-", lw=0.8, color="C2", label="robot setpoint", animated=True)
+        ax.axvline(0, color="0.5", lw=0.8)
         if d == 0:
             ax.legend(loc="upper left", fontsize=5, ncol=3, frameon=False, borderaxespad=0.1)
-        plot_artists.append((ax, predicted, executed, setpoint, now))
+        plot_artists.append((predicted, executed, setpoint))
+    fig.canvas.draw()  # everything but the animated artists, once
+    background = fig.canvas.copy_from_bbox(fig.bbox)
+    animated = [*images, *labels, status, event_text, *(a for artists in plot_artists for a in artists)]
 
     count = int(math.floor(run.tick_t[-1] * fps + 1e-9)) + 1
     decoded: dict[str, np.ndarray] = {}
@@ -304,7 +314,9 @@ def render_video(log: str | Path, out: str | Path, fps: float = 10.0,
         for k in range(count):
             t = k / fps
             _draw(run, t, saved, views, images, status, event_text, plot_artists, decoded)
-            fig.canvas.draw()
+            fig.canvas.restore_region(background)
+            for artist in animated:
+                fig.draw_artist(artist)
             rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3]
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")):
                 container.mux(packet)
@@ -344,12 +356,11 @@ def _draw(run: _Run, t: float, saved: SavedFrames | None, views: int, images: li
     status.set_color("k" if sending else "C3")
     recent = [kind for when, kind in run.events if t - EVENT_SHOWN_S < when <= t]
     event_text.set_text("\n".join(dict.fromkeys(recent[-4:])))  # each kind once, newest last
-    past = run.tick_t <= t
-    for d, (ax, predicted, executed, setpoint, now) in enumerate(plot_artists):
-        ax.set_xlim(t - WINDOW_BEFORE_S, t + WINDOW_AFTER_S)
-        now.set_xdata([t, t])
-        executed.set_data(run.tick_t[past], run.sent[past, d])
-        setpoint.set_data(([], []) if run.delta[d] else (run.tick_t[past], run.setpoint[past, d]))
+    shown = (run.tick_t <= t) & (run.tick_t >= t - WINDOW_BEFORE_S - 1)
+    past = run.tick_t[shown] - t  # the plots' x: seconds from this frame's time
+    for d, (predicted, executed, setpoint) in enumerate(plot_artists):
+        executed.set_data(past, run.sent[shown, d])
+        setpoint.set_data(([], []) if run.delta[d] else (past, run.setpoint[shown, d]))
         if chunk >= 0:
             times, actions = run.chunks[chunk]
-            predicted.set_data(times, actions[:, d])
+            predicted.set_data(times - t, actions[:, d])
