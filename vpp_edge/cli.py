@@ -511,17 +511,53 @@ def _run_inputs(args: argparse.Namespace):
 
 
 def _runtime_config(args: argparse.Namespace):
-    """(the effective RuntimeConfig of vpp run/demo, notes): the command-line flags, then
-    --runtime-config's file (the values it holds replace the flags', as a calibrated
-    recommendation must run as measured), then --set KEY=VALUE. The flags' values are what
-    the arguments left; ``args.artifact/backend/precision/threads`` follow the result."""
-    from vpp_edge.runtime.config import (CameraConfig, LinkConfig, RuntimeConfig, SmoothingConfig, config_from_dict,
-                                         deep_update, load_runtime_config, with_overrides)
+    """(the effective RuntimeConfig of vpp run/demo, notes). Layers: the flags' defaults, then
+    --runtime-config's file, then the flags given on the command line, then --set KEY=VALUE.
+    The file's artifact, backend, precision and threads win over the flags too: a calibrated
+    recommendation runs as it was measured. ``args.artifact/backend/precision/threads`` follow."""
+    from vpp_edge.runtime.config import config_from_dict, deep_update, load_runtime_config, parse_overrides, \
+        with_overrides
 
     _existing(args.episode, "--episode")
+    config = _flags_config(args)
+    notes: list[str] = []
+    path = getattr(args, "runtime_config", None)
+    if path:  # from 'vpp calibrate' or 'vpp deploy'
+        from vpp_edge.config_schema import read_yaml
+
+        _existing(path, "--runtime-config")
+        given = read_yaml(path, "runtime config")
+        from_file = {k: v for k, v in load_runtime_config(path).to_dict().items() if k in given}
+        defaults = _flags_config(build_parser().parse_args([args.command])).flat()
+        measured = ("artifact", "backend", "precision", "threads")
+        typed = {k: v for k, v in config.flat().items() if v != defaults.get(k) and not (k in measured and k in given)}
+        layer = parse_overrides(f"{k}={_yaml_value(v)}" for k, v in typed.items())
+        config = config_from_dict(deep_update(deep_update(config.to_dict(), from_file), layer), str(path))
+        if {"artifact", "backend", "precision"} <= set(given):
+            notes.append(f"runtime config {path}: artifact {config.artifact}, {config.backend}/{config.precision} "
+                         "(replacing --artifact, --backend and --precision)")
+        if given.get("threads"):  # the thread count the recommendation was measured with
+            notes.append(f"runtime config {path}: {config.threads} inference thread(s) (replacing --threads)")
+    config = with_overrides(config, getattr(args, "set", None) or [])
+    args.artifact, args.backend, args.precision, args.threads = config.artifact, config.backend, config.precision, \
+        config.threads
+    return config, notes
+
+
+def _yaml_value(value: Any) -> str:
+    """A value as ``--set`` reads it back (YAML, on one line)."""
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True, width=10**9).strip().removesuffix("...").strip()
+
+
+def _flags_config(args: argparse.Namespace):
+    """The RuntimeConfig the command-line flags of vpp run/demo describe."""
+    from vpp_edge.runtime.config import CameraConfig, LinkConfig, RuntimeConfig, SmoothingConfig
+
     kind, _, devices = args.cameras.partition(":")
     keys = getattr(args, "keys", None)
-    config = RuntimeConfig(
+    return RuntimeConfig(
         artifact=Path(args.artifact or DEFAULT_ARTIFACT), backend=args.backend, precision=args.precision,
         threads=args.threads, seed=args.seed, robot=args.robot, instruction=args.instruction,
         cameras=CameraConfig(kind, devices, args.camera_fps, args.dali_device, str(args.episode) if args.episode else None),
@@ -529,29 +565,6 @@ def _runtime_config(args: argparse.Namespace):
         bridge=LinkConfig(getattr(args, "bridge_host", "127.0.0.1"), args.base_port, str(keys) if keys else None,
                           getattr(args, "insecure", False)),
         duration_s=args.duration, rt_priority=args.rt_priority)
-    notes: list[str] = []
-    path = getattr(args, "runtime_config", None)
-    if path:  # from 'vpp calibrate' or 'vpp deploy'
-        from vpp_edge.config_schema import read_yaml
-
-        _existing(path, "--runtime-config")
-        loaded = load_runtime_config(path)
-        given = read_yaml(path, "runtime config")
-        layer = {k: v for k, v in loaded.to_dict().items() if k in given}
-        config = config_from_dict(deep_update(config.to_dict(), layer), str(path))
-        if {"artifact", "backend", "precision"} <= set(given):
-            notes.append(f"runtime config {path}: artifact {config.artifact}, {config.backend}/{config.precision} "
-                         "(replacing --artifact, --backend and --precision)")
-        if given.get("threads"):  # the thread count the recommendation was measured with
-            notes.append(f"runtime config {path}: {config.threads} inference thread(s) (replacing --threads)")
-        others = sorted(set(given) - {"format", "format_version", "artifact", "backend", "precision", "threads",
-                                      "knobs", "measured", "sweep"})
-        if others:
-            notes.append(f"runtime config {path}: {', '.join(others)} from the file")
-    config = with_overrides(config, getattr(args, "set", None) or [])
-    args.artifact, args.backend, args.precision, args.threads = config.artifact, config.backend, config.precision, \
-        config.threads
-    return config, notes
 
 
 def _print_effective_config(config: Any) -> None:
