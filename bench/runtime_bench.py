@@ -63,7 +63,7 @@ def main() -> int:
 
     artifact, ckpt = open_benchmark(ap, args)
     episode = load_episode(default_episode())
-    from vpp_edge.calibrate.frames import sample_observations
+    from vpp_edge.observations import sample_observations
 
     obs = sample_observations(artifact.preset.num_views, artifact.preset.image_size, 1)[0]
 

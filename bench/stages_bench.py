@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from baseline import open_benchmark  # bench/baseline.py (scripts run from bench/)
 
+from vpp_edge.precisions import exported
+
 STAGES = ("text", "tvp", "former", "action_head")
 
 
@@ -170,7 +172,7 @@ def main() -> int:
     ap.add_argument("--checkpoint", type=Path, help="checkpoint the artifact came from (default: untrained tiny)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--precisions", default="fp32,fp16,int8,int8_cpu", help="ONNX Runtime precisions to include")
+    ap.add_argument("--precisions", default=",".join(exported()), help="ONNX Runtime precisions to include")
     ap.add_argument("--openvino", default="f32,bf16,int8_ov",
                     help="OpenVINO variants when openvino is installed: f32 / bf16 (inference precision on the fp32 "
                          "graphs; bf16 only where the CPU has it), int8_ov (NNCF graphs, when the artifact has them)")
@@ -192,7 +194,7 @@ def main() -> int:
     from vpp_edge.training.checkpoints import load_checkpoint
 
     artifact, ckpt = open_benchmark(ap, args)
-    from vpp_edge.calibrate.frames import sample_observations
+    from vpp_edge.observations import sample_observations
 
     frames = sample_observations(artifact.preset.num_views, artifact.preset.image_size, 1)[0].frames
 

@@ -9,15 +9,16 @@ nothing else. Each graph is therefore cached under a key that says what it compu
   whose graph computes the same function share one export; a knob that does not change a
   graph (for example the TVP scheduler steps with Karras sigmas, whose first noise level
   is sigma_max for every N) is recognised as such.
-* FP16: the FP32 key + the ops kept in FP32.
-* INT8: the FP32 key + the calibration feeds (the graph's inputs on the calibration
-  set, computed by the PyTorch model of that configuration) + the quantizer options.
+* every other precision (derived as :mod:`vpp_edge.export.derive` says, the same code as
+  ``vpp export``): the FP32 key + its options; for a graph an INT8 precision quantises,
+  also the calibration feeds (the graph's inputs on the calibration set, computed by the
+  PyTorch model of that configuration) and the calibrator.
 
 Layout under ``root``::
 
-    graphs/<precision>/<graph>-<key>/   <graph>.onnx (+ .data), info.json, scales.json (INT8)
+    graphs/<precision>/<graph>-<key>/   <graph>.onnx (+ .data), info.json (INT8: its calibration record)
     feeds/<graph>-<digest>.npz          quantizer feeds (calibrate.dataset.save_feeds)
-    artifacts/<config key>/             manifest.json + fp32/ fp16/ int8/ int8_cpu/ (hard links into graphs/)
+    artifacts/<config key>/             manifest.json + a folder per precision (hard links into graphs/)
     checkpoints/<preset key>/           the configuration's weights, for the PyTorch backend
 
 Every entry is written to a temporary folder and renamed into place, so Ctrl-C never
@@ -26,6 +27,7 @@ leaves a half-written graph that a later run would trust.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -33,7 +35,6 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable
@@ -41,23 +42,21 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from vpp_edge import __version__
-from vpp_edge.export import onnx_io
-from vpp_edge.export.artifact import int8_settings
+from vpp_edge import __version__, precisions
+from vpp_edge.export import onnx_io, qdq
+from vpp_edge.export.derive import KEPT, derive_graph, int8_settings, quantizes, record_graph, write_calibration
 from vpp_edge.export.graphs import GRAPHS, reference_run
-from vpp_edge.export.manifest import (FORMAT_NAME, FORMAT_VERSION, INT8_PRECISIONS, PRECISIONS, tokenizer_entry,
-                                      write_manifest)
+from vpp_edge.export.manifest import write_artifact_manifest
 from vpp_edge.files import atomic_dir
+from vpp_edge.precisions import calibrated, exported
 from vpp_edge.presets import Preset
 from vpp_edge.tokenizer import InstructionTokenizer
 from vpp_edge.training.models.policy import VPPPolicy
 
-from . import qdq
 from .dataset import ObservationSet, feeds_digest, save_feeds
 from .variants import derive_policy, variant_noise
 
 CALIBRATION_SEED = 100  # noise seeds of calibration observation k: 100 + k (as the export)
-_EXPORT_CODE = ("graphs.py", "onnx_io.py")
 
 
 def _sha(*parts: Any) -> str:
@@ -69,9 +68,13 @@ def _sha(*parts: Any) -> str:
 
 
 def _code_digest() -> str:
-    folder = Path(onnx_io.__file__).parent
-    return _sha(*[(folder / f).read_bytes() for f in _EXPORT_CODE], version("torch"), version("onnx"),
-                version("onnxruntime"), __version__)
+    """What the graphs are made by: a change in this code or these versions is a new graph."""
+    from vpp_edge import graph_spec
+    from vpp_edge.export import derive, graphs
+    from vpp_edge.training.models import graph_modules
+
+    code = [Path(m.__file__).read_bytes() for m in (graph_spec, graph_modules, graphs, onnx_io, derive, qdq)]
+    return _sha(*code, version("torch"), version("onnx"), version("onnxruntime"), __version__)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -185,89 +188,65 @@ class ArtifactBuilder:
 
         return self._entry("fp32", name, key, make, built)
 
-    def _fp16(self, name: str, fp32: Path, key: str, built: list[str]) -> tuple[Path, str]:
-        keep = list(self.options["fp16"]["keep_fp32_ops"])
-        key16 = _sha(key, keep)[:20]
+    def _derived(self, precision: str, name: str, fp32: Path, key: str, preset: Preset, method: str,
+                 built: list[str]) -> tuple[Path, str]:
+        """Graph ``name`` of ``precision`` derived from its FP32 graph (export/derive.py), cached
+        under a key of what it is derived from: the FP32 key, the precision's options and, for
+        a graph it quantises, the calibration feeds and the calibrator."""
+        spec = precisions.get(precision)
+        feeds: list[dict[str, np.ndarray]] = []
+        if spec.qdq is None:
+            derived_key = _sha(key, precision, list(self.options["fp16"]["keep_fp32_ops"]))[:20]
+        elif not quantizes(precision, name, self.options, self.int8):
+            if not spec.qdq.ort_fusions:  # kept in float as it is: the FP32 graph itself
+                return fp32, key
+            derived_key = _sha(key, precision, "kept")[:20]
+        else:
+            _, refs = self.variant(preset, len(self.calibration))
+            feeds = [{i: r[i].numpy() for i in GRAPHS[name].inputs} for r in refs]
+            s = self.int8_settings(precision)
+            derived_key = _sha(key, feeds_digest(feeds), method, qdq.calibrator_options(method, s.get("options")),
+                               s["op_types"], s["exclude_modules"], s.get("exclude_nodes", []),
+                               dataclasses.asdict(spec.qdq))[:20]
 
         def make(path: Path) -> dict[str, Any]:
-            onnx_io.convert_fp16(fp32 / f"{name}.onnx", path, keep)
-            return {"graph": name, "precision": "fp16", "keep_fp32_ops": keep}
+            ranges = path.with_name(f"{name}{qdq.RANGES_SUFFIX}") if feeds else None
+            info = derive_graph(precision, name, fp32 / f"{name}.onnx", path, self.options, self.int8, feeds, method,
+                                ranges)
+            if feeds:
+                digest = feeds_digest(feeds)
+                feed_file = save_feeds(self.root / "feeds" / f"{name}-{digest[:20]}.npz", feeds)
+                info.update(method=method, feeds=str(feed_file.relative_to(self.root)), feeds_sha256=digest)
+            if spec.calibrated:
+                info["record"] = record_graph(info, path)
+            return {"graph": name, "precision": precision, **info}
 
-        return self._entry("fp16", name, key16, make, built), key16
-
-    def _kept(self, name: str, fp32: Path, key: str, built: list[str], precision: str) -> tuple[Path, str]:
-        """A graph INT8 ``precision`` keeps in float: the FP32 one, or its ONNX Runtime fusion."""
-        if not onnx_io.INT8_FORMATS[precision]["ort_fusions"]:
-            return fp32, key
-        key_fused = _sha(key, precision, "kept")[:20]
-
-        def make(path: Path) -> dict[str, Any]:
-            return {"graph": name, "precision": precision,
-                    "fusions": onnx_io.keep_float(fp32 / f"{name}.onnx", path, precision)}
-
-        return self._entry(precision, name, key_fused, make, built), key_fused
+        return self._entry(precision, name, derived_key, make, built), derived_key
 
     def int8_settings(self, precision: str) -> dict[str, Any]:
-        """Quantizer settings of an INT8 ``precision`` (``int8`` or ``int8_cpu``)."""
+        """Quantizer settings of a Q/DQ ``precision``."""
         return int8_settings(self.int8, self.options, precision)
-
-    def _int8(self, name: str, fp32: Path, key: str, preset: Preset, method: str,
-              built: list[str], precision: str = "int8") -> tuple[Path, str]:
-        gdef = GRAPHS[name]
-        _, refs = self.variant(preset, len(self.calibration))
-        feeds = [{i: r[i].numpy() for i in gdef.inputs} for r in refs]
-        digest = feeds_digest(feeds)
-        s = self.int8_settings(precision)
-        calib = qdq.calibrator_options(method, s.get("options"))
-        key8 = _sha(key, digest, method, calib, s["op_types"], s["exclude_modules"], s.get("exclude_nodes", []),
-                    onnx_io.INT8_FORMATS[precision])[:20]
-
-        def make(path: Path) -> dict[str, Any]:
-            feed_file = save_feeds(self.root / "feeds" / f"{name}-{digest[:20]}.npz", feeds)
-            ranges = path.with_name(f"{name}{qdq.RANGES_SUFFIX}")
-            with onnx_io.graph_to_quantize(fp32 / f"{name}.onnx", precision) as (src, fusions), \
-                    onnx_io.quiet_tools():  # the histogram calibrators print their progress
-                qdq.compute_ranges(src, feeds, method, s.get("options"), s["op_types"], ranges,
-                                   symmetric=onnx_io.INT8_FORMATS[precision]["symmetric"])
-                info = onnx_io.quantize_int8(src, path, feeds, s["op_types"], s["exclude_modules"],
-                                             method, s.get("exclude_nodes", []), calibration_cache=ranges,
-                                             variant=precision)
-            if fusions:
-                info["fusions"] = fusions
-            scales = qdq.activation_scales(path)
-            (path.parent / "scales.json").write_text(json.dumps(scales, indent=1))
-            return {"graph": name, "precision": precision, "method": method, "calibrator_options": calib,
-                    "feeds": str(feed_file.relative_to(self.root)), "feeds_sha256": digest,
-                    "samples": len(feeds), **info}
-
-        return self._entry(precision, name, key8, make, built), key8
 
     # ---- artifacts -----------------------------------------------------------------------
     def build(self, preset: Preset, precisions: list[str], action_mode: str, method: str = "minmax",
               label: str = "") -> BuiltConfig:
         """The artifact of ``preset`` with ``precisions`` (fp32 always), from cached graphs."""
         start = time.perf_counter()
-        precisions = ["fp32"] + [p for p in PRECISIONS[1:] if p in precisions]
+        reference, *derived = exported()
+        precisions = [reference] + [p for p in derived if p in precisions]
         policy, refs = self.variant(preset, 1)
         built: list[str] = []
         entries: dict[str, Path] = {}
         keys: dict[str, str] = {}
         for name in GRAPHS:
             key = self.fingerprint(name, policy, refs[0])
-            entries[f"fp32/{name}"] = fp32 = self._fp32(name, policy, refs[0], key, built)
-            keys[f"fp32/{name}"] = key
-            if "fp16" in precisions:
-                entries[f"fp16/{name}"], keys[f"fp16/{name}"] = self._fp16(name, fp32, key, built)
-            for p in INT8_PRECISIONS:
-                if p not in precisions:
-                    continue
-                if name in self.int8_settings(p)["graphs"]:
-                    entries[f"{p}/{name}"], keys[f"{p}/{name}"] = self._int8(name, fp32, key, preset, method, built, p)
-                else:  # e.g. the text graph: runs once per instruction, kept FP32
-                    entries[f"{p}/{name}"], keys[f"{p}/{name}"] = self._kept(name, fp32, key, built, p)
+            entries[f"{reference}/{name}"] = fp32 = self._fp32(name, policy, refs[0], key, built)
+            keys[f"{reference}/{name}"] = key
+            for p in precisions[1:]:
+                entries[f"{p}/{name}"], keys[f"{p}/{name}"] = self._derived(p, name, fp32, key, preset, method, built)
         sigmas = list(policy.action_head.sigmas)
         config_key = _sha(preset.to_dict(), self.base.normalizer.to_dict(), self._tok_sha, action_mode, sigmas,
-                          sorted(keys.items()), method if set(INT8_PRECISIONS) & set(precisions) else None)[:16]
+                          sorted(keys.items()), method if set(calibrated()) & set(precisions) else None)[:16]
         folder = self.root / "artifacts" / config_key
         if not (folder / "manifest.json").is_file():
             self.status("artifact")
@@ -278,7 +257,7 @@ class ArtifactBuilder:
     def _assemble(self, tmp: Path, preset: Preset, precisions: list[str], entries: dict[str, Path],
                   sigmas: list[float], action_mode: str, method: str, label: str) -> None:
         graphs: dict[str, Any] = {}
-        int8_graphs: dict[str, dict[str, Any]] = {p: {} for p in INT8_PRECISIONS}
+        records: dict[str, dict[str, Any]] = {p: {} for p in calibrated() if p in precisions}
         for key, entry in entries.items():
             precision, name = key.split("/")
             (tmp / precision).mkdir(exist_ok=True)
@@ -289,38 +268,17 @@ class ArtifactBuilder:
             g = dict(info["entry"], precision=precision, file=f"{precision}/{info['entry']['file']}")
             g["external_data"] = [dict(x, file=f"{precision}/{x['file']}") for x in g["external_data"]]
             graphs[key] = g
-            if precision in INT8_PRECISIONS:
-                scales = entry / "scales.json"
-                int8_graphs[precision][name] = ({k: info[k] for k in ("excluded_nodes", "quantize_nodes", "samples")}
-                                     | {"activation_scales": json.loads(scales.read_text())}
-                                     if scales.is_file() else {"kept": "fp32"})
-        int8 = [p for p in INT8_PRECISIONS if p in precisions]
-        for p in int8:
-            s = self.int8_settings(p)
-            qdq.write_record(tmp / p, method, {"calibrator": qdq.calibrator_options(method, s.get("options")),
-                                               "op_types": s["op_types"], "exclude_modules": s["exclude_modules"],
-                                               "exclude_nodes": s.get("exclude_nodes", [])},
-                             int8_graphs[p], list(self.calibration.sources), self.calibration.digest())
+            if precision in records:  # a graph kept as the FP32 one has no record of its own
+                records[precision][name] = info.get("record", dict(KEPT))
+        calibration = {p: write_calibration(tmp / p, p, self.options, self.int8, method, graph_records,
+                                            list(self.calibration.sources), self.calibration.digest())
+                       for p, graph_records in records.items()}
         self.tokenizer.save(tmp)
-        manifest = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "vpp_edge_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "source": f"{self.source}; vpp calibrate configuration: {label or 'base'}",
-            "preset": preset.to_dict(),
-            "normalization": self.base.normalizer.to_dict(),
-            **tokenizer_entry(tmp),
-            "text_max_length": preset.text.goal_length,  # ids the text graph takes
-            "sigmas": sigmas,
-            "action_mode": action_mode,
-            "graphs": graphs,
-            "engines": {},
-            "toolchain": {d: version(d) for d in ("torch", "onnx", "onnxruntime")},
-        }
-        if int8:
-            manifest["calibration"] = {p: f"{p}/{qdq.CALIBRATION_FILE}" for p in int8}
-        write_manifest(tmp, manifest)
+        state = self.base.state_normalizer
+        write_artifact_manifest(tmp, preset=preset, normalization=self.base.normalizer.to_dict(), sigmas=sigmas,
+                                action_mode=action_mode, graphs=graphs, calibration=calibration,
+                                source=f"{self.source}; vpp calibrate configuration: {label or 'base'}",
+                                state_normalization=state.to_dict() if state else None)
 
     def checkpoint_for(self, preset: Preset) -> Path:
         """A checkpoint of the configuration (the PyTorch backend runs from one)."""

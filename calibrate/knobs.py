@@ -19,12 +19,12 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from vpp_edge import precisions
 from vpp_edge.errors import VPPError
-from vpp_edge.export.manifest import INT8_PRECISIONS, PRECISIONS
+from vpp_edge.graph_spec import ACTION_MODES
 from vpp_edge.presets import Preset
 
 BACKENDS = ("onnxruntime", "openvino", "torch", "tensorrt")
-ACTION_MODES = ("sampler", "step")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 NOT_APPLICABLE = "-"  # value of a knob that does not apply to a point (calibration of an FP32 point)
 
@@ -44,8 +44,13 @@ class Knob:
     changes_inputs: bool = False  # what the policy is fed (cameras, frames): never recommended unless opted in
 
 
-def _choice(allowed: tuple[str, ...]) -> Callable[[Any, Preset], str | None]:
-    return lambda v, _p: None if v in allowed else f"must be one of {list(allowed)}"
+def _choice(allowed: tuple[str, ...] | Callable[[], tuple[str, ...]]) -> Callable[[Any, Preset], str | None]:
+    """``allowed``: the values, or a function giving them when asked (a registry that grows)."""
+    def check(v: Any, _p: Preset) -> str | None:
+        values = allowed() if callable(allowed) else allowed
+        return None if v in values else f"must be one of {list(values)}"
+
+    return check
 
 
 def _int_range(lo: Callable[[Preset], int], hi: Callable[[Preset], int], why: str) -> Callable[[Any, Preset], str | None]:
@@ -68,8 +73,8 @@ def _extract_layer_check(v: Any, p: Preset) -> str | None:
 
 
 KNOBS: dict[str, Knob] = {k.name: k for k in (
-    Knob("precision", "runtime", "graph precision: fp32 | fp16 | int8 (QDQ for TensorRT) | int8_cpu (QDQ for ONNX Runtime CPU)",
-         lambda p: "fp32", _choice(PRECISIONS)),
+    Knob("precision", "runtime", f"graph precision: {precisions.describe(precisions.exported())}",
+         lambda p: precisions.reference(), _choice(precisions.exported)),
     Knob("backend", "runtime", "engine backend: onnxruntime | openvino | torch | tensorrt (the ones installed)",
          lambda p: "onnxruntime", _choice(BACKENDS)),
     Knob("action_mode", "artifact", "action head: 'sampler' (one unrolled graph) or 'step' (one graph per DDIM step)",
@@ -126,7 +131,7 @@ def check_value(name: str, value: Any, preset: Preset, where: str = "") -> None:
 def normalize(values: dict[str, Any]) -> dict[str, Any]:
     """Knob values with the ones that do not apply blanked, so equal points compare equal."""
     out = dict(values)
-    if out.get("precision") not in INT8_PRECISIONS:
+    if out.get("precision") not in precisions.calibrated():
         out["calibration"] = NOT_APPLICABLE
     elif out.get("calibration") == NOT_APPLICABLE:
         raise KnobError("an INT8 point needs a calibration method")

@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
+from vpp_edge import precisions
 from vpp_edge.files import atomic_dir
 
 from . import knobs as K
@@ -28,8 +29,7 @@ from .runtime_config import RuntimeConfig, write_runtime_config
 
 ERROR_FLOOR = 1e-12  # errors below this are drawn at it (log axis)
 STAGE_COLOURS = {"tvp": "#4C72B0", "former": "#55A868", "action_head": "#C44E52"}
-PRECISION_COLOURS = {"fp32": "#1f77b4", "fp16": "#ff7f0e", "int8": "#2ca02c", "int8_cpu": "#9467bd",
-                     "int8_ov": "#8c564b"}
+PRECISION_COLOURS = {name: precisions.get(name).colour for name in precisions.names()}
 BACKEND_MARKERS = {"onnxruntime": "o", "torch": "s", "tensorrt": "^", "openvino": "v"}
 SPARE_COLOURS = ("#e377c2", "#7f7f7f", "#bcbd22", "#17becf")  # precisions without a colour of their own
 SPARE_MARKERS = ("D", "P", "X", "h")

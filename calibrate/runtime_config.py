@@ -8,7 +8,7 @@ numpy/YAML only (the robot side imports this). Schema (format version 1)::
     format_version: 1
     artifact: recommended/artifact   # export artifact folder; relative paths are relative to this file
     backend: onnxruntime             # auto | onnxruntime | openvino | torch | tensorrt: what was measured
-    precision: int8                  # fp32 | fp16 | int8 | int8_cpu | int8_ov: graphs of the artifact to run
+    precision: int8                  # a precision of vpp_edge.precisions: graphs of the artifact to run
     threads: 2                       # CPU threads the measurement used (0: the backend's choice)
     knobs: {...}                     # informational: every knob of the chosen point
     measured: {...}                  # informational: latency (ms), errors, memory (MB) as measured
@@ -28,8 +28,9 @@ from typing import Any
 
 import yaml
 
+from vpp_edge import precisions
 from vpp_edge.errors import VPPError
-from vpp_edge.export.manifest import RUNTIME_PRECISIONS, ArtifactError, read_manifest
+from vpp_edge.runtime.manifest import ArtifactError, read_manifest
 
 FORMAT_NAME = "vpp-edge-runtime-config"
 FORMAT_VERSION = 1
@@ -95,9 +96,9 @@ def load_runtime_config(path: str | Path) -> RuntimeConfig:
         raise RuntimeConfigError(f"{path}: missing {missing}")
     if data["backend"] not in BACKENDS:
         raise RuntimeConfigError(f"{path}: backend '{data['backend']}' unknown; allowed: {list(BACKENDS)}")
-    if data["precision"] not in RUNTIME_PRECISIONS:
+    if data["precision"] not in precisions.names():
         raise RuntimeConfigError(f"{path}: precision '{data['precision']}' unknown; "
-                                 f"allowed: {list(RUNTIME_PRECISIONS)}")
+                                 f"allowed: {list(precisions.names())}")
     threads = data.get("threads") or 0
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
         raise RuntimeConfigError(f"{path}: threads must be a non-negative integer, got {threads!r}")

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from vpp_edge.errors import VPPError
+from vpp_edge.precisions import calibrated
 from vpp_edge.files import read_json
 from vpp_edge.presets import Preset, get_preset, preset_from_dict
 
@@ -247,7 +248,7 @@ class PointRunner:
 
         v = point.values
         preset = K.model_preset(self.policy.preset, v)
-        method = v["calibration"] if v["precision"] in K.INT8_PRECISIONS else "minmax"
+        method = v["calibration"] if v["precision"] in calibrated() else "minmax"
         built = self.builder.build(preset, precisions, v["action_mode"], method, point.label)
         m = self.spec["measure"]
         job = {"artifact": str(built.artifact), "backend": v["backend"], "precision": v["precision"],

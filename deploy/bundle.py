@@ -31,9 +31,8 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from vpp_edge import __version__
-from vpp_edge.export.manifest import MANIFEST_FILE, manifest_precisions, read_manifest
-from vpp_edge.export.tensorrt_build import ENGINE_SOURCES
+from vpp_edge import __version__, precisions
+from vpp_edge.runtime.manifest import MANIFEST_FILE, manifest_precisions, read_manifest
 from vpp_edge.files import atomic_dir
 
 from .checksums import BUNDLE_FILE, SUMS_FILE, BundleError, bundle_id, manifest_text, sha256_file, sums_text
@@ -191,7 +190,8 @@ def shipped_precisions(cfg: dict[str, Any]) -> list[str] | None:
         return None
     if chosen is not None:
         return sorted(set(chosen))
-    wanted = {"fp32", *(ENGINE_SOURCES.get(p, p) for p in cfg["engines"]["precisions"])}
+    sources = precisions.engine_sources()
+    wanted = {precisions.reference(), *(sources.get(p, p) for p in cfg["engines"]["precisions"])}
     wanted |= {p for p in (cfg["runtime"]["precision"], cfg["selftest"]["precision"]) if p}
     return sorted(wanted)
 

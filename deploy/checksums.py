@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from vpp_edge.errors import VPPError
-from vpp_edge.export.manifest import sha256_file
+from vpp_edge.runtime.manifest import sha256_file
 from vpp_edge.files import read_json
 
 BUNDLE_FILE = "BUNDLE.json"

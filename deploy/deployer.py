@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from vpp_edge.errors import VPPError
-from vpp_edge.export.manifest import MANIFEST_FILE
+from vpp_edge.runtime.manifest import MANIFEST_FILE
 
 from .bundle import Bundle, offline, plan_bundle, write_bundle
 from .ssh import SSHTarget, require_tools, rsync_stats, run

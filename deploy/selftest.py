@@ -87,7 +87,7 @@ def format_report(r: dict[str, Any]) -> list[str]:
 
 def verify_artifact(artifact: str | Path) -> str:
     """Check every graph (and engine) file of the artifact against its manifest; one summary line."""
-    from vpp_edge.export.manifest import read_manifest, verify_entry
+    from vpp_edge.runtime.manifest import read_manifest, verify_entry
 
     manifest = read_manifest(artifact)
     entries = {**manifest["graphs"], **{f"engine {k}": v for k, v in (manifest.get("engines") or {}).items()}}

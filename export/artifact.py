@@ -3,7 +3,7 @@
     <artifact>/manifest.json      graphs (and later engines) with hashes and IO specs
     <artifact>/parity.json, .md   every parity figure and gate verdict
     <artifact>/tokenizer.json     the instruction tokenizer (tokenizers library)
-    <artifact>/{fp32,fp16,int8,int8_cpu}/  text, tvp, former, action_context, action_step, action_sampler .onnx
+    <artifact>/<precision>/        a graph per vpp_edge.graph_spec.GRAPHS (.onnx), derived as export/derive.py says
 
 Everything is written into a temporary sibling folder and renamed into place at the
 end: a failed gate, a full disk or Ctrl-C leaves no half-written artifact.
@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import gc
 import logging
-import platform
 import shutil
 import statistics
 import time
-from datetime import datetime, timezone
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,32 +23,25 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from vpp_edge import __version__
-from vpp_edge.files import atomic_dir
-from vpp_edge.calibrate.frames import Observation, sample_observations
 from vpp_edge.errors import VPPError
-from vpp_edge.runtime.predict_step import ACTION_MODES, predict_actions
+from vpp_edge.files import atomic_dir
+from vpp_edge.graph_spec import ACTION_MODES
+from vpp_edge.observations import Observation, observations_digest, sample_observations
+from vpp_edge.precisions import calibrated, exported
+from vpp_edge.precisions import get as precision_spec
+from vpp_edge.runtime.predict_step import predict_actions, sample_actions
 from vpp_edge.tokenizer import InstructionTokenizer
 from vpp_edge.training.models.policy import VPPPolicy
 
 from . import onnx_io, tempdirs
 from .graphs import GRAPHS, STATE_INPUT, reference_run
-from .manifest import (FORMAT_NAME, FORMAT_VERSION, INT8_PRECISIONS, PRECISIONS, read_manifest, tokenizer_entry,
-                       write_manifest)
+from .derive import derive_graph, int8_settings, record_graph, write_calibration  # noqa: F401 (int8_settings: API)
+from .manifest import read_manifest, write_artifact_manifest
 from .options import DEFAULTS_FILE, load_options  # noqa: F401 (the export API)
-from .parity import ParityError, compare, passes, summary_table, worst
+from .parity import ParityError, action_gate, compare, passes, summary_table, worst
 from .phases import Phases, gb
 
 log = logging.getLogger(__name__)
-
-
-def int8_settings(int8: dict[str, Any], options: dict[str, Any], precision: str) -> dict[str, Any]:
-    """Quantizer settings of an INT8 ``precision``: ``int8`` as given; ``int8_cpu`` takes
-    ``op_types``, ``graphs`` and ``exclude_modules`` from ``options["int8_cpu"]`` and the
-    rest (calibration, excluded node names) from ``int8``."""
-    if precision == "int8":
-        return int8
-    return {**int8, **{k: options[precision][k] for k in ("op_types", "graphs", "exclude_modules")}}
 
 
 def parity_state(policy: VPPPolicy, seed: int) -> torch.Tensor | None:
@@ -114,19 +104,14 @@ def evaluate_precision(precision: str, sessions: dict, refs: list[dict], sigmas:
     chained = [_chain(runner(sessions), ref, sigmas, mode) for ref in refs]
     actions = worst([compare(ref["actions"].numpy(), c) for ref, c in zip(refs, chained)])
     denorm = worst([compare(ref["actions_denormalized"].numpy(), c * scale + offset) for ref, c in zip(refs, chained)])
-    if precision == "fp32":
-        gate = f"cosine >= {gates['fp32_action_cosine']}, every graph >= {gates['fp32_graph_cosine']}"
-        ok = passes(actions, gates["fp32_action_cosine"])
+    kind = precision_spec(precision).gate
+    gate, ok = action_gate(kind, actions, gates)
+    if kind == "fp32":  # the reference: every graph is gated too
+        gate += f", every graph >= {gates['fp32_graph_cosine']}"
         for outputs in graphs.values():
             for s in outputs.values():
                 s["gate"] = "pass" if passes(s, gates["fp32_graph_cosine"]) else "FAIL"
                 ok = ok and s["gate"] == "pass"
-    elif precision == "fp16":
-        gate = f"cosine >= {gates['fp16_action_cosine']}"
-        ok = passes(actions, gates["fp16_action_cosine"])
-    else:
-        gate = f"cosine >= {gates['int8_action_cosine']}, max-abs <= {gates['int8_action_max_abs']}"
-        ok = passes(actions, gates["int8_action_cosine"], gates["int8_action_max_abs"])
     return {"graphs": graphs, "actions": actions, "actions_denormalized": denorm, "gate": gate, "passed": bool(ok)}
 
 
@@ -134,30 +119,15 @@ def _time_action_modes(sessions: dict, ref: dict, sigmas: list[float], repeats: 
     """Median ms of the action head per mode: unrolled sampler graph vs. step-graph loop."""
     run = runner(sessions)
     tokens, goal, noise = (ref[k].numpy() for k in ("tokens", "goal", "action_noise"))
-    with_state = {} if _state(ref) is None else {STATE_INPUT: _state(ref)}
     timings = {}
     for mode in ACTION_MODES:
         samples = []
         for _ in range(repeats + 1):
             start = time.perf_counter()
-            if mode == "sampler":
-                run("action_sampler", {"tokens": tokens, "goal": goal, "action_noise": noise, **with_state})
-            else:
-                context = run("action_context", {"tokens": tokens, "goal": goal, **with_state})["context"]
-                x = noise * np.float32(sigmas[0])
-                for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-                    x = run("action_step", {"context": context, "x": x, "sigma": np.array([s], np.float32),
-                                            "sigma_next": np.array([s_next], np.float32)})["x_next"]
+            sample_actions(run, tokens, goal, noise, sigmas, mode, state=_state(ref))
             samples.append((time.perf_counter() - start) * 1e3)
         timings[mode] = statistics.median(samples[1:])
     return timings
-
-
-def _toolchain() -> dict[str, str]:
-    out = {"python": platform.python_version(), "machine": platform.machine()}
-    for dist in ("torch", "onnx", "onnxruntime", "diffusers", "transformers"):
-        out[dist] = version(dist)
-    return out
 
 
 def export_artifact(policy: VPPPolicy, tokenizer: InstructionTokenizer, out: str | Path,
@@ -173,9 +143,9 @@ def export_artifact(policy: VPPPolicy, tokenizer: InstructionTokenizer, out: str
     :mod:`.tempdirs`); SIGTERM unwinds like Ctrl-C and leaves nothing."""
     opts = options or load_options()
     out = Path(out)
-    precisions = [p for p in PRECISIONS if p in opts["precisions"]]
+    precisions = [p for p in exported() if p in opts["precisions"]]
     n_parity = int(opts["parity_samples"])
-    int8 = [p for p in precisions if p in INT8_PRECISIONS]
+    int8 = [p for p in precisions if p in calibrated()]
     n_calib = int(opts["calibration_samples"]) if int8 else 0
     if n_parity < 1:
         raise VPPError("parity_samples must be at least 1")
@@ -238,34 +208,22 @@ def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, 
     action_mode = min(mode_ms, key=mode_ms.get)
     advance(f"action head: {action_mode} wins")
 
-    quant_info: dict[str, dict[str, Any]] = {p: {} for p in precisions if p in INT8_PRECISIONS}
+    quant_info: dict[str, dict[str, Any]] = {p: {} for p in precisions if p in calibrated()}
     for precision in precisions[1:]:
-        q = int8_settings(opts["int8"], opts, precision) if precision in INT8_PRECISIONS else {}
         for name in GRAPHS:
             src, dst = paths["fp32"][name], tmp / precision / f"{name}.onnx"
             phase.start(f"{precision}/{name}", holds="the graph; weights stream one tensor at a time"
                         if precision == "fp16" else "the graph with its weights, calibration activations")
-            if precision == "fp16":
-                onnx_io.convert_fp16(src, dst, opts["fp16"]["keep_fp32_ops"])
-            elif name in q["graphs"]:
-                feeds = [_feeds(name, r) for r in calib_refs]
-                with onnx_io.graph_to_quantize(src, precision) as (qsrc, fusions):
-                    info = onnx_io.quantize_int8(qsrc, dst, feeds, q["op_types"], q["exclude_modules"],
-                                                 q["calibration"], variant=precision)
-                quant_info[precision][name] = {**info, **({"fusions": fusions} if fusions else {})}
-            else:  # e.g. the text graph: runs once per instruction, kept FP32
-                onnx_io.keep_float(src, dst, precision)
+            info = derive_graph(precision, name, src, dst, opts, feeds=[_feeds(name, r) for r in calib_refs],
+                                method=opts["int8"]["calibration"])
+            if precision in quant_info:
+                quant_info[precision][name] = info
             paths[precision][name] = dst
             advance(f"{precision}/{name}")
-    for precision in quant_info:  # calibration record + activation scales beside the INT8 graphs
-        from vpp_edge.calibrate.dataset import ObservationSet
-        from vpp_edge.calibrate.qdq import activation_scales, write_record
-
-        q = int8_settings(opts["int8"], opts, precision)
-        write_record(tmp / precision, q["calibration"], {k: q[k] for k in ("op_types", "exclude_modules")},
-                     {n: {**info, "activation_scales": activation_scales(paths[precision][n])}
-                      for n, info in quant_info[precision].items()},
-                     [o.source for o in obs[n_parity:]], ObservationSet.from_observations(obs[n_parity:]).digest())
+    calibration = {p: write_calibration(tmp / p, p, opts, opts["int8"], opts["int8"]["calibration"],  # + scales
+                                        {n: record_graph(info, paths[p][n]) for n, info in quant_info[p].items()},
+                                        [o.source for o in obs[n_parity:]], observations_digest(obs[n_parity:]))
+                   for p in quant_info}
 
     report: dict[str, Any] = {
         "preset": preset.name,
@@ -283,8 +241,8 @@ def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, 
                                                     scale, offset, opts["gates"])
         del sessions
         gc.collect()
-    for precision, info in quant_info.items():
-        report["precisions"][precision]["quantization"] = info
+    for precision, info in quant_info.items():  # the graphs it quantised (not the ones kept in float)
+        report["precisions"][precision]["quantization"] = {n: i for n, i in info.items() if not i.get("kept")}
     advance("parity checked")
     phase.finish()
     report["phases"] = phase.records
@@ -300,28 +258,13 @@ def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, 
         raise ParityError(f"parity gate failed for {', '.join(failed)} (report: {failed_report})\n{table}")
 
     tokenizer.save(tmp)
-    manifest = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "vpp_edge_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": source,
-        "preset": preset.to_dict(),
-        "normalization": policy.normalizer.to_dict(),
+    write_artifact_manifest(
+        tmp, preset=preset, normalization=policy.normalizer.to_dict(), sigmas=sigmas, action_mode=action_mode,
+        graphs={f"{p}/{n}": onnx_io.graph_entry(path, tmp, p) for p, graph_paths in paths.items()
+                for n, path in graph_paths.items()},
+        source=source, action_mode_ms=mode_ms, parity="parity.json", calibration=calibration,
         # Policies that take the robot state: its bounds, which the runtime normalises and checks with.
-        **({"state_normalization": policy.state_normalizer.to_dict()} if policy.state_normalizer else {}),
-        **tokenizer_entry(tmp),
-        "text_max_length": preset.text.goal_length,  # ids the text graph takes
-        "sigmas": sigmas,
-        "action_mode": action_mode,
-        "action_mode_ms": mode_ms,
-        "parity": "parity.json",
-        "graphs": {f"{p}/{n}": onnx_io.graph_entry(path, tmp, p)
-                   for p, graph_paths in paths.items() for n, path in graph_paths.items()},
-        "engines": {},
-        "toolchain": _toolchain(),
-    }
-    write_manifest(tmp, manifest)
+        state_normalization=policy.state_normalizer.to_dict() if policy.state_normalizer else None)
 
 
 # The graphs that time the action head's two modes.

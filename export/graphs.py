@@ -1,7 +1,6 @@
-"""Thin tracing adapters around the policy's stages: one per exported graph.
-
-Each adapter only reorders arguments or converts the camera layout; every layer is the
-policy's own (one model definition for training, export and the PyTorch backend).
+"""The exported graphs for tracing: each graph's spec (:mod:`vpp_edge.graph_spec`) with its
+adapter module (:mod:`vpp_edge.training.models.graph_modules`), and the reference run that
+gives every graph input and output of one PyTorch predict step by name.
 """
 
 from __future__ import annotations
@@ -12,122 +11,44 @@ from typing import Callable
 import torch
 from torch import nn
 
+from vpp_edge.graph_spec import GRAPHS as SPECS
+from vpp_edge.graph_spec import STATE_INPUT, GraphSpec
 from vpp_edge.presets import Preset
-from vpp_edge.training.models.edm import ddim_step
+from vpp_edge.training.models.graph_modules import ADAPTERS, ActionStepGraph, TVPGraph
 from vpp_edge.training.models.policy import VPPPolicy
-
-
-class TextGraph(nn.Module):
-    """token ids, mask [1, L] -> TVP condition [1, L, 2H], goal [1, P]."""
-
-    def __init__(self, policy: VPPPolicy):
-        super().__init__()
-        self.policy = policy
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.policy.encode_text(input_ids, attention_mask)
-
-
-class TVPGraph(nn.Module):
-    """Camera frames uint8 [1, V, S, S, 3] + condition + noise -> Former input features.
-
-    The uint8 -> [-1, 1] conversion and HWC -> CHW move into the graph, so the runtime
-    hands over camera buffers as they are.
-    """
-
-    def __init__(self, policy: VPPPolicy):
-        super().__init__()
-        self.policy = policy
-
-    def forward(self, frames: torch.Tensor, condition: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        x = frames.permute(0, 1, 4, 2, 3).to(torch.float32) * (2.0 / 255.0) - 1.0
-        return self.policy.predictive_features(x, condition, noise)
-
-
-class FormerGraph(nn.Module):
-    """TVP features [1, F, T, C] -> Video Former tokens [1, Q, D]."""
-
-    def __init__(self, policy: VPPPolicy):
-        super().__init__()
-        self.policy = policy
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.policy.former(features)
-
-
-class ActionContextGraph(nn.Module):
-    """Former tokens + goal (+ normalised robot state [1, P] with ``action_head.use_proprio``)
-    -> action-head context (once per chunk)."""
-
-    def __init__(self, policy: VPPPolicy):
-        super().__init__()
-        self.inner = policy.action_head.inner_model
-
-    def forward(self, tokens: torch.Tensor, goal: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
-        return self.inner.encode(tokens, goal, state)
-
-
-class ActionStepGraph(nn.Module):
-    """One DDIM step: (context, x at sigma, sigma [1], sigma_next [1]) -> x at sigma_next."""
-
-    def __init__(self, policy: VPPPolicy):
-        super().__init__()
-        self.head = policy.action_head
-
-    def forward(self, context: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor,
-                sigma_next: torch.Tensor) -> torch.Tensor:
-        denoised = self.head.denoise(context, x, sigma.expand(x.shape[0]))
-        return ddim_step(x, denoised, sigma.reshape(1, 1, 1), sigma_next.reshape(1, 1, 1))
-
-
-class ActionSamplerGraph(nn.Module):
-    """The whole fixed-step sampler unrolled: tokens + goal + unit noise (+ normalised robot
-    state with ``action_head.use_proprio``) -> normalised actions."""
-
-    def __init__(self, policy: VPPPolicy):
-        super().__init__()
-        self.head = policy.action_head
-
-    def forward(self, tokens: torch.Tensor, goal: torch.Tensor, noise: torch.Tensor,
-                state: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head.sample(tokens, goal, noise, state)
-
-
-STATE_INPUT = "state"  # the normalised robot state [1, proprio_dim], last input of the graphs that take it
-
 
 @dataclass(frozen=True)
 class GraphDef:
-    """A graph's adapter and the names of its inputs and outputs (keys of the reference run).
-
-    ``inputs`` are those of every policy; a graph with ``takes_state`` has one more,
+    """A graph's spec (names of its inputs and outputs: keys of the reference run) and its
+    adapter. ``inputs`` are those of every policy; a graph with ``takes_state`` has one more,
     ``state``, when the preset feeds the robot state (``action_head.use_proprio``): use
-    :meth:`inputs_for`.
-    """
+    :meth:`inputs_for`."""
 
-    name: str
+    spec: GraphSpec
     adapter: Callable[[VPPPolicy], nn.Module]
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    takes_state: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return self.spec.inputs
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return self.spec.outputs
+
+    @property
+    def takes_state(self) -> bool:
+        return self.spec.takes_state
 
     def inputs_for(self, preset: Preset) -> tuple[str, ...]:
         """The graph's inputs for a policy of ``preset``."""
-        return (*self.inputs, STATE_INPUT) if self.takes_state and preset.action_head.use_proprio else self.inputs
+        return self.spec.inputs_for(preset.action_head.use_proprio)
 
 
-GRAPHS: dict[str, GraphDef] = {
-    g.name: g
-    for g in (
-        GraphDef("text", TextGraph, ("input_ids", "attention_mask"), ("condition", "goal")),
-        GraphDef("tvp", TVPGraph, ("frames", "condition", "noise"), ("features",)),
-        GraphDef("former", FormerGraph, ("features",), ("tokens",)),
-        GraphDef("action_context", ActionContextGraph, ("tokens", "goal"), ("context",), takes_state=True),
-        GraphDef("action_step", ActionStepGraph, ("context", "x", "sigma", "sigma_next"), ("x_next",)),
-        GraphDef("action_sampler", ActionSamplerGraph, ("tokens", "goal", "action_noise"), ("actions",),
-                 takes_state=True),
-    )
-}
+GRAPHS: dict[str, GraphDef] = {name: GraphDef(spec, ADAPTERS[name]) for name, spec in SPECS.items()}
 
 
 @torch.inference_mode()

@@ -16,9 +16,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from vpp_edge import precisions
 from vpp_edge.errors import VPPError
-
-from .manifest import TensorSpec, sha256_file
+from vpp_edge.precisions import QdqFormat
+from vpp_edge.runtime.manifest import TensorSpec, sha256_file
 
 log = logging.getLogger(__name__)
 TWO_GB = 2**31
@@ -218,17 +219,6 @@ class _Feeds:
         pass
 
 
-# How each INT8 variant is quantised, per engine that runs it. Weights are always int8,
-# symmetric, per output channel.
-INT8_FORMATS = {
-    # TensorRT's explicit quantisation: symmetric int8 activations (zero point 0).
-    "int8": {"activation": "QInt8", "symmetric": True, "ort_fusions": False},
-    # ONNX Runtime's CPU kernels (U8S8, VNNI where the CPU has it): uint8 activations with a
-    # zero point, on a graph with ONNX Runtime's contrib fusions (attention, gelu, norms).
-    "int8_cpu": {"activation": "QUInt8", "symmetric": False, "ort_fusions": True},
-}
-
-
 # The ONNX Runtime graphs' opset: the first with ONNX's own Attention (see ort_rules).
 ORT_OPSET = 23
 
@@ -264,10 +254,11 @@ def fuse_for_onnxruntime(src: Path, dst: Path, skip_rules: Collection[str] = ())
     return {k: v for k, v in counts.items() if v}
 
 
-def _int8_format(variant: str) -> dict:
-    if variant not in INT8_FORMATS:
-        raise ExportError(f"INT8 variant '{variant}' unknown; allowed: {sorted(INT8_FORMATS)}")
-    return INT8_FORMATS[variant]
+def qdq_format(variant: str) -> QdqFormat:
+    """How the Q/DQ precision ``variant`` is quantised (the precision registry's record)."""
+    if variant not in precisions.calibrated():
+        raise ExportError(f"INT8 variant '{variant}' unknown; allowed: {sorted(precisions.calibrated())}")
+    return precisions.get(variant).qdq
 
 
 @contextlib.contextmanager
@@ -277,7 +268,7 @@ def graph_to_quantize(src: Path, variant: str) -> Iterator[tuple[Path, dict[str,
     of :func:`fuse_for_onnxruntime` (in a temporary folder) for ``int8_cpu``. Calibrate on
     the graph you quantise: the rewrites name some tensors anew. Convolutions keep their
     node names and module paths through them, so INT8 exclusions still apply."""
-    if not _int8_format(variant)["ort_fusions"]:
+    if not qdq_format(variant).ort_fusions:
         yield src, {}
         return
     with tempfile.TemporaryDirectory(prefix="vpp-fuse-") as tmp:
@@ -289,7 +280,7 @@ def keep_float(src: Path, dst: Path, variant: str) -> dict[str, int]:
     """A graph that INT8 ``variant`` leaves in float (the text encoder, say): a copy of
     ``src`` for TensorRT's format, the graph of :func:`fuse_for_onnxruntime` for
     ``int8_cpu``, whose whole chain runs on ONNX Runtime. Returns the fusions applied."""
-    if _int8_format(variant)["ort_fusions"]:
+    if qdq_format(variant).ort_fusions:
         return fuse_for_onnxruntime(src, dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     for f in [src, *external_files(src)]:
@@ -300,7 +291,7 @@ def keep_float(src: Path, dst: Path, variant: str) -> dict[str, int]:
 def quantize_int8(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]], op_types: Sequence[str],
                   exclude_modules: Sequence[str], method: str, exclude_nodes: Sequence[str] = (),
                   calibration_cache: Path | None = None, variant: str = "int8") -> dict:
-    """Explicit (QDQ) INT8 in the format of ``variant`` (see :data:`INT8_FORMATS`) of ``src``
+    """Explicit (QDQ) INT8 in the format of ``variant`` (see :func:`qdq_format`) of ``src``
     (as :func:`graph_to_quantize` gives it): per-channel int8 weights, activations calibrated
     on real observations; returns what was excluded. ``exclude_nodes``: node-name regexes
     also kept in float. ``calibration_cache``: ONNX Runtime's JSON of activation ranges:
@@ -311,7 +302,7 @@ def quantize_int8(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]
                "percentile": CalibrationMethod.Percentile}
     if method not in methods:
         raise ExportError(f"INT8 calibration '{method}' unknown; allowed: {sorted(methods)}")
-    fmt = _int8_format(variant)
+    fmt = qdq_format(variant)
     if not calibration and not (calibration_cache and Path(calibration_cache).is_file()):
         raise ExportError(f"{src.name}: INT8 calibration needs at least one observation")
     excluded = nodes_matching(src, exclude_modules, op_types)
@@ -324,10 +315,10 @@ def quantize_int8(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]
     with quiet_tools():
         quantize_static(str(src), str(dst), _Feeds(calibration), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(op_types), per_channel=True, weight_type=QuantType.QInt8,
-                        activation_type=getattr(QuantType, fmt["activation"]), nodes_to_exclude=excluded,
+                        activation_type=getattr(QuantType, fmt.activation), nodes_to_exclude=excluded,
                         calibrate_method=methods[method], use_external_data_format=_is_large(src),
                         calibration_cache_path=calibration_cache,
-                        extra_options={"ActivationSymmetric": fmt["symmetric"], "WeightSymmetric": True})
+                        extra_options={"ActivationSymmetric": fmt.symmetric, "WeightSymmetric": True})
     check(dst)
     model = onnx.load(str(dst), load_external_data=False)
     n_q = sum(1 for n in model.graph.node if n.op_type == "QuantizeLinear")

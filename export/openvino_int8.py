@@ -45,17 +45,19 @@ from typing import Any
 import numpy as np
 import yaml
 
-from vpp_edge.calibrate.frames import Observation, sample_observations
+from vpp_edge import precisions
 from vpp_edge.extras import require
-from vpp_edge.runtime.artifact import GRAPH_NAMES, Artifact
-from vpp_edge.runtime.predict_step import ACTION_MODES, encode_text, predict_actions
+from vpp_edge.graph_spec import ACTION_MODE_GRAPHS, ACTION_MODES, GRAPH_NAMES
+from vpp_edge.observations import Observation, sample_observations
+from vpp_edge.runtime.artifact import Artifact
+from vpp_edge.runtime.predict_step import encode_text, predict_actions
 
 from . import onnx_io
 from .manifest import read_manifest, sha256_file, write_manifest
 from .parity import ParityError, compare, passes, summary_table, worst
 
 log = logging.getLogger(__name__)
-PRECISION = "int8_ov"
+PRECISION = next(n for n in precisions.names() if precisions.get(n).derivation == precisions.NNCF)
 NNCF_PRESETS = ("default", "transformer")
 Feeds = dict[str, np.ndarray]
 
@@ -67,8 +69,7 @@ def _noise(policy_shapes: tuple[tuple[int, ...], tuple[int, ...]], seed: int) ->
 
 def noise_shapes(artifact: Artifact) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Shapes of the TVP's and the action head's noise inputs."""
-    tvp = next(s for s in artifact.manifest["graphs"]["fp32/tvp"]["inputs"] if s["name"] == "noise")["shape"]
-    return tuple(tvp), (1, artifact.preset.action_horizon, artifact.preset.action_dim)
+    return artifact.input_spec("tvp", "noise").shape, (1, artifact.preset.action_horizon, artifact.preset.action_dim)
 
 
 def chain(run: Callable[[str, Feeds], Feeds], artifact: Artifact, obs: Observation, seed: int,
@@ -93,9 +94,10 @@ def record_feeds(run: Callable[[str, Feeds], Feeds], artifact: Artifact, observa
     for k, obs in enumerate(observations):
         for mode in ACTION_MODES:
             chain(recording, artifact, obs, seed + k, mode)
-    # tvp/former ran once per mode on the same inputs: keep one copy each.
-    for name in ("text", "tvp", "former"):
-        feeds[name] = feeds[name][::len(ACTION_MODES)]
+    # The graphs before the action head ran once per mode on the same inputs: keep one copy each.
+    for name in GRAPH_NAMES:
+        if not any(name in graphs for graphs in ACTION_MODE_GRAPHS.values()):
+            feeds[name] = feeds[name][::len(ACTION_MODES)]
     return feeds
 
 
@@ -178,9 +180,8 @@ def fastest_cpu_engine(artifact: Artifact, parity: dict[str, Any], obs: Observat
     from vpp_edge.runtime.engines.openvino import OvEngine
 
     passed = [p for p, s in parity["precisions"].items() if s["passed"] and p in artifact.precisions()]
-    candidates = {f"onnxruntime/{p}": ("onnxruntime", p) for p in passed
-                  if p in ("fp32", "int8_cpu") and is_available("onnxruntime")}
-    candidates.update({f"openvino/{p}": ("openvino", p) for p in passed if p in ("fp32", PRECISION)})
+    cpu = [b for b in ("onnxruntime", "openvino") if b == "openvino" or is_available(b)]  # openvino: required here
+    candidates = {f"{b}/{p}": (b, p) for b in cpu for p in passed if b in precisions.get(p).engines}
     engines = {label: create_engine(artifact, b, p, threads=threads, **({"cache_dir": ""} if b == "openvino" else {}))
                .load() for label, (b, p) in candidates.items()}
     notes: dict[str, str] = {}

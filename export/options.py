@@ -11,7 +11,7 @@ import yaml
 from vpp_edge.config_schema import merge, read_yaml
 from vpp_edge.errors import ConfigError
 
-from .manifest import PRECISIONS
+from vpp_edge import precisions
 
 DEFAULTS_FILE = Path(__file__).with_name("defaults.yaml")
 
@@ -22,9 +22,11 @@ def load_options(path: str | Path | None = None, **overrides: Any) -> dict[str, 
     options = yaml.safe_load(DEFAULTS_FILE.read_text())
     options = merge(options, read_yaml(path, "export config") if path else {}, "export option")
     options = merge(options, overrides, "export option")
-    bad = [p for p in options["precisions"] if p not in PRECISIONS]
-    if bad or "fp32" not in options["precisions"]:
-        raise ConfigError(f"precisions must include fp32 and come from {list(PRECISIONS)}, got {options['precisions']}")
+    allowed, reference = precisions.exported(), precisions.reference()
+    bad = [p for p in options["precisions"] if p not in allowed]
+    if bad or reference not in options["precisions"]:
+        raise ConfigError(f"precisions must include {reference} and come from {list(allowed)}, "
+                          f"got {options['precisions']}")
     return options
 
 

@@ -39,6 +39,15 @@ def passes(stat: dict[str, float], min_cosine: float | None = None, max_abs: flo
     return max_abs is None or stat["max_abs"] <= max_abs
 
 
+def action_gate(kind: str, actions: dict[str, float], gates: dict[str, float]) -> tuple[str, bool]:
+    """The action chunk's gate of a precision whose spec names gate ``kind`` (fp32, fp16, int8;
+    see :mod:`vpp_edge.precisions`) with the export options' ``gates``: (its text, passed)."""
+    if kind == "int8":
+        return (f"cosine >= {gates['int8_action_cosine']}, max-abs <= {gates['int8_action_max_abs']}",
+                passes(actions, gates["int8_action_cosine"], gates["int8_action_max_abs"]))
+    return f"cosine >= {gates[f'{kind}_action_cosine']}", passes(actions, gates[f"{kind}_action_cosine"])
+
+
 def summary_table(report: dict[str, Any]) -> str:
     """Markdown table of every figure in a parity report."""
     lines = ["| precision | graph | output | max-abs | cosine | gate |", "| --- | --- | --- | --- | --- | --- |"]

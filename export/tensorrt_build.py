@@ -10,40 +10,19 @@ tested on machines without TensorRT.
 from __future__ import annotations
 
 import logging
-import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from vpp_edge import precisions
 from vpp_edge.extras import require
-
-from .manifest import ArtifactError, read_manifest, sha256_file, verify_entry, write_manifest
+from vpp_edge.runtime.manifest import (ArtifactError, machine_info, read_manifest, sha256_file, verify_entry,
+                                       write_manifest)
 
 log = logging.getLogger(__name__)
 TIMING_CACHE = "engines/timing.cache"
-# Which ONNX precision folder feeds which engine precision.
-ENGINE_SOURCES = {"fp16": "fp32", "int8": "int8"}
-
-
-def machine_info() -> dict[str, Any]:
-    """TensorRT version, GPU name and compute capability of this machine (None when unknown)."""
-    info: dict[str, Any] = {"tensorrt_version": None, "gpu_name": None, "compute_capability": None}
-    try:
-        import tensorrt as trt
-
-        info["tensorrt_version"] = trt.__version__
-    except ImportError:
-        pass
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10, check=True).stdout.splitlines()[0]
-        name, cap = (x.strip() for x in out.split(","))
-        info.update(gpu_name=name, compute_capability=cap)
-    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
-        model = Path("/proc/device-tree/model")  # Jetson: no nvidia-smi GPU query
-        if model.is_file():
-            info["gpu_name"] = model.read_text(errors="ignore").strip("\x00 \n")
-    return info
+# Which ONNX precision folder feeds which engine precision (the precision registry says).
+ENGINE_SOURCES = precisions.engine_sources()
 
 
 def select_graphs(manifest: dict[str, Any], precision: str) -> dict[str, str]:
@@ -84,7 +63,7 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, workspace_b
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     flags = ["FP16"]
     config.set_flag(trt.BuilderFlag.FP16)
-    if precision == "int8":  # scales come from the graph's Q/DQ nodes: no calibrator
+    if precisions.get(precision).qdq is not None:  # scales come from the graph's Q/DQ nodes: no calibrator
         config.set_flag(trt.BuilderFlag.INT8)
         flags.append("INT8")
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")

@@ -7,13 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vpp_edge.export.manifest import (ArtifactError, TensorSpec, confined, manifest_precisions, read_manifest,
-                                      verify_entry, verify_file)
+from vpp_edge import precisions
 from vpp_edge.normalization import ActionNormalizer, StateNormalizer
 from vpp_edge.presets import Preset, preset_from_dict
 from vpp_edge.tokenizer import TOKENIZER_FILE, InstructionTokenizer, load_tokenizer
 
-GRAPH_NAMES = ("text", "tvp", "former", "action_context", "action_step", "action_sampler")
+from .manifest import (ArtifactError, TensorSpec, confined, entry_errors, manifest_precisions, read_manifest,
+                       verify_entry, verify_file)
+
 
 
 @dataclass
@@ -48,12 +49,24 @@ class Artifact:
     def precisions(self) -> list[str]:
         return manifest_precisions(self.manifest)
 
+    def input_spec(self, graph: str, name: str) -> TensorSpec:
+        """Shape and dtype of input ``name`` of ``graph`` (the same in every precision: their
+        graphs keep the traced graph's inputs and outputs), from the manifest."""
+        entry = self.manifest["graphs"].get(f"{precisions.reference()}/{graph}", {})
+        for spec in entry.get("inputs", []):
+            if spec["name"] == name:
+                return TensorSpec.from_dict(spec)
+        raise ArtifactError(f"{self.root}: the manifest records no input '{name}' of graph '{graph}'")
+
     def graph(self, precision: str, name: str) -> tuple[Path, list[TensorSpec], list[TensorSpec]]:
         """A graph's verified file and its IO specs; refuses missing or modified files."""
         key = f"{precision}/{name}"
         entry = self.manifest["graphs"].get(key)
         if entry is None:
             raise ArtifactError(f"{self.root}: no graph '{key}' (precisions here: {', '.join(self.precisions())})")
+        errors = entry_errors(key, entry)
+        if errors:
+            raise ArtifactError(f"{self.root}: manifest graph '{key}': {'; '.join(errors)}")
         path = verify_entry(self.root, key, entry)
         return path, [TensorSpec.from_dict(d) for d in entry["inputs"]], [TensorSpec.from_dict(d) for d in entry["outputs"]]
 

@@ -36,8 +36,7 @@ class RuntimePolicy:
         self.preset = artifact.preset
         self.tokenizer = artifact.tokenizer()
         self.scale, self.offset = artifact.normalizer.scale_offset(self.preset.action_dim)
-        graphs = artifact.manifest["graphs"]
-        self.noise_shape = tuple(next(s["shape"] for s in graphs["fp32/tvp"]["inputs"] if s["name"] == "noise"))
+        self.noise_shape = artifact.input_spec("tvp", "noise").shape
         self.action_shape = (1, self.preset.action_horizon, self.preset.action_dim)
         self.frame_shape = (self.preset.num_views, self.preset.image_size, self.preset.image_size, 3)
         self.rng = np.random.default_rng(seed)

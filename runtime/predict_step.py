@@ -12,10 +12,19 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from vpp_edge.graph_spec import ACTION_MODES, GRAPHS, STAGE_OF_GRAPH, STATE_INPUT
+
 GraphRunner = Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]
-ACTION_MODES = ("sampler", "step")
-STAGE_OF_GRAPH = {"text": "text", "tvp": "tvp", "former": "former", "action_context": "action_head",
-                  "action_step": "action_head", "action_sampler": "action_head"}
+__all__ = ["ACTION_MODES", "STAGE_OF_GRAPH", "GraphRunner", "encode_text", "inpainting_weights", "predict_actions",
+           "sample_actions", "timed"]
+
+
+def call(run: GraphRunner, graph: str, *inputs: np.ndarray, state: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """Run ``graph`` on its inputs in the order of its spec (``vpp_edge.graph_spec``; ``state``
+    for the graphs that take it) and return its outputs in that order."""
+    spec = GRAPHS[graph]
+    out = run(graph, spec.feeds(*inputs, **({STATE_INPUT: state} if state is not None and spec.takes_state else {})))
+    return tuple(out[name] for name in spec.outputs)
 
 
 def timed(run: GraphRunner, timings_ms: dict[str, float]) -> GraphRunner:
@@ -33,8 +42,8 @@ def timed(run: GraphRunner, timings_ms: dict[str, float]) -> GraphRunner:
 
 def encode_text(run: GraphRunner, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(condition, goal) for an instruction's tokens; cache them until the instruction changes."""
-    out = run("text", {"input_ids": input_ids, "attention_mask": attention_mask})
-    return out["condition"], out["goal"]
+    condition, goal = call(run, "text", input_ids, attention_mask)
+    return condition, goal
 
 
 def inpainting_weights(overlap: int, delay: int) -> np.ndarray:
@@ -65,24 +74,29 @@ def predict_actions(run: GraphRunner, condition: np.ndarray, goal: np.ndarray, f
     ``state``: the normalised robot state [1, P] for artifacts whose action graphs take
     one (``action_head.use_proprio``); it joins the action-head context.
     """
-    with_state = {} if state is None else {"state": state}
-    features = run("tvp", {"frames": frames, "condition": condition, "noise": noise})["features"]
-    tokens = run("former", {"features": features})["tokens"]
+    (features,) = call(run, "tvp", frames, condition, noise)
+    (tokens,) = call(run, "former", features)
+    return sample_actions(run, tokens, goal, action_noise, sigmas, action_mode, prefix, prefix_weights, state)
+
+
+def sample_actions(run: GraphRunner, tokens: np.ndarray, goal: np.ndarray, action_noise: np.ndarray,
+                   sigmas: Sequence[float], action_mode: str = "sampler", prefix: np.ndarray | None = None,
+                   prefix_weights: np.ndarray | None = None, state: np.ndarray | None = None) -> np.ndarray:
+    """The action head of :func:`predict_actions`: the normalised chunk [1, T, A] from the
+    Former's tokens (the DDIM step loop of the ``step`` mode lives here only)."""
     if prefix is not None and len(prefix):
         action_mode = "step"
     if action_mode == "sampler":
-        return run("action_sampler", {"tokens": tokens, "goal": goal, "action_noise": action_noise,
-                                      **with_state})["actions"]
+        return call(run, "action_sampler", tokens, goal, action_noise, state=state)[0]
     if action_mode != "step":
         raise ValueError(f"action_mode '{action_mode}' unknown; allowed: {list(ACTION_MODES)}")
-    context = run("action_context", {"tokens": tokens, "goal": goal, **with_state})["context"]
+    (context,) = call(run, "action_context", tokens, goal, state=state)
     x = (action_noise * np.float32(sigmas[0])).astype(np.float32)
     k = 0 if prefix is None else min(len(prefix), x.shape[1])
     w = None if not k else (np.ones(k, np.float32) if prefix_weights is None else prefix_weights[:k])[None, :, None]
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
-        feeds = {"context": context, "x": x, "sigma": np.array([sigma], np.float32),
-                 "sigma_next": np.array([sigma_next], np.float32)}
-        x = run("action_step", feeds)["x_next"]
+        (x,) = call(run, "action_step", context, x, np.array([sigma], np.float32),
+                    np.array([sigma_next], np.float32))
         if k:
             known = prefix[None, :k] + np.float32(sigma_next) * action_noise[:, :k]
             x = x.copy()

@@ -14,7 +14,7 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from vpp_edge import __version__
+from vpp_edge import __version__, precisions
 from vpp_edge.errors import ConfigError, RunFailed, VPPError
 
 log = logging.getLogger("vpp")
@@ -47,7 +47,7 @@ class LazyChoices:
 
 BACKEND_CHOICES = LazyChoices("vpp_edge.runtime.engines", lambda m: m.BACKENDS, ("auto",))
 SMOOTHING_CHOICES = LazyChoices("vpp_edge.runtime.chunking", lambda m: m.SMOOTHING)
-PRECISION_CHOICES = LazyChoices("vpp_edge.export.manifest", lambda m: m.RUNTIME_PRECISIONS)
+PRECISION_CHOICES = LazyChoices("vpp_edge.precisions", lambda m: m.names())
 
 
 def _port(text: str) -> int:
@@ -295,7 +295,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = args.out or Path("artifacts") / policy.preset.name
     observations = None
     if data:  # frames of the robot/simulator the model will see, not the samples
-        from vpp_edge.calibrate.frames import sample_observations
+        from vpp_edge.observations import sample_observations
 
         preset = policy.preset
         observations = sample_observations(preset.num_views, preset.image_size,
@@ -936,7 +936,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_weight_args(p)
     p.add_argument("--out", type=Path, help="artifact folder (default artifacts/<preset>)")
     p.add_argument("--config", type=Path, help="YAML overriding export/defaults.yaml (gates, FP16/INT8 options)")
-    p.add_argument("--precisions", help="comma list from fp32,fp16,int8,int8_cpu (default all; "
+    p.add_argument("--precisions", help=f"comma list from {','.join(precisions.exported())} (default all; "
                         "fp32 only for a model past 2 GB of weights, docs/export.md)")
     p.add_argument("--parity-samples", type=int, help="held-out observations for the gates")
     p.add_argument("--calibration-samples", type=int, help="observations for INT8 calibration")
@@ -955,7 +955,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifact", type=Path, help="export artifact folder (vpp export; default artifacts/tiny)")
     p.add_argument("artifact_old_spelling", type=Path, nargs="?", metavar="ARTIFACT",
                    help=argparse.SUPPRESS)  # the spelling before --artifact: still accepted
-    p.add_argument("--precisions", default="fp16", help="comma list from fp16,int8 (default fp16)")
+    p.add_argument("--precisions", default="fp16",
+                   help=f"comma list from {','.join(precisions.engine_sources())} (default fp16)")
     p.add_argument("--workspace-gb", type=float, default=4.0, help="builder workspace limit (default 4 GiB)")
     p.set_defaults(func=cmd_build_engines)
 

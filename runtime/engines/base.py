@@ -6,7 +6,9 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from ..artifact import GRAPH_NAMES, Artifact
+from vpp_edge.graph_spec import GRAPH_NAMES
+
+from ..artifact import Artifact
 
 
 class Engine(ABC):

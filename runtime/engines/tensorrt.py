@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from vpp_edge.errors import MissingDependencyError
-from vpp_edge.export.manifest import ArtifactError, check_engine_fits, verify_entry
+from ..manifest import ArtifactError, check_engine_fits, machine_info, verify_entry
 from vpp_edge.extras import require
 
 from . import ENGINES
@@ -207,8 +207,6 @@ class TrtEngine(Engine):
 
     def load(self) -> "TrtEngine":
         trt = require("tensorrt", "the TensorRT backend")
-        from vpp_edge.export.tensorrt_build import machine_info
-
         cudart = self._cudart = cudart_module()
         machine = machine_info()
         engines = self.artifact.manifest.get("engines", {})
