@@ -31,6 +31,7 @@ import numpy as np
 from vpp_edge.registry import Registry
 
 JUMP_WINDOW = 10_000
+MISSED_KEPT = 64  # actions take_missed can return (older ones are gone: the robot held meanwhile)
 
 
 class LatencyTracker:
@@ -149,6 +150,9 @@ class ActionPlan:
         self.boundary_jumps: deque[float] = deque(maxlen=JUMP_WINDOW)  # |a_t - a_{t-1}| when the source chunk changes
         self.inner_jumps: deque[float] = deque(maxlen=JUMP_WINDOW)  # the same within one chunk, for comparison
         self._prev: tuple[np.ndarray, int] | None = None
+        # Planned actions whose tick passed without being popped (the control thread woke late):
+        # a caller adding delta actions up may still owe them (see take_missed).
+        self._missed: deque[np.ndarray] = deque(maxlen=MISSED_KEPT)
 
     def tick_of(self, stamp: float) -> int:
         """The control tick at or after ``stamp`` (ticks are multiples of dt on the monotonic clock)."""
@@ -161,8 +165,7 @@ class ActionPlan:
         current = self.tick_of(now)
         skipped = max(0, min(len(actions), current - first))
         new = {first + i: actions[i] for i in range(skipped, len(actions))}
-        while self._slots and self._slots[0].tick < current:
-            self._slots.popleft()
+        self._drop_past(current)
         existing = {s.tick: s for s in self._slots}
         if not self.policy.keeps_overlap:
             existing = {t: s for t, s in existing.items() if t < min(new, default=current)}
@@ -179,14 +182,24 @@ class ActionPlan:
         self._last_seq = seq
         return MergeStats(skipped=skipped, used=len(new), latency_s=max(0.0, now - obs_stamp))
 
+    def _drop_past(self, current: int) -> None:
+        while self._slots and self._slots[0].tick < current:
+            slot = self._slots.popleft()
+            if slot.votes:
+                self._missed.append(self._value(slot))
+
+    def take_missed(self) -> np.ndarray:
+        """The planned actions [n, A] whose ticks passed unpopped since the last call, oldest first."""
+        missed, self._missed = list(self._missed), deque(maxlen=MISSED_KEPT)
+        return np.stack(missed) if missed else np.zeros((0, 0))
+
     def _value(self, slot: _Slot) -> np.ndarray:
         return slot.votes[0] if len(slot.votes) == 1 else self.policy.value(slot.votes)
 
     def pop(self, now: float) -> np.ndarray | None:
         """The action for the current tick, or None (starvation) when the plan has none."""
         current = self.tick_of(now)
-        while self._slots and self._slots[0].tick < current:
-            self._slots.popleft()
+        self._drop_past(current)
         if not self._slots or self._slots[0].tick != current:
             return None
         slot = self._slots.popleft()

@@ -291,6 +291,7 @@ class Runtime:
         if state is None and last is not None and self.link.bridge_now() - last.stamp > 1.0:
             self.metrics.count("bridge_silent")
         action = self.plan.pop(now)
+        missed = self.plan.take_missed()  # planned for ticks this thread woke too late for
         verdict = self.safety.filter(action, now)
         for e in verdict.events:
             self.metrics.count(e)
@@ -299,7 +300,7 @@ class Runtime:
         # its last absolute setpoint (re-sending a delta action would keep moving the robot).
         sent = verdict.action is not None and not NOT_FRESH & set(verdict.events)
         if sent:
-            self._send(verdict.action, now)
+            self._send(verdict.action, now, missed)
         else:  # alive without a target: say why (only an idle runtime keeps the bridge holding)
             self.link.send_heartbeat(self._heartbeat_mode(now))
         self._ticks += 1
@@ -318,21 +319,26 @@ class Runtime:
                 self.worker.trigger()
 
 
-    def _send(self, action: np.ndarray, now: float) -> None:
-        """This tick's checked action to the bridge, as the options' target stream says."""
+    def _send(self, action: np.ndarray, now: float, missed: np.ndarray) -> None:
+        """This tick's checked action to the bridge, as the options' target stream says.
+        ``missed``: planned actions of ticks this thread woke too late for; the last plan's
+        preview already took the robot through them, so the sum must include them (at most a
+        preview's worth: beyond it the bridge held and they are lost)."""
         if self.options.target_stream == "per_tick":
             ok = self.link.send_target(action, now, self.robot.dt)
         else:
             ahead = self.plan.snapshot(now + self.plan.dt)[1][: self._horizon - 1]  # the next ticks' actions
-            actions = np.vstack([action[None], self.safety.preview(ahead)]) if len(ahead) else action[None]
-            targets = self.targets.plan(actions)
+            owed = np.clip(missed[-(self._horizon - 1):], self.robot.low, self.robot.high) \
+                if len(missed) and self._horizon > 1 else np.zeros((0, len(action)))
+            actions = np.vstack([owed, action[None], *([self.safety.preview(ahead)] if len(ahead) else [])])
+            targets = self.targets.plan(actions, commit=len(owed))
             if targets is None:  # the bridge's target is not known yet: nothing to add the deltas to
                 self.link.send_heartbeat(RuntimeMode.STARVED)
                 return
             # Due on the plan's grid (not this tick's jittered clock), a lead ahead: the bridge's
             # servo loop reaches them then, on its own clock.
             due = (self.plan.tick_of(now) + self._lead_ticks) * self.plan.dt
-            ok = self.link.send_waypoints(targets, due, self.plan.dt)
+            ok = self.link.send_waypoints(targets[len(owed):], due, self.plan.dt)
         self.metrics.count("targets_sent" if ok else "bridge_unreachable")
 
 

@@ -53,9 +53,9 @@ class AbsoluteTargets:
         if self.base is None and state.stamp >= self._rebase_after:
             self.base = np.asarray(state.target, np.float64).copy()
 
-    def plan(self, actions: np.ndarray) -> np.ndarray | None:
-        """Absolute targets [T, A] of this tick's action and the planned ones after it (None
-        while the bridge's target is unknown); this tick's becomes the base of the next plan."""
+    def plan(self, actions: np.ndarray, commit: int = 0) -> np.ndarray | None:
+        """Absolute targets [T, A] of consecutive actions (None while the bridge's target is
+        unknown); the ``commit``-th (this tick's) becomes the base of the next plan."""
         if self.base is None:
             self.counts["waiting_for_bridge_target"] += 1
             return None
@@ -67,7 +67,7 @@ class AbsoluteTargets:
             if self.workspace is not None:
                 out[i] = np.clip(out[i], *self.workspace)
             previous = out[i]
-        self.base = out[0].copy()
+        self.base = out[commit].copy()
         return out
 
     def target(self, action: np.ndarray) -> np.ndarray | None:
