@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from vpp_edge.errors import VPPError
 from vpp_edge.files import atomic_dir
-from vpp_edge.graph_spec import ACTION_MODES
+from vpp_edge.graph_spec import ACTION_MODE_GRAPHS, ACTION_MODES
 from vpp_edge.observations import Observation, observations_digest, sample_observations
 from vpp_edge.precisions import calibrated, exported
 from vpp_edge.precisions import get as precision_spec
@@ -268,7 +268,7 @@ def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, 
 
 
 # The graphs that time the action head's two modes.
-_ACTION_GRAPHS = ("action_sampler", "action_context", "action_step")
+_ACTION_GRAPHS = tuple(g for graphs in ACTION_MODE_GRAPHS.values() for g in graphs)
 
 
 def _release_weights(policy: VPPPolicy) -> None:
