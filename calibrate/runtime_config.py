@@ -2,7 +2,10 @@
 
 ``vpp calibrate`` writes one for the configuration it recommends (``recommended.yaml``);
 ``vpp run --runtime-config FILE`` runs it, and deployment tooling reads the same file.
-numpy/YAML only (the robot side imports this). Schema (format version 1)::
+numpy/YAML only (the robot side imports this). The config is the runtime's
+:class:`~vpp_edge.runtime.config.RuntimeConfig` (runtime/config.py); this module adds the
+calibration's checks of the artifact. Schema (format version 1; version 2 adds every key of
+the runtime's config: robot, cameras, smoothing, instruction, ...)::
 
     format: vpp-edge-runtime-config
     format_version: 1
@@ -22,56 +25,28 @@ Jetson) with the same artifact and precision; the measured figures then no longe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from vpp_edge import precisions
-from vpp_edge.errors import VPPError
+from vpp_edge.errors import ConfigError
+from vpp_edge.runtime.config import (FORMAT_NAME, FORMAT_VERSION, READS_VERSIONS, RuntimeConfig,  # noqa: F401
+                                     config_from_dict)
+from vpp_edge.runtime.config import write_runtime_config as _write
 from vpp_edge.runtime.manifest import ArtifactError, read_manifest
 
-FORMAT_NAME = "vpp-edge-runtime-config"
-FORMAT_VERSION = 1
 BACKENDS = ("auto", "onnxruntime", "openvino", "torch", "tensorrt")
-_KEYS = {"format", "format_version", "artifact", "backend", "precision", "threads", "knobs", "measured", "sweep"}
-
-
-class RuntimeConfigError(VPPError):
-    """A runtime config file that is missing, malformed, or points at an unusable artifact."""
-
-
-@dataclass(frozen=True)
-class RuntimeConfig:
-    artifact: Path  # resolved
-    backend: str
-    precision: str
-    threads: int = 0
-    info: dict[str, Any] = field(default_factory=dict)  # knobs, measured, sweep (not used to run)
-
-    def to_dict(self, relative_to: Path | None = None) -> dict[str, Any]:
-        artifact = self.artifact
-        if relative_to is not None:
-            try:
-                artifact = self.artifact.resolve().relative_to(relative_to.resolve())
-            except ValueError:
-                pass
-        return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "artifact": str(artifact),
-                "backend": self.backend, "precision": self.precision, "threads": self.threads, **self.info}
+_KEYS = {"format", "format_version", "artifact", "backend", "precision", "threads", "knobs", "measured", "sweep",
+         *RuntimeConfig.__dataclass_fields__}  # format 2: every key of the runtime's config
+RuntimeConfigError = ConfigError  # the one ConfigError (issue 21); the old name stays importable
 
 
 def write_runtime_config(path: str | Path, config: RuntimeConfig) -> Path:
-    """Write ``config`` as YAML; the artifact path is stored relative to the file's folder
-    when it lies below it (so the folder can be moved or copied to the robot whole)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = ("# Written by 'vpp calibrate': run it with 'vpp run --runtime-config " + path.name + "'.\n"
-            + yaml.safe_dump(config.to_dict(relative_to=path.parent), sort_keys=False))
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    """Write ``config`` (the runtime's :class:`~vpp_edge.runtime.config.RuntimeConfig`) as YAML;
+    the artifact path is stored relative to the file's folder when it lies below it."""
+    return _write(path, config, f"# Written by 'vpp calibrate': run it with 'vpp run --runtime-config {Path(path).name}'.\n")
 
 
 def load_runtime_config(path: str | Path) -> RuntimeConfig:
@@ -85,7 +60,7 @@ def load_runtime_config(path: str | Path) -> RuntimeConfig:
         raise RuntimeConfigError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise RuntimeConfigError(f"{path}: not a runtime config (expected 'format: {FORMAT_NAME}')")
-    if data.get("format_version") != FORMAT_VERSION:
+    if data.get("format_version") not in READS_VERSIONS:
         raise RuntimeConfigError(f"{path}: format_version {data.get('format_version')!r} is not supported "
                                  f"(this vpp-edge reads {FORMAT_VERSION})")
     unknown = sorted(set(data) - _KEYS)
@@ -111,8 +86,7 @@ def load_runtime_config(path: str | Path) -> RuntimeConfig:
         raise RuntimeConfigError(f"{path}: artifact {artifact}: {exc}") from None
     if not any(k.startswith(f"{data['precision']}/") for k in manifest["graphs"]):
         raise RuntimeConfigError(f"{path}: artifact {artifact} has no {data['precision']} graphs")
-    info = {k: data[k] for k in ("knobs", "measured", "sweep") if k in data}
-    return RuntimeConfig(artifact, data["backend"], data["precision"], threads, info)
+    return config_from_dict(data, str(path), base=path.parent)  # the other keys checked as the runtime does
 
 
 def apply_to_args(args: Any) -> RuntimeConfig:

@@ -100,23 +100,46 @@ def link_args(cfg: dict[str, Any], side: str) -> list[str]:
     return argv + (["--insecure"] if insecure else [])
 
 
-def runtime_command(cfg: dict[str, Any]) -> list[str]:
-    """`vpp run` as the unit starts it (paths on the target; the artifact is relative to
-    the WorkingDirectory, i.e. the release `current` pointed to at start)."""
-    root, rt = cfg["install_root"], cfg["runtime"]
-    argv = [f"{root}/current/bin/vpp", "run", "--artifact", "artifact", "--robot", cfg["robot"],
-            "--backend", rt["backend"], "--duration", "inf", "--smoothing", rt["smoothing"],
-            "--rt-priority", str(rt["rt_priority"]), "--log", f"{root}/logs/runtime.jsonl", "--quiet"]
-    if rt.get("cameras"):
-        argv += ["--cameras", rt["cameras"]]
-    if rt.get("precision"):
-        argv += ["--precision", rt["precision"]]
+def runtime_config(cfg: dict[str, Any]):
+    """The :class:`~vpp_edge.runtime.config.RuntimeConfig` the unit runs, rendered from the deploy
+    settings and checked here, on the workstation, before anything reaches the robot (the
+    artifact is relative to the WorkingDirectory, i.e. the release `current` pointed to at start)."""
+    from vpp_edge.errors import ConfigError
+    from vpp_edge.runtime.config import CameraConfig, RuntimeConfig, SmoothingConfig
+
+    rt = cfg["runtime"]
     threads = rt.get("threads") or 0
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
         raise DeployConfigError(f"runtime.threads must be a non-negative integer, got {threads!r}")
-    if threads:
-        argv += ["--threads", str(threads)]
-    return argv + link_args(cfg, "runtime") + [str(a) for a in rt.get("args", [])]
+    kind, _, devices = str(rt.get("cameras") or "replay").partition(":")
+    try:
+        config = RuntimeConfig(Path("artifact"), rt["backend"], rt.get("precision") or None, threads,
+                               robot=cfg["robot"], instruction=rt.get("instruction") or None,
+                               cameras=CameraConfig(kind, devices), smoothing=SmoothingConfig(rt["smoothing"]),
+                               duration_s=float("inf"), rt_priority=rt["rt_priority"])
+    except ConfigError as exc:
+        raise DeployConfigError(f"runtime settings: {exc}") from None
+    if not config.cameras.replays and not config.instruction:  # a robot never runs a demo's task
+        raise DeployConfigError("runtime.instruction: the task the robot runs (live cameras have no episode to "
+                                "take one from)")
+    return config
+
+
+def runtime_command(cfg: dict[str, Any]) -> list[str]:
+    """`vpp run` as the unit starts it: :func:`runtime_config` as flags (paths on the target)."""
+    root, rc = cfg["install_root"], runtime_config(cfg)
+    argv = [f"{root}/current/bin/vpp", "run", "--artifact", str(rc.artifact), "--robot", rc.robot,
+            "--backend", rc.backend, "--duration", "inf", "--smoothing", rc.smoothing.policy,
+            "--rt-priority", str(rc.rt_priority), "--log", f"{root}/logs/runtime.jsonl", "--quiet"]
+    if cfg["runtime"].get("cameras"):
+        argv += ["--cameras", rc.cameras.spec(())]
+    if rc.precision:
+        argv += ["--precision", rc.precision]
+    if rc.threads:
+        argv += ["--threads", str(rc.threads)]
+    if rc.instruction:
+        argv += ["--instruction", rc.instruction]
+    return argv + link_args(cfg, "runtime") + [str(a) for a in cfg["runtime"].get("args", [])]
 
 
 def bridge_command(cfg: dict[str, Any]) -> list[str]:

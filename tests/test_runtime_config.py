@@ -137,3 +137,21 @@ def test_configs_are_frozen():
     with pytest.raises(AttributeError):
         config.threads = 3  # type: ignore[misc]
     assert np.isfinite(config.duration_s)
+
+
+def test_deploy_renders_a_checked_runtime_config():
+    from vpp_edge.deploy.config import load_config
+    from vpp_edge.deploy.units import runtime_command, runtime_config
+
+    cfg = load_config(profile="linux", runtime={"cameras": "v4l2:/dev/video0,/dev/video2", "smoothing": "ensemble",
+                                                "instruction": "sort the parts", "threads": 2})
+    config = runtime_config(cfg)
+    assert (config.instruction, config.smoothing.policy, config.threads) == ("sort the parts", "ensemble", 2)
+    assert config.duration_s == float("inf") and config.cameras.spec(()) == "v4l2:/dev/video0,/dev/video2"
+    argv = runtime_command(cfg)
+    assert argv[argv.index("--instruction") + 1] == "sort the parts" and argv[argv.index("--threads") + 1] == "2"
+    with pytest.raises(ConfigError, match="runtime.instruction: the task the robot runs"):
+        runtime_config(load_config(profile="linux", runtime={"cameras": "auto:/dev/video0,/dev/video2"}))
+    with pytest.raises(ConfigError, match="runtime settings: .*rt_priority"):
+        runtime_config(load_config(profile="linux", runtime={"rt_priority": 150}))
+    assert "--instruction" not in runtime_command(load_config(profile="linux"))  # replay: the episode's, said at start
