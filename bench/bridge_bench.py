@@ -109,6 +109,7 @@ JITTER_ROBOT = "panda"  # 50 Hz control, 100 Hz servo, end-effector deltas
 JITTER_START = (0.3, 0.0, 0.4, 0.0, 0.0, 0.0, 0.0)  # inside the Panda's workspace
 JITTER_STEP = 0.001  # m per control tick along x: 5 cm/s at 50 Hz
 JITTER_CHUNK = 32  # actions per chunk: 0.64 s, well beyond an inference under load (starving is not jitter)
+JITTER_MARGIN_TICKS = 15  # infer this early (0.3 s): the GIL-held inference ends before the plan runs dry
 JITTER_WINDOW_S = 0.2  # the moving average the setpoint's jitter is measured against
 
 
@@ -196,7 +197,8 @@ def _jitter_run(stream: str, rt: int, args, tmp: Path) -> dict:
     time.sleep(0.3)
     metrics = Metrics()
     runtime = Runtime(_LoadedPolicy(args.infer_ms), [Cam("bench")], load_robot_config(JITTER_ROBOT), link,
-                      RunOptions(duration_s=args.seconds, target_stream=stream, realtime_priority=rt), metrics)
+                      RunOptions(duration_s=args.seconds, target_stream=stream, realtime_priority=rt,
+                                 margin_steps=JITTER_MARGIN_TICKS), metrics)
     try:
         summary = runtime.run()
     finally:
@@ -217,7 +219,7 @@ def _jitter_run(stream: str, rt: int, args, tmp: Path) -> dict:
     # (what a smooth stream would give; the slow drift of a runtime that sometimes starves is
     # not counted here, its starved ticks are, below).
     xs = x[steady]
-    width = max(1, int(JITTER_WINDOW_S * 100))
+    width = int(JITTER_WINDOW_S * 100) // 2 * 2 + 1  # odd: centred on a sample (a ramp's residual is 0)
     if len(xs) > width:
         smooth = np.convolve(xs, np.ones(width) / width, mode="valid")
         residual = np.abs(xs[width // 2: width // 2 + len(smooth)] - smooth) * 1e3
