@@ -31,13 +31,39 @@ def open_artifact(config: RuntimeConfig):
     return Artifact.open(config.artifact)
 
 
-def open_policy(config: RuntimeConfig, artifact: Any = None):
-    """The artifact on the config's engine (backend, precision, threads) with its seed, loaded:
-    an :class:`vpp_edge.api.Policy` (close it, or use it as a context manager)."""
-    from vpp_edge.api import Policy
+class LoadedPolicy:
+    """An engine loaded for the artifact and the policy that drives it (``runtime``, what the
+    loop runs); close it, or use it as a context manager. (The runtime's own small version of
+    :class:`vpp_edge.api.Policy`: the runtime package does not import the API above it.)"""
 
-    return Policy.load(artifact if artifact is not None else open_artifact(config), config.backend,
-                       config.precision, seed=config.seed, threads=config.threads)
+    def __init__(self, engine: Any, runtime: Any):
+        self.engine, self.runtime = engine, runtime
+
+    def set_instruction(self, text: str) -> float:
+        return self.runtime.set_instruction(text)
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> "LoadedPolicy":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_policy(config: RuntimeConfig, artifact: Any = None) -> LoadedPolicy:
+    """The artifact on the config's engine (backend, precision, threads) with its seed, loaded."""
+    from .engines import create_engine
+    from .policy import RuntimePolicy
+
+    artifact = artifact if artifact is not None else open_artifact(config)
+    engine = create_engine(artifact, config.backend, config.precision, threads=config.threads).load()
+    try:
+        return LoadedPolicy(engine, RuntimePolicy(artifact, engine, seed=config.seed))
+    except BaseException:
+        engine.close()
+        raise
 
 
 def run_options(config: RuntimeConfig, stop_when: Callable[[], bool] | None = None, tick_record_every: int = 1):
@@ -113,8 +139,8 @@ def build_runtime(config: RuntimeConfig, *, policy: Any = None, cameras: Sequenc
                   make_metrics: Callable[[list], Any] | None = None, curve: Any = None,
                   set_instruction: bool = True) -> BuiltRuntime:
     """The runtime ``config`` describes, ready to :meth:`~BuiltRuntime.run`. Parts given are
-    used as they are: ``policy`` (an :class:`vpp_edge.api.Policy` or a ``RuntimePolicy``,
-    loaded), ``cameras``, ``link`` (a BridgeLink), ``metrics`` (or ``make_metrics(cameras)``),
+    used as they are: ``policy`` (a :class:`LoadedPolicy`, an :class:`vpp_edge.api.Policy` or a
+    ``RuntimePolicy``, loaded), ``cameras``, ``link`` (a BridgeLink), ``metrics`` (or ``make_metrics(cameras)``),
     ``robot`` (a RobotConfig, e.g. with another control rate), ``episode`` (replayed).
     ``curve``: CurveZMQ keys of the link it builds. ``set_instruction``: False when the
     caller sets it (to report a truncation, or per episode)."""
@@ -132,7 +158,7 @@ def build_runtime(config: RuntimeConfig, *, policy: Any = None, cameras: Sequenc
         if policy is None:
             policy = open_policy(config)
             owned.append(policy)
-        runtime_policy = getattr(policy, "runtime", policy)  # api.Policy wraps the RuntimePolicy the loop drives
+        runtime_policy = getattr(policy, "runtime", policy)  # LoadedPolicy/api.Policy wrap the RuntimePolicy
         artifact = runtime_policy.artifact
         preset = artifact.preset
         robot = robot if robot is not None else load_robot_config(config.robot)
