@@ -130,7 +130,8 @@ ROBOT_VENV     := .venv-robot310
 ROBOT_ARTIFACT := build/robot-test-artifact
 ROBOT_TESTS    := tests/test_protocol.py tests/test_protocol_fuzz.py tests/test_chunking_safety.py tests/test_bridge.py \
                   tests/test_runtime_safety.py tests/test_runtime_loop.py tests/test_realtime.py \
-                  tests/test_tensorrt_engine.py tests/test_deploy_targets.py tests/test_camera_decoders.py
+                  tests/test_tensorrt_engine.py tests/test_deploy_targets.py tests/test_camera_decoders.py \
+                  tests/test_registries.py tests/test_runtime_config.py
 .PHONY: test-robot
 $(ROBOT_ARTIFACT)/manifest.json: $(STAMP) $(wildcard export/*.py training/models/*.py vpp_edge/presets/tiny.yaml)
 	$(BIN)/vpp export --preset tiny --precisions fp32 --parity-samples 1 --out $(ROBOT_ARTIFACT) --quiet
