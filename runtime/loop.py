@@ -27,7 +27,10 @@ from .cameras.base import Camera, StaleFrameError
 from .chunking import ActionPlan
 from .link import BridgeLink
 from .metrics import Metrics
+from vpp_edge.normalization import StateError
+
 from .policy import Chunk, EngineOutputError, RuntimePolicy
+from .proprio import parse_state_layout, state_vector
 from .protocol import RuntimeMode
 from .robot_config import RobotConfig
 from .safety import Mode, SafetyGate
@@ -72,8 +75,11 @@ class RunOptions:
 class InferenceWorker:
     """Runs the policy on the newest observation whenever triggered; one at a time."""
 
-    def __init__(self, policy: RuntimePolicy, cameras: Sequence[Camera], max_age_s: float, metrics: Metrics):
+    def __init__(self, policy: RuntimePolicy, cameras: Sequence[Camera], max_age_s: float, metrics: Metrics,
+                 state_source: Callable[[], np.ndarray] | None = None):
         self.policy, self.cameras, self.max_age_s, self.metrics = policy, cameras, max_age_s, metrics
+        # The raw robot state for a policy that takes one (raises StateError when there is none fit to use).
+        self.state_source = state_source
         self._trigger = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -145,7 +151,8 @@ class InferenceWorker:
                     self.metrics.record("event", kind="instruction", detail=text)
                 frames, obs_stamp = self.observe()
                 prefix = self._aligned_prefix(obs_stamp) if self.plan_dt else None
-                chunk = self.policy.infer(frames, prefix=prefix, delay_steps=self.delay_steps)
+                state = {"state": self.state_source()} if self.state_source is not None else {}
+                chunk = self.policy.infer(frames, prefix=prefix, delay_steps=self.delay_steps, **state)
                 finished = time.monotonic()
                 for stage, ms in chunk.timings_ms.items():
                     self.metrics.observe(f"{stage}_ms", ms)
@@ -155,6 +162,12 @@ class InferenceWorker:
             except StaleFrameError as exc:  # expected faults are counted; anything else fails the thread
                 self.metrics.count("stale_observation")
                 self.metrics.record("event", kind="stale_observation", detail=str(exc))
+                self._stop.wait(0.02)
+            except StateError as exc:  # no chunk from a state the policy must not see; counted by reason
+                reason = str(exc).split(":", 1)[0]
+                self.metrics.count("state_refused")
+                self.metrics.count(f"state_{reason}")
+                self.metrics.record("event", kind="state_refused", detail=str(exc))
                 self._stop.wait(0.02)
             except EngineOutputError as exc:
                 self.metrics.count("engine_invalid")
@@ -174,7 +187,8 @@ class Runtime:
         self.safety = SafetyGate(robot)
         self.plan = ActionPlan(options.action_dt or robot.dt, options.smoothing, options.crossfade_steps,
                                options.ensemble_m)
-        self.worker = InferenceWorker(policy, cameras, robot.stale_observation_s, metrics)
+        self.worker = InferenceWorker(policy, cameras, robot.stale_observation_s, metrics,
+                                      self._state_source(policy, robot))
         self._failure: str | None = None
         self._ticks = 0
         self.targets: AbsoluteTargets | None = None  # after the handshake (it says which dimensions are deltas)
@@ -184,6 +198,25 @@ class Runtime:
                                    int(0.75 * robot.watchdog_hold_s / self.plan.dt) - self._lead_ticks))
         if self.plan.policy.inpaints:  # the sampler continues the plan (real-time chunking)
             self.worker.plan_dt = self.plan.dt
+
+    def _state_source(self, policy: RuntimePolicy, robot: RobotConfig) -> Callable[[], np.ndarray] | None:
+        """For a policy that takes the robot state: a reader of it from the bridge's newest
+        state reply, at the robot description's ``runtime.policy_state``, refused when older
+        than ``stale_observation_s``; None for any other policy."""
+        if not getattr(policy, "takes_state", False):
+            return None
+        if not robot.policy_state:
+            raise ValueError(f"the policy takes the robot state ({policy.artifact.state_normalizer.dim} values) but "
+                             f"robot '{robot.name}' names none: set runtime.policy_state in its description")
+        layout = parse_state_layout(list(robot.policy_state), f"robot '{robot.name}' runtime.policy_state")
+
+        def read() -> np.ndarray:
+            last = self.link.last_state
+            if last is not None and self.link.bridge_now() - last.stamp > robot.stale_observation_s:
+                raise StateError(f"stale: the bridge's last state is {self.link.bridge_now() - last.stamp:.2f} s old")
+            return state_vector(last, layout)
+
+        return read
 
     def set_instruction(self, text: str) -> None:
         """Change the task at run time (the text graph re-runs once, before the next inference)."""

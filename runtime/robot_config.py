@@ -25,6 +25,9 @@ class RobotConfig:
     stale_observation_s: float
     watchdog_hold_s: float
     watchdog_stop_s: float
+    # Where a policy that takes the robot state finds it in the bridge's state reply
+    # (runtime/proprio.py), e.g. ("ee_pose", "joints[0:12]"); empty: nowhere (such a policy is refused).
+    policy_state: tuple[str, ...] = ()
 
     @property
     def dt(self) -> float:
@@ -46,10 +49,13 @@ class RobotConfig:
 def robot_config_from_dict(data: dict, source: str = "robot config") -> RobotConfig:
     """A ``RobotConfig`` from its fields (``runtime_part`` of a robot description)."""
     names = {f.name for f in fields(RobotConfig)}
-    if not isinstance(data, dict) or set(data) != names:
-        got = set(data) if isinstance(data, dict) else set()
-        raise ConfigError(f"{source}: keys differ (missing {sorted(names - got)}, unknown {sorted(got - names)})")
-    cfg = RobotConfig(**{k: tuple(float(x) for x in v) if isinstance(v, list) else v for k, v in data.items()})
+    optional = {"policy_state"}
+    got = set(data) if isinstance(data, dict) else set()
+    if not isinstance(data, dict) or not names - optional <= got <= names:
+        raise ConfigError(f"{source}: keys differ (missing {sorted(names - optional - got)}, "
+                          f"unknown {sorted(got - names)})")
+    cfg = RobotConfig(**{k: (tuple(v) if k in optional else tuple(float(x) for x in v)) if isinstance(v, list) else v
+                         for k, v in data.items()})
     n = cfg.action_dim
     for key in ("action_low", "action_high", "max_delta"):
         if len(getattr(cfg, key)) != n:

@@ -16,8 +16,10 @@ from vpp_edge.training.predict import TorchPredictor
 
 pytestmark = pytest.mark.slow
 
-DIM = 6
-BOUNDS = StateNormalizer(low=(0.2, -0.5, 0.1, -1.0, 0.0, 0.0), high=(0.6, 0.2, 0.5, 1.0, 1.6, 1.9))
+DIM = 7  # the sim robot's end-effector pose (xyz, rpy, gripper): what the closed-loop test feeds
+# The sim bridge's setpoint bounds (vpp_edge/robots/sim.yaml): wherever a random policy drives
+# the sim robot, its state stays inside them.
+BOUNDS = StateNormalizer(low=(-1.0, -1.0, -1.0, -3.2, -3.2, -3.2, 0.0), high=(1.0, 1.0, 1.0, 3.2, 3.2, 3.2, 1.0))
 INSTRUCTION = "pick up the mouse"
 
 
@@ -67,7 +69,7 @@ def test_state_normalisation_is_the_official_normalize_bound():
 
 @pytest.mark.parametrize("state, reason", [
     (np.zeros(DIM + 1), "shape"), (np.full(DIM, np.nan), "nonfinite"), (np.r_[np.zeros(DIM - 1), np.inf], "nonfinite"),
-    (np.r_[0.4, 0.0, 0.3, 0.0, 0.8, 10.0], "range"), (np.ones((1, DIM)), "shape")])
+    (np.r_[0.4, 0.0, 0.3, 0.0, 0.8, 0.0, 10.0], "range"), (np.ones((1, DIM)), "shape")])
 def test_bad_states_are_refused_with_their_reason(state, reason):
     with pytest.raises(StateError, match=f"^{reason}:"):
         BOUNDS.normalize(state)
@@ -126,3 +128,91 @@ def test_checkpoint_keeps_the_state_bounds_and_a_policy_without_state_refuses_on
         plain.set_state_normalizer(BOUNDS)
     with pytest.raises(ValueError, match="state statistics have 3 dims"):
         policy.set_state_normalizer(StateNormalizer(low=(0,) * 3, high=(1,) * 3))
+
+
+def sim_robot(tmp_path, policy_state):
+    """The sim robot's description with ``runtime.policy_state`` (None: left out)."""
+    import yaml
+
+    from vpp_edge.robot_description import ROBOTS_DIR
+
+    data = yaml.safe_load((ROBOTS_DIR / "sim.yaml").read_text())
+    if policy_state is not None:
+        data["runtime"]["policy_state"] = policy_state
+    path = tmp_path / f"sim_state_{len(list(tmp_path.glob('sim_state_*')))}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_the_runtime_feeds_the_bridge_state_and_refuses_a_misfit_one(state_artifact, demo_episode, tmp_path):
+    """Closed loop on the sim bridge: the state comes from the bridge's state reply at the
+    robot's policy_state; a layout of the wrong width is refused at every inference (counted,
+    no chunk, nothing sent), and a robot that names no state is refused before it starts."""
+    import zmq
+
+    from vpp_edge.firmware_bridge.bridge import Bridge, Endpoints
+    from vpp_edge.firmware_bridge.config import load_bridge_config
+    from vpp_edge.firmware_bridge.driver import KinematicSimDriver
+    from vpp_edge.runtime.proprio import parse_state_layout
+
+    from .conftest import closed_loop
+
+    with pytest.raises(ValueError, match="is not one of joints, ee_pose, target"):
+        parse_state_layout(["pose"])
+    ctx = zmq.Context()
+    any_port = "tcp://127.0.0.1:*"
+    bridge = Bridge(KinematicSimDriver(7), load_bridge_config("sim"), Endpoints(*[any_port] * 4), ctx).start()
+    try:
+        with pytest.raises(ValueError, match="names none: set runtime.policy_state"):
+            closed_loop(state_artifact, sim_robot(tmp_path, None), bridge, demo_episode, ctx, tmp_path)
+        summaries = {}
+        for name, layout in (("fit", ["ee_pose"]), ("misfit", ["ee_pose[0:3]"])):
+            accepted = bridge.counts["accepted"]
+            runtime, metrics, link = closed_loop(state_artifact, sim_robot(tmp_path, layout), bridge, demo_episode,
+                                                 ctx, tmp_path)
+            try:
+                summaries[name] = runtime.run()["counts"], bridge.counts["accepted"] - accepted
+            finally:
+                metrics.close()
+                link.close()
+    finally:
+        bridge.close()
+        ctx.destroy(linger=0)
+    (fit, fit_sent), (misfit, misfit_sent) = summaries["fit"], summaries["misfit"]
+    # Before the bridge's first state reply arrives (or, on a loaded machine, while it is late)
+    # an inference is refused as missing / stale: the robot waits. Nothing else is refused.
+    assert fit["chunks"] >= 3 and fit_sent >= 5, fit
+    refused = {k: v for k, v in fit.items() if k.startswith("state_")}
+    assert fit.get("state_refused", 0) == fit.get("state_missing", 0) + fit.get("state_stale", 0), refused
+    assert misfit.get("chunks", 0) == 0 and misfit_sent == 0, misfit
+    assert misfit["state_refused"] == misfit["state_shape"] >= 3, misfit
+
+
+def test_vpp_predict_takes_the_state_and_its_bounds(tiny_preset, demo_episode, tmp_path, capsys):
+    """vpp predict: --normalization carries the state bounds ('state': {low, high}), --state the
+    raw state; another state, other actions; a misfit state or one for a stateless preset is refused."""
+    import json
+
+    import yaml
+
+    from vpp_edge.cli import main
+
+    preset = tmp_path / "tiny_state.yaml"
+    preset.write_text(yaml.safe_dump(tiny_preset.replace(
+        name="tiny_state", action_head={"use_proprio": True, "proprio_dim": 3}).to_dict()))
+    norm = tmp_path / "norm.json"
+    norm.write_text(json.dumps({"mode": "identity", "state": {"low": [0, 0, 0], "high": [1, 2, 3]}}))
+    common = ["predict", "--preset", str(preset), "--normalization", str(norm), "--episode", str(demo_episode),
+              "--repeat", "1"]
+    reports = []
+    for k, state in enumerate((["0.1", "0.5", "2.9"], ["0.9", "1.5", "0.1"])):
+        out = tmp_path / f"r{k}.json"
+        assert main([*common, "--state", *state, "--json", str(out)]) == 0
+        reports.append(json.loads(out.read_text()))
+    assert reports[0]["state"] == [0.1, 0.5, 2.9]
+    assert reports[0]["actions"] != reports[1]["actions"], "the state reaches the actions"
+    capsys.readouterr()
+    assert main([*common, "--state", "0.1", "0.5"]) != 0
+    assert "robot state refused: shape" in capsys.readouterr().err
+    assert main(["predict", "--episode", str(demo_episode), "--repeat", "1", "--state", "0.1"]) != 0
+    assert "takes no robot state" in capsys.readouterr().err

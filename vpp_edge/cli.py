@@ -87,7 +87,7 @@ def _existing(path: Path | None, what: str) -> None:
 
 def _load_policy(args: argparse.Namespace):
     """Policy + tokenizer from --checkpoint, the official files, or random weights."""
-    from vpp_edge.normalization import ActionNormalizer
+    from vpp_edge.normalization import ActionNormalizer, StateNormalizer
     from vpp_edge.presets import get_preset
     from vpp_edge.training.checkpoints import load_checkpoint, load_official
     from vpp_edge.training.models import build_policy
@@ -95,19 +95,29 @@ def _load_policy(args: argparse.Namespace):
     preset = get_preset(args.preset) if args.preset else None
     if args.checkpoint:
         return load_checkpoint(args.checkpoint, preset), str(args.checkpoint)
-    normalizer = None
+    normalizer = state_normalizer = None
     if args.normalization:
         try:
-            normalizer = ActionNormalizer.from_dict(json.loads(Path(args.normalization).read_text()))
+            stats = json.loads(Path(args.normalization).read_text())
+            # "state": the robot-state bounds of a policy that takes it (the official state_01 / state_99)
+            state_normalizer = StateNormalizer.from_dict(stats.pop("state", None)) if isinstance(stats, dict) else None
+            normalizer = ActionNormalizer.from_dict(stats)
         except (OSError, json.JSONDecodeError) as exc:
             raise VPPError(f"{args.normalization}: cannot read normalisation statistics ({exc})") from None
     if args.video_model or args.clip or args.action_model:
         if not (args.video_model and args.clip):
             raise VPPError("official weights need both --video-model (SVD folder) and --clip (CLIP folder)")
         source = f"official: {args.video_model}, {args.clip}, {args.action_model or 'random action head'}"
-        return load_official(preset, args.video_model, args.clip, args.action_model, normalizer), source
+        return load_official(preset, args.video_model, args.clip, args.action_model, normalizer,
+                             state_normalizer), source
     preset = preset or get_preset("tiny")
-    return build_policy(preset, seed=0, normalizer=normalizer), f"untrained '{preset.name}' model (random weights, seed 0)"
+    policy, tokenizer = build_policy(preset, seed=0, normalizer=normalizer)
+    if state_normalizer is not None:
+        try:
+            policy.set_state_normalizer(state_normalizer)
+        except ValueError as exc:
+            raise VPPError(f"{args.normalization}: {exc}") from None
+    return (policy, tokenizer), f"untrained '{preset.name}' model (random weights, seed 0)"
 
 
 def _add_weight_args(p: argparse.ArgumentParser) -> None:
@@ -118,7 +128,8 @@ def _add_weight_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--video-model", type=Path, help="official diffusers SVD folder (svd-robot, svd-robot-calvin)")
     g.add_argument("--clip", type=Path, help="transformers CLIP folder (clip-vit-base-patch32)")
     g.add_argument("--action-model", type=Path, help="official action-model torch file (dp-calvin)")
-    g.add_argument("--normalization", type=Path, help="JSON action statistics (mode, low/high or mean/std)")
+    g.add_argument("--normalization", type=Path, help="JSON action statistics (mode, low/high or mean/std); with "
+                   "'state': {low, high}, the robot-state bounds of a preset that takes the state (xbot)")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -146,20 +157,49 @@ def cmd_predict(args: argparse.Namespace) -> int:
     preset = policy.preset
     frames = episode_frames(episode, preset.num_views, preset.image_size, args.frame)
     predictor = TorchPredictor(policy, tokenizer)
-    runs = [predictor.predict(frames, instruction, seed=args.seed) for _ in range(max(1, args.repeat))]
+    state = _predict_state(args, policy, episode)
+    runs = [predictor.predict(frames, instruction, seed=args.seed, state=state) for _ in range(max(1, args.repeat))]
     result = runs[-1]
     timings = {s: float(np.median([r.timings_ms[s] for r in runs[1:] or runs])) for s in STAGES}
     timings["text"] = runs[0].timings_ms["text"]  # encoded once, then cached
     report = {
         "preset": preset.name, "weights": source, "episode": str(episode.annotation), "frame": args.frame,
         "views": [str(p) for p in episode.video_paths[: preset.num_views]], "instruction": instruction,
-        "seed": args.seed, "actions": result.actions.tolist(), "timings_ms": timings,
+        "seed": args.seed, **({"state": state.tolist()} if state is not None else {}),
+        "actions": result.actions.tolist(), "timings_ms": timings,
         "predict_ms": sum(timings[s] for s in STAGES if s != "text"),
     }
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     _print_prediction(report, result.actions)
     return 0
+
+
+def _predict_state(args: argparse.Namespace, policy, episode):
+    """The raw robot state for a policy that takes one (its preset's action_head.use_proprio):
+    --state, else the episode's recorded state at --frame (as step3_deploy_real_xbot.py
+    reads states[idx]); a state given to a policy without state input is refused."""
+    import numpy as np
+
+    from vpp_edge.normalization import StateError
+
+    if policy.state_normalizer is None:
+        if args.state is not None:
+            raise VPPError(f"--state: preset '{policy.preset.name}' takes no robot state (action_head.use_proprio is "
+                           "false)")
+        return None
+    if args.state is not None:
+        state = np.asarray(args.state, np.float64)
+    elif episode.states is not None and 0 <= args.frame < len(episode.states):
+        state = np.asarray(episode.states[args.frame], np.float64)
+    else:
+        raise VPPError(f"preset '{policy.preset.name}' takes the robot state ({policy.state_normalizer.dim} values): "
+                       f"give --state, or an episode that records states")
+    try:
+        policy.state_normalizer.check(state)
+    except StateError as exc:
+        raise VPPError(f"robot state refused: {exc}") from None
+    return state
 
 
 def _print_prediction(report: dict, actions) -> None:
@@ -923,6 +963,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--index", type=int, default=0, help="episode number within --dataset (default 0)")
     src.add_argument("--frame", type=int, default=0, help="time step of the episode to act on (default 0)")
     src.add_argument("--instruction", help="override the episode's instruction")
+    src.add_argument("--state", type=float, nargs="+", metavar="V",
+                     help="raw robot state for a preset that takes one (action_head.use_proprio, e.g. xbot); "
+                          "default: the episode's recorded state at --frame")
     p.add_argument("--seed", type=int, default=0, help="noise seed: same seed, same actions (default 0)")
     p.add_argument("--repeat", type=int, default=3, help="runs; timings are medians after the first (default 3)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")

@@ -9,7 +9,8 @@ the same file, so they cannot drift. Facts both sides use are written once at th
 
 and what only one side uses sits in its section::
 
-    runtime: {action_low, action_high, max_delta, stale_observation_s}     # the safety gate
+    runtime: {action_low, action_high, max_delta, stale_observation_s,     # the safety gate
+              policy_state (optional: the policy's robot-state input)}
     bridge:  {servo_hz, state_hz, setpoint_low, setpoint_high,             # what it accepts
               max_step, max_vel, max_acc, max_tracking_error}
     driver:  {...}                                                          # optional, bridge driver
@@ -35,6 +36,9 @@ ROBOTS_DIR = Path(__file__).with_name("robots")
 SHARED = ("name", "dim", "control_hz", "delta_dims", "watchdog")
 WATCHDOG = ("hold_s", "stop_s")
 RUNTIME = ("action_low", "action_high", "max_delta", "stale_observation_s")
+# policy_state: where a policy that takes the robot state (action_head.use_proprio) finds it in
+# the bridge's state reply, e.g. [ee_pose, "joints[0:12]"] (runtime/proprio.py).
+RUNTIME_OPTIONAL = ("policy_state",)
 BRIDGE = ("servo_hz", "state_hz", "setpoint_low", "setpoint_high", "max_step", "max_vel", "max_acc",
           "max_tracking_error")
 _VECTORS = {"runtime": ("action_low", "action_high", "max_delta"),
@@ -67,7 +71,11 @@ def check_robot_description(data: object, source: str, error: type[Exception]) -
     """Structure, vector lengths and the fit of the runtime's limits inside the bridge's."""
     _keys(data, (*SHARED, "runtime", "bridge"), source, error, optional=("driver",))
     _keys(data["watchdog"], WATCHDOG, f"{source}: watchdog", error)
-    _keys(data["runtime"], RUNTIME, f"{source}: runtime", error)
+    _keys(data["runtime"], RUNTIME, f"{source}: runtime", error, optional=RUNTIME_OPTIONAL)
+    if "policy_state" in data["runtime"]:
+        from vpp_edge.runtime.proprio import parse_state_layout  # numpy only
+
+        parse_state_layout(data["runtime"]["policy_state"], f"{source}: runtime.policy_state", error)
     _keys(data["bridge"], BRIDGE, f"{source}: bridge", error)
     if not isinstance(data.get("driver", {}), dict):
         raise error(f"{source}: 'driver' must be a mapping")
