@@ -56,7 +56,8 @@ def main() -> int:
     from vpp_edge.runtime.engines.onnxruntime import OrtEngine
     from vpp_edge.runtime.engines.torch_backend import TorchEngine
     from vpp_edge.runtime.link import BridgeLink
-    from vpp_edge.runtime.loop import RunOptions, Runtime
+    from vpp_edge.runtime.build import build_runtime
+    from vpp_edge.runtime.config import RuntimeConfig, SmoothingConfig
     from vpp_edge.runtime.metrics import Metrics, percentiles
     from vpp_edge.runtime.policy import RuntimePolicy
     from vpp_edge.runtime.robot_config import load_robot_config
@@ -90,8 +91,9 @@ def main() -> int:
     results["onnxruntime_speedup_vs_pytorch"] = ratio
     results["runtime_overhead_ms"] = percentiles(overhead)
 
-    def closed_loop(policy, robot, options) -> dict:
-        """The runtime against a sim bridge over loopback ZeroMQ; its summary."""
+    def closed_loop(policy, robot, config) -> dict:
+        """The runtime ``config`` describes (built as vpp run builds it) against a sim bridge over
+        loopback ZeroMQ; its summary."""
         ctx = zmq.Context()
         any_ = Endpoints(*(["tcp://127.0.0.1:*"] * 4))
         bridge = Bridge(KinematicSimDriver(7), load_bridge_config("sim"), any_, ctx).start()
@@ -100,7 +102,8 @@ def main() -> int:
         metrics = Metrics()
         cams = [ReplayCameras(episode, artifact.preset.num_views, artifact.preset.image_size)]
         try:
-            return Runtime(policy, cams, robot, link, options, metrics).run()
+            return build_runtime(config.replace(instruction=obs.instruction), policy=policy, cameras=cams, link=link,
+                                 metrics=metrics, robot=robot, set_instruction=False).run()
         finally:
             metrics.close()
             link.close()
@@ -117,8 +120,8 @@ def main() -> int:
         loop_policy = RuntimePolicy(artifact, create_engine(artifact, backend, precision, **options).load())
         loop_policy.set_instruction(obs.instruction)
         summary = closed_loop(loop_policy, dataclasses.replace(load_robot_config("sim"), control_hz=50.0),
-                              RunOptions(duration_s=args.loop_seconds, action_dt=0.1, margin_steps=100,
-                                         realtime_priority=args.rt_priority))
+                              RuntimeConfig(duration_s=args.loop_seconds, rt_priority=args.rt_priority,
+                                            smoothing=SmoothingConfig(action_dt=0.1, margin_steps=100)))
         results["control_loop_50hz"][spec] = {"jitter_ms": summary["latency_ms"]["jitter_ms"],
                                               "inferences": summary["counts"].get("chunks", 0)}
 
@@ -141,7 +144,7 @@ def main() -> int:
             policy = RuntimePolicy(artifact, engine, seed=0)
             policy.set_instruction(obs.instruction)
             s = closed_loop(policy, load_robot_config("sim"),
-                            RunOptions(duration_s=args.starvation_seconds, smoothing=smoothing))
+                            RuntimeConfig(duration_s=args.starvation_seconds, smoothing=SmoothingConfig(smoothing)))
             ticks = s["latency_ms"]["jitter_ms"]["n"]
             results["starvation_10hz"].append({
                 "step_ms": target_ms, "smoothing": smoothing, "ticks": ticks,

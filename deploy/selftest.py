@@ -27,8 +27,8 @@ def run_selftest(artifact: str | Path, backend: str = "auto", precision: str | N
     import vpp_edge
     from vpp_edge.extras import is_available
     from vpp_edge.runtime.artifact import Artifact
-    from vpp_edge.runtime.engines import create_engine
-    from vpp_edge.runtime.policy import RuntimePolicy
+    from vpp_edge.runtime.build import open_policy
+    from vpp_edge.runtime.config import RuntimeConfig
 
     art = Artifact.open(artifact)
     engines_built = sorted(art.manifest.get("engines") or {})
@@ -36,17 +36,17 @@ def run_selftest(artifact: str | Path, backend: str = "auto", precision: str | N
                               "tensorrt_installed": is_available("tensorrt"), "engines_in_artifact": engines_built,
                               "code": str(Path(vpp_edge.__file__).parent)}
     start = time.perf_counter()
-    try:
-        engine = create_engine(art, backend, precision)
-        engine.load()
+    try:  # the engine as vpp run opens it (runtime/build.py), from the same runtime config
+        loaded = open_policy(RuntimeConfig(Path(artifact), backend, precision, seed=seed), art)
     except (VPPError, MissingDependencyError):
         raise
     except Exception as exc:  # an engine library's own error: one line, with the backend named
         raise SelfTestError(f"{artifact}: {backend} engines did not load: {type(exc).__name__}: {exc}") from None
+    engine, policy = loaded.engine, loaded.runtime
     report["backend"], report["precision"] = engine.backend, engine.precision
+    report["choice"] = getattr(engine, "choice", None)  # --backend auto: what it chose and why
     report["load_s"] = time.perf_counter() - start
     try:
-        policy = RuntimePolicy(art, engine, seed=seed)
         report["text_ms"] = policy.set_instruction(INSTRUCTION)
         frames = np.random.default_rng(seed).integers(0, 256, policy.frame_shape, dtype=np.uint8)
         latencies, chunk = [], None
@@ -75,7 +75,8 @@ def format_report(r: dict[str, Any]) -> list[str]:
     if r["backend"] != "tensorrt" and r["requested_backend"] == "auto":
         why = ("TensorRT not available" if not r["tensorrt_installed"]
                else "no TensorRT engines in the artifact (run vpp build-engines here)")
-        lines.append(f"self-test: {why}: ONNX Runtime fallback")
+        lines.append(f"self-test: {why}: ONNX Runtime fallback" if r["backend"] == "onnxruntime"
+                     else f"self-test: {r.get('choice')}")  # the artifact's cpu_default (runtime/engines)
     lines.append(f"self-test: engines loaded: {r['backend']}/{r['precision']} in {r['load_s']:.2f} s")
     stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stages_ms"].items())
     lines.append(f"self-test: text {r['text_ms']:.1f} ms; first inference {r['first_ms']:.1f} ms; "

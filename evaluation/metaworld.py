@@ -183,12 +183,11 @@ def evaluate(artifact_dir: str | Path, options: EvalOptions, progress: bool = Tr
 
     from vpp_edge.firmware_bridge.bridge import Bridge, Endpoints
     from vpp_edge.runtime.artifact import Artifact
+    from vpp_edge.runtime.build import build_runtime, open_policy
     from vpp_edge.runtime.cameras.network import ZmqCameras
-    from vpp_edge.runtime.engines import create_engine
+    from vpp_edge.runtime.config import RuntimeConfig, SmoothingConfig
     from vpp_edge.runtime.link import BridgeLink
-    from vpp_edge.runtime.loop import RunOptions, Runtime
     from vpp_edge.runtime.metrics import Metrics
-    from vpp_edge.runtime.policy import RuntimePolicy
 
     check_tasks(list(options.tasks))
     artifact = Artifact.open(artifact_dir)
@@ -204,9 +203,12 @@ def evaluate(artifact_dir: str | Path, options: EvalOptions, progress: bool = Tr
     latencies: list[float] = []
     bar = tqdm(total=len(options.tasks) * options.episodes, desc="MetaWorld closed loop", unit="ep",
                disable=not progress)
-    engine_options = {"threads": options.threads} if options.backend == "onnxruntime" else {}
-    with create_engine(artifact, options.backend, options.precision, **engine_options) as engine:
-        policy = RuntimePolicy(artifact, engine, seed=0)
+    # The runtime as vpp run builds it (runtime/build.py); one engine serves every episode, and
+    # each episode's bridge, link and simulator cameras are this evaluation's own.
+    config = RuntimeConfig(Path(artifact_dir), options.backend, options.precision,
+                           options.threads if options.backend == "onnxruntime" else 0, robot="metaworld",
+                           smoothing=SmoothingConfig(options.smoothing), duration_s=wall_limit)
+    with open_policy(config, artifact) as policy:
         for task in options.tasks:
             driver = MetaWorldDriver({**cfg.driver, "task": task, "image_size": preset.image_size,
                                       "max_steps": options.max_steps})
@@ -223,9 +225,10 @@ def evaluate(artifact_dir: str | Path, options: EvalOptions, progress: bool = Tr
                     metrics = Metrics()
                     recorder = StreamRecorder(ends.camera, ctx) if options.video_dir else None
                     status = driver.status
-                    run = RunOptions(duration_s=wall_limit, smoothing=options.smoothing,
-                                     stop_when=lambda: status.success or status.steps >= options.max_steps)
-                    summary = Runtime(policy, cams, robot, link, run, metrics).run()
+                    summary = build_runtime(config.replace(instruction=instruction_for(task)), policy=policy,
+                                            cameras=cams, link=link, metrics=metrics, robot=robot,
+                                            stop_when=lambda: status.success or status.steps >= options.max_steps,
+                                            set_instruction=False).run()
                     metrics.close()
                     if recorder is not None:
                         Path(options.video_dir).mkdir(parents=True, exist_ok=True)

@@ -83,8 +83,9 @@ def closed_loop(artifact_dir: Path, robot: str, bridge, episode: Path, ctx, tmp_
     from vpp_edge.runtime.artifact import Artifact
     from vpp_edge.runtime.cameras import ReplayCameras
     from vpp_edge.runtime.engines.onnxruntime import OrtEngine
+    from vpp_edge.runtime.build import build_runtime
+    from vpp_edge.runtime.config import RuntimeConfig, SmoothingConfig
     from vpp_edge.runtime.link import BridgeLink
-    from vpp_edge.runtime.loop import RunOptions, Runtime
     from vpp_edge.runtime.metrics import Metrics
     from vpp_edge.runtime.policy import RuntimePolicy
     from vpp_edge.runtime.robot_config import load_robot_config
@@ -94,16 +95,16 @@ def closed_loop(artifact_dir: Path, robot: str, bridge, episode: Path, ctx, tmp_
     artifact = Artifact.open(artifact_dir)
     engine = (engine_cls or OrtEngine)(artifact, "fp32").load()
     policy = RuntimePolicy(artifact, engine, seed=0)
-    policy.set_instruction("push the red block to the green target")
     cams = [ReplayCameras(load_episode(episode), artifact.preset.num_views, artifact.preset.image_size,
                           fps=fps, loop=loop_camera)]
     metrics = Metrics(tmp_path / "run.jsonl")
     robot_cfg = load_robot_config(robot)
     if control_hz is not None:
         robot_cfg = dataclasses.replace(robot_cfg, control_hz=control_hz)
-    runtime = Runtime(policy, cams, robot_cfg, link,
-                      RunOptions(duration_s=duration_s, smoothing=smoothing), metrics)
-    return runtime, metrics, link
+    config = RuntimeConfig(artifact_dir, "onnxruntime", "fp32", robot=str(robot), duration_s=duration_s,
+                           instruction="push the red block to the green target", smoothing=SmoothingConfig(smoothing))
+    built = build_runtime(config, policy=policy, cameras=cams, link=link, metrics=metrics, robot=robot_cfg)
+    return built.runtime, metrics, link
 
 
 def drive(bridge, artifact_dir: Path, robot: str, episode: Path, ctx, tmp_path: Path, min_accepted: int,
