@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vpp_edge.config_schema import check_keys
 from vpp_edge.errors import ConfigError
 from vpp_edge.robot_description import ROBOTS_DIR, bridge_part, read_robot_description
 
@@ -49,12 +50,9 @@ class BridgeConfig:
 
 def bridge_config_from_dict(data: dict, source: str = "bridge config") -> BridgeConfig:
     """A ``BridgeConfig`` from its fields (``bridge_part`` of a robot description)."""
-    names = {f.name for f in fields(BridgeConfig)}
-    if isinstance(data, dict):
-        data = {"driver": {}, **data}
-    if not isinstance(data, dict) or set(data) != names:
-        got = set(data) if isinstance(data, dict) else set()
-        raise BridgeConfigError(f"{source}: keys differ (missing {sorted(names - got)}, unknown {sorted(got - names)})")
+    names = [f.name for f in fields(BridgeConfig) if f.name != "driver"]
+    data = check_keys(data, names, source, optional=("driver",))
+    data.setdefault("driver", {})
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     if not isinstance(values["driver"], dict):
         raise BridgeConfigError(f"{source}: 'driver' must be a mapping")
