@@ -2,9 +2,13 @@
 fusions to the ``int8_cpu`` graphs. Each computes the same numbers with fewer or faster
 kernels (times: 2 cores of this project's CI-class EPYC, ONNX Runtime 1.31).
 
+Only rules whose worth shows in the whole ``int8_cpu`` predict step are kept
+(``bench/ort_rules_bench.py``, docs/benchmarks.md): these four together are as fast as
+the eight the module once had, and two fewer are measurably slower.
+
 torch exports ``group_norm`` as Reshape ``[N, G, -1]`` -> InstanceNormalization (unit
 scale, zero bias) -> Reshape back -> per-channel Mul/Add; a 2 x 32 x 256 x 256 one with
-its SiLU takes 4.0 ms as exported, 2.6 ms per channel, 3.4 ms as LayerNormalization.
+its SiLU takes 4.0 ms as exported, 2.6 ms per channel.
 """
 
 from __future__ import annotations
@@ -58,94 +62,6 @@ class GroupNormPerChannel(pattern.RewriteRuleClassBase):
         epsilon = norm.producer().attributes.get_float("epsilon", 1e-5)
         flat = [op.Constant(value=ir.tensor(v.const_value.numpy().reshape(-1))) for v in (gamma, beta)]
         return op.InstanceNormalization(x, *flat, epsilon=epsilon)
-
-
-class GroupNormAsLayerNorm(pattern.RewriteRuleClassBase):
-    """Several channels per group: InstanceNormalization with unit scale and zero bias on
-    ``[N, G, L]`` normalises each ``(n, g)`` row over ``L``, which is LayerNormalization
-    over the last axis (one SIMD pass of row statistics in ONNX Runtime)."""
-
-    def pattern(self, op, x, scale, bias):
-        return op.InstanceNormalization(x, scale, bias, _allow_other_attributes=True, _outputs=["norm"])
-
-    def check(self, context, x, scale, bias, **_) -> pattern.MatchResult:
-        result = pattern.MatchResult()
-        shape = _static(x)
-        if shape is None or len(shape) != 3:
-            return result.fail("input is not a static [N, G, L]", x)
-        if not (_is_constant(scale, 1.0) and _is_constant(bias, 0.0)):
-            return result.fail("instance norm has its own affine", scale)
-        return result
-
-    def rewrite(self, op, x, norm, **_):
-        epsilon = norm.producer().attributes.get_float("epsilon", 1e-5)
-        ones = op.Constant(value=ir.tensor(np.ones(x.shape[-1], dtype=np.float32)))
-        return op.LayerNormalization(x, ones, axis=-1, epsilon=epsilon)
-
-
-class SplitProjection(pattern.RewriteRuleClassBase):
-    """A linear layer whose output is split in two on the last axis (GEGLU's value and
-    gate) becomes two linear layers on the weight's halves: the same numbers without
-    writing the joint output and copying it into two (0.55 ms of 2.0 for the tiny TVP's
-    8192-token GEGLU)."""
-
-    def pattern(self, op, x, weight, bias):
-        joint = op.Add(op.MatMul(x, weight), bias)
-        return op.Split(joint, _allow_other_attributes=True, _outputs=["first", "second"])
-
-    def check(self, context, x, weight, bias, first, **_) -> pattern.MatchResult:
-        result = pattern.MatchResult()
-        split = first.producer()
-        w = weight.const_value.numpy() if weight.const_value is not None else None
-        if w is None or w.ndim != 2 or w.shape[1] % 2 or bias.const_value is None \
-                or bias.const_value.numpy().shape != (w.shape[1],):
-            return result.fail("not a constant [K, 2N] weight with a [2N] bias", weight)
-        axis = split.attributes.get_int("axis", 0)
-        if x.shape is None or axis not in (-1, len(x.shape) - 1):
-            return result.fail("not split on the last axis", split)
-        if len(split.inputs) > 1 and split.inputs[1] is not None:
-            sizes = split.inputs[1].const_value
-            if sizes is None or list(sizes.numpy()) != [w.shape[1] // 2] * 2:
-                return result.fail("not split in halves", split)
-        elif split.attributes.get_int("num_outputs", 2) != 2:
-            return result.fail("not split in two", split)
-        return result
-
-    def rewrite(self, op, x, weight, bias, **_):
-        w, b = weight.const_value.numpy(), bias.const_value.numpy()
-        half = w.shape[1] // 2
-
-        def constant(array: np.ndarray):
-            return op.Constant(value=ir.tensor(np.ascontiguousarray(array)))
-
-        return tuple(op.Add(op.MatMul(x, constant(w[:, part])), constant(b[part]))
-                     for part in (slice(0, half), slice(half, None)))
-
-
-class GatherOfBroadcast(pattern.RewriteRuleClassBase):
-    """Picking one index of an axis that Expand only broadcast (diffusers' temporal text
-    context, taken back per video by ``training/models/temporal_context.py``) is the
-    Expand's input without that axis: no broadcast tensor is materialised."""
-
-    def pattern(self, op, x, shape, index):
-        return op.Gather(op.Expand(x, shape), index, _allow_other_attributes=True, _outputs=["picked"])
-
-    def check(self, context, x, shape, index, picked, **_) -> pattern.MatchResult:
-        result = pattern.MatchResult()
-        axis = picked.producer().attributes.get_int("axis", 0)
-        source, target = _static(x), shape.const_value
-        if source is None or target is None or index.const_value is None or index.const_value.numpy().ndim != 0:
-            return result.fail("shapes or index not static", x)
-        target = tuple(int(d) for d in target.numpy())
-        axis %= len(target)
-        if len(source) != len(target) or source[axis] != 1 \
-                or any(s != t for k, (s, t) in enumerate(zip(source, target)) if k != axis):
-            return result.fail("the gathered axis is not the only broadcast one", x)
-        return result
-
-    def rewrite(self, op, x, picked, **_):
-        axis = picked.producer().attributes.get_int("axis", 0) % len(x.shape)
-        return op.Squeeze(x, op.Constant(value=ir.tensor(np.array([axis], dtype=np.int64))))
 
 
 class SkipLayerNormAsAddLayerNorm(pattern.RewriteRuleClassBase):
@@ -241,65 +157,11 @@ class AttentionForShortKeys(pattern.RewriteRuleClassBase):
         return op.Attention(q, k, v, q_num_heads=heads, kv_num_heads=heads, **extra)
 
 
-class TransposeAsBlockGather(pattern.RewriteRuleClassBase):
-    """A Transpose that permutes the leading axes among themselves and the trailing ones
-    among themselves (the TVP's feature tokens: ``[B, V, F, C, hw] -> [B, F, V, hw, C]``)
-    becomes the trailing transpose, batched, then a Gather of whole trailing blocks:
-    ONNX Runtime runs the one 5-D Transpose in 0.86 ms and the pair in 0.44 ms at
-    ``[1, 2, 4, 128, 256]`` (it would merge two Transposes back into one)."""
-
-    MIN_BLOCK = 1024  # elements: smaller blocks gather too slowly to pay
-
-    @staticmethod
-    def _split(perm: tuple[int, ...]) -> int | None:
-        for k in range(1, len(perm)):
-            if sorted(perm[:k]) == list(range(k)) and perm[:k] != tuple(range(k)) \
-                    and perm[k:] != tuple(range(k, len(perm))):
-                return k
-        return None
-
-    def pattern(self, op, x):
-        return op.Transpose(x, _allow_other_attributes=True, _outputs=["out"])
-
-    def check(self, context, x, out, **_) -> pattern.MatchResult:
-        result = pattern.MatchResult()
-        shape = _static(x)
-        perm = out.producer().attributes.get_ints("perm")
-        if shape is None or perm is None:
-            return result.fail("shape or permutation not static", x)
-        k = self._split(tuple(perm))
-        if k is None:
-            return result.fail("not two separate permutations of leading and trailing axes", out)
-        if int(np.prod(shape[k:])) < self.MIN_BLOCK:
-            return result.fail("trailing blocks too small", x)
-        return result
-
-    def rewrite(self, op, x, out, **_):
-        shape, perm = _static(x), tuple(out.producer().attributes.get_ints("perm"))
-        k = self._split(perm)
-        lead, trail = shape[:k], shape[k:]
-
-        def ints(values) -> ir.Value:
-            return op.Constant(value=ir.tensor(np.asarray(values, dtype=np.int64)))
-
-        blocks = op.Reshape(x, ints([int(np.prod(lead)), *trail]))
-        inner = op.Transpose(blocks, perm=[0, *(1 + q - k for q in perm[k:])])
-        rows = op.Reshape(inner, ints([int(np.prod(lead)), int(np.prod(trail))]))
-        order = np.arange(int(np.prod(lead))).reshape(lead).transpose(perm[:k]).reshape(-1)
-        return op.Reshape(op.Gather(rows, ints(order), axis=0), ints([shape[q] for q in perm]))
-
-
-# In order: per-channel group norms must be rewritten before the LayerNormalization rule
-# (rooted at the norm itself) would take every group norm.
 RULES: dict[str, type[pattern.RewriteRuleClassBase]] = {
     "group_norm_per_channel": GroupNormPerChannel,
-    "group_norm_as_layer_norm": GroupNormAsLayerNorm,
-    "split_projection": SplitProjection,
-    "gather_of_broadcast": GatherOfBroadcast,
     "skip_layer_norm_unfused": SkipLayerNormAsAddLayerNorm,
     "pad_input_channels": PadInputChannels,
     "attention_for_short_keys": AttentionForShortKeys,
-    "transpose_as_block_gather": TransposeAsBlockGather,
 }
 
 
