@@ -41,11 +41,13 @@ def build(name: str, skip: list[str] | None, fp32: Path, out: Path, settings: di
     ``fuse_for_onnxruntime`` less ``skip``, then quantised like the export does."""
     from vpp_edge.export import onnx_io
     from vpp_edge.export.graphs import GRAPHS
+    from vpp_edge.export.ort_rules import RULES
 
     if name == "fp32":
         return fp32
-    done = out / "done"
-    if done.exists():
+    done = out / "done"  # which rules the graphs there have: rebuilt when RULES changed
+    applied = json.dumps(None if skip is None else [r for r in RULES if r not in skip])
+    if done.exists() and done.read_text() == applied:
         return out
     for graph in GRAPHS:
         src, dst = fp32 / f"{graph}.onnx", out / f"{graph}.onnx"
@@ -61,7 +63,7 @@ def build(name: str, skip: list[str] | None, fp32: Path, out: Path, settings: di
             onnx_io.keep_float(src, dst, "int8")  # a plain copy
         else:
             onnx_io.fuse_for_onnxruntime(src, dst, skip_rules=skip)
-    done.touch()
+    done.write_text(applied)
     return out
 
 
