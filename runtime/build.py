@@ -159,8 +159,8 @@ def build_runtime(config: RuntimeConfig, *, policy: Any = None, cameras: Sequenc
             policy = open_policy(config)
             owned.append(policy)
         runtime_policy = getattr(policy, "runtime", policy)  # LoadedPolicy/api.Policy wrap the RuntimePolicy
-        artifact = runtime_policy.artifact
-        preset = artifact.preset
+        artifact = getattr(runtime_policy, "artifact", None)  # a test's stand-in policy may have none
+        preset = runtime_policy.preset
         robot = robot if robot is not None else load_robot_config(config.robot)
         if cameras is None:
             episode = replay_episode(config, episode)

@@ -22,7 +22,8 @@ from vpp_edge.runtime import protocol as P
 from vpp_edge.runtime.cameras.base import Camera, Frame
 from vpp_edge.runtime.cameras.network import ZmqCameras
 from vpp_edge.runtime.link import BridgeLink
-from vpp_edge.runtime.loop import RunOptions, Runtime
+from vpp_edge.runtime.build import build_runtime
+from vpp_edge.runtime.config import RuntimeConfig
 from vpp_edge.runtime.metrics import Metrics
 from vpp_edge.runtime.policy import Chunk, EngineOutputError
 from vpp_edge.runtime.robot_config import load_robot_config
@@ -207,7 +208,9 @@ def sim_bridge(ctx):
 
 def make_runtime(link, policy, camera, duration_s):
     robot = dataclasses.replace(load_robot_config("sim"), watchdog_hold_s=0.3, watchdog_stop_s=0.8)
-    return Runtime(policy, [camera], robot, link, RunOptions(duration_s=duration_s), Metrics())
+    config = RuntimeConfig(duration_s=duration_s, instruction="hold the block")  # as vpp run builds it
+    return build_runtime(config, policy=policy, cameras=[camera], link=link, metrics=Metrics(), robot=robot,
+                         set_instruction=False).runtime
 
 
 def test_a_runtime_whose_engine_keeps_failing_is_held_then_stopped_by_the_bridge(sim_bridge):
