@@ -11,9 +11,9 @@
 or torch; ``auto`` as ``vpp run``), keeps the instruction's text features cached, takes
 one RGB ``uint8`` image per camera view of any size (centre-cropped and resized exactly
 as in training) and returns an :class:`ActionChunk` stamped with the observation's time.
-``vpp run`` builds its policy through :meth:`Policy.load` too; the runtime around it
-adds what a robot needs on top (cameras, latency compensation, smoothing, the safety
-gate, the bridge). Errors are :mod:`vpp_edge.errors` classes. numpy only (no torch).
+``vpp run`` loads the same engine and policy from its runtime config
+(``runtime/build.py``, the same ``create_engine``) and adds what a robot needs on top
+(cameras, latency compensation, smoothing, the safety gate, the bridge). Errors are :mod:`vpp_edge.errors` classes. numpy only (no torch).
 """
 
 from __future__ import annotations
