@@ -117,11 +117,11 @@ class RuntimeConfig:
     def to_dict(self, relative_to: Path | None = None) -> dict[str, Any]:
         """The YAML form (``format`` first; the artifact relative to ``relative_to`` when below it)."""
         artifact = Path(self.artifact)
-        if relative_to is not None:
+        if relative_to is not None:  # read back relative to the file: below it, relative; else absolute
             try:
                 artifact = artifact.resolve().relative_to(Path(relative_to).resolve())
             except ValueError:
-                pass
+                artifact = artifact.resolve()
         data = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **_plain(self)}
         data["artifact"] = str(artifact)
         data.pop("info")
