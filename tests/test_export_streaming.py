@@ -97,6 +97,7 @@ def test_fp16_of_external_data_streams_and_matches_the_in_memory_conversion(tmp_
     assert np.array_equal(weights["w2"].astype(np.float16), got["w2"])
 
 
+@pytest.mark.slow
 def test_export_with_external_data_hashes_it_and_frees_the_model(tmp_path, tiny_preset, caplog):
     """The tiny model exported as paper scale is: every graph's weights in external data
     (threshold 0), FP16 converted tensor by tensor, the PyTorch weights freed after the FP32
