@@ -11,34 +11,12 @@ check (shape, finite, range against its state bounds) follows in
 
 from __future__ import annotations
 
-import re
 from typing import Any, Sequence
 
 import numpy as np
 
 from vpp_edge.normalization import StateError
-
-FIELDS = ("joints", "ee_pose", "target")  # the arrays of runtime.protocol.RobotState
-_PART = re.compile(r"^(?P<field>[a-z_]+)(\[(?P<start>\d*):(?P<stop>\d*)\])?$")
-
-
-def parse_state_layout(spec: Any, where: str = "policy_state",
-                       error: type[Exception] = ValueError) -> tuple[tuple[str, slice], ...]:
-    """``["ee_pose", "joints[0:12]"]`` -> ((field, slice), ...); ``error`` names a bad entry."""
-    if not isinstance(spec, (list, tuple)) or not spec:
-        raise error(f"{where}: expected a non-empty list of state fields ({', '.join(FIELDS)}), each optionally "
-                    f"sliced as name[start:stop]; got {spec!r}")
-    parts = []
-    for entry in spec:
-        m = _PART.match(entry) if isinstance(entry, str) else None
-        if m is None or m["field"] not in FIELDS:
-            raise error(f"{where}: {entry!r} is not one of {', '.join(FIELDS)}, optionally sliced as name[start:stop]")
-        start, stop = (int(m[k]) if m[k] else None for k in ("start", "stop"))
-        if start is not None and stop is not None and stop <= start:
-            raise error(f"{where}: {entry!r} selects nothing")
-        parts.append((m["field"], slice(start, stop)))
-    return tuple(parts)
-
+from vpp_edge.robot_description import FIELDS, parse_state_layout  # noqa: F401 (the layout is the description's)
 
 def state_vector(state: Any, layout: Sequence[tuple[str, slice]]) -> np.ndarray:
     """The policy's raw state from a bridge state reply; :class:`StateError` (``missing``)

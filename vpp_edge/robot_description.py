@@ -23,7 +23,9 @@ Robot side: numpy and PyYAML only (Python >= 3.10).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -67,14 +69,36 @@ def read_robot_description(name_or_path: str | Path, error: type[Exception], wha
     return data, source
 
 
+# runtime.policy_state: where a state-taking policy's robot state sits in the bridge's state reply
+# (read by runtime/proprio.py).
+FIELDS = ("joints", "ee_pose", "target")  # the arrays of runtime.protocol.RobotState
+_PART = re.compile(r"^(?P<field>[a-z_]+)(\[(?P<start>\d*):(?P<stop>\d*)\])?$")
+
+
+def parse_state_layout(spec: Any, where: str = "policy_state",
+                       error: type[Exception] = ValueError) -> tuple[tuple[str, slice], ...]:
+    """``["ee_pose", "joints[0:12]"]`` -> ((field, slice), ...); ``error`` names a bad entry."""
+    if not isinstance(spec, (list, tuple)) or not spec:
+        raise error(f"{where}: expected a non-empty list of state fields ({', '.join(FIELDS)}), each optionally "
+                    f"sliced as name[start:stop]; got {spec!r}")
+    parts = []
+    for entry in spec:
+        m = _PART.match(entry) if isinstance(entry, str) else None
+        if m is None or m["field"] not in FIELDS:
+            raise error(f"{where}: {entry!r} is not one of {', '.join(FIELDS)}, optionally sliced as name[start:stop]")
+        start, stop = (int(m[k]) if m[k] else None for k in ("start", "stop"))
+        if start is not None and stop is not None and stop <= start:
+            raise error(f"{where}: {entry!r} selects nothing")
+        parts.append((m["field"], slice(start, stop)))
+    return tuple(parts)
+
+
 def check_robot_description(data: object, source: str, error: type[Exception]) -> None:
     """Structure, vector lengths and the fit of the runtime's limits inside the bridge's."""
     _keys(data, (*SHARED, "runtime", "bridge"), source, error, optional=("driver",))
     _keys(data["watchdog"], WATCHDOG, f"{source}: watchdog", error)
     _keys(data["runtime"], RUNTIME, f"{source}: runtime", error, optional=RUNTIME_OPTIONAL)
     if "policy_state" in data["runtime"]:
-        from vpp_edge.runtime.proprio import parse_state_layout  # numpy only
-
         parse_state_layout(data["runtime"]["policy_state"], f"{source}: runtime.policy_state", error)
     _keys(data["bridge"], BRIDGE, f"{source}: bridge", error)
     if not isinstance(data.get("driver", {}), dict):
