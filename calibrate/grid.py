@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from vpp_edge.errors import VPPError
+from vpp_edge.precisions import reference
 from vpp_edge.presets import Preset
 
 from . import knobs as K
@@ -211,7 +212,7 @@ def _unsupported(values: dict[str, Any], available: list[str] | None) -> str | N
     backend = values["backend"]
     if available is not None and backend not in available:
         return f"backend '{backend}' is not installed here (available: {', '.join(available) or 'none'})"
-    if backend == "torch" and values["precision"] != "fp32":
+    if backend == "torch" and values["precision"] != reference():  # it runs the checkpoint, not graphs
         return "the PyTorch backend runs the FP32 model only"
     if backend == "tensorrt":
         return "TensorRT points need engines built on the target ('vpp build-engines'); sweep them there"
