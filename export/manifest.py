@@ -17,7 +17,6 @@ from vpp_edge.runtime.manifest import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_FIL
                                        TensorSpec, check_engine_fits, confined, manifest_precisions,
                                        read_manifest, sha256_file, tokenizer_entry, verify_entry, verify_file,
                                        write_manifest)
-from vpp_edge.runtime.manifest import INT8_PRECISIONS, PRECISIONS, RUNTIME_PRECISIONS  # noqa: F401
 
 TOOLS = ("torch", "onnx", "onnxruntime", "diffusers", "transformers")  # what the graphs are made with
 

@@ -23,10 +23,6 @@ from vpp_edge.graph_spec import ACTION_MODES, GRAPHS
 MANIFEST_FILE = "manifest.json"
 FORMAT_NAME = "vpp-edge-artifact"
 FORMAT_VERSION = 1
-# Kept for callers of the old names: the precision registry (vpp_edge.precisions) is the source.
-PRECISIONS = precisions.exported()
-INT8_PRECISIONS = precisions.calibrated()
-RUNTIME_PRECISIONS = precisions.names()
 
 
 class ArtifactError(VPPError):
