@@ -261,9 +261,13 @@ def test_run_whose_chunks_are_all_stale_fails_and_resizing_is_said_once(exported
 
 
 def test_run_with_cameras_that_do_not_exist_fails(exported, capsys):
+    live = ["run", "--artifact", exported[0], "--cameras", "v4l2:/dev/vpp-none-8,/dev/vpp-none-9", "--duration", 5,
+            "--quiet"]
+    # Live cameras: the task comes from --instruction or the runtime config, never from demo data (issue 21).
+    code, _, err = run_cli(live, capsys)
+    assert_one_line_error(code, err, cli.EXIT_ERROR, match="no instruction: give the task with --instruction")
     with _Bridge() as bridge:
-        code, _, err = run_cli(["run", "--artifact", exported[0], "--cameras", "v4l2:/dev/vpp-none-8,/dev/vpp-none-9",
-                                "--base-port", bridge.base, "--duration", 5, "--quiet"], capsys)
+        code, _, err = run_cli([*live, "--instruction", "open the drawer", "--base-port", bridge.base], capsys)
     assert code == cli.EXIT_RUN_FAILED and "Traceback" not in err
     assert "/dev/vpp-none-" in err.strip().splitlines()[-1]
 
