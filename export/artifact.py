@@ -166,6 +166,7 @@ def export_artifact(policy: VPPPolicy, tokenizer: InstructionTokenizer, out: str
             tempdirs.claim(tmp)
             _export_into(tmp, policy, tokenizer, out, opts, precisions, n_parity, n_calib, observations,
                          source, threads, bar, advance, release_policy)
+            tempdirs.raise_if_interrupted()  # never commit an export a signal ended
             tempdirs.release(tmp)
     finally:
         bar.close()

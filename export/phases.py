@@ -14,6 +14,8 @@ import resource
 import time
 from typing import Any
 
+from .tempdirs import raise_if_interrupted
+
 log = logging.getLogger(__name__)
 
 
@@ -48,6 +50,7 @@ class Phases:
 
     def start(self, name: str, holds: str = "") -> None:
         self.finish()
+        raise_if_interrupted()  # a signal whose first raise was swallowed ends the export here
         if self.bar is not None:
             self.bar.set_description(f"{name} [holds {holds}]" if holds else name)
         log.info("phase %s started (rss %s)%s", name, gb(rss_bytes()), f", holds {holds}" if holds else "")

@@ -112,18 +112,37 @@ class Terminated(KeyboardInterrupt):
     unwinds like Ctrl-C and removes its temporary folder."""
 
 
+# The signal that ended the export, kept until it has unwound: Python drops an exception
+# raised by a signal handler while a finaliser or a weakref callback runs ("Exception
+# ignored in ..."), which would let a signalled export run on and commit its artifact.
+_pending: list[KeyboardInterrupt] = []
+
+
+def raise_if_interrupted() -> None:
+    """Raise the interrupt a signal asked for if its first raise was swallowed; called at
+    every phase boundary and before the artifact is committed."""
+    if _pending:
+        raise _pending[0]
+
+
 @contextlib.contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
-    """While the block runs in the main thread, SIGTERM raises :class:`Terminated`."""
+    """While the block runs in the main thread, SIGTERM raises :class:`Terminated` and
+    SIGINT :class:`KeyboardInterrupt`, and either is raised again by
+    :func:`raise_if_interrupted` until the block has unwound."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
-        raise Terminated(f"signal {signum}")
+        exc = Terminated(f"signal {signum}") if signum == signal.SIGTERM else KeyboardInterrupt()
+        _pending.append(exc)
+        raise exc
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        _pending.clear()
