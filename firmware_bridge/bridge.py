@@ -7,7 +7,7 @@
   scheduling jitter and a dropped or late plan do not reach the robot: a late waypoint is
   skipped, not jumped to, and the next plan says where to be. The older per-tick stream
   (action chunks whose first action is this tick's target, delta or absolute) is still
-  served (``RunOptions.target_stream = "per_tick"``; ``bench/bridge_bench.py --jitter``
+  served (``vpp run --set target_stream=per_tick``; ``bench/bridge_bench.py --jitter``
   compares the two).
 * Every target and waypoint is validated (schema, dimension, finite, step size per
   waypoint interval, workspace bounds) before it can move anything; a rejected one is

@@ -73,7 +73,8 @@ def run_options(config: RuntimeConfig, stop_when: Callable[[], bool] | None = No
     s = config.smoothing
     return RunOptions(duration_s=config.duration_s, smoothing=s.policy, crossfade_steps=s.crossfade_steps,
                       margin_steps=s.margin_steps, ensemble_m=s.ensemble_m, action_dt=s.action_dt,
-                      realtime_priority=config.rt_priority, stop_when=stop_when, tick_record_every=tick_record_every)
+                      realtime_priority=config.rt_priority, target_stream=config.target_stream,
+                      stop_when=stop_when, tick_record_every=tick_record_every)
 
 
 def replay_episode(config: RuntimeConfig, episode: Any = None):

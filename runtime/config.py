@@ -41,6 +41,8 @@ from typing import Any, Iterable, Mapping
 from vpp_edge.config_schema import merge, read_yaml
 from vpp_edge.errors import ConfigError
 
+from .targets import TARGET_STREAMS
+
 FORMAT_NAME = "vpp-edge-runtime-config"
 FORMAT_VERSION = 2
 READS_VERSIONS = (1, 2)
@@ -110,6 +112,9 @@ class RuntimeConfig:
     bridge: LinkConfig = LinkConfig()
     duration_s: float = 10.0  # inf: until stopped (a deployed unit)
     rt_priority: int = 0  # SCHED_FIFO priority of the control thread (0: off)
+    # How targets reach the bridge: timestamped absolute waypoints its servo loop executes on
+    # its own clock (the default), or this tick's action only (the older stream, kept to compare).
+    target_stream: str = "waypoints"
 
     def __post_init__(self) -> None:
         check(self)
@@ -197,6 +202,9 @@ def check(config: RuntimeConfig) -> None:
     _number(config.rt_priority, "rt_priority", int)
     if config.rt_priority > 99:
         raise ConfigError(f"runtime config: 'rt_priority' is a SCHED_FIFO priority 0-99, got {config.rt_priority}")
+    if config.target_stream not in TARGET_STREAMS:
+        raise ConfigError(f"runtime config: 'target_stream' is one of {', '.join(TARGET_STREAMS)}, "
+                          f"got {config.target_stream!r}")
     cams = config.cameras
     _text(cams.source, "cameras.source")
     if not isinstance(cams.devices, (str, Mapping)):

@@ -43,6 +43,7 @@ def test_overrides_are_dotted_keys_with_yaml_values():
                            (["cameras.dali_device=tpu"], "auto, gpu or cpu"),
                            (["smoothing=fast"], "'smoothing' takes a mapping"),
                            (["rt_priority=120"], "0-99"),
+                           (["target_stream=chunks"], "'target_stream' is one of waypoints, per_tick"),
                            (["threads"], "expected KEY=VALUE")]:
         with pytest.raises(ConfigError, match=message):
             with_overrides(RuntimeConfig(), pairs)
@@ -95,7 +96,7 @@ def test_build_runtime_wires_the_loop_from_the_config(demo_episode):
 
     robot = load_robot_config("sim")
     policy = FakePolicy(robot.action_dim)
-    config = RuntimeConfig(instruction="stack the cups", duration_s=2.0, rt_priority=5,
+    config = RuntimeConfig(instruction="stack the cups", duration_s=2.0, rt_priority=5, target_stream="per_tick",
                            cameras=CameraConfig("replay", episode=str(demo_episode)),
                            smoothing=SmoothingConfig("ensemble", crossfade_steps=5, ensemble_m=0.25, margin_steps=4,
                                                      action_dt=0.05))
@@ -106,6 +107,7 @@ def test_build_runtime_wires_the_loop_from_the_config(demo_episode):
         assert (runtime.plan.smoothing, runtime.plan.crossfade_steps, runtime.plan.ensemble_m) == ("ensemble", 5, 0.25)
         assert runtime.plan.dt == 0.05 and runtime.options.margin_steps == 4
         assert (runtime.options.duration_s, runtime.options.realtime_priority) == (2.0, 5)
+        assert runtime.options.target_stream == "per_tick" and RuntimeConfig().target_stream == "waypoints"
         assert [c.name for c in built.cameras] and built.owned == []  # the parts given stay the caller's
     with pytest.raises(ConfigError, match="no instruction"):
         build_runtime(RuntimeConfig(cameras=CameraConfig("zmq")), policy=policy, link=link, metrics=metrics)
