@@ -32,38 +32,48 @@ def open_artifact(config: RuntimeConfig):
 
 
 class LoadedPolicy:
-    """An engine loaded for the artifact and the policy that drives it (``runtime``, what the
-    loop runs); close it, or use it as a context manager. (The runtime's own small version of
-    :class:`vpp_edge.api.Policy`: the runtime package does not import the API above it.)"""
+    """An engine loaded for an artifact and the policy that drives it (``runtime``: the
+    :class:`~vpp_edge.runtime.policy.RuntimePolicy` the loop runs); close it, or use it as a
+    context manager. :class:`vpp_edge.api.Policy` is this object with the embedding API on
+    top, so ``vpp run`` and an embedding program drive the same thing."""
 
     def __init__(self, engine: Any, runtime: Any):
         self.engine, self.runtime = engine, runtime
 
     def set_instruction(self, text: str) -> float:
+        """Change the task (the text graph runs once per new text); milliseconds spent."""
         return self.runtime.set_instruction(text)
 
     def close(self) -> None:
+        """Release the engine (GPU memory, sessions)."""
         self.engine.close()
 
-    def __enter__(self) -> "LoadedPolicy":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def open_policy(config: RuntimeConfig, artifact: Any = None) -> LoadedPolicy:
-    """The artifact on the config's engine (backend, precision, threads) with its seed, loaded."""
+def load_policy(artifact: Any, backend: str = "auto", precision: str | None = None, threads: int = 0,
+                seed: int = 0, cls: type[LoadedPolicy] = LoadedPolicy) -> LoadedPolicy:
+    """An opened artifact on ``backend`` at ``precision`` (default: the backend's) with
+    ``threads`` CPU inference threads and noise seed ``seed``, loaded, as ``cls``."""
     from .engines import create_engine
     from .policy import RuntimePolicy
 
-    artifact = artifact if artifact is not None else open_artifact(config)
-    engine = create_engine(artifact, config.backend, config.precision, threads=config.threads).load()
+    engine = create_engine(artifact, backend, precision, threads=threads).load()
     try:
-        return LoadedPolicy(engine, RuntimePolicy(artifact, engine, seed=config.seed))
+        return cls(engine, RuntimePolicy(artifact, engine, seed=seed))
     except BaseException:
         engine.close()
         raise
+
+
+def open_policy(config: RuntimeConfig, artifact: Any = None) -> LoadedPolicy:
+    """The config's artifact on the config's engine (backend, precision, threads) with its seed, loaded."""
+    artifact = artifact if artifact is not None else open_artifact(config)
+    return load_policy(artifact, config.backend, config.precision, config.threads, config.seed)
 
 
 def run_options(config: RuntimeConfig, stop_when: Callable[[], bool] | None = None, tick_record_every: int = 1):

@@ -34,6 +34,22 @@ def test_policy_acts_on_frames_of_any_size_with_their_stamp(exported):
         np.testing.assert_array_equal(again.act(frames_small, stamp=0.0).actions, chunk.actions)  # same seed, same
 
 
+def test_vpp_run_drives_the_same_policy_object(exported):
+    """The runtime's builder (what `vpp run` uses) loads the same LoadedPolicy the API
+    extends: same config, same seed, same frames -> the same actions."""
+    from vpp_edge.runtime.build import LoadedPolicy, open_policy
+    from vpp_edge.runtime.config import RuntimeConfig
+
+    frames = [np.full((48, 64, 3), 90, np.uint8), np.full((48, 64, 3), 160, np.uint8)]
+    config = RuntimeConfig(artifact=Path(exported[0]), backend="onnxruntime", precision="fp32", seed=3)
+    with Policy.load(exported[0], "onnxruntime", "fp32", seed=3, instruction="open the drawer") as policy, \
+            open_policy(config) as loaded:
+        assert isinstance(policy, LoadedPolicy) and type(policy.runtime) is type(loaded.runtime)
+        loaded.set_instruction("open the drawer")
+        np.testing.assert_array_equal(loaded.runtime.infer(policy.prepare(frames)).actions,
+                                      policy.act(frames).actions)
+
+
 def test_policy_needs_an_instruction_and_an_artifact(exported, tmp_path):
     with Policy.load(exported[0], "onnxruntime") as policy:
         with pytest.raises(ConfigError, match="set an instruction"):

@@ -11,9 +11,10 @@
 or torch; ``auto`` as ``vpp run``), keeps the instruction's text features cached, takes
 one RGB ``uint8`` image per camera view of any size (centre-cropped and resized exactly
 as in training) and returns an :class:`ActionChunk` stamped with the observation's time.
-``vpp run`` loads the same engine and policy from its runtime config
-(``runtime/build.py``, the same ``create_engine``) and adds what a robot needs on top
-(cameras, latency compensation, smoothing, the safety gate, the bridge). Errors are :mod:`vpp_edge.errors` classes. numpy only (no torch).
+``vpp run`` drives the same object: :class:`Policy` is the runtime's ``LoadedPolicy``
+(``runtime/build.py``, loaded by the same ``load_policy``), and ``vpp run`` adds what a
+robot needs on top (cameras, latency compensation, smoothing, the safety gate, the
+bridge). Errors are :mod:`vpp_edge.errors` classes. numpy only (no torch).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from vpp_edge.errors import ConfigError
 from vpp_edge.preprocess import prepare_frame
 from vpp_edge.presets import Preset
 from vpp_edge.runtime.artifact import Artifact
-from vpp_edge.runtime.engines import create_engine
+from vpp_edge.runtime.build import LoadedPolicy, load_policy
 from vpp_edge.runtime.engines.base import Engine
 from vpp_edge.runtime.policy import RuntimePolicy
 
@@ -52,15 +53,14 @@ class ActionChunk:
         return self.stamp + dt * np.arange(len(self.actions))
 
 
-class Policy:
-    """An export artifact on an inference engine, ready to act (see the module docstring)."""
+class Policy(LoadedPolicy):
+    """An export artifact on an inference engine, ready to act (see the module docstring):
+    the runtime's :class:`~vpp_edge.runtime.build.LoadedPolicy` with the embedding API."""
 
-    def __init__(self, artifact: Artifact, engine: Engine, seed: int = 0, instruction: str | None = None):
-        """Wrap a loaded ``engine`` of ``artifact``; :meth:`load` does all of it from a path."""
-        self.artifact, self.engine = artifact, engine
-        self.runtime = RuntimePolicy(artifact, engine, seed=seed)  # what `vpp run` drives
-        if instruction is not None:
-            self.set_instruction(instruction)
+    def __init__(self, engine: Engine, runtime: RuntimePolicy):
+        """Wrap a loaded ``engine`` and its policy; :meth:`load` does all of it from a path."""
+        super().__init__(engine, runtime)
+        self.artifact: Artifact = runtime.artifact
 
     @classmethod
     def load(cls, artifact: str | Path | Artifact, backend: str = "auto", precision: str | None = None,
@@ -75,11 +75,13 @@ class Policy:
             opened = Artifact.open(artifact)
         else:
             raise ConfigError(f"no such artifact: {artifact} (make one with 'vpp export')")
-        engine = create_engine(opened, backend, precision, threads=threads).load()
+        policy = load_policy(opened, backend, precision, threads, seed, cls=cls)
         try:
-            return cls(opened, engine, seed, instruction)
+            if instruction is not None:
+                policy.set_instruction(instruction)
+            return policy
         except BaseException:
-            engine.close()
+            policy.close()
             raise
 
     @property
@@ -90,10 +92,6 @@ class Policy:
     @property
     def instruction(self) -> str | None:
         return self.runtime.instruction
-
-    def set_instruction(self, text: str) -> float:
-        """Change the task (the text graph runs once per new text); milliseconds spent."""
-        return self.runtime.set_instruction(text)
 
     def prepare(self, frames: Sequence[np.ndarray]) -> np.ndarray:
         """One RGB ``uint8 [H, W, 3]`` image per view, any size -> the model's ``[V, S, S, 3]``."""
@@ -113,13 +111,3 @@ class Policy:
         stamp = time.monotonic() if stamp is None else float(stamp)
         chunk = self.runtime.infer(self.prepare(frames))
         return ActionChunk(chunk.actions, stamp, dict(chunk.timings_ms))
-
-    def close(self) -> None:
-        """Release the engine (GPU memory, sessions)."""
-        self.engine.close()
-
-    def __enter__(self) -> Policy:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
