@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vpp_edge.config_schema import check_keys
 from vpp_edge.errors import ConfigError  # the one ConfigError (issue 21), still importable from here
 from vpp_edge.robot_description import ROBOTS_DIR, read_robot_description, runtime_part
 
@@ -48,12 +49,8 @@ class RobotConfig:
 
 def robot_config_from_dict(data: dict, source: str = "robot config") -> RobotConfig:
     """A ``RobotConfig`` from its fields (``runtime_part`` of a robot description)."""
-    names = {f.name for f in fields(RobotConfig)}
     optional = {"policy_state"}
-    got = set(data) if isinstance(data, dict) else set()
-    if not isinstance(data, dict) or not names - optional <= got <= names:
-        raise ConfigError(f"{source}: keys differ (missing {sorted(names - optional - got)}, "
-                          f"unknown {sorted(got - names)})")
+    data = check_keys(data, [f.name for f in fields(RobotConfig) if f.name not in optional], source, optional)
     cfg = RobotConfig(**{k: (tuple(v) if k in optional else tuple(float(x) for x in v)) if isinstance(v, list) else v
                          for k, v in data.items()})
     n = cfg.action_dim

@@ -180,3 +180,6 @@ def test_robot_configs():
     data["action_high"] = [0.0] * 7
     with pytest.raises(ConfigError, match="action_low < action_high"):
         robot_config_from_dict(data)
+    good = {k: list(v) if isinstance(v, tuple) else v for k, v in load_robot_config("sim").__dict__.items()}
+    with pytest.raises(ConfigError, match=r"unknown \['control_hertz'\].*did you mean 'control_hz'"):
+        robot_config_from_dict({**{k: v for k, v in good.items() if k != "control_hz"}, "control_hertz": 50})
