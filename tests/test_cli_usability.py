@@ -227,6 +227,14 @@ class _Bridge:
         self.bridge.close()
 
 
+def run_on_sim_bridge(exported, episode, tmp_path: Path, capsys, duration: float, *extra) -> tuple[int, str, str]:
+    """``vpp run`` of ``episode`` against an in-process sim bridge on free ports, with a stale
+    limit a loaded CI machine meets (a run that must succeed); ``extra``: more flags."""
+    with _Bridge() as bridge:
+        return run_cli(["run", "--artifact", exported[0], "--episode", episode, "--base-port", bridge.base,
+                        "--duration", duration, "--quiet", "--robot", sim_robot(tmp_path, 5.0), *extra], capsys)
+
+
 def test_run_with_a_bridge_that_dies_mid_run_fails_and_its_log_plots(exported, demo_episode, capsys, tmp_path):
     log = tmp_path / "run.jsonl"
     with _Bridge(stop_after_chunks=3) as bridge:

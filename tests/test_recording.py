@@ -9,17 +9,14 @@ import pytest
 
 from vpp_edge import cli
 
-from .test_cli_usability import _Bridge, assert_one_line_error, run_cli, sim_robot
+from .test_cli_usability import _Bridge, assert_one_line_error, run_cli, run_on_sim_bridge
 
 
 def test_a_recorded_run_round_trips_into_training(exported, demo_episode, capsys, tmp_path):
     from vpp_edge.training.data.sources import episode_refs, source_from_dict
 
     record, log = tmp_path / "rollout", tmp_path / "run.jsonl"
-    with _Bridge() as bridge:
-        code, out, err = run_cli(["run", "--artifact", exported[0], "--episode", demo_episode, "--base-port",
-                                  bridge.base, "--duration", 3, "--quiet", "--record", record, "--log", log,
-                                  "--robot", sim_robot(tmp_path, 5.0)], capsys)
+    code, out, err = run_on_sim_bridge(exported, demo_episode, tmp_path, capsys, 3, "--record", record, "--log", log)
     assert code == 0, err
     assert f"to {record} (LeRobot v3.0)" in out
 

@@ -8,7 +8,7 @@ import pytest
 from vpp_edge import cli
 from vpp_edge.extras import is_available
 
-from .test_cli_usability import _Bridge, assert_one_line_error, run_cli, sim_robot
+from .test_cli_usability import assert_one_line_error, run_cli, run_on_sim_bridge
 
 needs_rerun = pytest.mark.skipif(not is_available("rerun"), reason="rerun-sdk is not installed (optional extra: "
                                                                    "pip install rerun-sdk==0.41.0)")
@@ -19,10 +19,7 @@ def test_a_run_writes_a_rerun_recording(exported, demo_episode, capsys, tmp_path
     from vpp_edge.rerun_view import read_entities
 
     rrd, log = tmp_path / "run.rrd", tmp_path / "run.jsonl"
-    with _Bridge() as bridge:
-        code, out, err = run_cli(["run", "--artifact", exported[0], "--episode", demo_episode, "--base-port",
-                                  bridge.base, "--duration", 2, "--quiet", "--rerun", rrd, "--log", log,
-                                  "--robot", sim_robot(tmp_path, 5.0)], capsys)
+    code, out, err = run_on_sim_bridge(exported, demo_episode, tmp_path, capsys, 2, "--rerun", rrd, "--log", log)
     assert code == 0, err
     assert f"rerun recording {rrd}: open it with 'rerun {rrd}'" in out
     assert rrd.stat().st_size > 10_000  # camera frames, not just a header
