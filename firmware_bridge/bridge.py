@@ -165,14 +165,17 @@ class Bridge:
         self._stop_flag.set()
         for t in self._threads:
             t.join(timeout=2.0)
+        stuck = [t.name for t in self._threads if t.is_alive()]
         try:
-            if any(t.is_alive() for t in self._threads):  # stuck inside the driver: do not call it again
-                log.error("bridge threads did not stop; not calling the driver from another thread")
+            if stuck:  # stuck inside the driver: do not call it again
+                log.error("bridge threads %s did not stop; not calling the driver from another thread", stuck)
             else:
                 (self.driver.estop if self.failure else self.driver.stop)()
         finally:
             self.driver.disconnect()
-            for sock in ("_action_sock", "_state_sock", "_event_sock", "_cmd_sock", "_camera_sock"):
+            # A ZeroMQ socket closed while another thread polls it is a use after free (a crash):
+            # a stuck thread's sockets stay open until the process exits.
+            for sock in ([] if stuck else ["_action_sock", "_state_sock", "_event_sock", "_cmd_sock", "_camera_sock"]):
                 if getattr(self, sock, None) is not None:
                     getattr(self, sock).close(linger=0)
             if self.security.keys is not None:

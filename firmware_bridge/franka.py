@@ -26,6 +26,7 @@ import threading
 import numpy as np
 
 from vpp_edge.extras import require
+from vpp_edge.runtime.realtime import scheduling_kept
 
 from .config import BridgeConfig
 from .driver import RobotDriver
@@ -104,7 +105,8 @@ class FrankaDriver(RobotDriver):
         require("franky", "the Franka driver")
         self._franky = importlib.import_module("franky")
         rt = self._franky.RealtimeConfig.Enforce if self.realtime else self._franky.RealtimeConfig.Ignore
-        self.robot = self._franky.Robot(self.host, realtime_config=rt)
+        with scheduling_kept():  # libfranka's own control thread is real-time; this one stays as it was
+            self.robot = self._franky.Robot(self.host, realtime_config=rt)
         self.robot.recover_from_errors()
         self._home = np.asarray(self.robot.current_cartesian_state.pose.end_effector_pose.matrix)[:3, :3].copy()
         if self.use_gripper:

@@ -30,6 +30,7 @@ from .metrics import Metrics
 from vpp_edge.normalization import StateError
 
 from .policy import Chunk, EngineOutputError, RuntimePolicy
+from . import realtime
 from .proprio import parse_state_layout, state_vector
 from .protocol import RuntimeMode
 from .robot_config import RobotConfig
@@ -223,7 +224,13 @@ class Runtime:
         self.worker.set_instruction(text)
 
     def run(self) -> dict:
-        """Run for ``duration_s`` (or until Ctrl-C); returns the summary."""
+        """Run for ``duration_s`` (or until Ctrl-C); returns the summary. The calling thread
+        runs the control loop, real-time when ``realtime_priority`` asks, and leaves it with
+        the scheduling policy it came with (an embedding program's thread stays its own)."""
+        with realtime.scheduling_kept():
+            return self._run()
+
+    def _run(self) -> dict:
         dt = self.robot.dt
         status = self.link.handshake(self.robot.name, self.robot.action_dim)
         self.safety.absolute = ~np.asarray(status.get("delta_dims", [True] * self.robot.action_dim), bool)
@@ -379,8 +386,6 @@ def _realtime(priority: int, metrics: Metrics) -> None:
     """SCHED_FIFO for the calling (control) thread only, so inference and cameras cannot
     delay its ticks, and memory locked where the unit grants MEMLOCK; without permission it
     stays best-effort and says so (runtime/realtime.py)."""
-    from . import realtime
-
     for outcome in (realtime.control_thread_fifo(priority), realtime.lock_memory()):
         if outcome.ok:
             metrics.record("event", kind="realtime", detail=outcome.detail)

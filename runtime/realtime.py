@@ -18,6 +18,8 @@ import logging
 import os
 import resource
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,21 @@ def lock_memory(limit: int | None = None) -> Outcome:
         err = ctypes.get_errno()
         return Outcome(False, f"mlockall failed: {os.strerror(err)}")
     return Outcome(True, "memory locked (mlockall, on fault)")
+
+
+@contextmanager
+def scheduling_kept() -> Iterator[None]:
+    """Put the calling thread's scheduling policy back after the block: for vendor calls
+    that raise it as a side effect (libfranka's Robot makes the thread that constructs it
+    SCHED_FIFO 99 where permitted, even with RealtimeConfig.Ignore). Without it that thread,
+    and every thread it starts later (the bridge's network thread), would run real-time."""
+    get = getattr(os, "sched_getscheduler", None)
+    before = (get(0), os.sched_getparam(0)) if get is not None else None
+    try:
+        yield
+    finally:
+        if before is not None and (get(0), os.sched_getparam(0)) != before:
+            os.sched_setscheduler(0, *before)
 
 
 def thread_policies() -> dict[str, str]:

@@ -20,6 +20,18 @@ except ImportError:  # the robot-side tests under Python 3.10 (make test-robot) 
     torch = None
 
 
+@pytest.fixture(autouse=True)
+def _scheduling_policy_unchanged():
+    """A test that leaves pytest's main thread real-time (SCHED_FIFO) starves every later
+    test's threads on a 2-core machine: fail the test that did it, and put it back."""
+    before = (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority)
+    yield
+    after = (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority)
+    if after != before:
+        os.sched_setscheduler(0, before[0], os.sched_param(before[1]))
+        pytest.fail(f"the test left the main thread's scheduling policy at {after}, was {before}")
+
+
 @pytest.fixture(scope="session")
 def tiny_preset():
     return get_preset("tiny")

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import zmq
 
-from vpp_edge.firmware_bridge.bridge import Bridge
+from vpp_edge.firmware_bridge.bridge import NET_THREAD, SERVO_THREAD, Bridge
 from vpp_edge.firmware_bridge.config import bridge_config_from_dict, load_bridge_config
 from vpp_edge.firmware_bridge.factory import make_driver
 from vpp_edge.runtime.engines.onnxruntime import OrtEngine
+from vpp_edge.runtime.realtime import thread_policies
 from vpp_edge.runtime.transport import recv
 
 from .conftest import drive
@@ -92,6 +93,10 @@ def ee(client):
 
 def test_arm_reaches_targets_within_tolerance(rig):
     bridge, driver, client = rig
+    # libfranka made the connecting thread SCHED_FIFO 99 (and so every thread it started after):
+    # the driver puts it back, and only libfranka's own control thread runs real-time.
+    policies = thread_policies()
+    assert policies["MainThread"] == policies[NET_THREAD] == policies[SERVO_THREAD] == "SCHED_OTHER", policies
     start = ee(client)
     delta = np.array([0.015, 0.0, -0.01, 0.0, 0.0, 0.0, 0.0])
     client.target(delta)

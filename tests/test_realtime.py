@@ -10,6 +10,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -97,3 +98,22 @@ def test_the_bridge_servo_thread_alone_gets_its_priority_and_cpus():
     assert result["counts"]["event_realtime"] == 2
     assert result["policies"]["bridge-servo"] == "SCHED_FIFO"
     assert result["policies"]["bridge-net"] == result["policies"]["MainThread"] == "SCHED_OTHER"
+
+
+def test_a_vendor_call_that_makes_its_thread_real_time_is_undone():
+    """libfranka's Robot makes its caller SCHED_FIFO 99; the driver wraps it in
+    scheduling_kept, and Runtime.run wraps its real-time control loop the same way."""
+    seen = {}
+
+    def worker():
+        seen["before"] = os.sched_getscheduler(0)
+        with realtime.scheduling_kept():
+            seen["inside"] = realtime.control_thread_fifo(1).ok and os.sched_getscheduler(0) == os.SCHED_FIFO
+        seen["after"] = os.sched_getscheduler(0)
+
+    t = threading.Thread(target=worker)  # a thread of its own: pytest's main thread is never touched
+    t.start()
+    t.join()
+    if not seen["inside"]:
+        pytest.skip("SCHED_FIFO not permitted here")
+    assert seen["after"] == seen["before"] != os.SCHED_FIFO
