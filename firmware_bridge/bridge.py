@@ -158,7 +158,8 @@ class Bridge:
                          guarded(NET_THREAD, self._net_loop, self._fail)]
         for t in self._threads:
             t.start()
-        self._event("started", f"{self.driver.name} bridge, servo {self.cfg.servo_hz:g} Hz")
+        self._event("started", f"{self.cfg.name} bridge ({self.cfg.driver_kind} driver), "
+                               f"servo {self.cfg.servo_hz:g} Hz")
         return self
 
     def close(self) -> None:
@@ -458,7 +459,7 @@ class Bridge:
             with self._lock:
                 self._session, self._last_action_seq = msg.session, msg.seq
         return self._reply(msg.seq, ok=True, status={
-            "robot": self.driver.name, "dim": self.cfg.dim, "version": P.PROTOCOL_VERSION,
+            "robot": self.cfg.name, "dim": self.cfg.dim, "version": P.PROTOCOL_VERSION,
             "delta_dims": [bool(d) for d in self.cfg.delta_dims],
             # The workspace, so that a runtime adding delta actions up keeps its waypoints inside it.
             "setpoint_low": self.cfg.vec("setpoint_low").tolist(), "setpoint_high": self.cfg.vec("setpoint_high").tolist()})

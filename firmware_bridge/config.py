@@ -36,7 +36,8 @@ class BridgeConfig:
     max_tracking_error: tuple[float, ...]
     hold_after_s: float
     stop_after_s: float
-    driver: dict = field(default_factory=dict)  # driver-specific settings (addresses, gains)
+    driver_kind: str  # the driver (a name of firmware_bridge/factory.py's DRIVERS): the description's driver.kind
+    driver: dict = field(default_factory=dict)  # that driver's settings (addresses, gains)
 
     def vec(self, name: str) -> np.ndarray:
         return np.asarray(getattr(self, name), np.float64)
@@ -56,6 +57,12 @@ def bridge_config_from_dict(data: dict, source: str = "bridge config") -> Bridge
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     if not isinstance(values["driver"], dict):
         raise BridgeConfigError(f"{source}: 'driver' must be a mapping")
+    from .factory import DRIVERS  # here: the factory imports this module
+
+    try:
+        DRIVERS.require(values["driver_kind"])  # a typo fails when the description is read (vpp deploy too)
+    except ConfigError as exc:
+        raise BridgeConfigError(f"{source}: driver.kind: {exc}") from None
     cfg = BridgeConfig(**values)
     for key in (*_VECTORS, "delta_dims"):
         if len(getattr(cfg, key)) != cfg.dim:

@@ -13,8 +13,6 @@ HISTORY_KEPT = 100_000  # setpoints a KinematicSimDriver remembers (8 min at 200
 class RobotDriver(ABC):
     """Setpoints in, measured state out. Called from the bridge's servo thread only."""
 
-    name: str = "robot"
-
     @abstractmethod
     def connect(self) -> np.ndarray:
         """Open the connection, bring the robot to a commandable state; returns the current setpoint."""
@@ -52,8 +50,6 @@ class KinematicSimDriver(RobotDriver):
 
     The light mode for fast tests and the embedded demo; no physics, no SDK.
     """
-
-    name = "sim"
 
     def __init__(self, dim: int, initial: np.ndarray | None = None):
         self.setpoint = np.zeros(dim) if initial is None else np.asarray(initial, np.float64).copy()

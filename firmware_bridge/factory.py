@@ -1,10 +1,11 @@
-"""Drivers by robot name (the robot description's ``name``): a registry (:data:`DRIVERS`) of
+"""Drivers by kind (the robot description's ``driver.kind``): a registry (:data:`DRIVERS`) of
 builders ``(BridgeConfig) -> RobotDriver``, each in its driver's module.
 
-A new robot is its description (``vpp_edge/robots/<name>.yaml``) plus, when no shipped driver
-fits, one driver module whose builder is decorated ``@DRIVERS.register("<name>")`` and its
-line in ``DRIVERS``' built-ins below (imported only when that robot is asked for, so one
-robot's SDK is never needed to run another).
+A new robot is its description (``vpp_edge/robots/<name>.yaml``) naming a shipped driver kind
+(robots on the same hardware or simulator share one, each with its own ``driver`` settings);
+only when none fits, one driver module whose builder is decorated ``@DRIVERS.register("<kind>")``
+and its line in ``DRIVERS``' built-ins below (imported only when that kind is asked for, so
+one robot's SDK is never needed to run another).
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ DRIVERS: Registry[DriverBuilder] = Registry("robot driver", {
     "sim": "vpp_edge.firmware_bridge.driver",
     "metaworld": "vpp_edge.firmware_bridge.metaworld_sim",
     "xarm_xhand": "vpp_edge.firmware_bridge.xarm_xhand",
-    "panda": "vpp_edge.firmware_bridge.franka",
+    "franka": "vpp_edge.firmware_bridge.franka",
 })
-ROBOTS = tuple(DRIVERS.names())  # robots with a shipped driver
 
 
 @DRIVERS.register("sim")
@@ -33,5 +33,5 @@ def _sim(cfg: BridgeConfig) -> RobotDriver:  # here, not in driver.py: this modu
 
 
 def make_driver(cfg: BridgeConfig) -> RobotDriver:
-    """The driver of ``cfg.name`` (not started); ConfigError naming the known ones otherwise."""
-    return DRIVERS.get(cfg.name)(cfg)
+    """The driver of kind ``cfg.driver_kind`` (not started); ConfigError naming the known ones otherwise."""
+    return DRIVERS.get(cfg.driver_kind)(cfg)

@@ -83,8 +83,6 @@ class GripperWorker:
 
 
 class FrankaDriver(RobotDriver):
-    name = "panda"
-
     def __init__(self, settings: dict):
         self.host = settings.get("robot_ip", "172.16.0.2")
         self.realtime = bool(settings.get("realtime", True))  # False only for simulators
@@ -202,6 +200,6 @@ class FrankaDriver(RobotDriver):
         self.robot = self.gripper = self._gripper_worker = None
 
 
-@DRIVERS.register("panda")
+@DRIVERS.register("franka")
 def _build(cfg: BridgeConfig) -> RobotDriver:
     return FrankaDriver(cfg.driver)

@@ -44,8 +44,6 @@ class SimStatus:
 
 
 class MetaWorldDriver(RobotDriver):
-    name = "metaworld"
-
     def __init__(self, settings: dict):
         require("metaworld", "the MetaWorld simulator bridge")
         self.task = settings.get("task", "reach-v3")

@@ -35,8 +35,6 @@ def _ok(code: int, what: str) -> None:
 class XArmXHandDriver(RobotDriver):
     """Arm by Cartesian servo streaming, hand by position commands with kp / torque limits."""
 
-    name = "xarm_xhand"
-
     def __init__(self, settings: dict, servo_hz: float):
         if servo_hz > XARM_MAX_SERVO_HZ:
             raise DriverError(f"servo_hz {servo_hz:g} exceeds the xArm streaming limit of {XARM_MAX_SERVO_HZ:g} Hz")

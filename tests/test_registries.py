@@ -1,5 +1,6 @@
 """Extension points are registries (issue 21): a new camera kind, smoothing policy, robot driver
-or engine backend is one definition plus its registration, shown here with small examples.
+or engine backend is one definition plus its registration, shown here with small examples; a
+new robot on a shipped driver is its description alone.
 Robot side: no torch (runs under make test-robot)."""
 
 from types import SimpleNamespace
@@ -92,27 +93,77 @@ def test_a_new_smoothing_policy_is_one_class_and_its_registration():
     assert [SMOOTHING.get(n).inpaints for n in SMOOTHING] == [False, False, False, True]
 
 
-def test_drivers_are_looked_up_by_robot_name():
-    import dataclasses
+def _description(tmp_path, base: str, **changes) -> str:
+    """A robot description written to ``tmp_path``: the shipped ``base`` one with ``changes``."""
+    import yaml
 
+    from vpp_edge.robot_description import ROBOTS_DIR
+
+    data = {**yaml.safe_load((ROBOTS_DIR / f"{base}.yaml").read_text()), **changes}
+    path = tmp_path / f"{data['name']}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_a_new_robot_on_a_shipped_driver_is_its_description_alone(tmp_path):
+    """The description names its driver kind: a second Panda cell (another address) and a sim
+    variant (another rate) need no registration, each gets its own settings."""
+    from vpp_edge.firmware_bridge.config import load_bridge_config
+    from vpp_edge.firmware_bridge.driver import KinematicSimDriver
+    from vpp_edge.firmware_bridge.factory import DRIVERS, make_driver
+    from vpp_edge.firmware_bridge.franka import FrankaDriver
+    from vpp_edge.runtime.robot_config import load_robot_config
+
+    assert DRIVERS.names() == ["sim", "metaworld", "xarm_xhand", "franka"]
+    assert isinstance(make_driver(load_bridge_config("sim")), KinematicSimDriver)
+    panda = load_bridge_config("panda")
+    cell = _description(tmp_path, "panda", name="panda_cell2", driver={"kind": "franka", **panda.driver,
+                                                                       "robot_ip": "172.16.1.2"})
+    cfg = load_bridge_config(cell)
+    assert (cfg.name, cfg.driver_kind, cfg.driver["robot_ip"]) == ("panda_cell2", "franka", "172.16.1.2")
+    driver = make_driver(cfg)  # built, not connected: no robot needed
+    assert isinstance(driver, FrankaDriver) and driver.host == "172.16.1.2"
+    assert load_robot_config(cell).name == "panda_cell2"
+    fast = load_bridge_config(_description(tmp_path, "sim", name="sim_fast", control_hz=50))
+    assert fast.driver_kind == "sim" and isinstance(make_driver(fast), KinematicSimDriver)
+
+
+def test_a_new_driver_kind_is_one_builder_and_its_registration(tmp_path):
     from vpp_edge.firmware_bridge.config import load_bridge_config
     from vpp_edge.firmware_bridge.driver import KinematicSimDriver
     from vpp_edge.firmware_bridge.factory import DRIVERS, make_driver
 
-    cfg = load_bridge_config("sim")
-    assert isinstance(make_driver(cfg), KinematicSimDriver)
-    assert DRIVERS.names() == ["sim", "metaworld", "xarm_xhand", "panda"]
+    class TwinSim(KinematicSimDriver):
+        """A kind of its own (here: the sim, started where the description says)."""
 
     @DRIVERS.register("twin_sim")
     def twin(cfg):
-        return KinematicSimDriver(cfg.dim)
+        return TwinSim(cfg.dim, cfg.driver["start"])
 
     try:
-        assert isinstance(make_driver(dataclasses.replace(cfg, name="twin_sim")), KinematicSimDriver)
+        start = [0.1, 0, 0.2, 0, 0, 0, 1.0]
+        cfg = load_bridge_config(_description(tmp_path, "sim", name="twin", driver={"kind": "twin_sim",
+                                                                                      "start": start}))
+        driver = make_driver(cfg)
+        assert isinstance(driver, TwinSim) and driver.connect().tolist() == start
     finally:
         DRIVERS.unregister("twin_sim")
-    with pytest.raises(ConfigError, match="unknown robot driver 'pandaa' \\(did you mean 'panda'"):
-        make_driver(dataclasses.replace(cfg, name="pandaa"))
+
+
+def test_a_description_must_name_a_known_driver_kind(tmp_path):
+    """One line naming the closest kind and all of them; a description without a kind is
+    refused by both sides (no silent default: the kind is what moves the robot)."""
+    from vpp_edge.firmware_bridge.config import load_bridge_config
+    from vpp_edge.runtime.robot_config import load_robot_config
+
+    typo = _description(tmp_path, "panda", name="panda_typo", driver={"kind": "frankaa"})
+    with pytest.raises(ConfigError, match=r"panda_typo.yaml: driver.kind: unknown robot driver 'frankaa' "
+                                          r"\(did you mean 'franka'\?\); allowed: sim, metaworld, xarm_xhand, franka$"):
+        load_bridge_config(typo)
+    kindless = _description(tmp_path, "sim", name="kindless", driver={"robot_ip": "10.0.0.2"})
+    for load in (load_bridge_config, load_robot_config):
+        with pytest.raises(ConfigError, match=r"kindless.yaml: 'driver' must be a mapping naming its kind"):
+            load(kindless)
 
 
 def _artifact(engines=None, cpu_default=None):

@@ -61,9 +61,20 @@ class Registry(Generic[T]):
         known name and all of them otherwise."""
         self._load(name)
         if name not in self._entries:
-            names = self.names()
-            raise ConfigError(f"unknown {self.what} '{name}'{closest(name, names)}; allowed: {', '.join(names)}")
+            raise self._unknown(name)
         return self._entries[name]
+
+    def require(self, name: str) -> str:
+        """``name`` when it is known (built in or registered), checked without importing its
+        module (a config is checked where that module's SDK is absent); the error of :meth:`get`
+        otherwise."""
+        if name not in self:
+            raise self._unknown(name)
+        return name
+
+    def _unknown(self, name: str) -> ConfigError:
+        names = self.names()
+        return ConfigError(f"unknown {self.what} '{name}'{closest(name, names)}; allowed: {', '.join(names)}")
 
     def info(self, name: str) -> dict[str, Any]:
         """What was registered beside ``name`` (``register(name, **info)``)."""

@@ -13,7 +13,12 @@ and what only one side uses sits in its section::
               policy_state (optional: the policy's robot-state input)}
     bridge:  {servo_hz, state_hz, setpoint_low, setpoint_high,             # what it accepts
               max_step, max_vel, max_acc, max_tracking_error}
-    driver:  {...}                                                          # optional, bridge driver
+    driver:  {kind, ...}                                                    # the bridge's driver and its settings
+
+``driver.kind`` is required and names the bridge's driver (a name of ``DRIVERS`` in
+``firmware_bridge/factory.py``), not the robot: robots that share hardware or a simulator (a
+second Panda cell, a sim variant) share a driver kind, each with its own settings. The
+bridge refuses an unknown kind when it reads the description.
 
 Reading a description also checks that the two sides fit together: whatever the runtime's
 safety gate lets through, the bridge accepts (delta actions no larger than one accepted
@@ -95,14 +100,16 @@ def parse_state_layout(spec: Any, where: str = "policy_state",
 
 def check_robot_description(data: object, source: str, error: type[Exception]) -> None:
     """Structure, vector lengths and the fit of the runtime's limits inside the bridge's."""
-    _keys(data, (*SHARED, "runtime", "bridge"), source, error, optional=("driver",))
+    _keys(data, (*SHARED, "runtime", "bridge", "driver"), source, error)
     _keys(data["watchdog"], WATCHDOG, f"{source}: watchdog", error)
     _keys(data["runtime"], RUNTIME, f"{source}: runtime", error, optional=RUNTIME_OPTIONAL)
     if "policy_state" in data["runtime"]:
         parse_state_layout(data["runtime"]["policy_state"], f"{source}: runtime.policy_state", error)
     _keys(data["bridge"], BRIDGE, f"{source}: bridge", error)
-    if not isinstance(data.get("driver", {}), dict):
-        raise error(f"{source}: 'driver' must be a mapping")
+    driver = data["driver"]
+    if not isinstance(driver, dict) or not isinstance(driver.get("kind"), str) or not driver["kind"]:
+        raise error(f"{source}: 'driver' must be a mapping naming its kind (driver: {{kind: franka, ...settings}}), "
+                    f"got {driver!r}")
     n = data["dim"]
     if not isinstance(n, int) or n <= 0:
         raise error(f"{source}: 'dim' must be a positive integer")
@@ -140,4 +147,5 @@ def bridge_part(data: dict) -> dict:
     """The fields of the bridge's ``BridgeConfig``."""
     return {"name": data["name"], "dim": data["dim"], "delta_dims": data["delta_dims"], **data["bridge"],
             "hold_after_s": data["watchdog"]["hold_s"], "stop_after_s": data["watchdog"]["stop_s"],
-            "driver": data.get("driver", {})}
+            "driver_kind": data["driver"]["kind"],
+            "driver": {k: v for k, v in data["driver"].items() if k != "kind"}}
