@@ -55,18 +55,18 @@ def main() -> int:
 
     import zmq
 
-    from vpp_edge.firmware_bridge.bridge import Bridge, Endpoints
+    from vpp_edge.firmware_bridge.bridge import loopback_bridge
     from vpp_edge.firmware_bridge.config import load_bridge_config
-    from vpp_edge.firmware_bridge.driver import KinematicSimDriver
     from vpp_edge.runtime import protocol as P
-    from vpp_edge.runtime.link import BridgeLink
+    from vpp_edge.runtime.build import open_link
+    from vpp_edge.runtime.config import LinkConfig, RuntimeConfig
     from vpp_edge.runtime.metrics import percentiles
 
     cfg = dataclasses.replace(load_bridge_config("sim"), servo_hz=args.servo_hz, state_hz=args.servo_hz)
     ctx = zmq.Context()
-    bridge = Bridge(KinematicSimDriver(cfg.dim), cfg, Endpoints(*["tcp://127.0.0.1:*"] * 4), ctx).start()
-    ends = bridge.bound()
-    link = BridgeLink(ends.action, ends.state, ends.events, ends.command, context=ctx)
+    bridge, base = loopback_bridge(cfg, ctx)
+    bridge.start()
+    link = open_link(RuntimeConfig(robot=cfg.name, bridge=LinkConfig(base_port=base)), context=ctx)
     time.sleep(0.3)  # subscriptions settle
     link.handshake("sim", cfg.dim)
     target_ms, command_ms, lost = [], [], 0
@@ -114,7 +114,8 @@ JITTER_WINDOW_S = 0.2  # the moving average the setpoint's jitter is measured ag
 
 
 def _serve_bridge(base_port: int, rt: int, out: Path) -> int:
-    """The bridge process: serve until stdin closes, then save what the driver received."""
+    """The bridge process: serve until stdin closes, then save what the driver received (a
+    recording sim driver in place of the description's)."""
     from vpp_edge.firmware_bridge.bridge import Bridge, Endpoints
     from vpp_edge.firmware_bridge.config import load_bridge_config
     from vpp_edge.firmware_bridge.driver import KinematicSimDriver
@@ -145,8 +146,9 @@ def _serve_bridge(base_port: int, rt: int, out: Path) -> int:
     return 0
 
 
-class _LoadedPolicy:
-    """Inference that holds the GIL for ``infer_ms`` (pure Python), then plans a constant step."""
+class _GilPolicy:
+    """Inference that holds the GIL for ``infer_ms`` (pure Python), then plans a constant step
+    (a stand-in for the RuntimePolicy that build_runtime would load from an artifact)."""
 
     def __init__(self, infer_ms: float):
         from types import SimpleNamespace
@@ -173,11 +175,9 @@ def _jitter_run(stream: str, rt: int, args, tmp: Path) -> dict:
     import subprocess
 
     from vpp_edge.runtime import protocol as P
+    from vpp_edge.runtime.build import build_runtime
     from vpp_edge.runtime.cameras.base import Camera, Frame
-    from vpp_edge.runtime.link import BridgeLink
-    from vpp_edge.runtime.loop import RunOptions, Runtime
-    from vpp_edge.runtime.metrics import Metrics
-    from vpp_edge.runtime.robot_config import load_robot_config
+    from vpp_edge.runtime.config import LinkConfig, RuntimeConfig, SmoothingConfig
 
     class Cam(Camera):
         def capture_loop(self):
@@ -191,19 +191,15 @@ def _jitter_run(stream: str, rt: int, args, tmp: Path) -> dict:
     child = subprocess.Popen([sys.executable, __file__, "--serve-bridge", str(base), str(rt), str(out)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "ready"
-    ends = [P.endpoint_on("127.0.0.1", e, base) for e in (P.ACTION_ENDPOINT, P.STATE_ENDPOINT, P.EVENT_ENDPOINT,
-                                                          P.COMMAND_ENDPOINT)]
-    link = BridgeLink(*ends)
-    time.sleep(0.3)
-    metrics = Metrics()
-    runtime = Runtime(_LoadedPolicy(args.infer_ms), [Cam("bench")], load_robot_config(JITTER_ROBOT), link,
-                      RunOptions(duration_s=args.seconds, target_stream=stream, realtime_priority=rt,
-                                 margin_steps=JITTER_MARGIN_TICKS), metrics)
+    config = RuntimeConfig(robot=JITTER_ROBOT, instruction="move along x", duration_s=args.seconds,
+                           target_stream=stream, rt_priority=rt, bridge=LinkConfig(base_port=base),
+                           smoothing=SmoothingConfig(margin_steps=JITTER_MARGIN_TICKS))
     try:
-        summary = runtime.run()
+        with build_runtime(config, policy=_GilPolicy(args.infer_ms), cameras=[Cam("bench")]) as built:
+            time.sleep(0.3)  # subscriptions settle
+            summary = built.run()
+            control_jitter = list(built.metrics.series.get("jitter_ms", []))
     finally:
-        metrics.close()
-        link.close()
         child.stdin.close()
     counts = json.loads(child.stdout.readline())
     realtime = child.stdout.readline().strip()
@@ -229,7 +225,7 @@ def _jitter_run(stream: str, rt: int, args, tmp: Path) -> dict:
     return {
         "stream": stream, "rt_priority": rt, "servo_ticks": int(steady.sum()), "step_dev": step_dev.tolist(),
         "period_dev": (np.abs(dt - servo_dt) * 1e3).tolist(), "position_dev": residual.tolist(),
-        "stalled": (np.abs(dx) < 1e-9).tolist(), "control_jitter": list(runtime.metrics.series.get("jitter_ms", [])),
+        "stalled": (np.abs(dx) < 1e-9).tolist(), "control_jitter": control_jitter,
         "runtime_realtime_denied": int(summary["counts"].get("realtime_denied", 0)),
         "starved_ticks": int(summary["counts"].get("starvation", 0)),
         "bridge_realtime": realtime,

@@ -49,16 +49,13 @@ def main() -> int:
 
     from vpp_edge.demo_data import default_episode
     from vpp_edge.episodes import load_episode
-    from vpp_edge.firmware_bridge.bridge import Bridge, Endpoints
+    from vpp_edge.firmware_bridge.bridge import loopback_bridge
     from vpp_edge.firmware_bridge.config import load_bridge_config
-    from vpp_edge.firmware_bridge.driver import KinematicSimDriver
+    from vpp_edge.runtime.build import build_runtime, load_policy
     from vpp_edge.runtime.cameras import ReplayCameras
+    from vpp_edge.runtime.config import LinkConfig, RuntimeConfig, SmoothingConfig
     from vpp_edge.runtime.engines.onnxruntime import OrtEngine
-    from vpp_edge.runtime.engines.torch_backend import TorchEngine
-    from vpp_edge.runtime.link import BridgeLink
-    from vpp_edge.runtime.build import build_runtime
-    from vpp_edge.runtime.config import RuntimeConfig, SmoothingConfig
-    from vpp_edge.runtime.metrics import Metrics, percentiles
+    from vpp_edge.runtime.metrics import percentiles
     from vpp_edge.runtime.policy import RuntimePolicy
     from vpp_edge.runtime.robot_config import load_robot_config
 
@@ -69,9 +66,8 @@ def main() -> int:
     obs = sample_observations(artifact.preset.num_views, artifact.preset.image_size, 1)[0]
 
     results: dict = {"machine": {"threads": args.threads}, "preset": artifact.preset.name}
-    engines = {"onnxruntime_fp32": OrtEngine(artifact, "fp32", threads=args.threads).load(),
-               "pytorch_eager_fp32": TorchEngine(artifact, "fp32", checkpoint=ckpt).load()}
-    policies = {name: RuntimePolicy(artifact, eng, seed=0) for name, eng in engines.items()}
+    policies = {"onnxruntime_fp32": load_policy(artifact, "onnxruntime", "fp32", args.threads).runtime,
+                "pytorch_eager_fp32": load_policy(artifact, "torch", "fp32", checkpoint=ckpt).runtime}
     for p in policies.values():
         p.set_instruction(obs.instruction)
         p.infer(obs.frames)  # warm-up
@@ -95,29 +91,23 @@ def main() -> int:
         """The runtime ``config`` describes (built as vpp run builds it) against a sim bridge over
         loopback ZeroMQ; its summary."""
         ctx = zmq.Context()
-        any_ = Endpoints(*(["tcp://127.0.0.1:*"] * 4))
-        bridge = Bridge(KinematicSimDriver(7), load_bridge_config("sim"), any_, ctx).start()
-        ends = bridge.bound()
-        link = BridgeLink(ends.action, ends.state, ends.events, ends.command, context=ctx)
-        metrics = Metrics()
+        bridge, base = loopback_bridge(load_bridge_config("sim"), ctx)
+        bridge.start()
         cams = [ReplayCameras(episode, artifact.preset.num_views, artifact.preset.image_size)]
+        config = config.replace(instruction=obs.instruction, bridge=LinkConfig(base_port=base))
         try:
-            return build_runtime(config.replace(instruction=obs.instruction), policy=policy, cameras=cams, link=link,
-                                 metrics=metrics, robot=robot, set_instruction=False).run()
+            with build_runtime(config, policy=policy, cameras=cams, robot=robot, set_instruction=False) as built:
+                return built.run()
         finally:
-            metrics.close()
-            link.close()
             bridge.close()
             ctx.destroy(linger=0)
 
     # Control loop at 50 Hz with inference running back to back, per engine.
-    from vpp_edge.runtime.engines import create_engine
-
     results["control_loop_50hz"] = {}
     for spec in args.loop_engines.split(","):
         backend, precision, *extra = spec.split(":")
         options = {"threads": args.threads, **{k: int(v) for k, v in (o.split("=") for o in extra)}}
-        loop_policy = RuntimePolicy(artifact, create_engine(artifact, backend, precision, **options).load())
+        loop_policy = load_policy(artifact, backend, precision, **options).runtime
         loop_policy.set_instruction(obs.instruction)
         summary = closed_loop(loop_policy, dataclasses.replace(load_robot_config("sim"), control_hz=50.0),
                               RuntimeConfig(duration_s=args.loop_seconds, rt_priority=args.rt_priority,
@@ -139,7 +129,7 @@ def main() -> int:
     results["starvation_10hz"] = []
     for target_ms in [float(v) for v in args.inject_ms.split(",") if v]:
         for smoothing in ("crossfade", "rtc"):
-            engine = PaddedOrt(artifact, "fp32", threads=args.threads).load()
+            engine = PaddedOrt(artifact, "fp32", threads=args.threads).load()  # a padded engine: not a backend
             engine.pad_s = max(0.0, target_ms - base_ms) / 1e3
             policy = RuntimePolicy(artifact, engine, seed=0)
             policy.set_instruction(obs.instruction)

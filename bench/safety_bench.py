@@ -35,12 +35,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the property tests' mutator (tests/test_protocol_fuzz.py)
 
-# A runtime in its own process: hello, then a zero target every 0.1 s until killed or frozen.
+# A runtime in its own process: hello, then a zero target every 0.1 s until killed or frozen;
+# its link is the one vpp run opens (runtime/build.py) from a config (argv: the bridge's base port).
 RUNTIME_SCRIPT = """
 import sys, time, numpy as np
-from vpp_edge.runtime.link import BridgeLink
 from vpp_edge.runtime import protocol as P
-link = BridgeLink(*sys.argv[1:5])
+from vpp_edge.runtime.build import open_link
+from vpp_edge.runtime.config import LinkConfig, RuntimeConfig
+link = open_link(RuntimeConfig(bridge=LinkConfig(base_port=int(sys.argv[1]))))
 link.handshake("sim", 7)
 print("ready", flush=True)
 while True:
@@ -56,26 +58,32 @@ def rss_mb() -> float:
     return float("nan")
 
 
+def sim_rig(ctx):
+    """(bridge, runtime config): the sim bridge on loopback, started, and a runtime config
+    that reaches it (its link: ``open_link(config)``, the one vpp run opens)."""
+    from vpp_edge.firmware_bridge.bridge import loopback_bridge
+    from vpp_edge.firmware_bridge.config import load_bridge_config
+    from vpp_edge.runtime.config import LinkConfig, RuntimeConfig
+
+    bridge, base = loopback_bridge(load_bridge_config("sim"), ctx)
+    return bridge.start(), RuntimeConfig(robot="sim", bridge=LinkConfig(base_port=base))
+
+
 def fuzz(n: int, seed: int) -> dict:
     import msgpack
     import zmq
 
     from tests.test_protocol_fuzz import mutate
-    from vpp_edge.firmware_bridge.bridge import Bridge, Endpoints
-    from vpp_edge.firmware_bridge.config import load_bridge_config
-    from vpp_edge.firmware_bridge.driver import KinematicSimDriver
     from vpp_edge.runtime import protocol as P
+    from vpp_edge.runtime.build import open_link
     from vpp_edge.runtime.cameras.network import ZmqCameras
     from vpp_edge.runtime.link import BridgeLink
     from vpp_edge.runtime.transport import make_socket, recv
 
     rng = random.Random(seed)
-    cfg = load_bridge_config("sim")
     ctx = zmq.Context()
-    driver = KinematicSimDriver(cfg.dim)
-    bridge = Bridge(driver, cfg, Endpoints(*["tcp://127.0.0.1:*"] * 4), ctx).start()
-    ends = bridge.bound()
-    link = BridgeLink(ends.action, ends.state, ends.events, ends.command, context=ctx)
+    bridge, config = sim_rig(ctx)
+    cfg, driver, ends, link = bridge.cfg, bridge.driver, bridge.bound(), open_link(config, context=ctx)
     time.sleep(0.3)
     link.handshake("sim", cfg.dim)
     out: dict = {}
@@ -124,7 +132,7 @@ def fuzz(n: int, seed: int) -> dict:
     before = rss_mb()
     pub = make_socket(ctx, zmq.PUB, "tcp://127.0.0.1:*", bind=True)
     ep = pub.getsockopt(zmq.LAST_ENDPOINT).decode()
-    victim = BridgeLink(ends.action, ep, ends.events, ends.command, context=ctx)
+    victim = BridgeLink(ends.action, ep, ends.events, ends.command, context=ctx)  # a hostile state publisher
     victim.action_dim = 7
     time.sleep(0.3)
     taken = bad_taken = 0
@@ -164,18 +172,14 @@ def fuzz(n: int, seed: int) -> dict:
 def faults(trials: int) -> dict:
     import zmq
 
-    from vpp_edge.firmware_bridge.bridge import Bridge, Endpoints
-    from vpp_edge.firmware_bridge.config import load_bridge_config
-    from vpp_edge.firmware_bridge.driver import KinematicSimDriver
     from vpp_edge.runtime import protocol as P
-    from vpp_edge.runtime.link import BridgeLink
+    from vpp_edge.runtime.build import open_link
     from vpp_edge.runtime.transport import make_socket, recv
 
-    cfg = load_bridge_config("sim")
     ctx = zmq.Context()
-    bridge = Bridge(KinematicSimDriver(cfg.dim), cfg, Endpoints(*["tcp://127.0.0.1:*"] * 4), ctx).start()
-    ends = bridge.bound()
-    events = make_socket(ctx, zmq.SUB, ends.events, bind=False, timeout_ms=50)
+    bridge, config = sim_rig(ctx)
+    cfg = bridge.cfg
+    events = make_socket(ctx, zmq.SUB, bridge.bound().events, bind=False, timeout_ms=50)
     time.sleep(0.3)
 
     def wait_for(kinds: set[str], limit_s: float) -> dict[str, float]:
@@ -199,8 +203,8 @@ def faults(trials: int) -> dict:
         for _ in range(trials):
             proc = link = None
             if fault in ("dead_sigkill", "frozen_sigstop"):
-                proc = subprocess.Popen([sys.executable, "-c", RUNTIME_SCRIPT, ends.action, ends.state, ends.events,
-                                         ends.command], stdout=subprocess.PIPE, text=True)
+                proc = subprocess.Popen([sys.executable, "-c", RUNTIME_SCRIPT, str(config.bridge.base_port)],
+                                        stdout=subprocess.PIPE, text=True)
                 assert proc.stdout.readline().strip() == "ready"
                 time.sleep(0.5)  # tracking
                 drain()
@@ -208,7 +212,7 @@ def faults(trials: int) -> dict:
                 os.kill(proc.pid, signal.SIGKILL if fault == "dead_sigkill" else signal.SIGSTOP)
                 seen = wait_for({"watchdog_hold", "watchdog_stop"}, cfg.stop_after_s + 2)
             else:
-                link = BridgeLink(ends.action, ends.state, ends.events, ends.command, context=ctx)
+                link = open_link(config, context=ctx)
                 link.handshake("sim", 7)
                 for _ in range(5):
                     link.send_target(zero, P.now(), 0.1)

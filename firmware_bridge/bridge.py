@@ -60,6 +60,7 @@ from vpp_edge.runtime.transport import CurveKeys, authenticate, make_socket, sen
 
 from .config import BridgeConfig
 from .driver import RobotDriver
+from .factory import make_driver
 from .servo import LimitedInterpolator, WaypointSchedule
 
 log = logging.getLogger(__name__)
@@ -615,6 +616,18 @@ class Bridge:
         with self._lock:
             events, self._pending_events = self._pending_events, []
         self._send_events(events, now)
+
+
+def loopback_bridge(cfg: BridgeConfig, context: zmq.Context | None = None, driver: RobotDriver | None = None,
+                    **options) -> tuple[Bridge, int]:
+    """A bridge (not started) for ``cfg`` on loopback at the first free base port, and that
+    port: a runtime config whose ``bridge.base_port`` is it reaches this bridge as ``vpp run``
+    reaches a robot's (runtime/build.py). Its driver is the description's kind unless
+    ``driver`` is given (a test double); ``options`` go to :class:`Bridge`. For benchmarks,
+    evaluations and tests that run the bridge in their own process."""
+    base = P.free_base_port()
+    return Bridge(driver if driver is not None else make_driver(cfg), cfg, Endpoints.on("127.0.0.1", base), context,
+                  **options), base
 
 
 def _vector(values: object) -> np.ndarray:

@@ -56,13 +56,14 @@ class LoadedPolicy:
 
 
 def load_policy(artifact: Any, backend: str = "auto", precision: str | None = None, threads: int = 0,
-                seed: int = 0, cls: type[LoadedPolicy] = LoadedPolicy) -> LoadedPolicy:
+                seed: int = 0, cls: type[LoadedPolicy] = LoadedPolicy, **options: Any) -> LoadedPolicy:
     """An opened artifact on ``backend`` at ``precision`` (default: the backend's) with
-    ``threads`` CPU inference threads and noise seed ``seed``, loaded, as ``cls``."""
+    ``threads`` CPU inference threads and noise seed ``seed``, loaded, as ``cls``; ``options``
+    go to the engine's builder (e.g. the torch backend's ``checkpoint``)."""
     from .engines import create_engine
     from .policy import RuntimePolicy
 
-    engine = create_engine(artifact, backend, precision, threads=threads).load()
+    engine = create_engine(artifact, backend, precision, threads=threads, **options).load()
     try:
         return cls(engine, RuntimePolicy(artifact, engine, seed=seed))
     except BaseException:
@@ -85,6 +86,19 @@ def run_options(config: RuntimeConfig, stop_when: Callable[[], bool] | None = No
                       margin_steps=s.margin_steps, ensemble_m=s.ensemble_m, action_dt=s.action_dt,
                       realtime_priority=config.rt_priority, target_stream=config.target_stream,
                       stop_when=stop_when, tick_record_every=tick_record_every)
+
+
+def open_link(config: RuntimeConfig, *, curve: Any = None, context: Any = None):
+    """The link to the config's bridge (``bridge.host`` at ``bridge.base_port``, else
+    ``$VPP_BASE_PORT``, else the default ports); ``curve``: its CurveZMQ keys; ``context``:
+    a ZeroMQ context to share (an in-process bridge's)."""
+    from . import protocol as P
+    from .link import BridgeLink
+
+    base = config.bridge.base_port if config.bridge.base_port is not None else P.base_port_from_env()
+    ends = (P.ACTION_ENDPOINT, P.STATE_ENDPOINT, P.EVENT_ENDPOINT, P.COMMAND_ENDPOINT)
+    return BridgeLink(*(P.endpoint_on(config.bridge.host, e, base) for e in ends), context=context, curve=curve,
+                      insecure=config.bridge.insecure)
 
 
 def replay_episode(config: RuntimeConfig, episode: Any = None):
@@ -158,7 +172,6 @@ def build_runtime(config: RuntimeConfig, *, policy: Any = None, cameras: Sequenc
     from vpp_edge.preprocess import source_sizes
 
     from .cameras.factory import make_cameras
-    from .link import BridgeLink
     from .loop import Runtime
     from .metrics import Metrics
     from .robot_config import load_robot_config
@@ -188,12 +201,7 @@ def build_runtime(config: RuntimeConfig, *, policy: Any = None, cameras: Sequenc
         if set_instruction:
             runtime_policy.set_instruction(instruction)
         if link is None:
-            from . import protocol as P
-
-            base = config.bridge.base_port if config.bridge.base_port is not None else P.base_port_from_env()
-            ends = (P.ACTION_ENDPOINT, P.STATE_ENDPOINT, P.EVENT_ENDPOINT, P.COMMAND_ENDPOINT)
-            link = BridgeLink(*(P.endpoint_on(config.bridge.host, e, base) for e in ends), curve=curve,
-                              insecure=config.bridge.insecure)
+            link = open_link(config, curve=curve)
             owned.append(link)
         if metrics is None:
             metrics = make_metrics(list(cameras)) if make_metrics is not None else Metrics()

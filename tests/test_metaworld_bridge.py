@@ -3,6 +3,7 @@ MetaWorld's own success flag reports the task, rendered views stream to the runt
 network camera, and the bridge's limits still apply."""
 
 import ctypes.util
+import dataclasses
 import time
 
 import numpy as np
@@ -10,29 +11,29 @@ import pytest
 import zmq
 
 from vpp_edge.extras import is_available
-from vpp_edge.firmware_bridge.bridge import Bridge, Endpoints
+from vpp_edge.firmware_bridge.bridge import loopback_bridge
 from vpp_edge.firmware_bridge.config import load_bridge_config
-from vpp_edge.firmware_bridge.metaworld_sim import MetaWorldDriver
 from vpp_edge.runtime import protocol as P
+from vpp_edge.runtime.build import open_link
 from vpp_edge.runtime.cameras import StaleFrameError
 from vpp_edge.runtime.cameras.network import ZmqCameras
-from vpp_edge.runtime.link import BridgeLink
+from vpp_edge.runtime.config import LinkConfig, RuntimeConfig
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not is_available("metaworld"), reason="metaworld is not installed (make install)"),
               pytest.mark.skipif(ctypes.util.find_library("EGL") is None,
                                  reason="no libEGL for off-screen rendering (make system-deps)")]
-ANY = Endpoints(*["tcp://127.0.0.1:*"] * 5)
 
 
 def test_reach_task_succeeds_through_the_bridge_with_streamed_cameras():
     cfg = load_bridge_config("metaworld")
-    driver = MetaWorldDriver({**cfg.driver, "image_size": 64, "seed": 3})
+    cfg = dataclasses.replace(cfg, driver={**cfg.driver, "image_size": 64, "seed": 3})
     ctx = zmq.Context()
-    with Bridge(driver, cfg, ANY, ctx) as bridge:
-        ends = bridge.bound()
-        link = BridgeLink(ends.action, ends.state, ends.events, ends.command, context=ctx)
-        cams = ZmqCameras(ends.camera, views=2, size=32, context=ctx).start()
+    bridge, base = loopback_bridge(cfg, ctx)  # the description's driver (kind metaworld) with these settings
+    driver = bridge.driver
+    with bridge:
+        link = open_link(RuntimeConfig(robot="metaworld", bridge=LinkConfig(base_port=base)), context=ctx)
+        cams = ZmqCameras(bridge.bound().camera, views=2, size=32, context=ctx).start()
         try:
             assert link.handshake("metaworld", 4)["robot"] == "metaworld"
             goal = driver._env.unwrapped._target_pos.copy()  # the world knows where the goal is
