@@ -10,7 +10,6 @@ Two forms are stored:
 
 from __future__ import annotations
 
-import hashlib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,14 +187,3 @@ def load_feeds(path: str | Path) -> list[dict[str, np.ndarray]]:
     if len(n) != 1:
         raise DataError(f"{path}: inputs have different sample counts {sorted(n)}")
     return [{k: v[i] for k, v in arrays.items()} for i in range(n.pop())]
-
-
-def feeds_digest(feeds: Sequence[dict[str, np.ndarray]]) -> str:
-    """sha256 over a feed list (names, shapes, dtypes and bytes)."""
-    h = hashlib.sha256()
-    for feed in feeds:
-        for name in sorted(feed):
-            a = np.ascontiguousarray(feed[name])
-            h.update(f"{name}:{a.dtype}:{a.shape};".encode())
-            h.update(a.tobytes())
-    return h.hexdigest()

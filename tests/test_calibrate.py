@@ -195,7 +195,7 @@ def test_derived_policies_keep_the_trained_weights(micro_policy):
 
 
 def test_graph_fingerprints_tell_which_graphs_a_knob_changes(micro_policy):
-    from vpp_edge.calibrate.builder import graph_fingerprint
+    from vpp_edge.export.graph_cache import graph_fingerprint
     from vpp_edge.calibrate.variants import derive_policy, variant_noise
     from vpp_edge.export.graphs import GRAPHS, reference_run
 
