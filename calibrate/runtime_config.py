@@ -32,7 +32,7 @@ import yaml
 
 from vpp_edge import precisions
 from vpp_edge.errors import ConfigError
-from vpp_edge.runtime.config import (FORMAT_NAME, FORMAT_VERSION, READS_VERSIONS, RuntimeConfig,  # noqa: F401
+from vpp_edge.runtime.config import (FORMAT_NAME, FORMAT_VERSION, READS_VERSIONS, RuntimeConfig,
                                      config_from_dict)
 from vpp_edge.runtime.config import write_runtime_config as _write
 from vpp_edge.runtime.manifest import ArtifactError, read_manifest
