@@ -175,7 +175,7 @@ class PointRunner:
                  calibration_set: Path | None, heldout_set: Path | None, status: Callable[[str], None]):
         import torch
 
-        from vpp_edge.export.artifact import load_options
+        from vpp_edge.export.options import load_options
         from vpp_edge.export.graphs import reference_run
 
         from .builder import ArtifactBuilder

@@ -51,18 +51,19 @@ def exported(request, tmp_path_factory):
     Without torch (the robot-side tests under Python 3.10): the artifact that
     `make test-robot` exported with the workstation's Python (VPP_TEST_ARTIFACT, FP32)."""
     if torch is None:
-        from vpp_edge.export.manifest import read_manifest
+        from vpp_edge.runtime.manifest import read_manifest
 
         prebuilt = os.environ.get("VPP_TEST_ARTIFACT")
         if not prebuilt:
             pytest.skip("no torch here to export the test artifact: set VPP_TEST_ARTIFACT (make test-robot does)")
         return Path(prebuilt), read_manifest(prebuilt)
-    from vpp_edge.export import artifact as art
+    from vpp_edge.export.artifact import export_artifact
+    from vpp_edge.export.options import load_options
 
     policy, tok = request.getfixturevalue("tiny_policy")
     out = tmp_path_factory.mktemp("artifacts") / "tiny"
-    options = art.load_options(parity_samples=1, calibration_samples=2)
-    manifest = art.export_artifact(policy, tok, out, options, source="test", progress=False)
+    options = load_options(parity_samples=1, calibration_samples=2)
+    manifest = export_artifact(policy, tok, out, options, source="test", progress=False)
     return out, manifest
 
 
@@ -70,7 +71,8 @@ def exported(request, tmp_path_factory):
 def exported_xhand(tiny_preset, tmp_path_factory):
     """The tiny architecture with the xArm + XHand action space (18), FP32 only, its action
     normaliser spanning the robot config's action bounds."""
-    from vpp_edge.export import artifact as art
+    from vpp_edge.export.artifact import export_artifact
+    from vpp_edge.export.options import load_options
     from vpp_edge.normalization import ActionNormalizer
     from vpp_edge.runtime.robot_config import load_robot_config
     from vpp_edge.training.models import build_policy
@@ -80,8 +82,8 @@ def exported_xhand(tiny_preset, tmp_path_factory):
     norm = ActionNormalizer(mode="bounds", low=tuple(robot.action_low), high=tuple(robot.action_high))
     policy, tok = build_policy(preset, seed=0, normalizer=norm)
     out = tmp_path_factory.mktemp("artifacts") / "tiny_xhand"
-    options = art.load_options(precisions=["fp32"], parity_samples=1)
-    art.export_artifact(policy, tok, out, options, source="test", progress=False)
+    options = load_options(precisions=["fp32"], parity_samples=1)
+    export_artifact(policy, tok, out, options, source="test", progress=False)
     return out
 
 

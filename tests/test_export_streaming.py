@@ -22,7 +22,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from vpp_edge.export import external_data, onnx_io, tempdirs
-from vpp_edge.export.manifest import ArtifactError, sha256_file, verify_entry
+from vpp_edge.runtime.manifest import ArtifactError, sha256_file, verify_entry
 from vpp_edge.export.options import load_options, precisions_for
 
 KEEP = ["LayerNormalization", "Softmax"]

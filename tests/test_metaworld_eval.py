@@ -39,7 +39,8 @@ def test_oracle_demos_are_recorded_in_the_sample_format(tmp_path):
 
 def test_closed_loop_evaluation_runs_the_runtime_against_the_simulator(tmp_path, exported):
     from vpp_edge.evaluation.metaworld import EvalOptions, evaluate, write_report
-    from vpp_edge.export import artifact as art
+    from vpp_edge.export.artifact import export_artifact
+    from vpp_edge.export.options import load_options
     from vpp_edge.presets import get_preset
     from vpp_edge.training.models import build_policy
 
@@ -48,7 +49,7 @@ def test_closed_loop_evaluation_runs_the_runtime_against_the_simulator(tmp_path,
 
     policy, tokenizer = build_policy(get_preset("metaworld_tiny"), seed=0)
     out = tmp_path / "mw"
-    art.export_artifact(policy, tokenizer, out, art.load_options(precisions=["fp32"], parity_samples=1),
+    export_artifact(policy, tokenizer, out, load_options(precisions=["fp32"], parity_samples=1),
                         source="test", progress=False)
     videos = tmp_path / "videos"
     results = evaluate(out, EvalOptions(tasks=("reach-v3",), episodes=2, max_steps=40, video_dir=str(videos)),

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from vpp_edge.errors import MissingDependencyError
-from vpp_edge.export.manifest import ArtifactError
 from vpp_edge.export.parity import compare
 from vpp_edge.runtime.artifact import Artifact
 from vpp_edge.runtime.engines import available_backends, create_engine
 from vpp_edge.runtime.engines.onnxruntime import OrtEngine
+from vpp_edge.runtime.manifest import ArtifactError
 from vpp_edge.runtime.policy import EngineOutputError, RuntimePolicy
 from vpp_edge.training.checkpoints import save_checkpoint
 
