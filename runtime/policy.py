@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vpp_edge.errors import VPPError
-from vpp_edge.normalization import StateError
+from vpp_edge.normalization import StateError, from_commands, to_commands
 
 from .artifact import Artifact
 from .engines.base import Engine
@@ -64,7 +64,9 @@ class RuntimePolicy:
 
         ``state``: the raw robot state [proprio_dim] for a policy that takes one; checked
         (shape, finite, range: :class:`~vpp_edge.normalization.StateError`) and normalised with
-        the artifact's state bounds, as the official real-robot code does.
+        the artifact's state bounds, as the official real-robot code does. With the preset's
+        ``action_base`` 'state' the chunk's actions are the de-normalised prediction plus this
+        raw state (the official XBot commands).
 
         ``prefix``: actions (robot units, [k, A]) the robot will still execute at this
         chunk's first k ticks; the sampler inpaints them (real-time chunking), holding the
@@ -87,7 +89,9 @@ class RuntimePolicy:
                         if action_noise is None else action_noise)
         timings: dict[str, float] = {}
         condition, goal = self._text
-        known = None if prefix is None or not len(prefix) else ((prefix - self.offset) / self.scale).astype(np.float32)
+        rule = self.preset.action_base  # robot units = to_commands(normalised * scale + offset)
+        known = (None if prefix is None or not len(prefix)
+                 else ((from_commands(prefix, rule, state) - self.offset) / self.scale).astype(np.float32))
         weights = None if known is None else inpainting_weights(len(known), delay_steps)
         normalized = predict_actions(timed(self.engine.run, timings), condition, goal, frames[None], noise,
                                      action_noise, self.artifact.sigmas, self.artifact.action_mode, known,
@@ -95,5 +99,5 @@ class RuntimePolicy:
         if normalized.shape != self.action_shape[1:] or not np.all(np.isfinite(normalized)):
             raise EngineOutputError(f"engine '{self.engine.backend}' returned an invalid chunk "
                                     f"(shape {normalized.shape}, finite={bool(np.all(np.isfinite(normalized)))})")
-        actions = (normalized * self.scale + self.offset).astype(np.float32)
+        actions = to_commands(normalized * self.scale + self.offset, rule, state)
         return Chunk(actions=actions, normalized=normalized.astype(np.float32), timings_ms=timings)

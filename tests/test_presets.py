@@ -69,6 +69,8 @@ def test_presets_mirror_the_official_configs_field_by_field(name):
     assert p.text.goal_length == 77  # clip.tokenize's context (the official goal pass)
     # The robot state reaches the action head exactly where the official policy class feeds state_obs.
     assert p.action_head.use_proprio == config["uses_state_obs"], "use_proprio mirrors the official state_obs use"
+    # The commands are the actions plus the state exactly where the official deployment adds it.
+    assert p.action_base == config.get("action_base", "none"), "action_base mirrors the official deployment"
     assert "use_Former" not in m or m["use_Former"] == "3d"
 
 

@@ -216,3 +216,111 @@ def test_vpp_predict_takes_the_state_and_its_bounds(tiny_preset, demo_episode, t
     assert "robot state refused: shape" in capsys.readouterr().err
     assert main(["predict", "--episode", str(demo_episode), "--repeat", "1", "--state", "0.1"]) != 0
     assert "takes no robot state" in capsys.readouterr().err
+
+
+# ---- actions relative to the state (official XBot: action_base 'state') ------------------
+
+def official_denormalize_bound(data, data_min, data_max, clip_min=-1, clip_max=1):
+    """step3_deploy_real_xbot.py XbotAgent.denormalize_bound, written out here independently."""
+    return (data - clip_min) / (clip_max - clip_min) * (data_max - data_min) + data_min
+
+
+def official_absolute_action(prediction, state, a_min, a_max):
+    """step3_deploy_real_xbot.py caculate_absolute_action: de-normalise, then add the raw state."""
+    return official_denormalize_bound(prediction, a_min, a_max) + state
+
+
+# Action bounds of XBot's kind (action_01 / action_99 of relative actions: around zero, uneven).
+A_MIN = np.array([-0.14, -0.15, -0.10, -0.19, -0.23, -0.18, -0.09])
+A_MAX = np.array([0.16, 0.18, 0.16, 0.15, 0.24, 0.18, 0.13])
+
+
+@pytest.fixture(scope="module")
+def relative_policy(state_policy, tiny_preset):
+    """The state policy's weights under a preset whose actions are relative to the state, with bounds."""
+    from vpp_edge.normalization import ActionNormalizer
+    from vpp_edge.training.models.policy import VPPPolicy
+
+    policy, tok = state_policy
+    preset = policy.preset.replace(name="tiny_relative", action_base="state")
+    rel = VPPPolicy(preset, policy.text_encoder, policy.tvp,
+                    ActionNormalizer(mode="bounds", low=tuple(A_MIN), high=tuple(A_MAX)), BOUNDS)
+    rel.load_state_dict(policy.state_dict())
+    return rel.eval(), tok
+
+
+@pytest.fixture(scope="module")
+def relative_artifact(relative_policy, tmp_path_factory):
+    from vpp_edge.export import artifact as art
+
+    policy, tok = relative_policy
+    out = tmp_path_factory.mktemp("artifacts") / "tiny_relative"
+    art.export_artifact(policy, tok, out, art.load_options(precisions=["fp32"], parity_samples=1),
+                        source="test", progress=False)
+    return out
+
+
+def test_the_xbot_preset_sends_actions_relative_to_the_state():
+    from vpp_edge.errors import PresetError
+    from vpp_edge.normalization import from_commands, to_commands
+    from vpp_edge.presets import get_preset
+
+    assert get_preset("xbot").action_base == "state"
+    assert {get_preset(n).action_base for n in ("calvin", "xhand", "metaworld", "panda", "tiny")} == {"none"}
+    actions, state = np.arange(6.0).reshape(2, 3), np.array([10.0, 20.0, 30.0, 99.0])
+    # The first A state values (the official action_base = state[:, :a_dim]), added to every row.
+    np.testing.assert_array_equal(to_commands(actions, "state", state), actions + [10, 20, 30])
+    np.testing.assert_array_equal(from_commands(to_commands(actions, "state", state), "state", state), actions)
+    np.testing.assert_array_equal(to_commands(actions, "none", None), actions)
+    with pytest.raises(StateError, match="^missing:"):
+        to_commands(actions, "state", None)
+    with pytest.raises(StateError, match="^shape:"):
+        to_commands(actions, "state", state[:2])
+    tiny = get_preset("tiny")
+    with pytest.raises(PresetError, match="action_base 'state' .* needs action_head.use_proprio"):
+        tiny.replace(action_base="state")
+    with pytest.raises(PresetError, match="proprio_dim >= action_dim"):
+        tiny.replace(action_base="state", action_head={"use_proprio": True, "proprio_dim": 3})
+    with pytest.raises(PresetError, match="action_base 'joints' unknown"):
+        tiny.replace(action_base="joints")
+
+
+def test_relative_actions_are_the_official_commands_on_pytorch_graphs_and_runtime(relative_policy,
+                                                                                  relative_artifact):
+    """PyTorch (vpp predict's path), the exported graphs through the runtime, and the official
+    rule computed here from the normalised prediction: the same commands; the runtime's
+    real-time-chunking prefix (commands) goes back relative to the same state."""
+    policy, tok = relative_policy
+    artifact = Artifact.open(relative_artifact)
+    assert artifact.manifest["preset"]["action_base"] == "state" and artifact.preset.action_base == "state"
+    frames, noise = frames_of(policy.preset, 2), policy.make_noise(1, 3)
+    low, high = np.array(BOUNDS.low), np.array(BOUNDS.high)
+    state = low + 0.7 * (high - low)
+    with torch.no_grad():  # the official path: normalised prediction, then caculate_absolute_action
+        ids, mask = (torch.from_numpy(a) for a in tok([INSTRUCTION]))
+        x = torch.from_numpy(frames)[None].permute(0, 1, 4, 2, 3).float() * (2 / 255) - 1
+        condition, goal = policy.encode_text(ids, mask)
+        tokens = policy.former(policy.predictive_features(x, condition, noise.tvp))
+        norm_state = torch.from_numpy(official_normalize_bound(state, low, high)).float()[None]
+        prediction = policy.sample_actions(tokens, goal, noise.action, norm_state)[0].double().numpy()
+    official = official_absolute_action(prediction, state[None], A_MIN[None], A_MAX[None])
+    assert np.abs(official - official_denormalize_bound(prediction, A_MIN, A_MAX)).min() > 0.1, "the state is added"
+
+    torch_actions = TorchPredictor(policy, tok).predict(frames, INSTRUCTION, seed=3, state=state).actions
+    assert np.abs(torch_actions - official).max() < 1e-4
+    with create_engine(artifact, "onnxruntime") as engine:
+        runtime = RuntimePolicy(artifact, engine)
+        runtime.set_instruction(INSTRUCTION)
+        for mode in ("sampler", "step"):
+            runtime.artifact.manifest["action_mode"] = mode
+            chunk = runtime.infer(frames, noise.tvp.numpy(), noise.action.numpy(), state=state)
+            assert np.abs(chunk.actions - official).max() < 1e-4, mode
+            np.testing.assert_allclose(chunk.normalized, prediction, atol=1e-4)
+        # Commands the robot still executes, held firmly: the new chunk starts with them exactly,
+        # which it does only if they were taken relative to this state before inpainting.
+        prefix = official[:3] + 0.01
+        held = runtime.infer(frames, noise.tvp.numpy(), noise.action.numpy(), prefix=prefix, delay_steps=3,
+                             state=state).actions
+        np.testing.assert_allclose(held[:3], prefix, atol=1e-4)
+        with pytest.raises(StateError, match="^missing:"):
+            runtime.infer(frames)

@@ -10,6 +10,7 @@ import torch
 
 from vpp_edge.episodes import Episode
 from vpp_edge.errors import DataError
+from vpp_edge.normalization import to_commands
 from vpp_edge.preprocess import prepare_frame, to_model_input
 from vpp_edge.tokenizer import InstructionTokenizer
 
@@ -20,7 +21,8 @@ STAGES = ("text", "tvp", "former", "action_head")
 
 @dataclass
 class Prediction:
-    """A de-normalised action chunk [T, A] and the wall time of each stage in ms."""
+    """The action chunk [T, A] in robot units (de-normalised; commands per the preset's
+    ``action_base``) and the wall time of each stage in ms."""
 
     actions: np.ndarray
     timings_ms: dict[str, float] = field(default_factory=dict)
@@ -54,7 +56,8 @@ class TorchPredictor:
 
         ``state``: the raw robot state [proprio_dim] of a policy with ``action_head.use_proprio``
         (normalised here with the policy's state statistics; refused without it or for a
-        policy that takes none)."""
+        policy that takes none); with the preset's ``action_base`` 'state' the actions are the
+        commands relative to it (de-normalised prediction + state, as the official XBot)."""
         p = self.policy.preset
         expected = (p.num_views, p.image_size, p.image_size, 3)
         if frames.shape != expected or frames.dtype != np.uint8:
@@ -73,7 +76,8 @@ class TorchPredictor:
             tokens, goal, noise.action.to(self.device), None if norm_state is None else norm_state.to(self.device)))
         t3 = time.perf_counter()
         timings.update(tvp=(t1 - t0) * 1e3, former=(t2 - t1) * 1e3, action_head=(t3 - t2) * 1e3)
-        return Prediction(actions=actions[0].float().cpu().numpy(), timings_ms=timings)
+        commands = to_commands(actions[0].float().cpu().numpy(), p.action_base, state)
+        return Prediction(actions=commands, timings_ms=timings)
 
 
 def episode_frames(episode: Episode, num_views: int, size: int, index: int = 0) -> np.ndarray:

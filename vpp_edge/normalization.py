@@ -7,6 +7,7 @@ statistics too (:class:`StateNormalizer`). numpy only: the runtime uses them wit
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,3 +178,54 @@ class StateNormalizer:
                                   "(the official normalize_bound)")
         return cls(low=tuple(float(v) for v in data.get("low", ())), high=tuple(float(v) for v in data.get("high", ())),
                    tolerance=float(data.get("tolerance", 0.5)))
+
+
+# ---- what the de-normalised actions are relative to ------------------------------------
+#
+# The official real-robot XBot policy is trained on actions relative to the robot state
+# (policy_models/datasets/xbot_dataset.py: ``actions = command - state[:, :a_dim]``) and its
+# deployment turns the prediction back into commands as
+# ``denormalize_bound(prediction, action_01, action_99) + state`` (step3_deploy_real_xbot.py
+# ``caculate_absolute_action``): the raw state (not the normalised one the policy sees), added
+# to every action of the chunk, in every dimension, after de-normalisation and without
+# clipping. The preset's ``action_base`` names the rule; this registry is its one definition,
+# used by ``vpp predict`` (training/predict.py) and the runtime (runtime/policy.py).
+
+def _no_base(state: np.ndarray | None, action_dim: int) -> np.ndarray:
+    return np.zeros(action_dim)
+
+
+def _state_base(state: np.ndarray | None, action_dim: int) -> np.ndarray:
+    if state is None:
+        raise StateError("missing: the policy's actions are relative to the robot state (action_base 'state'), "
+                         "so every inference needs the state")
+    s = np.asarray(state, dtype=np.float64).reshape(-1)
+    if s.size < action_dim:
+        raise StateError(f"shape: actions relative to the state need at least {action_dim} state values, got {s.size}")
+    return s[:action_dim]  # the official action_base = state[:, :a_dim]
+
+
+#: ``action_base`` rule -> (raw state [P] or None, action_dim) -> the float64 [A] vector the
+#: de-normalised actions are relative to.
+ACTION_BASES: dict[str, Callable[[np.ndarray | None, int], np.ndarray]] = {
+    "none": _no_base,  # the actions are the commands (CALVIN, XHand, MetaWorld)
+    "state": _state_base,  # official XBot: commands = actions + state[:A]
+}
+
+
+def action_base(rule: str, state: np.ndarray | None, action_dim: int) -> np.ndarray:
+    """The float64 [action_dim] vector that rule ``rule`` adds to de-normalised actions."""
+    if rule not in ACTION_BASES:
+        raise CheckpointError(f"action_base '{rule}' unknown; allowed: {sorted(ACTION_BASES)}")
+    return ACTION_BASES[rule](state, action_dim)
+
+
+def to_commands(actions: np.ndarray, rule: str, state: np.ndarray | None) -> np.ndarray:
+    """De-normalised actions [..., A] -> the commands the robot executes, float32."""
+    return (np.asarray(actions, np.float64) + action_base(rule, state, np.shape(actions)[-1])).astype(np.float32)
+
+
+def from_commands(commands: np.ndarray, rule: str, state: np.ndarray | None) -> np.ndarray:
+    """The inverse of :func:`to_commands` (commands -> de-normalised actions relative to ``state``),
+    float32: how commands the robot still executes become the policy's own actions again."""
+    return (np.asarray(commands, np.float64) - action_base(rule, state, np.shape(commands)[-1])).astype(np.float32)

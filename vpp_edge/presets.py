@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from vpp_edge.errors import PresetError
+from vpp_edge.normalization import ACTION_BASES
 
 PRESET_DIR = Path(__file__).with_name("presets")
 _COMPONENT_FILE = "svd_defaults.yaml"
@@ -102,6 +103,9 @@ class Preset:
     tvp: TVPConfig = field(default_factory=TVPConfig)
     former: FormerConfig = field(default_factory=FormerConfig)
     action_head: ActionHeadConfig = field(default_factory=ActionHeadConfig)
+    # What the de-normalised actions are relative to (vpp_edge.normalization.ACTION_BASES):
+    # "none", or "state" for a policy trained on actions minus the robot state (official XBot).
+    action_base: str = "none"
 
     @property
     def num_views(self) -> int:
@@ -221,6 +225,11 @@ def _validate(p: Preset, source: str) -> None:
         fail(f"action_head.sampler '{p.action_head.sampler}' is not supported; allowed: ['ddim']")
     if not 0 < p.action_head.sigma_min < p.action_head.sigma_max:
         fail("action_head needs 0 < sigma_min < sigma_max")
+    if p.action_base not in ACTION_BASES:
+        fail(f"action_base '{p.action_base}' unknown; allowed: {sorted(ACTION_BASES)}")
+    if p.action_base == "state" and not (p.action_head.use_proprio and p.action_head.proprio_dim >= p.action_dim):
+        fail(f"action_base 'state' adds the robot state's first {p.action_dim} values to the actions: it needs "
+             f"action_head.use_proprio and proprio_dim >= action_dim ({p.action_head.proprio_dim})")
 
 
 def available_presets() -> list[str]:
