@@ -234,6 +234,12 @@ class Runtime:
         dt = self.robot.dt
         status = self.link.handshake(self.robot.name, self.robot.action_dim)
         self.safety.absolute = ~np.asarray(status.get("delta_dims", [True] * self.robot.action_dim), bool)
+        base = getattr(self.policy.preset, "action_base", "none")
+        if base != "none" and not self.safety.absolute.all():
+            # The chunk already holds commands (prediction + state): summing them again as deltas would be wrong.
+            raise ValueError(f"the policy's actions are absolute commands (preset action_base '{base}') but robot "
+                             f"'{self.robot.name}' has delta dimensions {np.flatnonzero(~self.safety.absolute).tolist()}"
+                             ": describe the robot with delta_dims all false")
         self.metrics.record("handshake", robot=status.get("robot"), delta_dims=(~self.safety.absolute).tolist())
         self.targets = AbsoluteTargets(~self.safety.absolute, getattr(self.link, "workspace", None))
         for cam in self.cameras:

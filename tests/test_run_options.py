@@ -71,3 +71,22 @@ def test_a_runtime_configs_threads_are_applied(exported, tmp_path):
     argv = runtime_command(load_config(profile="linux", runtime={"backend": "onnxruntime", "threads": 2}))
     assert argv[argv.index("--threads") + 1] == "2"
     assert "--threads" not in runtime_command(load_config(profile="linux"))
+
+
+def test_a_policy_sending_commands_relative_to_the_state_refuses_a_robot_with_delta_dimensions():
+    """action_base 'state' (official XBot) makes the chunk absolute commands: a bridge that would
+    add them up again as deltas is refused at the handshake, before anything moves."""
+    robot = load_robot_config("sim")
+    options = _options()
+
+    class Link:
+        def __init__(self, delta):
+            self.delta = delta
+
+        def handshake(self, name, action_dim):
+            return {"robot": name, "delta_dims": self.delta}
+
+    policy = SimpleNamespace(preset=SimpleNamespace(action_dim=robot.action_dim, action_base="state"))
+    runtime = Runtime(policy, [], robot, link=Link([True] * robot.action_dim), options=options, metrics=None)
+    with pytest.raises(ValueError, match=r"action_base 'state'.*delta dimensions \[0, 1, 2, 3, 4, 5, 6\]"):
+        runtime.run()
