@@ -13,6 +13,7 @@ exactly as it would a robot. Success is MetaWorld's own ``info["success"]``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -181,12 +182,11 @@ def evaluate(artifact_dir: str | Path, options: EvalOptions, progress: bool = Tr
     import zmq
     from tqdm import tqdm
 
-    from vpp_edge.firmware_bridge.bridge import Bridge, Endpoints
+    from vpp_edge.firmware_bridge.bridge import loopback_bridge
     from vpp_edge.runtime.artifact import Artifact
-    from vpp_edge.runtime.build import build_runtime, open_policy
+    from vpp_edge.runtime.build import build_runtime, open_link, open_policy
     from vpp_edge.runtime.cameras.network import ZmqCameras
-    from vpp_edge.runtime.config import RuntimeConfig, SmoothingConfig
-    from vpp_edge.runtime.link import BridgeLink
+    from vpp_edge.runtime.config import LinkConfig, RuntimeConfig, SmoothingConfig
     from vpp_edge.runtime.metrics import Metrics
 
     check_tasks(list(options.tasks))
@@ -210,11 +210,11 @@ def evaluate(artifact_dir: str | Path, options: EvalOptions, progress: bool = Tr
                            smoothing=SmoothingConfig(options.smoothing), duration_s=wall_limit)
     with open_policy(config, artifact) as policy:
         for task in options.tasks:
-            driver = MetaWorldDriver({**cfg.driver, "task": task, "image_size": preset.image_size,
-                                      "max_steps": options.max_steps})
-            bridge = Bridge(driver, cfg, Endpoints(*["tcp://127.0.0.1:*"] * 5), ctx).start()
-            ends = bridge.bound()
-            link = BridgeLink(ends.action, ends.state, ends.events, ends.command, context=ctx)
+            settings = {**cfg.driver, "task": task, "image_size": preset.image_size, "max_steps": options.max_steps}
+            bridge, base = loopback_bridge(dataclasses.replace(cfg, driver=settings), ctx)
+            driver, ends = bridge.start().driver, bridge.bound()
+            task_config = config.replace(bridge=LinkConfig(base_port=base))  # reaches this task's bridge
+            link = open_link(task_config, context=ctx)
             policy.set_instruction(instruction_for(task))
             episodes = []
             try:
@@ -225,7 +225,7 @@ def evaluate(artifact_dir: str | Path, options: EvalOptions, progress: bool = Tr
                     metrics = Metrics()
                     recorder = StreamRecorder(ends.camera, ctx) if options.video_dir else None
                     status = driver.status
-                    summary = build_runtime(config.replace(instruction=instruction_for(task)), policy=policy,
+                    summary = build_runtime(task_config.replace(instruction=instruction_for(task)), policy=policy,
                                             cameras=cams, link=link, metrics=metrics, robot=robot,
                                             stop_when=lambda: status.success or status.steps >= options.max_steps,
                                             set_instruction=False).run()
