@@ -83,12 +83,13 @@ def main() -> int:
     import onnxruntime as ort
     from tqdm import tqdm
 
-    from vpp_edge.calibrate.frames import sample_observations
     from vpp_edge.export import onnx_io
-    from vpp_edge.export.artifact import int8_settings, reference
+    from vpp_edge.export.artifact import reference
+    from vpp_edge.export.derive import int8_settings
     from vpp_edge.export.graphs import GRAPHS
     from vpp_edge.export.options import load_options
     from vpp_edge.export.ort_rules import RULES
+    from vpp_edge.observations import sample_observations
     from vpp_edge.runtime.predict_step import predict_actions
     from vpp_edge.training.checkpoints import load_checkpoint
 

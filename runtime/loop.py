@@ -28,10 +28,11 @@ from .chunking import ActionPlan
 from .link import BridgeLink
 from .metrics import Metrics
 from vpp_edge.normalization import StateError
+from vpp_edge.robot_description import parse_state_layout
 
 from .policy import Chunk, EngineOutputError, RuntimePolicy
 from . import realtime
-from .proprio import parse_state_layout, state_vector
+from .proprio import state_vector
 from .protocol import RuntimeMode
 from .robot_config import RobotConfig
 from .safety import Mode, SafetyGate

@@ -6,7 +6,8 @@ Where the values sit is a fact of the robot, written in its description as
 in order (the official XBot state interleaves arm pose and hand joints, for example
 ``["ee_pose[0:7]", "joints[0:12]", "ee_pose[7:14]", "joints[12:24]"]``). The policy's own
 check (shape, finite, range against its state bounds) follows in
-:meth:`vpp_edge.normalization.StateNormalizer.check`. numpy only.
+:meth:`vpp_edge.normalization.StateNormalizer.check`; the layout is parsed by the robot
+description (:func:`vpp_edge.robot_description.parse_state_layout`). numpy only.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from vpp_edge.normalization import StateError
-from vpp_edge.robot_description import FIELDS, parse_state_layout  # noqa: F401 (the layout is the description's)
+
 
 def state_vector(state: Any, layout: Sequence[tuple[str, slice]]) -> np.ndarray:
     """The policy's raw state from a bridge state reply; :class:`StateError` (``missing``)

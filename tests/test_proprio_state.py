@@ -46,11 +46,12 @@ def state_policy(tiny_preset):
 
 @pytest.fixture(scope="module")
 def state_artifact(state_policy, tmp_path_factory):
-    from vpp_edge.export import artifact as art
+    from vpp_edge.export.artifact import export_artifact
+    from vpp_edge.export.options import load_options
 
     policy, tok = state_policy
     out = tmp_path_factory.mktemp("artifacts") / "tiny_state"
-    art.export_artifact(policy, tok, out, art.load_options(precisions=["fp32"], parity_samples=1),
+    export_artifact(policy, tok, out, load_options(precisions=["fp32"], parity_samples=1),
                         source="test", progress=False)
     return out
 
@@ -153,7 +154,7 @@ def test_the_runtime_feeds_the_bridge_state_and_refuses_a_misfit_one(state_artif
     from vpp_edge.firmware_bridge.bridge import Bridge, Endpoints
     from vpp_edge.firmware_bridge.config import load_bridge_config
     from vpp_edge.firmware_bridge.driver import KinematicSimDriver
-    from vpp_edge.runtime.proprio import parse_state_layout
+    from vpp_edge.robot_description import parse_state_layout
 
     from .conftest import closed_loop
 
@@ -251,11 +252,12 @@ def relative_policy(state_policy, tiny_preset):
 
 @pytest.fixture(scope="module")
 def relative_artifact(relative_policy, tmp_path_factory):
-    from vpp_edge.export import artifact as art
+    from vpp_edge.export.artifact import export_artifact
+    from vpp_edge.export.options import load_options
 
     policy, tok = relative_policy
     out = tmp_path_factory.mktemp("artifacts") / "tiny_relative"
-    art.export_artifact(policy, tok, out, art.load_options(precisions=["fp32"], parity_samples=1),
+    export_artifact(policy, tok, out, load_options(precisions=["fp32"], parity_samples=1),
                         source="test", progress=False)
     return out
 
