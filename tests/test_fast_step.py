@@ -76,3 +76,32 @@ def test_cuda_graph_replays_the_step_for_new_inputs(tiny_preset):
     assert graphed.uses_cuda_graph
     assert torch.allclose(out_a, eager(*a), atol=1e-3) and torch.allclose(out_b, eager(*b), atol=1e-3)
     assert not torch.allclose(out_a, out_b), "the replay reads the new inputs"
+
+
+def test_a_state_taking_policy_gets_its_state_through_the_fast_step(tiny_preset):
+    """action_head.use_proprio (official XBot): the normalised state is a step input like the
+    others, reaches the sampler in its dtype, and a missing one is refused, not zero-filled."""
+    from vpp_edge.training.models import build_policy
+
+    preset = tiny_preset.replace(name="tiny_state", action_head={"use_proprio": True, "proprio_dim": 5})
+    policy, tok = build_policy(preset, seed=0)
+    with torch.no_grad():  # a random proprio_emb barely moves the context: make the state visible
+        for p in policy.action_head.inner_model.proprio_emb.parameters():
+            p.mul_(50)
+    x = step_inputs(policy, tok, preset)
+    states = [torch.full((1, 5), -0.8), torch.full((1, 5), 0.6)]
+    with torch.inference_mode():
+        references = [policy(*x, s) for s in states]
+        assert torch.equal(predict_step(policy, torch.float32, *x, state=states[0]), references[0])
+        with pytest.raises(ValueError, match="uses proprioception"):
+            predict_step(policy, torch.float32, *x)
+    assert (references[0] - references[1]).abs().max() > 1e-3, "the state reaches the actions"
+    exact = FastPredictStep(copy.deepcopy(policy), FastStepOptions(torch.float32, compile=False))
+    for state, reference in zip(states, references):  # FP32: each state's own chunk
+        assert (exact(*x, state) - reference).abs().max() < 1e-4
+    fast = FastPredictStep(copy.deepcopy(policy), FastStepOptions(torch.bfloat16, compile=False))
+    out = fast(*x, states[0])
+    cos = torch.nn.functional.cosine_similarity(out.flatten(), references[0].flatten(), dim=0)
+    assert cos > 0.999 and (out - references[0]).abs().max() < 0.05
+    with pytest.raises(ValueError, match="uses proprioception"):
+        fast(*x)

@@ -25,9 +25,12 @@ STAGES = ("text", "tvp", "former", "action_head")
 
 def predict_step(policy: VPPPolicy, dtype: torch.dtype, frames: torch.Tensor, input_ids: torch.Tensor,
                  attention_mask: torch.Tensor, tvp_noise: torch.Tensor, action_noise: torch.Tensor,
-                 mark: Callable[[str], None] | None = None, sampler_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                 mark: Callable[[str], None] | None = None, sampler_dtype: torch.dtype = torch.float32,
+                 state: torch.Tensor | None = None) -> torch.Tensor:
     """``VPPPolicy.forward`` with text, TVP and Former in ``dtype`` and the sampler in
-    ``sampler_dtype``; the chunk comes back de-normalised in FP32.
+    ``sampler_dtype``; the chunk comes back de-normalised in FP32. ``state``: the normalised
+    robot state [B, proprio_dim] of a policy with ``action_head.use_proprio`` (required there,
+    as in ``forward``; the action head refuses a missing one).
 
     ``mark(stage)`` is called after each of :data:`STAGES` (a benchmark records a CUDA event
     there); with both dtypes FP32 this is exactly the policy's own forward.
@@ -41,7 +44,8 @@ def predict_step(policy: VPPPolicy, dtype: torch.dtype, frames: torch.Tensor, in
     tokens = policy.former(features)
     if mark:
         mark("former")
-    actions = policy.sample_actions(tokens.to(sampler_dtype), goal.to(sampler_dtype), action_noise.to(sampler_dtype))
+    actions = policy.sample_actions(tokens.to(sampler_dtype), goal.to(sampler_dtype), action_noise.to(sampler_dtype),
+                                    None if state is None else state.to(sampler_dtype))
     actions = policy.denormalize(actions.float())
     if mark:
         mark("action_head")
@@ -67,8 +71,9 @@ class FastStepOptions:
 
 
 class FastPredictStep:
-    """``step(frames, input_ids, attention_mask, tvp_noise, action_noise)`` -> de-normalised
-    FP32 action chunk, like ``VPPPolicy.forward``.
+    """``step(frames, input_ids, attention_mask, tvp_noise, action_noise[, state])`` -> de-normalised
+    FP32 action chunk, like ``VPPPolicy.forward`` (``state``: the normalised robot state of a
+    policy that takes one, a graph input like the others).
 
     With a CUDA graph the returned tensor is a static buffer that the next call overwrites
     (clone it to keep it); inputs must keep the shapes of the first call.
@@ -104,12 +109,17 @@ class FastPredictStep:
         return self.options.cuda_graph and self.device.type == "cuda"
 
     def _step(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return predict_step(self.policy, self.options.dtype, *inputs, sampler_dtype=self.options.sampler_dtype)
+        state = inputs[5] if len(inputs) > 5 else None
+        return predict_step(self.policy, self.options.dtype, *inputs[:5], sampler_dtype=self.options.sampler_dtype,
+                            state=state)
 
     @torch.inference_mode()
     def __call__(self, frames: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 tvp_noise: torch.Tensor, action_noise: torch.Tensor) -> torch.Tensor:
-        inputs = (frames, input_ids, attention_mask, tvp_noise, action_noise)
+                 tvp_noise: torch.Tensor, action_noise: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
+        inputs = (frames, input_ids, attention_mask, tvp_noise, action_noise, *(() if state is None else (state,)))
+        if self._graph is not None and len(inputs) != len(self._static_in):
+            raise ValueError("the captured step was recorded " + ("with" if len(self._static_in) > 5 else "without")
+                             + " a state input; call it the same way")
         if not self.uses_cuda_graph:
             return self._fn(*inputs)
         if self._graph is None:
