@@ -11,7 +11,6 @@ end: a failed gate, a full disk or Ctrl-C leaves no half-written artifact.
 
 from __future__ import annotations
 
-import gc
 import logging
 import shutil
 import statistics
@@ -28,18 +27,17 @@ from vpp_edge.files import atomic_dir
 from vpp_edge.graph_spec import ACTION_MODE_GRAPHS, ACTION_MODES
 from vpp_edge.observations import Observation, observations_digest, sample_observations
 from vpp_edge.precisions import calibrated, exported
-from vpp_edge.precisions import get as precision_spec
-from vpp_edge.runtime.predict_step import predict_actions, sample_actions
+from vpp_edge.runtime.predict_step import sample_actions
 from vpp_edge.tokenizer import InstructionTokenizer
 from vpp_edge.training.models.policy import VPPPolicy
 
-from . import onnx_io, tempdirs
-from .graphs import GRAPHS, STATE_INPUT, reference_run
+from . import onnx_io, parity, tempdirs
+from .graphs import GRAPHS, reference_run
 from .derive import derive_graph, int8_settings, record_graph, write_calibration  # noqa: F401 (int8_settings: API)
 from .manifest import read_manifest, write_artifact_manifest
 from .options import DEFAULTS_FILE, load_options  # noqa: F401 (the export API)
-from .parity import ParityError, action_gate, compare, passes, summary_table, worst
-from .phases import Phases, gb
+from .parity import ParityError, summary_table
+from .phases import Phases, gb, release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -69,50 +67,17 @@ def runner(sessions: dict[str, Any]) -> Callable[[str, dict[str, np.ndarray]], d
     return run
 
 
-def _inputs(graph: str, ref: dict) -> tuple[str, ...]:
-    """The graph's inputs; the reference run holds a state only for policies that take one."""
-    gdef = GRAPHS[graph]
-    return (*gdef.inputs, STATE_INPUT) if gdef.takes_state and STATE_INPUT in ref else gdef.inputs
+def _numpy(ref: dict) -> dict[str, np.ndarray]:
+    """A reference run's tensors as numpy arrays (shared memory, no copy)."""
+    return {k: v.numpy() for k, v in ref.items()}
 
 
 def _feeds(graph: str, ref: dict) -> dict[str, np.ndarray]:
-    return {name: ref[name].numpy() for name in _inputs(graph, ref)}
+    return parity.feeds(graph, _numpy(ref))
 
 
 def _state(ref: dict) -> np.ndarray | None:
-    return ref[STATE_INPUT].numpy() if STATE_INPUT in ref else None
-
-
-def _chain(run, ref: dict, sigmas: list[float], mode: str) -> np.ndarray:
-    out = run("text", _feeds("text", ref))
-    return predict_actions(run, out["condition"], out["goal"], ref["frames"].numpy(), ref["noise"].numpy(),
-                           ref["action_noise"].numpy(), sigmas, mode, state=_state(ref))
-
-
-def evaluate_precision(precision: str, sessions: dict, refs: list[dict], sigmas: list[float], mode: str,
-              scale: np.ndarray, offset: np.ndarray, gates: dict) -> dict:
-    """Per-graph figures (each graph fed the PyTorch inputs) and the chained action chunk."""
-    graphs = {}
-    for name, gdef in GRAPHS.items():
-        stats = {o: [] for o in gdef.outputs}
-        run = runner(sessions)
-        for ref in refs:
-            got = run(name, _feeds(name, ref))
-            for o in gdef.outputs:
-                stats[o].append(compare(ref[o].numpy(), got[o]))
-        graphs[name] = {o: worst(s) for o, s in stats.items()}
-    chained = [_chain(runner(sessions), ref, sigmas, mode) for ref in refs]
-    actions = worst([compare(ref["actions"].numpy(), c) for ref, c in zip(refs, chained)])
-    denorm = worst([compare(ref["actions_denormalized"].numpy(), c * scale + offset) for ref, c in zip(refs, chained)])
-    kind = precision_spec(precision).gate
-    gate, ok = action_gate(kind, actions, gates)
-    if kind == "fp32":  # the reference: every graph is gated too
-        gate += f", every graph >= {gates['fp32_graph_cosine']}"
-        for outputs in graphs.values():
-            for s in outputs.values():
-                s["gate"] = "pass" if passes(s, gates["fp32_graph_cosine"]) else "FAIL"
-                ok = ok and s["gate"] == "pass"
-    return {"graphs": graphs, "actions": actions, "actions_denormalized": denorm, "gate": gate, "passed": bool(ok)}
+    return parity.state(_numpy(ref))
 
 
 def _time_action_modes(sessions: dict, ref: dict, sigmas: list[float], repeats: int = 5) -> dict[str, float]:
@@ -235,13 +200,12 @@ def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, 
         "gates": opts["gates"],
         "precisions": {},
     }
-    for precision in precisions:  # one precision's sessions at a time: at paper scale each holds gigabytes
-        phase.start(f"parity {precision}", holds=f"ONNX Runtime sessions of the {precision} graphs")
-        sessions = {n: onnx_io.session(p, threads) for n, p in paths[precision].items()}
-        report["precisions"][precision] = evaluate_precision(precision, sessions, refs, sigmas, action_mode,
-                                                    scale, offset, opts["gates"])
-        del sessions
-        gc.collect()
+    release_freed_memory()  # the workers' sessions should not sit beside memory this process no longer uses
+    parity_refs = [_numpy(r) for r in refs]
+    for precision in precisions:  # a worker process per graph, one at a time: a TVP session holds 9-12 GB
+        phase.start(f"parity {precision}", holds=f"a worker process with one {precision} graph's session")
+        report["precisions"][precision] = parity.evaluate_precision(
+            precision, paths[precision], parity_refs, sigmas, action_mode, scale, offset, opts["gates"], threads)
     for precision, info in quant_info.items():  # the graphs it quantised (not the ones kept in float)
         report["precisions"][precision]["quantization"] = {n: i for n, i in info.items() if not i.get("kept")}
     advance("parity checked")
@@ -278,7 +242,7 @@ def _release_weights(policy: VPPPolicy) -> None:
     with torch.no_grad():
         for param in policy.parameters():
             param.data = torch.empty(0, dtype=param.dtype)
-    gc.collect()
+    release_freed_memory()
 
 
 def _dumps(obj: Any) -> str:

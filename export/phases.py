@@ -8,6 +8,9 @@ where ``bench/paper_export.py`` reads them.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import logging
 import os
 import resource
@@ -67,3 +70,16 @@ class Phases:
         # extra: a log handler (bench/paper_export.py's) gets the figures as data, even of an export that fails
         log.info("phase %s: %.1f s, rss %s, peak so far %s", name, record["seconds"], gb(record["rss_bytes"]),
                  gb(record["peak_rss_bytes"]), extra={"export_phase": record})
+
+
+def release_freed_memory() -> int:
+    """Collect garbage, then hand the C heap's free pages back to the kernel (glibc's
+    ``malloc_trim``; elsewhere only the collection): freed tensors and protobufs leave their
+    pages in malloc's arenas, resident, until trimmed. Returns the bytes of RSS released."""
+    before = rss_bytes()
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    released = before - rss_bytes()
+    log.info("released %s of resident memory (gc + malloc_trim)", gb(max(released, 0)))
+    return released
