@@ -2,24 +2,32 @@
 child process, measured from outside.
 
     python bench/paper_export.py [--out artifacts/calvin-bench] [--precisions fp32,fp16]
-                                 [--parity-samples 1] [--limit-gb 12] [--json bench/results/paper_export.json]
+                                 [--parity-samples 1] [--limit-gb 12] [--kill-gb 15]
+                                 [--json bench/results/paper_export.json]
 
 Prints per phase (reference run, FP32 export per graph, precision passes, parity per
 precision) the wall time, the child's resident memory at the phase's end and its peak so
 far (its own getrusage); then the kernel's peak resident memory of the whole child
-(``os.wait4``), the files written with their sizes and the parity figures. Exits 1 when the
-export fails or its peak exceeds ``--limit-gb``. Timings are measured here, never asserted
+(``os.wait4``; the largest single process of its tree), the peak of the whole tree's
+resident memory (the export and its parity workers, summed, sampled every second), the
+files written with their sizes and the parity figures with each worker's peak. A watchdog
+kills the tree when its resident memory passes ``--kill-gb`` (on a shared machine the
+kernel's out-of-memory killer would pick any process). Exits 1 when the export fails or the
+tree's peak exceeds ``--limit-gb``. Timings are measured here, never asserted
 in tests (tests/test_export_streaming.py runs this script only when VPP_PAPER_EXPORT=1).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -61,6 +69,43 @@ def _files(out: Path) -> list[tuple[str, int]]:
     return [(str(p.relative_to(out)), p.stat().st_size) for p in sorted(out.rglob("*")) if p.is_file()]
 
 
+def _tree_rss(session: int) -> int:
+    """Resident bytes of every process in the session ``session`` (the export's tree)."""
+    total, page = 0, os.sysconf("SC_PAGE_SIZE")
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[3]) == session:  # fields after the name: state ppid pgrp session ...
+                with open(f"/proc/{pid}/statm") as f:
+                    total += int(f.read().split()[1]) * page
+        except (OSError, ValueError, IndexError):
+            continue  # the process ended meanwhile
+    return total
+
+
+class Watchdog(threading.Thread):
+    """Samples the tree's resident memory every ``every`` seconds; kills the whole session
+    (SIGKILL) once it passes ``kill_bytes``. ``peak``: the largest sample."""
+
+    def __init__(self, session: int, kill_bytes: float, every: float = 1.0):
+        super().__init__(daemon=True)
+        self.session, self.kill_bytes, self.every = session, kill_bytes, every
+        self.peak, self.killed_at = 0, 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.every):
+            rss = _tree_rss(self.session)
+            self.peak = max(self.peak, rss)
+            if rss > self.kill_bytes:
+                self.killed_at = rss
+                print(f"watchdog: the export's tree holds {rss / 1e9:.2f} GB > {self.kill_bytes / 1e9:.1f} GB, "
+                      f"killing it", file=sys.stderr, flush=True)
+                os.killpg(self.session, signal.SIGKILL)
+                return
+
+
 def parent(args: argparse.Namespace) -> int:
     out = Path(args.out)
     phases_file = Path(args.json).with_suffix(".phases.jsonl")
@@ -73,8 +118,15 @@ def parent(args: argparse.Namespace) -> int:
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd)
-    _, status, usage = os.wait4(proc.pid, 0)  # the kernel's accounting of this child alone
+    proc = subprocess.Popen(cmd, start_new_session=True)  # its own session: the watchdog's unit
+    watchdog = Watchdog(proc.pid, args.kill_gb * 1e9)
+    watchdog.start()
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)  # the kernel's accounting of this child alone
+    finally:
+        watchdog.done.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # workers left behind by a killed export
     proc.returncode = code = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - start
     peak = usage.ru_maxrss * 1024
@@ -82,7 +134,8 @@ def parent(args: argparse.Namespace) -> int:
 
     print(f"\npaper-scale export ({args.preset}, precisions {args.precisions or 'default'}, "
           f"{args.parity_samples} parity sample(s)): exit {code}, {wall / 60:.1f} min, "
-          f"kernel peak resident memory {peak / 1e9:.2f} GB (limit {args.limit_gb} GB), "
+          f"tree peak resident memory {watchdog.peak / 1e9:.2f} GB (limit {args.limit_gb} GB; "
+          f"largest process {peak / 1e9:.2f} GB){' KILLED by the watchdog' if watchdog.killed_at else ''}, "
           f"user {usage.ru_utime / 60:.1f} min, system {usage.ru_stime / 60:.1f} min CPU")
     print("\n| phase | wall s | RSS at end GB | peak so far GB |\n| --- | ---: | ---: | ---: |")
     for p in phases:
@@ -94,17 +147,23 @@ def parent(args: argparse.Namespace) -> int:
         for name, size in files:
             print(f"| {name} | {size / 1e6:.1f} |")
         report = json.loads((out / "parity.json").read_text())
-        parity = {p: {"passed": s["passed"], "gate": s["gate"], "actions": s["actions"], "graphs": s["graphs"]}
+        parity = {p: {"passed": s["passed"], "gate": s["gate"], "actions": s["actions"], "graphs": s["graphs"],
+                      "worker_peak_rss_bytes": s.get("worker_peak_rss_bytes", {})}
                   for p, s in report["precisions"].items()}
+        print("\n| precision | graph | worker peak GB |\n| --- | --- | ---: |")
+        for p, s in parity.items():
+            for graph, worker_peak in s["worker_peak_rss_bytes"].items():
+                print(f"| {p} | {graph} | {worker_peak / 1e9:.2f} |")
         print((out / "parity.md").read_text())
     result = {"preset": args.preset, "precisions": args.precisions, "parity_samples": args.parity_samples,
               "exit_code": code, "wall_s": round(wall, 1), "peak_rss_bytes": peak,
+              "tree_peak_rss_bytes": watchdog.peak, "killed_by_watchdog_at_bytes": watchdog.killed_at,
               "cpu_user_s": round(usage.ru_utime, 1), "cpu_system_s": round(usage.ru_stime, 1),
               "phases": phases, "files": files, "parity": parity, "cpus": os.cpu_count(),
               "machine_memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.json}")
-    ok = code == 0 and peak <= args.limit_gb * 1e9 and all(s["passed"] for s in parity.values())
+    ok = code == 0 and watchdog.peak <= args.limit_gb * 1e9 and all(s["passed"] for s in parity.values())
     return 0 if ok else 1
 
 
@@ -116,6 +175,8 @@ def main() -> int:
     p.add_argument("--parity-samples", type=int, default=1)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--limit-gb", type=float, default=12.0, help="peak resident memory the export must stay within")
+    p.add_argument("--kill-gb", type=float, default=15.0,
+                   help="the watchdog kills the export's process tree when its resident memory passes this")
     p.add_argument("--json", default=str(ROOT / "bench" / "results" / "paper_export.json"))
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--phases", help=argparse.SUPPRESS)

@@ -78,8 +78,10 @@ def release_freed_memory() -> int:
     pages in malloc's arenas, resident, until trimmed. Returns the bytes of RSS released."""
     before = rss_bytes()
     gc.collect()
+    collected = rss_bytes()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    released = before - rss_bytes()
-    log.info("released %s of resident memory (gc + malloc_trim)", gb(max(released, 0)))
-    return released
+    after = rss_bytes()
+    log.info("released %s of resident memory: %s by gc, %s by malloc_trim (rss now %s)",
+             gb(before - after), gb(before - collected), gb(collected - after), gb(after))
+    return before - after
