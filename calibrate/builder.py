@@ -28,6 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from vpp_edge.export.artifact import parity_state
 from vpp_edge.export.graph_cache import GraphCache, GraphSet, sha
 from vpp_edge.export.graphs import GRAPHS, reference_run
 from vpp_edge.export.manifest import write_artifact_manifest
@@ -95,7 +96,9 @@ class ArtifactBuilder:
             ids, mask = (torch.from_numpy(a) for a in self.tokenizer([obs.instruction]))
             tvp_noise, action_noise = variant_noise(self.base.make_noise(1, CALIBRATION_SEED + k), preset)
             frames = torch.from_numpy(np.ascontiguousarray(obs.frames[: preset.num_views])).unsqueeze(0)
-            refs.append(reference_run(policy, ids, mask, frames, tvp_noise, action_noise))
+            # A state-taking policy (action_head.use_proprio) gets the export's seeded state feeds.
+            refs.append(reference_run(policy, ids, mask, frames, tvp_noise, action_noise,
+                                      parity_state(policy, CALIBRATION_SEED + k)))
         return policy, refs[:count]
 
     def feeds(self, preset: Preset, name: str) -> list[dict[str, np.ndarray]]:

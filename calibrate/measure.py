@@ -3,7 +3,8 @@
     python -m vpp_edge.calibrate.measure JOB.json
 
 The job names an artifact, a backend and a precision, and an ``.npz`` of held-out inputs
-(frames, instructions and the noise of every observation). The worker runs the predict
+(frames, instructions, the noise of every observation and, for a policy that takes the
+robot state, its normalised state ``states`` [N, 1, P]). The worker runs the predict
 step exactly as the robot does (runtime engines + ``predict_step``), keeps the action
 chunks and the Video Former tokens of every observation, then times ``repeats`` predict
 steps per stage. It writes ``result.json`` and ``outputs.npz`` into the job's ``out``.
@@ -85,6 +86,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     rss_start = _rss_mb()
     with np.load(job["inputs"], allow_pickle=False) as data:
         frames, tvp_noise, action_noise = data["frames"], data["tvp_noise"], data["action_noise"]
+        states = data["states"] if "states" in data.files else None
         instructions = [str(s) for s in data["instructions"]]
     options: dict[str, Any] = {}
     if backend in ("onnxruntime", "openvino"):
@@ -102,6 +104,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     rss_loaded = _rss_mb()
     tokenizer = artifact.tokenizer()
     sigmas, mode = artifact.sigmas, artifact.action_mode
+    if (states is None) != (artifact.state_normalizer is None):  # never a silent zero (or dropped) state
+        raise MeasureError(f"the artifact's policy {'takes' if artifact.state_normalizer else 'takes no'} the robot "
+                           f"state but the held-out inputs {'carry' if states is not None else 'carry no'} states")
 
     actions, tokens = [], []
     for k, instruction in enumerate(instructions):
@@ -115,7 +120,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
                 seen["tokens"] = np.array(out["tokens"])  # engine buffers are reused: copy
             return out
 
-        chunk = predict_actions(run, condition, goal, frames[k][None], tvp_noise[k], action_noise[k], sigmas, mode)
+        chunk = predict_actions(run, condition, goal, frames[k][None], tvp_noise[k], action_noise[k], sigmas, mode,
+                                state=None if states is None else states[k])
         actions.append(np.array(chunk[0], dtype=np.float32))
         tokens.append(seen["tokens"][0].astype(np.float32))
 
@@ -130,7 +136,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         timings: dict[str, float] = {}
         t = time.perf_counter()
         predict_actions(timed(engine.run, timings), condition, goal, frames[0][None], tvp_noise[0], action_noise[0],
-                        sigmas, mode)
+                        sigmas, mode, state=None if states is None else states[0])
         total_ms = (time.perf_counter() - t) * 1e3
         if i >= warmup:
             per_stage["text"].append(text_ms)

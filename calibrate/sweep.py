@@ -175,6 +175,7 @@ class PointRunner:
                  calibration_set: Path | None, heldout_set: Path | None, status: Callable[[str], None]):
         import torch
 
+        from vpp_edge.export.artifact import parity_state
         from vpp_edge.export.options import load_options
         from vpp_edge.export.graphs import reference_run
 
@@ -209,13 +210,16 @@ class PointRunner:
         self.heldout = ObservationSet.load(held_path, "held-out set")
         ref_path = data / "reference.npz"
         self.noise = [self.policy.make_noise(1, k) for k in range(len(self.heldout))]
+        # A state-taking policy (action_head.use_proprio): the export's seeded normalised state
+        # feeds (observations carry no state), the same in the reference and the measured run.
+        self.states = [parity_state(self.policy, k) for k in range(len(self.heldout))]
         if not ref_path.is_file():
             status("FP32 reference")
             actions, tokens = [], []
-            for obs, noise in zip(self.heldout.observations(), self.noise):
+            for obs, noise, state in zip(self.heldout.observations(), self.noise, self.states):
                 ids, mask = (torch.from_numpy(a) for a in self.tokenizer([obs.instruction]))
                 frames = torch.from_numpy(np.ascontiguousarray(obs.frames[: base_preset.num_views])).unsqueeze(0)
-                ref = reference_run(self.policy, ids, mask, frames, noise.tvp, noise.action)
+                ref = reference_run(self.policy, ids, mask, frames, noise.tvp, noise.action, state)
                 actions.append(ref["actions"][0].numpy())
                 tokens.append(ref["tokens"][0].numpy())
             np.savez(ref_path, actions=np.stack(actions), tokens=np.stack(tokens))
@@ -232,14 +236,16 @@ class PointRunner:
 
         pairs = [variant_noise(n, preset) for n in self.noise]
         frames = self.heldout.frames[:, : preset.num_views]
-        key = f"{preset.num_views}v{preset.tvp.num_frames}f-{self.heldout.digest()[:12]}"
+        states = [s.numpy() for s in self.states if s is not None]
+        key = f"{preset.num_views}v{preset.tvp.num_frames}f{'s' if states else ''}-{self.heldout.digest()[:12]}"
         path = self.out / "cache" / "inputs" / f"{key}.npz"
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp.npz")
             np.savez(tmp, frames=np.ascontiguousarray(frames), instructions=np.array(self.heldout.instructions, str),
                      tvp_noise=np.stack([t.numpy() for t, _ in pairs]),
-                     action_noise=np.stack([a.numpy() for _, a in pairs]))
+                     action_noise=np.stack([a.numpy() for _, a in pairs]),
+                     **({"states": np.stack(states)} if states else {}))
             tmp.replace(path)
         return path
 

@@ -56,6 +56,7 @@ def derive_policy(base: VPPPolicy, preset: Preset) -> VPPPolicy:
     clip = base.text_encoder.clip
     with torch.random.fork_rng(devices=[]):  # the new Former/head are overwritten below
         variant = assemble_policy(preset, clip, base.tvp.unet, base.tvp.vae, scheduler, base.normalizer)
+    variant.set_state_normalizer(base.state_normalizer)  # a state-taking policy keeps its state bounds
     for name in ("former", "action_head"):
         module = getattr(variant, name)
         fitted = _fit(getattr(base, name).state_dict(), module.state_dict(), preset.former.num_frames,

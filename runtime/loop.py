@@ -238,9 +238,10 @@ class Runtime:
         base = getattr(self.policy.preset, "action_base", "none")
         if base != "none" and not self.safety.absolute.all():
             # The chunk already holds commands (prediction + state): summing them again as deltas would be wrong.
+            deltas = np.flatnonzero(~self.safety.absolute).tolist()
             raise ValueError(f"the policy's actions are absolute commands (preset action_base '{base}') but robot "
-                             f"'{self.robot.name}' has delta dimensions {np.flatnonzero(~self.safety.absolute).tolist()}"
-                             ": describe the robot with delta_dims all false")
+                             f"'{self.robot.name}' has delta dimensions {deltas}: describe the robot with delta_dims "
+                             "all false")
         self.metrics.record("handshake", robot=status.get("robot"), delta_dims=(~self.safety.absolute).tolist())
         self.targets = AbsoluteTargets(~self.safety.absolute, getattr(self.link, "workspace", None))
         for cam in self.cameras:

@@ -115,7 +115,8 @@ class FastPredictStep:
 
     @torch.inference_mode()
     def __call__(self, frames: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 tvp_noise: torch.Tensor, action_noise: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
+                 tvp_noise: torch.Tensor, action_noise: torch.Tensor,
+                 state: torch.Tensor | None = None) -> torch.Tensor:
         inputs = (frames, input_ids, attention_mask, tvp_noise, action_noise, *(() if state is None else (state,)))
         if self._graph is not None and len(inputs) != len(self._static_in):
             raise ValueError("the captured step was recorded " + ("with" if len(self._static_in) > 5 else "without")
