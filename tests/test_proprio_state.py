@@ -326,3 +326,22 @@ def test_relative_actions_are_the_official_commands_on_pytorch_graphs_and_runtim
         np.testing.assert_allclose(held[:3], prefix, atol=1e-4)
         with pytest.raises(StateError, match="^missing:"):
             runtime.infer(frames)
+
+
+def test_the_embedding_api_takes_the_state_and_sends_the_official_commands(relative_policy, relative_artifact):
+    """vpp_edge.api.Policy.act(frames, state=...): the runtime's commands for that state."""
+    from vpp_edge.api import Policy
+
+    policy, _ = relative_policy
+    frames = frames_of(policy.preset, 4)
+    low, high = np.array(BOUNDS.low), np.array(BOUNDS.high)
+    state = low + 0.2 * (high - low)
+    artifact = Artifact.open(relative_artifact)
+    with create_engine(artifact, "onnxruntime") as engine:
+        runtime = RuntimePolicy(artifact, engine, seed=5)
+        runtime.set_instruction(INSTRUCTION)
+        expected = runtime.infer(frames, state=state).actions
+    with Policy.load(relative_artifact, backend="onnxruntime", seed=5, instruction=INSTRUCTION) as api:
+        assert np.array_equal(api.act(list(frames), stamp=0.0, state=state).actions, expected)
+        with pytest.raises(StateError, match="^missing:"):
+            api.act(list(frames))

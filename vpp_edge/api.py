@@ -103,11 +103,15 @@ class Policy(LoadedPolicy):
         except ValueError as exc:
             raise ConfigError(f"camera image: {exc}") from None
 
-    def act(self, frames: Sequence[np.ndarray], stamp: float | None = None) -> ActionChunk:
+    def act(self, frames: Sequence[np.ndarray], stamp: float | None = None,
+            state: np.ndarray | None = None) -> ActionChunk:
         """The action chunk for one observation: ``frames`` as in :meth:`prepare`, captured at
-        ``stamp`` (default: now, ``time.monotonic()``)."""
+        ``stamp`` (default: now, ``time.monotonic()``). ``state``: the raw robot state at that
+        time, for a policy that takes one (``preset.action_head.use_proprio``, e.g. the official
+        XBot; refused otherwise); with ``preset.action_base`` 'state' the actions are commands
+        relative to it (prediction + state), as the official deployment sends."""
         if self.instruction is None:
             raise ConfigError("set an instruction first (Policy.load(..., instruction=...) or set_instruction)")
         stamp = time.monotonic() if stamp is None else float(stamp)
-        chunk = self.runtime.infer(self.prepare(frames))
+        chunk = self.runtime.infer(self.prepare(frames), state=state)
         return ActionChunk(chunk.actions, stamp, dict(chunk.timings_ms))
