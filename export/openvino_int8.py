@@ -26,6 +26,10 @@ Workstation side (NNCF, OpenVINO, ONNX; no torch). What it does:
    (ONNX Runtime FP32 / ``int8_cpu``, OpenVINO on the FP32 graphs in its chosen inference
    precision, OpenVINO ``int8_ov``) is timed interleaved on this machine, and the fastest
    is recorded in the manifest as ``cpu_default`` and reported in one line.
+
+``vpp export`` (and so ``make demo``'s first export) runs the same steps on the artifact it
+wrote when ``int8_ov`` is among its precisions (the default) and OpenVINO is installed
+(:func:`after_export`); this command adds them to an artifact exported without them.
 """
 
 from __future__ import annotations
@@ -110,6 +114,7 @@ def quantize_graph(src: Path, dst: Path, feeds: list[Feeds], preset: str, exclud
         raise ValueError(f"NNCF preset '{preset}' unknown; allowed: {', '.join(NNCF_PRESETS)}")
     nncf = require("nncf", "INT8 for OpenVINO")
     ov = require("openvino", "INT8 for OpenVINO")
+    nncf.set_log_level(logging.WARNING)  # its INFO lists every node left unquantised: hundreds of lines per export
 
     model = ov.Core().read_model(str(src))
     excluded = onnx_io.nodes_matching(src, exclude_modules, op_types)
@@ -137,13 +142,15 @@ def ir_entry(path: Path, root: Path, fp32_entry: dict[str, Any]) -> dict[str, An
             "inputs": fp32_entry["inputs"], "outputs": fp32_entry["outputs"]}
 
 
-def _same_observations(artifact: Artifact, parity: dict[str, Any]) -> tuple[list[Observation], list[Observation]]:
-    """The export's parity and calibration observations, sampled again and checked by name."""
+def _same_observations(artifact: Artifact, parity: dict[str, Any],
+                       roots: list[Path] | None = None) -> tuple[list[Observation], list[Observation]]:
+    """The export's parity and calibration observations, sampled again (from ``roots``: the
+    export's ``--data``, else the samples) and checked by name."""
     n_parity, n_calib = len(parity["observations"]), len(parity["calibration_observations"])
-    obs = sample_observations(artifact.preset.num_views, artifact.preset.image_size, n_parity + n_calib)
+    obs = sample_observations(artifact.preset.num_views, artifact.preset.image_size, n_parity + n_calib, roots=roots)
     if [o.source for o in obs] != parity["observations"] + parity["calibration_observations"]:
         raise ParityError(f"{artifact.root}: the export's observations cannot be sampled again here (exported "
-                          "with --data, or another shared/vpp_samples)")
+                          "with other --data, or another shared/vpp_samples)")
     return obs[:n_parity], obs[n_parity:]
 
 
@@ -208,11 +215,13 @@ def fastest_cpu_engine(artifact: Artifact, parity: dict[str, Any], obs: Observat
 
 
 def add_openvino_int8(root: str | Path, preset: str = "transformer", threads: int = 0,
-                      options: dict[str, Any] | None = None, rounds: int = 10) -> dict[str, Any]:
+                      options: dict[str, Any] | None = None, rounds: int = 10,
+                      roots: list[Path] | None = None) -> dict[str, Any]:
     """Quantise ``root``'s FP32 graphs with NNCF, gate them and add them as ``int8_ov``;
     returns the precision's parity section. Raises :class:`ParityError` on a failed gate.
     Then every CPU engine that passes its gate is timed here (``rounds``; 0: not timed) and
-    the fastest recorded in the manifest as ``cpu_default``, with a one-line report."""
+    the fastest recorded in the manifest as ``cpu_default`` (:func:`record_cpu_default`).
+    ``roots``: the episodes the export sampled its observations from (its ``--data``)."""
     from vpp_edge.runtime.engines.openvino import OvEngine
 
     root = Path(root)
@@ -220,7 +229,7 @@ def add_openvino_int8(root: str | Path, preset: str = "transformer", threads: in
     parity = json.loads((root / "parity.json").read_text())
     defaults = yaml.safe_load(Path(__file__).with_name("defaults.yaml").read_text())
     gates, int8 = parity["gates"], (options or defaults)["int8"]
-    parity_obs, calib_obs = _same_observations(artifact, parity)
+    parity_obs, calib_obs = _same_observations(artifact, parity, roots)
     reference = OvEngine(artifact, "fp32", threads=threads, inference_precision="f32", cache_dir="").load()
     feeds = record_feeds(reference.run, artifact, calib_obs)
     folder = root / PRECISION
@@ -254,13 +263,61 @@ def add_openvino_int8(root: str | Path, preset: str = "transformer", threads: in
     (root / "parity.json").write_text(json.dumps(parity, indent=2, default=float))
     write_manifest(root, manifest)
     if rounds:
-        choice = fastest_cpu_engine(Artifact.open(root), parity, parity_obs[0], threads, rounds)
-        manifest["cpu_default"] = choice
-        write_manifest(root, manifest)
-        others = ", ".join(f"{k} {v:.1f}" for k, v in sorted(choice["median_ms"].items(), key=lambda kv: kv[1]))
-        log.info("fastest CPU engine here that passes its gate: %s/%s (median ms: %s)", choice["backend"],
-                 choice["precision"], others)
+        log.info("%s", describe_choice(record_cpu_default(root, threads, rounds, roots)))
     return section
+
+
+def describe_choice(choice: dict[str, Any]) -> str:
+    """The one-line report of a ``cpu_default``: the choice and every candidate's median."""
+    times = ", ".join(f"{k} {v:.1f}" for k, v in sorted(choice["median_ms"].items(), key=lambda kv: kv[1]))
+    return f"fastest CPU engine here that passes its gate: {choice['backend']}/{choice['precision']} (median ms: {times})"
+
+
+def record_cpu_default(root: str | Path, threads: int = 0, rounds: int = 10,
+                       roots: list[Path] | None = None) -> dict[str, Any]:
+    """Time every CPU engine/precision of the artifact at ``root`` that passes its gate
+    (:func:`fastest_cpu_engine`, on the first parity observation) and record the fastest in its
+    manifest as ``cpu_default`` (what ``--backend auto`` runs); :func:`describe_choice` says it."""
+    root = Path(root)
+    artifact = Artifact.open(root)
+    parity = json.loads((root / "parity.json").read_text())
+    parity_obs, _ = _same_observations(artifact, parity, roots)
+    choice = fastest_cpu_engine(artifact, parity, parity_obs[0], threads, rounds)
+    manifest = read_manifest(root)
+    manifest["cpu_default"] = choice
+    write_manifest(root, manifest)
+    return choice
+
+
+def after_export(root: str | Path, requested: list[str], threads: int = 0, options: dict[str, Any] | None = None,
+                 roots: list[Path] | None = None) -> list[str]:
+    """What ``vpp export`` adds to the artifact it committed when ``int8_ov`` is among the
+    ``requested`` precisions (the defaults; not a large model's): with OpenVINO and NNCF
+    installed the gated ``int8_ov`` graphs, and with OpenVINO the ``cpu_default`` (the fastest
+    gated CPU engine here). Returns the lines to print. Optional extras never fail the export:
+    without OpenVINO, or with ``int8_ov`` failing its gate, the artifact is kept as exported
+    (``--backend auto`` then runs ONNX Runtime FP32, or the fastest of the rest)."""
+    from vpp_edge.extras import is_available
+
+    if PRECISION not in requested:
+        return []
+    if not is_available("openvino"):
+        return [f"{PRECISION} and cpu_default skipped: OpenVINO is not installed (pip install "
+                "'vpp-edge[openvino-export]'); --backend auto runs ONNX Runtime FP32"]
+    notes = []
+    if not is_available("nncf"):
+        notes.append(f"{PRECISION} skipped: NNCF is not installed (pip install 'vpp-edge[openvino-export]')")
+    else:
+        try:
+            add_openvino_int8(root, threads=threads, options=options, rounds=0, roots=roots)
+            notes.append(f"{PRECISION}: OpenVINO INT8 (NNCF) passes its gate, added to {root}")
+        except ParityError as e:
+            notes.append(f"{PRECISION} not added: {e}")
+    try:
+        notes.append(describe_choice(record_cpu_default(root, threads, roots=roots)))
+    except ParityError as e:  # the export's observations cannot be sampled again here
+        notes.append(f"cpu_default not recorded: {e}")
+    return notes
 
 
 def main(argv: list[str] | None = None) -> int:

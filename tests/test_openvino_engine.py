@@ -183,3 +183,56 @@ def test_nncf_int8_is_gated_end_to_end_and_added_to_the_artifact(exported, tmp_p
     ref = _chunk(artifact, create_engine(artifact, "onnxruntime", threads=2), frames)
     got = _chunk(artifact, create_engine(artifact, "openvino", PRECISION, threads=2, cache_dir=""), frames)
     assert passes(compare(ref, got), parity["gates"]["int8_action_cosine"], parity["gates"]["int8_action_max_abs"])
+
+
+def test_export_without_openvino_leaves_onnx_runtime_fp32_the_default(exported, tmp_path, monkeypatch):
+    """Defaults from data, the fallback: `vpp export` (what `make demo` runs first) asks for
+    int8_ov; without OpenVINO it says so in one line, the artifact stays as exported, and
+    `--backend auto` runs ONNX Runtime FP32. A large model's export does not ask for it."""
+    import shutil
+
+    from vpp_edge import extras
+    from vpp_edge.export.openvino_int8 import PRECISION, after_export
+    from vpp_edge.export.options import load_options
+    from vpp_edge.runtime.artifact import Artifact
+    from vpp_edge.runtime.engines import choose_backend
+
+    requested = load_options()["precisions"]
+    assert PRECISION in requested and PRECISION not in load_options()["large_model"]["precisions"]
+    root = tmp_path / "art"
+    shutil.copytree(exported[0], root)
+    before = (root / "manifest.json").read_text()
+    assert after_export(root, ["fp32"]) == []
+    monkeypatch.setattr(extras, "is_available", lambda m: m != "openvino" and is_available(m))
+    lines = after_export(root, requested)
+    assert len(lines) == 1 and "OpenVINO is not installed" in lines[0] and "ONNX Runtime FP32" in lines[0]
+    assert (root / "manifest.json").read_text() == before and not (root / PRECISION).exists()
+    assert choose_backend(Artifact.open(root), None, ["onnxruntime"])[:2] == ("onnxruntime", None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (is_available("openvino") and is_available("nncf")), reason="openvino/nncf not installed")
+def test_vpp_export_records_cpu_default_and_vpp_run_auto_runs_it(demo_episode, tmp_path, capsys):
+    """Defaults from data: `vpp export` (as `make demo` runs it, fewer precisions and frames
+    to stay quick) adds the gated int8_ov and records the fastest gated CPU engine in the
+    manifest; `vpp run --backend auto` on that artifact runs it and says so in one line."""
+    from vpp_edge.export.manifest import read_manifest
+    from vpp_edge.export.openvino_int8 import PRECISION
+
+    from .test_cli_usability import run_cli, run_on_sim_bridge
+
+    out = tmp_path / "tiny"
+    code, printed, _ = run_cli(["export", "--preset", "tiny", "--out", out, "--precisions", f"fp32,int8_cpu,{PRECISION}",
+                                "--parity-samples", 1, "--calibration-samples", 2, "--quiet"], capsys)
+    assert code == 0
+    manifest = read_manifest(out)
+    choice, times = manifest["cpu_default"], manifest["cpu_default"]["median_ms"]
+    label = f"{choice['backend']}/{choice['precision']}"
+    assert {"onnxruntime/fp32", "onnxruntime/int8_cpu", f"openvino/{PRECISION}"} <= set(times)
+    assert label == min(times, key=times.get)
+    assert f"fastest CPU engine here that passes its gate: {label}" in printed
+    assert f"{PRECISION}/tvp" in manifest["graphs"]
+
+    code, printed, err = run_on_sim_bridge((out, manifest), demo_episode, tmp_path, capsys, 2, "--backend", "auto")
+    assert code == 0, err
+    assert f"backend auto: {label} (TensorRT not installed; the artifact's cpu_default" in printed

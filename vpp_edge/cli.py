@@ -326,7 +326,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
     from vpp_edge.export.artifact import export_artifact
-    from vpp_edge.export.manifest import manifest_precisions
+    from vpp_edge.export.manifest import manifest_precisions, read_manifest
+    from vpp_edge.export.openvino_int8 import after_export
     from vpp_edge.export.options import names_precisions, precisions_for
 
     if args.threads:
@@ -348,9 +349,13 @@ def cmd_export(args: argparse.Namespace) -> int:
               "engine too) and ONNX Runtime on a CPU run; add others with --precisions")
         options["precisions"] = precisions
     # release_policy: the PyTorch weights are freed once the FP32 graphs are written (paper scale: 6 GB)
-    manifest = export_artifact(policy, tokenizer, out, options, observations, source=source, progress=not args.quiet,
-                               release_policy=True)
+    export_artifact(policy, tokenizer, out, options, observations, source=source, progress=not args.quiet,
+                    release_policy=True)
     print((Path(out) / "parity.md").read_text())
+    # int8_ov and the manifest's cpu_default (what --backend auto runs) when OpenVINO is installed
+    for line in after_export(out, precisions, threads=args.threads, options=options, roots=data or None):
+        print(line)
+    manifest = read_manifest(out)
     print(f"wrote {out}: {len(manifest['graphs'])} graphs ({', '.join(manifest_precisions(manifest))}), "
           f"action head mode '{manifest['action_mode']}' ({manifest['action_mode_ms'][manifest['action_mode']]:.1f} ms)")
     return 0
@@ -979,8 +984,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_weight_args(p)
     p.add_argument("--out", type=Path, help="artifact folder (default artifacts/<preset>)")
     p.add_argument("--config", type=Path, help="YAML overriding export/defaults.yaml (gates, FP16/INT8 options)")
-    p.add_argument("--precisions", help=f"comma list from {','.join(precisions.exported())} (default all; "
-                        "fp32 only for a model past 2 GB of weights, docs/export.md)")
+    p.add_argument("--precisions", help=f"comma list from {','.join(precisions.names())} (default all; int8_ov "
+                        "when OpenVINO and NNCF are installed; fp32 only for a model past 2 GB of weights, docs/export.md)")
     p.add_argument("--parity-samples", type=int, help="held-out observations for the gates")
     p.add_argument("--calibration-samples", type=int, help="observations for INT8 calibration")
     p.add_argument("--data", type=Path, action="extend", nargs="+", metavar="DIR",
