@@ -5,18 +5,22 @@
     <artifact>/tokenizer.json     the instruction tokenizer (tokenizers library)
     <artifact>/<precision>/        a graph per vpp_edge.graph_spec.GRAPHS (.onnx), derived as export/derive.py says
 
+The graphs come from the graph cache (:mod:`.graph_cache`, ``vpp calibrate``'s too), kept
+beside the artifact: exporting the same model with the same options again makes none.
+
 Everything is written into a temporary sibling folder and renamed into place at the
 end: a failed gate, a full disk or Ctrl-C leaves no half-written artifact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -26,16 +30,17 @@ from vpp_edge.errors import VPPError
 from vpp_edge.files import atomic_dir
 from vpp_edge.graph_spec import ACTION_MODE_GRAPHS, ACTION_MODES
 from vpp_edge.observations import Observation, observations_digest, sample_observations
-from vpp_edge.precisions import calibrated, exported
+from vpp_edge.precisions import FLOAT16, QDQ, TRACED, calibrated, exported
+from vpp_edge.precisions import get as precision_spec
 from vpp_edge.runtime.predict_step import sample_actions
 from vpp_edge.tokenizer import InstructionTokenizer
 from vpp_edge.training.models.policy import VPPPolicy
 
 from . import onnx_io, parity, tempdirs
 from .graphs import GRAPHS, reference_run
-from .derive import derive_graph, int8_settings, record_graph, write_calibration  # noqa: F401 (int8_settings: API)
 from .manifest import read_manifest, write_artifact_manifest
-from .options import DEFAULTS_FILE, load_options  # noqa: F401 (the export API)
+from .graph_cache import GraphCache, GraphSet, export_cache
+from .options import load_options
 from .parity import ParityError, summary_table
 from .phases import Phases, gb, release_freed_memory
 
@@ -97,7 +102,8 @@ def _time_action_modes(sessions: dict, ref: dict, sigmas: list[float], repeats: 
 
 def export_artifact(policy: VPPPolicy, tokenizer: InstructionTokenizer, out: str | Path,
                     options: dict[str, Any] | None = None, observations: list[Observation] | None = None,
-                    source: str = "", progress: bool = True, release_policy: bool = False) -> dict[str, Any]:
+                    source: str = "", progress: bool = True, release_policy: bool = False,
+                    graph_cache: str | Path | None = None) -> dict[str, Any]:
     """Export, convert, gate and package; returns the manifest. Raises :class:`ParityError`
     (after saving the report next to ``out``) when a gate fails.
 
@@ -105,7 +111,10 @@ def export_artifact(policy: VPPPolicy, tokenizer: InstructionTokenizer, out: str
     policy is unusable afterwards), so that no later phase holds them beside the graphs'
     (``vpp export`` does; at paper scale they are 6 GB). Temporary folders that an export
     killed by SIGKILL or the kernel left next to ``out`` are removed first (see
-    :mod:`.tempdirs`); SIGTERM unwinds like Ctrl-C and leaves nothing."""
+    :mod:`.tempdirs`); SIGTERM unwinds like Ctrl-C and leaves nothing but finished graphs in
+    the cache. ``graph_cache``: where the graphs are cached (default: beside ``out``,
+    :func:`.graph_cache.export_cache`); after a successful export it keeps this artifact's
+    graphs only."""
     opts = options or load_options()
     out = Path(out)
     precisions = [p for p in exported() if p in opts["precisions"]]
@@ -126,22 +135,24 @@ def export_artifact(policy: VPPPolicy, tokenizer: InstructionTokenizer, out: str
         bar.update(1)
 
     tempdirs.sweep(out)
+    cache = GraphCache(graph_cache or export_cache(out), opts)
     try:
         with tempdirs.terminate_as_interrupt(), atomic_dir(out) as tmp:
             tempdirs.claim(tmp)
-            _export_into(tmp, policy, tokenizer, out, opts, precisions, n_parity, n_calib, observations,
-                         source, threads, bar, advance, release_policy)
+            graphs = _export_into(tmp, policy, tokenizer, out, opts, precisions, n_parity, n_calib, observations,
+                                  source, threads, bar, advance, release_policy, cache)
             tempdirs.raise_if_interrupted()  # never commit an export a signal ended
             tempdirs.release(tmp)
     finally:
         bar.close()
+    cache.prune(graphs)
     return read_manifest(out)
 
 
 def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, out: Path, opts: dict[str, Any],
                  precisions: list[str], n_parity: int, n_calib: int, observations: list[Observation] | None,
                  source: str, threads: int, bar: tqdm, advance: Callable[[str], None],
-                 release_policy: bool = False) -> None:
+                 release_policy: bool, cache: GraphCache) -> GraphSet:
     preset = policy.preset
     phase = Phases(bar)
     weights = gb(sum(p.numel() * p.element_size() for p in policy.parameters()))
@@ -155,41 +166,33 @@ def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, 
     sigmas = list(policy.action_head.sigmas)
     scale, offset = (torch.stack([policy.action_scale, policy.action_offset]).numpy())
 
-    paths: dict[str, dict[str, Path]] = {p: {} for p in precisions}
-    for name, gdef in GRAPHS.items():
-        phase.start(f"export fp32/{name}", holds=f"the PyTorch model ({weights}) and the graph")
-        path = tmp / "fp32" / f"{name}.onnx"
-        inputs = gdef.inputs_for(preset)
-        onnx_io.export_onnx(gdef.adapter(policy), tuple(refs[0][i] for i in inputs), inputs,
-                            gdef.outputs, path, opts["opset"], opts["external_data_bytes"])
-        paths["fp32"][name] = path
-        advance(f"exported fp32/{name}")
+    method = opts["int8"]["calibration"]
+    mode_ms: dict[str, float] = {}
 
-    if release_policy:  # every later phase works on the graphs
-        phase.start("release the PyTorch model")
-        _release_weights(policy)
-    phase.start("action head timing", holds="sessions of the FP32 action graphs")
-    mode_ms = _time_action_modes({n: onnx_io.session(paths["fp32"][n], threads) for n in _ACTION_GRAPHS},
-                                 refs[0], sigmas)
+    @contextlib.contextmanager
+    def stage(key: str) -> Iterator[None]:  # one graph: a phase on the progress bar
+        precision = key.split("/")[0]
+        phase.start(f"export {key}" if precision == precisions[0] else key, holds=_holds(precision, weights))
+        yield
+        advance(f"exported {key}" if precision == precisions[0] else key)
+
+    def after_fp32(graphs: GraphSet) -> None:
+        if release_policy:  # every later phase works on the graphs
+            phase.start("release the PyTorch model")
+            _release_weights(policy)
+        phase.start("action head timing", holds="sessions of the FP32 action graphs")
+        mode_ms.update(_time_action_modes({n: onnx_io.session(graphs.file(f"{precisions[0]}/{n}"), threads)
+                                           for n in _ACTION_GRAPHS}, refs[0], sigmas))
+        advance(f"action head: {min(mode_ms, key=mode_ms.get)} wins")
+
+    graphs = cache.build(policy, refs[0], precisions, lambda name: [_feeds(name, r) for r in calib_refs], method,
+                         stage=stage, after_fp32=after_fp32)
     action_mode = min(mode_ms, key=mode_ms.get)
-    advance(f"action head: {action_mode} wins")
-
-    quant_info: dict[str, dict[str, Any]] = {p: {} for p in precisions if p in calibrated()}
-    for precision in precisions[1:]:
-        for name in GRAPHS:
-            src, dst = paths["fp32"][name], tmp / precision / f"{name}.onnx"
-            phase.start(f"{precision}/{name}", holds="the graph; weights stream one tensor at a time"
-                        if precision == "fp16" else "the graph with its weights, calibration activations")
-            info = derive_graph(precision, name, src, dst, opts, feeds=[_feeds(name, r) for r in calib_refs],
-                                method=opts["int8"]["calibration"])
-            if precision in quant_info:
-                quant_info[precision][name] = info
-            paths[precision][name] = dst
-            advance(f"{precision}/{name}")
-    calibration = {p: write_calibration(tmp / p, p, opts, opts["int8"], opts["int8"]["calibration"],  # + scales
-                                        {n: record_graph(info, paths[p][n]) for n, info in quant_info[p].items()},
-                                        [o.source for o in obs[n_parity:]], observations_digest(obs[n_parity:]))
-                   for p in quant_info}
+    entries = graphs.link(tmp)
+    paths = {p: {n: tmp / entries[f"{p}/{n}"]["file"] for n in GRAPHS} for p in precisions}
+    calibration = graphs.calibration(tmp, opts, opts["int8"], method, [o.source for o in obs[n_parity:]],
+                                     observations_digest(obs[n_parity:]))  # + scales
+    quant_info = {p: {n: graphs.derivation(f"{p}/{n}") for n in GRAPHS} for p in precisions if p in calibrated()}
 
     report: dict[str, Any] = {
         "preset": preset.name,
@@ -225,11 +228,21 @@ def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, 
     tokenizer.save(tmp)
     write_artifact_manifest(
         tmp, preset=preset, normalization=policy.normalizer.to_dict(), sigmas=sigmas, action_mode=action_mode,
-        graphs={f"{p}/{n}": onnx_io.graph_entry(path, tmp, p) for p, graph_paths in paths.items()
-                for n, path in graph_paths.items()},
+        graphs=entries,
         source=source, action_mode_ms=mode_ms, parity="parity.json", calibration=calibration,
         # Policies that take the robot state: its bounds, which the runtime normalises and checks with.
         state_normalization=policy.state_normalizer.to_dict() if policy.state_normalizer else None)
+    return graphs
+
+
+# What making a graph holds in memory, by how its precision is derived (the progress bar says it).
+_HOLDS = {TRACED: "the PyTorch model ({weights}) and the graph",
+          FLOAT16: "the graph; weights stream one tensor at a time",
+          QDQ: "the graph with its weights, calibration activations"}
+
+
+def _holds(precision: str, weights: str) -> str:
+    return _HOLDS[precision_spec(precision).derivation].format(weights=weights)
 
 
 # The graphs that time the action head's two modes.

@@ -57,6 +57,12 @@ BOOKKEEPING = ("graph", "precision", "entry", "record", "files")
 Feeds = list[dict[str, np.ndarray]]
 
 
+def export_cache(out: Path) -> Path:
+    """Where ``vpp export`` to ``out`` caches its graphs: beside it (``.<name>-graphs``), on
+    the same file system, so the artifact's graphs are links to the cached ones."""
+    return out.with_name(f".{out.name}-graphs")
+
+
 def sha(*parts: Any) -> str:
     """sha256 over ``parts`` (bytes as they are, anything else as sorted JSON)."""
     h = hashlib.sha256()

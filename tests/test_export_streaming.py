@@ -21,9 +21,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from vpp_edge.export import external_data, onnx_io, tempdirs
-from vpp_edge.runtime.manifest import ArtifactError, sha256_file, verify_entry
+from vpp_edge.export import external_data, graph_cache, onnx_io, tempdirs
 from vpp_edge.export.options import load_options, precisions_for
+from vpp_edge.runtime.manifest import ArtifactError, sha256_file, verify_entry
 
 KEEP = ["LayerNormalization", "Softmax"]
 
@@ -116,7 +116,8 @@ def test_export_with_external_data_hashes_it_and_frees_the_model(tmp_path, tiny_
     with caplog.at_level(logging.WARNING, logger="vpp_edge.export.tempdirs"):
         manifest = export_artifact(policy, tok, out, options, source="test", progress=False, release_policy=True)
     assert not stale.exists() and "removed" in caplog.text and str(stale) in caplog.text
-    assert [p.name for p in tmp_path.iterdir()] == ["art"], "no temporary folder left"
+    cache = graph_cache.export_cache(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [cache.name, "art"], "no temporary folder left"
     assert all(p.numel() == 0 for p in policy.parameters()), "the PyTorch weights were released"
 
     for key, entry in manifest["graphs"].items():
@@ -227,14 +228,22 @@ def test_signal_during_export_leaves_nothing(tmp_path, sig):
     proc = _vpp("export", "--preset", "tiny", "--out", str(out), "--precisions", "fp32", "--parity-samples", "1",
                 "--quiet", cwd=tmp_path)
 
-    def writing_graphs() -> bool:
-        return any(tmp_path.glob(".art.*/fp32"))
+    def writing_graphs() -> bool:  # the graph cache's FP32 folder appears with the first graph
+        return (graph_cache.export_cache(out) / "fp32").is_dir()
 
     _wait_for(writing_graphs, proc)
     proc.send_signal(sig)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, output[-3000:]
-    assert list(tmp_path.iterdir()) == [], "the temporary folder was removed"
+    _only_complete_graphs_left(tmp_path, out)
+
+
+def _only_complete_graphs_left(folder: Path, out: Path) -> None:
+    """Nothing of an export to ``out`` is left in ``folder`` but its graph cache, and that
+    without a temporary (half-written) entry."""
+    cache = graph_cache.export_cache(out)
+    assert [p.name for p in folder.iterdir()] in ([], [cache.name]), "the temporary folder was removed"
+    assert not list(cache.glob("*/.*")), "no half-written graph in the cache"
 
 
 @pytest.mark.slow
@@ -248,7 +257,8 @@ def test_killed_export_leaves_a_folder_the_next_export_removes(tmp_path):
     [left] = tempdirs.leftovers(out)
     assert left.state == "stale" and "is gone" in left.detail
     tempdirs.sweep(out)  # what the next export to the same place does first
-    assert list(tmp_path.iterdir()) == []
+    graph_cache.sweep(graph_cache.export_cache(out))
+    _only_complete_graphs_left(tmp_path, out)
 
 
 def test_large_models_default_to_the_precisions_their_targets_run(tmp_path):
