@@ -32,14 +32,15 @@ from vpp_edge.graph_spec import ACTION_MODE_GRAPHS, ACTION_MODES
 from vpp_edge.observations import Observation, observations_digest, sample_observations
 from vpp_edge.precisions import FLOAT16, QDQ, TRACED, calibrated, exported
 from vpp_edge.precisions import get as precision_spec
+from vpp_edge.runtime.manifest import read_manifest
 from vpp_edge.runtime.predict_step import sample_actions
 from vpp_edge.tokenizer import InstructionTokenizer
 from vpp_edge.training.models.policy import VPPPolicy
 
 from . import onnx_io, parity, tempdirs
 from .graphs import GRAPHS, reference_run
-from .manifest import read_manifest, write_artifact_manifest
 from .graph_cache import GraphCache, GraphSet, export_cache
+from .manifest import write_artifact_manifest
 from .options import load_options
 from .parity import ParityError, summary_table
 from .phases import Phases, gb, release_freed_memory

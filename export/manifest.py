@@ -1,6 +1,6 @@
 """The one writer of an artifact's manifest (``vpp export`` and ``vpp calibrate`` both call
 :func:`write_artifact_manifest`), against the schema of :mod:`vpp_edge.runtime.manifest`,
-which defines the manifest's helpers (re-exported here for export code and older callers).
+where the manifest's readers and checks live.
 """
 
 from __future__ import annotations
@@ -13,10 +13,7 @@ from typing import Any
 
 from vpp_edge import __version__
 from vpp_edge.presets import Preset
-from vpp_edge.runtime.manifest import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, ArtifactError,  # noqa: F401
-                                       TensorSpec, check_engine_fits, confined, manifest_precisions,
-                                       read_manifest, sha256_file, tokenizer_entry, verify_entry, verify_file,
-                                       write_manifest)
+from vpp_edge.runtime.manifest import FORMAT_NAME, FORMAT_VERSION, tokenizer_entry, write_manifest
 
 TOOLS = ("torch", "onnx", "onnxruntime", "diffusers", "transformers")  # what the graphs are made with
 

@@ -54,10 +54,10 @@ from vpp_edge.extras import require
 from vpp_edge.graph_spec import ACTION_MODE_GRAPHS, ACTION_MODES, GRAPH_NAMES
 from vpp_edge.observations import Observation, sample_observations
 from vpp_edge.runtime.artifact import Artifact
+from vpp_edge.runtime.manifest import read_manifest, sha256_file, write_manifest
 from vpp_edge.runtime.predict_step import encode_text, predict_actions
 
 from . import onnx_io
-from .manifest import read_manifest, sha256_file, write_manifest
 from .parity import ParityError, compare, passes, summary_table, worst
 
 log = logging.getLogger(__name__)

@@ -10,15 +10,16 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from vpp_edge.calibrate.frames import sample_observations
 from vpp_edge.cli import EXIT_MISSING_DEPENDENCY, EXIT_PARITY, main
 from vpp_edge.errors import VPPError
 from vpp_edge.export import artifact as art
 from vpp_edge.export import onnx_io
 from vpp_edge.export.graphs import GRAPHS
-from vpp_edge.export.manifest import ArtifactError, check_engine_fits, read_manifest, sha256_file, verify_entry
+from vpp_edge.export.options import load_options
 from vpp_edge.export.parity import ParityError, compare, evaluate_precision
 from vpp_edge.export.tensorrt_build import select_graphs
+from vpp_edge.observations import sample_observations
+from vpp_edge.runtime.manifest import ArtifactError, check_engine_fits, read_manifest, sha256_file, verify_entry
 from vpp_edge.runtime.predict_step import encode_text, predict_actions
 
 pytestmark = pytest.mark.slow
@@ -131,7 +132,7 @@ def test_a_perturbed_graph_fails_its_gate(exported, tiny_policy, tiny_preset, tm
     paths = {g: out / "fp32" / f"{g}.onnx" for g in GRAPHS} | {"former": bad}
     obs = sample_observations(tiny_preset.num_views, tiny_preset.image_size, 1)
     refs = [art._numpy(art.reference(policy, tok, obs[0], seed=0))]
-    gates = art.load_options()["gates"]
+    gates = load_options()["gates"]
     scale, offset = np.ones(7, np.float32), np.zeros(7, np.float32)
     section = evaluate_precision("fp32", paths, refs, manifest["sigmas"], "sampler", scale, offset, gates)
     assert not section["passed"]
@@ -177,11 +178,11 @@ def test_interrupted_export_leaves_nothing(tiny_policy, tmp_path, monkeypatch):
 
 def test_bad_export_options_are_clear(tmp_path):
     with pytest.raises(VPPError, match="unknown export option 'colour'"):
-        art.load_options(colour="red")
+        load_options(colour="red")
     with pytest.raises(VPPError, match="must include fp32"):
-        art.load_options(precisions=["fp16"])
+        load_options(precisions=["fp16"])
     with pytest.raises(VPPError, match="fp8"):
-        art.load_options(precisions=["fp32", "fp8"])
+        load_options(precisions=["fp32", "fp8"])
     with pytest.raises(onnx_io.ExportError, match="at least one observation"):
         onnx_io.quantize_int8(tmp_path / "x.onnx", tmp_path / "y.onnx", [], ["MatMul"], [], "minmax")
     with pytest.raises(onnx_io.ExportError, match="calibration 'magic' unknown"):
@@ -192,7 +193,7 @@ def test_bad_export_options_are_clear(tmp_path):
 
 def test_empty_calibration_set_is_refused(tiny_policy, tmp_path):
     policy, tok = tiny_policy
-    options = art.load_options(calibration_samples=0)
+    options = load_options(calibration_samples=0)
     with pytest.raises(VPPError, match="empty calibration set"):
         art.export_artifact(policy, tok, tmp_path / "art", options, progress=False)
 

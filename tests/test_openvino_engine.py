@@ -216,7 +216,7 @@ def test_vpp_export_records_cpu_default_and_vpp_run_auto_runs_it(demo_episode, t
     """Defaults from data: `vpp export` (as `make demo` runs it, fewer precisions and frames
     to stay quick) adds the gated int8_ov and records the fastest gated CPU engine in the
     manifest; `vpp run --backend auto` on that artifact runs it and says so in one line."""
-    from vpp_edge.export.manifest import read_manifest
+    from vpp_edge.runtime.manifest import read_manifest
     from vpp_edge.export.openvino_int8 import PRECISION
 
     from .test_cli_usability import run_cli, run_on_sim_bridge

@@ -10,11 +10,12 @@ import time
 import numpy as np
 import pytest
 
-from vpp_edge.calibrate.frames import sample_observations
 from vpp_edge.export import artifact as art
 from vpp_edge.export import onnx_io, parity
 from vpp_edge.export.graphs import GRAPHS
+from vpp_edge.export.options import load_options
 from vpp_edge.export.parity import GraphWorker, ParityError, WorkerRunner
+from vpp_edge.observations import sample_observations
 
 
 def _refs(tiny_policy, tiny_preset, n=2):
@@ -37,7 +38,7 @@ def test_workers_give_the_in_process_figures(exported, tiny_policy, tiny_preset,
     out, manifest = exported
     paths = {g: out / precision / f"{g}.onnx" for g in GRAPHS}
     refs = _refs(tiny_policy, tiny_preset)
-    gates = art.load_options()["gates"]
+    gates = load_options()["gates"]
     scale, offset = np.ones(7, np.float32), np.zeros(7, np.float32)
     mode = "step"  # it chains the most graphs (the per-graph figures do not depend on the mode)
     section = parity.evaluate_precision(precision, paths, refs, manifest["sigmas"], mode, scale, offset, gates)

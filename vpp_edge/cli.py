@@ -326,7 +326,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
     from vpp_edge.export.artifact import export_artifact
-    from vpp_edge.export.manifest import manifest_precisions, read_manifest
+    from vpp_edge.runtime.manifest import manifest_precisions, read_manifest
     from vpp_edge.export.openvino_int8 import after_export
     from vpp_edge.export.options import names_precisions, precisions_for
 
@@ -363,7 +363,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_build_engines(args: argparse.Namespace) -> int:
     from vpp_edge.errors import MissingDependencyError
-    from vpp_edge.export.manifest import read_manifest
+    from vpp_edge.runtime.manifest import read_manifest
     from vpp_edge.extras import is_available
 
     if args.artifact and args.artifact_old_spelling and args.artifact != args.artifact_old_spelling:
