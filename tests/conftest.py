@@ -71,8 +71,6 @@ def exported(request, tmp_path_factory):
 def exported_xhand(tiny_preset, tmp_path_factory):
     """The tiny architecture with the xArm + XHand action space (18), FP32 only, its action
     normaliser spanning the robot config's action bounds."""
-    from vpp_edge.export.artifact import export_artifact
-    from vpp_edge.export.options import load_options
     from vpp_edge.normalization import ActionNormalizer
     from vpp_edge.runtime.robot_config import load_robot_config
     from vpp_edge.training.models import build_policy
@@ -80,10 +78,18 @@ def exported_xhand(tiny_preset, tmp_path_factory):
     robot = load_robot_config("xarm_xhand")
     preset = dataclasses.replace(tiny_preset, name="tiny_xhand", action_dim=robot.action_dim)
     norm = ActionNormalizer(mode="bounds", low=tuple(robot.action_low), high=tuple(robot.action_high))
-    policy, tok = build_policy(preset, seed=0, normalizer=norm)
-    out = tmp_path_factory.mktemp("artifacts") / "tiny_xhand"
-    options = load_options(precisions=["fp32"], parity_samples=1)
-    export_artifact(policy, tok, out, options, source="test", progress=False)
+    return export_fp32(build_policy(preset, seed=0, normalizer=norm), tmp_path_factory.mktemp("artifacts") / "tiny_xhand")
+
+
+def export_fp32(policy_and_tokenizer, out: Path) -> Path:
+    """``out``: the policy exported in FP32 only, gated on one observation (the quickest
+    artifact); returns ``out``."""
+    from vpp_edge.export.artifact import export_artifact
+    from vpp_edge.export.options import load_options
+
+    policy, tok = policy_and_tokenizer
+    export_artifact(policy, tok, out, load_options(precisions=["fp32"], parity_samples=1), source="test",
+                    progress=False)
     return out
 
 

@@ -10,6 +10,8 @@ import pytest
 from vpp_edge.errors import ConfigError
 from vpp_edge.extras import is_available
 
+from .conftest import export_fp32
+
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not is_available("metaworld"), reason="metaworld is not installed (make install)"),
               pytest.mark.skipif(ctypes.util.find_library("EGL") is None,
@@ -39,18 +41,13 @@ def test_oracle_demos_are_recorded_in_the_sample_format(tmp_path):
 
 def test_closed_loop_evaluation_runs_the_runtime_against_the_simulator(tmp_path, exported):
     from vpp_edge.evaluation.metaworld import EvalOptions, evaluate, write_report
-    from vpp_edge.export.artifact import export_artifact
-    from vpp_edge.export.options import load_options
     from vpp_edge.presets import get_preset
     from vpp_edge.training.models import build_policy
 
     with pytest.raises(ConfigError, match="acts in 7 dims, MetaWorld takes 4"):
         evaluate(exported[0], EvalOptions(tasks=("reach-v3",), episodes=1), progress=False)
 
-    policy, tokenizer = build_policy(get_preset("metaworld_tiny"), seed=0)
-    out = tmp_path / "mw"
-    export_artifact(policy, tokenizer, out, load_options(precisions=["fp32"], parity_samples=1),
-                        source="test", progress=False)
+    out = export_fp32(build_policy(get_preset("metaworld_tiny"), seed=0), tmp_path / "mw")
     videos = tmp_path / "videos"
     results = evaluate(out, EvalOptions(tasks=("reach-v3",), episodes=2, max_steps=40, video_dir=str(videos)),
                        progress=False)

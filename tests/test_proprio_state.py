@@ -14,6 +14,8 @@ from vpp_edge.runtime.policy import RuntimePolicy
 from vpp_edge.training.checkpoints import load_checkpoint, save_checkpoint
 from vpp_edge.training.predict import TorchPredictor
 
+from .conftest import export_fp32
+
 pytestmark = pytest.mark.slow
 
 DIM = 7  # the sim robot's end-effector pose (xyz, rpy, gripper): what the closed-loop test feeds
@@ -46,14 +48,7 @@ def state_policy(tiny_preset):
 
 @pytest.fixture(scope="module")
 def state_artifact(state_policy, tmp_path_factory):
-    from vpp_edge.export.artifact import export_artifact
-    from vpp_edge.export.options import load_options
-
-    policy, tok = state_policy
-    out = tmp_path_factory.mktemp("artifacts") / "tiny_state"
-    export_artifact(policy, tok, out, load_options(precisions=["fp32"], parity_samples=1),
-                        source="test", progress=False)
-    return out
+    return export_fp32(state_policy, tmp_path_factory.mktemp("artifacts") / "tiny_state")
 
 
 def frames_of(preset, seed=0):
@@ -252,14 +247,7 @@ def relative_policy(state_policy, tiny_preset):
 
 @pytest.fixture(scope="module")
 def relative_artifact(relative_policy, tmp_path_factory):
-    from vpp_edge.export.artifact import export_artifact
-    from vpp_edge.export.options import load_options
-
-    policy, tok = relative_policy
-    out = tmp_path_factory.mktemp("artifacts") / "tiny_relative"
-    export_artifact(policy, tok, out, load_options(precisions=["fp32"], parity_samples=1),
-                        source="test", progress=False)
-    return out
+    return export_fp32(relative_policy, tmp_path_factory.mktemp("artifacts") / "tiny_relative")
 
 
 def test_the_xbot_preset_sends_actions_relative_to_the_state():
