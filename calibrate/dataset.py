@@ -1,11 +1,9 @@
 """Calibration and held-out sets as files: numpy ``.npz`` archives, never pickle.
 
-Two forms are stored:
-
-* an :class:`ObservationSet`: camera frames of every view (uint8, prepared for the model)
-  plus the instruction and the source (``<annotation>#<frame>``) of each observation;
-* quantizer feeds (:func:`save_feeds`): for one graph, its inputs for every calibration
-  observation stacked on a leading axis, as the ONNX Runtime calibrator reads them.
+An :class:`ObservationSet` holds camera frames of every view (uint8, prepared for the
+model) plus the instruction and the source (``<annotation>#<frame>``) of each observation.
+The quantizer's feeds are computed from it (the graph cache keys INT8 graphs by their digest,
+:func:`vpp_edge.export.graph_cache.feeds_digest`), never stored.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ from vpp_edge.errors import DataError
 from vpp_edge.observations import Observation, find_episodes, observations_digest, sample_observations
 
 OBSERVATIONS_FORMAT = "vpp-edge-observations/1"
-FEEDS_FORMAT = "vpp-edge-quantizer-feeds/1"
 
 
 class EmptyCalibrationSetError(DataError):
@@ -158,32 +155,3 @@ def build_split(num_views: int, image_size: int, calibration_samples: int, heldo
     heldout = build_observation_set(num_views, image_size, heldout_samples, held_eps, offset=calibration_samples,
                                     what="held-out set")
     return DataSplit(calibration, heldout, note)
-
-
-def save_feeds(path: str | Path, feeds: Sequence[dict[str, np.ndarray]]) -> Path:
-    """One graph's calibration feeds (a list of input dicts) as one ``.npz``."""
-    if not feeds:
-        raise EmptyCalibrationSetError(f"{path}: no calibration feeds to save")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    names = list(feeds[0])
-    arrays = {f"input:{n}": np.stack([np.asarray(f[n]) for f in feeds]) for n in names}
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, format=np.array(FEEDS_FORMAT), **arrays)
-    tmp.replace(path)
-    return path
-
-
-def load_feeds(path: str | Path) -> list[dict[str, np.ndarray]]:
-    """The feeds written by :func:`save_feeds`, as the list the quantizer iterates."""
-    path = Path(path)
-    data = _load_npz(path, "quantizer feed file")
-    if str(data.get("format", "")) != FEEDS_FORMAT:
-        raise DataError(f"{path}: not a quantizer feed file (format '{FEEDS_FORMAT}')")
-    arrays = {k.split(":", 1)[1]: v for k, v in data.items() if k.startswith("input:")}
-    n = {len(v) for v in arrays.values()}
-    if not arrays or n == {0}:
-        raise EmptyCalibrationSetError(f"{path}: empty calibration feeds")
-    if len(n) != 1:
-        raise DataError(f"{path}: inputs have different sample counts {sorted(n)}")
-    return [{k: v[i] for k, v in arrays.items()} for i in range(n.pop())]

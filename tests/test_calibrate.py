@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from vpp_edge.calibrate import knobs as K
-from vpp_edge.calibrate.dataset import (EmptyCalibrationSetError, ObservationSet, build_observation_set, build_split,
-                                        load_feeds, save_feeds)
+from vpp_edge.calibrate.dataset import EmptyCalibrationSetError, ObservationSet, build_observation_set, build_split
 from vpp_edge.calibrate.grid import SweepSpecError, expand, load_spec, spec_from_dict
 from vpp_edge.calibrate.pareto import RecommendationError, Tolerance, pareto_front, recommend
 from vpp_edge.calibrate.runtime_config import RuntimeConfigError, apply_to_args, load_runtime_config
@@ -141,8 +140,6 @@ def test_empty_calibration_set_is_a_clear_error(tmp_path):
              instructions=np.array([], str), sources=np.array([], str))
     with pytest.raises(EmptyCalibrationSetError, match="empty calibration set"):
         ObservationSet.load(empty)
-    with pytest.raises(EmptyCalibrationSetError):
-        save_feeds(tmp_path / "f.npz", [])
 
 
 def test_expand_dedupes_normalises_and_skips(tiny_preset):
@@ -243,12 +240,6 @@ def test_observation_sets_round_trip_without_pickle(tmp_path):
         ObservationSet.load(tmp_path / "junk.npz")
     with pytest.raises(DataError, match="not found"):
         ObservationSet.load(tmp_path / "missing.npz")
-
-
-def test_quantizer_feeds_round_trip(tmp_path):
-    feeds = [{"x": np.full((1, 3), k, np.float32), "m": np.ones((1, 2), np.int64)} for k in range(3)]
-    back = load_feeds(save_feeds(tmp_path / "g.npz", feeds))
-    assert len(back) == 3 and all(np.array_equal(a[k], b[k]) for a, b in zip(feeds, back) for k in a)
 
 
 def test_accuracy_compares_common_frames():
