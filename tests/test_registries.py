@@ -166,11 +166,13 @@ def test_a_description_must_name_a_known_driver_kind(tmp_path):
             load(kindless)
 
 
-def _artifact(engines=None, cpu_default=None):
+def _artifact(engines=None, cpu_default=None, shipped=None):
+    """A stand-in artifact; ``shipped``: its precisions (default fp32 and the cpu_default's)."""
     manifest = {"engines": engines or {}}
     if cpu_default is not None:
         manifest["cpu_default"] = cpu_default
-    return SimpleNamespace(manifest=manifest)
+    held = shipped if shipped is not None else ["fp32", *([cpu_default["precision"]] if cpu_default else [])]
+    return SimpleNamespace(manifest=manifest, precisions=lambda: list(held))
 
 
 def test_backend_auto_honours_the_artifacts_cpu_default():
@@ -191,6 +193,9 @@ def test_backend_auto_honours_the_artifacts_cpu_default():
     assert (backend, precision) == ("onnxruntime", "fp32") and "fp32 asked for" in why
     backend, _, why = choose_backend(_artifact(cpu_default=cpu), None, ["onnxruntime"])
     assert backend == "onnxruntime" and "openvino/int8_ov is not installed here" in why
+    # A deploy bundle that left the cpu_default's graphs home: ONNX Runtime, and why.
+    backend, precision, why = choose_backend(_artifact(cpu_default=cpu, shipped=["fp32"]), None, cpu_only)
+    assert (backend, precision) == ("onnxruntime", None) and "openvino/int8_ov has no graphs here" in why
     assert choose_backend(_artifact(), None, cpu_only) == ("onnxruntime", None, "TensorRT not installed: ONNX Runtime")
 
 

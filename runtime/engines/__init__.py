@@ -51,13 +51,15 @@ def choose_backend(artifact: Artifact, precision: str | None, available: list[st
     """``--backend auto``: (backend, precision, why). TensorRT when it is installed and engines
     were built for this artifact here; else the artifact's ``cpu_default`` (the fastest CPU
     engine that passed its gate, measured at export: export/openvino_int8.py) when it is
-    installed here and no other precision was asked for; else ONNX Runtime."""
+    installed here, its graphs are in the artifact (a deploy bundle may leave them home) and
+    no other precision was asked for; else ONNX Runtime."""
     if "tensorrt" in available and artifact.manifest.get("engines"):
         return "tensorrt", precision, "TensorRT engines built for this artifact"
     why = "TensorRT not installed" if "tensorrt" not in available else "no TensorRT engines in the artifact"
     cpu = artifact.manifest.get("cpu_default") or {}
     backend, cpu_precision = cpu.get("backend"), cpu.get("precision")
-    if backend in available and (precision is None or precision == cpu_precision):
+    shipped = cpu_precision in artifact.precisions()
+    if backend in available and shipped and (precision is None or precision == cpu_precision):
         ms = (cpu.get("median_ms") or {}).get(f"{backend}/{cpu_precision}")
         measured = f", {ms:.1f} ms" if isinstance(ms, (int, float)) else ""
         where = f" on {cpu['measured_on']}" if cpu.get("measured_on") else ""
@@ -65,6 +67,8 @@ def choose_backend(artifact: Artifact, precision: str | None, available: list[st
                                         f"export{where}{measured})")
     if backend is not None and backend not in available:
         why += f"; the artifact's cpu_default {backend}/{cpu_precision} is not installed here"
+    elif backend is not None and not shipped:
+        why += f"; the artifact's cpu_default {backend}/{cpu_precision} has no graphs here"
     elif backend is not None:
         why += f"; {precision} asked for, not the artifact's cpu_default {backend}/{cpu_precision}"
     return "onnxruntime", precision, f"{why}: ONNX Runtime"
