@@ -106,7 +106,8 @@ def export_artifact(policy: VPPPolicy, tokenizer: InstructionTokenizer, out: str
                     source: str = "", progress: bool = True, release_policy: bool = False,
                     graph_cache: str | Path | None = None) -> dict[str, Any]:
     """Export, convert, gate and package; returns the manifest. Raises :class:`ParityError`
-    (after saving the report next to ``out``) when a gate fails.
+    (after saving the report next to ``out``, and dropping the failed precisions' graphs
+    from the cache) when a gate fails.
 
     ``release_policy``: free the policy's weights once the FP32 graphs are written (the
     policy is unusable afterwards), so that no later phase holds them beside the graphs'
@@ -146,6 +147,7 @@ def export_artifact(policy: VPPPolicy, tokenizer: InstructionTokenizer, out: str
             tempdirs.release(tmp)
     finally:
         bar.close()
+        cache.tidy()  # an export stopped before its first graph leaves no cache
     cache.prune(graphs)
     return read_manifest(out)
 
@@ -224,6 +226,7 @@ def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, 
     if failed:
         failed_report = out.parent / f"{out.name}.parity-failed.md"
         shutil.copy2(tmp / "parity.md", failed_report)
+        cache.drop(graphs, failed)
         raise ParityError(f"parity gate failed for {', '.join(failed)} (report: {failed_report})\n{table}")
 
     tokenizer.save(tmp)

@@ -251,6 +251,21 @@ class GraphCache:
             shutil.rmtree(f.parent, ignore_errors=True)
         return [f.parent for f in removed]
 
+    def drop(self, graphs: GraphSet, failed: Sequence[str]) -> None:
+        """Remove the graphs that ``graphs`` made for the ``failed`` precisions (they failed a
+        parity gate: never reused). A graph such a precision takes as the FP32 one stays."""
+        for key, entry in graphs.entries.items():
+            if key.split("/")[0] in failed and entry.info["precision"] == key.split("/")[0]:
+                shutil.rmtree(entry.folder, ignore_errors=True)
+
+    def tidy(self) -> None:
+        """Remove the cache's empty folders (all of it when it holds no graph)."""
+        if not self.root.is_dir():
+            return
+        for folder in [*sorted(p for p in self.root.iterdir() if p.is_dir()), self.root]:
+            with contextlib.suppress(OSError):  # not empty
+                folder.rmdir()
+
     # ---- entries -------------------------------------------------------------------------
     def _entry(self, precision: str, name: str, key: str, make: Callable[[Path], dict[str, Any]],
                built: list[str]) -> Entry:
