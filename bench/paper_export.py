@@ -69,19 +69,19 @@ def _files(out: Path) -> list[tuple[str, int]]:
     return [(str(p.relative_to(out)), p.stat().st_size) for p in sorted(out.rglob("*")) if p.is_file()]
 
 
-def _tree_rss(session: int) -> int:
-    """Resident bytes of every process in the session ``session`` (the export's tree)."""
-    total, page = 0, os.sysconf("SC_PAGE_SIZE")
+def _tree_rss(session: int) -> dict[int, int]:
+    """Resident bytes of each process in the session ``session`` (the export's tree)."""
+    rss, page = {}, os.sysconf("SC_PAGE_SIZE")
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
             if int(fields[3]) == session:  # fields after the name: state ppid pgrp session ...
                 with open(f"/proc/{pid}/statm") as f:
-                    total += int(f.read().split()[1]) * page
+                    rss[int(pid)] = int(f.read().split()[1]) * page
         except (OSError, ValueError, IndexError):
             continue  # the process ended meanwhile
-    return total
+    return rss
 
 
 class Watchdog(threading.Thread):
@@ -96,12 +96,14 @@ class Watchdog(threading.Thread):
 
     def run(self) -> None:
         while not self.done.wait(self.every):
-            rss = _tree_rss(self.session)
+            per_process = _tree_rss(self.session)
+            rss = sum(per_process.values())
             self.peak = max(self.peak, rss)
             if rss > self.kill_bytes:
                 self.killed_at = rss
                 print(f"watchdog: the export's tree holds {rss / 1e9:.2f} GB > {self.kill_bytes / 1e9:.1f} GB, "
-                      f"killing it", file=sys.stderr, flush=True)
+                      f"killing it (per process: {', '.join(f'{p} {b / 1e9:.2f} GB' for p, b in per_process.items())})",
+                      file=sys.stderr, flush=True)
                 os.killpg(self.session, signal.SIGKILL)
                 return
 

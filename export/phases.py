@@ -14,6 +14,7 @@ import gc
 import logging
 import os
 import resource
+import sys
 import time
 from typing import Any
 
@@ -77,6 +78,7 @@ def release_freed_memory() -> int:
     ``malloc_trim``; elsewhere only the collection): freed tensors and protobufs leave their
     pages in malloc's arenas, resident, until trimmed. Returns the bytes of RSS released."""
     before = rss_bytes()
+    forget_rewriter_matches()
     gc.collect()
     collected = rss_bytes()
     with contextlib.suppress(OSError, AttributeError):
@@ -85,3 +87,30 @@ def release_freed_memory() -> int:
     log.info("released %s of resident memory: %s by gc, %s by malloc_trim (rss now %s)",
              gb(before - after), gb(before - collected), gb(collected - after), gb(after))
     return before - after
+
+
+# The state a pattern matcher of onnxscript's rewriter keeps from its last match.
+_MATCH_STATE = ("_graph", "_current_node", "_tracer", "_match")
+
+
+def forget_rewriter_matches() -> int:
+    """Drop what onnxscript's pattern matchers keep from their last match; returns how many
+    matchers were reset.
+
+    The rewrite rules torch's exporter applies (``optimize=True``) are module-level objects,
+    and each rule's matcher keeps the last graph it matched: after an export, the exported
+    ONNX IR graph with its initializers, some of which are numpy views of the PyTorch
+    weights (the folded transposes of the Linear weights). So freeing the policy's
+    parameters freed too little: 1.5 GB of weights and the graph stayed resident at paper
+    scale (issue 20, measured at the tiny preset: 158 of 300 Linear weights of the TVP held).
+    A matcher sets this state at the start of each match, so clearing it is safe."""
+    matcher = sys.modules.get("onnxscript.rewriter._matcher")
+    if matcher is None:  # the exporter never ran here
+        return 0
+    reset = 0
+    for obj in gc.get_objects():
+        if isinstance(obj, matcher.PatternMatcher):
+            for attr in _MATCH_STATE:
+                vars(obj).pop(attr, None)
+            reset += 1
+    return reset
