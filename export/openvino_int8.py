@@ -76,14 +76,24 @@ def noise_shapes(artifact: Artifact) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return artifact.input_spec("tvp", "noise").shape, (1, artifact.preset.action_horizon, artifact.preset.action_dim)
 
 
+def _state(artifact: Artifact, seed: int) -> np.ndarray | None:
+    """A seeded normalised robot state [1, P] in [-1, 1] for an artifact whose policy takes one
+    (``action_head.use_proprio``; observations carry no state), else None."""
+    if artifact.state_normalizer is None:
+        return None
+    rng = np.random.default_rng(10_000 + seed)
+    return rng.uniform(-1.0, 1.0, (1, artifact.state_normalizer.dim)).astype(np.float32)
+
+
 def chain(run: Callable[[str, Feeds], Feeds], artifact: Artifact, obs: Observation, seed: int,
           mode: str | None = None) -> np.ndarray:
-    """The normalised action chunk [1, T, A] of one observation (noise from ``seed``)."""
+    """The normalised action chunk [1, T, A] of one observation (noise, and the state of a
+    state-taking policy, from ``seed``)."""
     ids, mask = artifact.tokenizer()([obs.instruction])
     condition, goal = encode_text(run, ids, mask)
     noise, action_noise = _noise(noise_shapes(artifact), seed)
     return predict_actions(run, condition, goal, obs.frames[None], noise, action_noise, artifact.sigmas,
-                           mode or artifact.action_mode)
+                           mode or artifact.action_mode, state=_state(artifact, seed))
 
 
 def record_feeds(run: Callable[[str, Feeds], Feeds], artifact: Artifact, observations: list[Observation],
@@ -246,7 +256,8 @@ def add_openvino_int8(root: str | Path, preset: str = "transformer", threads: in
                 onnx_io.keep_float(src, out / src.name, "int8")  # a copy of the ONNX graph
                 entries[f"{PRECISION}/{name}"] = onnx_io.graph_entry(out / src.name, Path(tmp), PRECISION)
         # Gate on the files where they are: the in-memory manifest points at the temporary folder.
-        staged = Artifact(Path(tmp), {**artifact.manifest, "graphs": entries}, artifact.preset, artifact.normalizer)
+        staged = Artifact(Path(tmp), {**artifact.manifest, "graphs": entries}, artifact.preset, artifact.normalizer,
+                          artifact.state_normalizer)
         candidate = OvEngine(staged, PRECISION, threads=threads, cache_dir="").load()
         section = {**evaluate(reference, candidate, artifact, parity_obs, gates), "quantization": info}
         candidate.close()

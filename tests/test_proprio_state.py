@@ -333,3 +333,19 @@ def test_the_embedding_api_takes_the_state_and_sends_the_official_commands(relat
         assert np.array_equal(api.act(list(frames), stamp=0.0, state=state).actions, expected)
         with pytest.raises(StateError, match="^missing:"):
             api.act(list(frames))
+
+
+def test_the_openvino_int8_path_feeds_a_state_taking_artifact_a_seeded_state(relative_artifact):
+    """export/openvino_int8.py's chain (int8_ov gate, cpu_default timing after vpp export) runs a
+    state-taking artifact with a seeded normalised state (before: 'Missing Input: state')."""
+    from vpp_edge.export import openvino_int8 as ov
+    from vpp_edge.observations import Observation
+
+    artifact = Artifact.open(relative_artifact)
+    obs = Observation(frames_of(artifact.preset, 5), INSTRUCTION, "test#0")
+    state = ov._state(artifact, 1)
+    assert state.shape == (1, DIM) and np.all(np.abs(state) <= 1) and np.array_equal(state, ov._state(artifact, 1))
+    with create_engine(artifact, "onnxruntime") as engine:
+        chunks = [np.array(ov.chain(engine.run, artifact, obs, seed)) for seed in (1, 1, 2)]  # buffers are reused
+    assert chunks[0].shape == (1, artifact.preset.action_horizon, artifact.preset.action_dim)
+    assert np.array_equal(chunks[0], chunks[1]) and not np.array_equal(chunks[0], chunks[2])
