@@ -301,7 +301,7 @@ def _worker_main() -> int:
             return 0
         try:
             if sess is None:
-                sess = session(Path(message["path"]), message["threads"])
+                sess = session(Path(message["path"]), message["threads"], lean=True)  # memory over speed
                 answer: Any = {}
             else:
                 values = sess.run(None, message["feeds"])
