@@ -275,8 +275,8 @@ def test_large_models_default_to_the_precisions_their_targets_run(tmp_path):
                     reason="paper-scale export (most of an hour on 2 cores): VPP_PAPER_EXPORT=1 to run it")
 def test_paper_scale_export_completes_within_the_memory_bound(tmp_path):
     """`vpp export --preset calvin` (random weights) in a child process, through the
-    benchmark (bench/paper_export.py): every gate passes, the kernel's peak resident
-    memory of the export stays within 12 GB."""
+    benchmark (bench/paper_export.py): every gate passes, the peak resident memory of the
+    export's whole process tree (the export and its parity workers) stays within 12 GB."""
     bench = Path(__file__).resolve().parents[1] / "bench" / "paper_export.py"
     result_file = tmp_path / "paper_export.json"
     proc = subprocess.run([sys.executable, str(bench), "--out", str(tmp_path / "calvin"), "--json", str(result_file)],
@@ -284,5 +284,6 @@ def test_paper_scale_export_completes_within_the_memory_bound(tmp_path):
     result = json.loads(result_file.read_text())
     assert result["exit_code"] == 0, proc.stderr[-5000:]
     assert result["parity"] and all(s["passed"] for s in result["parity"].values())
-    assert result["peak_rss_bytes"] <= 12e9, f"peak resident memory {result['peak_rss_bytes'] / 1e9:.1f} GB"
+    peak = result["tree_peak_rss_bytes"]
+    assert 0 < peak <= 12e9, f"peak resident memory of the export's tree {peak / 1e9:.1f} GB"
     assert proc.returncode == 0
