@@ -25,8 +25,9 @@ def _refs(tiny_policy, tiny_preset, n=2):
 
 
 def _in_process(paths, refs, sigmas, mode):
-    """The figures with every session in this process (what the export did before the workers)."""
-    run = art.runner({g: onnx_io.session(p) for g, p in paths.items()})
+    """The figures with every session in this process (what the export did before the
+    workers), with the workers' session settings (lean: other kernels, other rounding)."""
+    run = art.runner({g: onnx_io.session(p, lean=True) for g, p in paths.items()})
     graphs = {g: {o: parity.worst([parity.compare(r[o], run(g, parity.feeds(g, r))[o]) for r in refs])
                   for o in spec.outputs} for g, spec in GRAPHS.items()}
     actions = parity.worst([parity.compare(r["actions"], parity.chain(run, r, sigmas, mode)) for r in refs])
