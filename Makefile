@@ -110,7 +110,7 @@ bench-safety: $(STAMP)  ## safety chain: fuzz every endpoint, hold/stop latency 
 	$(BIN)/python bench/safety_bench.py
 
 .PHONY: bench-paper-export
-bench-paper-export: $(STAMP)  ## paper-scale export (calvin, random weights; most of an hour): per-phase time and memory, kernel peak <= 12 GB, gates
+bench-paper-export: $(STAMP)  ## paper-scale export (calvin, random weights; 4-12 min quiet): per-phase time and memory, whole process tree peak <= 12 GB, gates
 	$(BIN)/python bench/paper_export.py $(if $(PRECISIONS),--precisions $(PRECISIONS))
 
 .PHONY: bench-gpu

@@ -92,7 +92,8 @@ def code_digest() -> str:
 
     code = [Path(m.__file__).read_bytes() for m in (graph_spec, graph_modules, graphs, onnx_io, derive, qdq,
                                                     external_data)]
-    return sha(*code, version("torch"), version("onnx"), version("onnxruntime"), __version__)
+    # onnxscript: torch's exporter rewrites the graph with its optimizer.
+    return sha(*code, *(version(p) for p in ("torch", "onnx", "onnxruntime", "onnxscript")), __version__)
 
 
 def graph_fingerprint(name: str, policy: VPPPolicy, ref: dict[str, torch.Tensor], opset: int, code: str = "") -> str:

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import io
+import json
 import logging
 import os
-import pickle
 import select
 import signal
 import struct
@@ -23,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from vpp_edge.runtime.predict_step import predict_actions
 
 from vpp_edge.errors import VPPError
 from vpp_edge.graph_spec import GRAPHS, STATE_INPUT
 from vpp_edge.precisions import get as precision_spec
-from vpp_edge.runtime.predict_step import predict_actions
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +100,27 @@ def summary_table(report: dict[str, Any]) -> str:
 WORKER_TIMEOUT_S = 3600.0
 # The worker: this module run as a script (it imports numpy, onnx and onnxruntime only).
 WORKER_COMMAND = (sys.executable, "-m", "vpp_edge.export.parity", "--worker")
-_LEN = struct.Struct("<Q")  # every message: its byte length, then a pickle
+_LEN = struct.Struct("<Q")  # every message: its byte length, then the message (see _encode)
 
 
-def _send(fd: int, obj: Any, deadline: float, who: str) -> None:
-    payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+def _encode(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+    """A message without pickle: a JSON header (``meta``) and the arrays as an .npz archive,
+    read back with ``allow_pickle=False`` (an object array is refused when read)."""
+    head = json.dumps(meta).encode()
+    body = io.BytesIO()
+    np.savez(body, **arrays)
+    return _LEN.pack(len(head)) + head + body.getvalue()
+
+
+def _decode(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    (n,) = _LEN.unpack_from(data)
+    meta = json.loads(data[_LEN.size:_LEN.size + n])
+    with np.load(io.BytesIO(data[_LEN.size + n:]), allow_pickle=False) as archive:
+        return meta, {name: archive[name] for name in archive.files}
+
+
+def _send(fd: int, meta: dict[str, Any], arrays: dict[str, np.ndarray], deadline: float, who: str) -> None:
+    payload = _encode(meta, arrays)
     data = memoryview(_LEN.pack(len(payload)) + payload)
     while data:
         if not select.select([], [fd], [], max(0.0, deadline - time.monotonic()))[1]:
@@ -124,9 +141,9 @@ def _recv_exact(fd: int, n: int, deadline: float | None, who: str) -> bytes:
     return b"".join(chunks)
 
 
-def _recv(fd: int, deadline: float | None, who: str) -> Any:
+def _recv(fd: int, deadline: float | None, who: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     (n,) = _LEN.unpack(_recv_exact(fd, _LEN.size, deadline, who))
-    return pickle.loads(_recv_exact(fd, n, deadline, who))
+    return _decode(_recv_exact(fd, n, deadline, who))
 
 
 class GraphWorker:
@@ -143,25 +160,25 @@ class GraphWorker:
         self.stderr_tail = ""
         self._proc = subprocess.Popen(list(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=self._stderr)
-        self._request({"path": str(path), "threads": threads})  # answered once the session is loaded
+        self._request({"path": str(path), "threads": threads}, {})  # answered once the session is loaded
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self._request({"feeds": feeds})
+        return self._request({}, feeds)
 
-    def _request(self, message: dict[str, Any]) -> dict[str, np.ndarray]:
+    def _request(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         who = f"the parity worker of graph '{self.name}' (pid {self._proc.pid})"
         deadline = time.monotonic() + self.timeout_s
         try:
-            _send(self._proc.stdin.fileno(), message, deadline, who)
-            status, payload, peak = _recv(self._proc.stdout.fileno(), deadline, who)
-        except (TimeoutError, EOFError, BrokenPipeError, pickle.UnpicklingError) as e:
+            _send(self._proc.stdin.fileno(), meta, arrays, deadline, who)
+            reply, payload = _recv(self._proc.stdout.fileno(), deadline, who)
+        except (TimeoutError, EOFError, BrokenPipeError, ValueError) as e:  # ValueError: a garbled message
             self.close(kill=True)
             tail = f"; its stderr ends:\n{self.stderr_tail}" if self.stderr_tail else ""
             raise ParityError(f"{e} (exit code {self._proc.returncode}){tail}") from None
-        self.peak_rss_bytes = max(self.peak_rss_bytes, peak)
-        if status != "ok":
+        self.peak_rss_bytes = max(self.peak_rss_bytes, int(reply.get("peak", 0)))
+        if reply.get("error") is not None:
             self.close(kill=True)
-            raise ParityError(f"{who} failed:\n{payload}")
+            raise ParityError(f"{who} failed:\n{reply['error']}")
         return payload
 
     def close(self, kill: bool = False) -> None:
@@ -296,20 +313,20 @@ def _worker_main() -> int:
     sess = None
     while True:
         try:
-            message = _recv(0, None, "the parent")
+            meta, feeds_ = _recv(0, None, "the parent")
         except EOFError:
             return 0
+        answer: dict[str, np.ndarray] = {}
+        error = None
         try:
             if sess is None:
-                sess = session(Path(message["path"]), message["threads"], lean=True)  # memory over speed
-                answer: Any = {}
+                sess = session(Path(meta["path"]), meta["threads"], lean=True)  # memory over speed
             else:
-                values = sess.run(None, message["feeds"])
+                values = sess.run(None, feeds_)
                 answer = {o.name: v for o, v in zip(sess.get_outputs(), values)}
-            reply = ("ok", answer, peak())
         except Exception:  # noqa: BLE001 - every failure goes back to the parent, as text
-            reply = ("error", traceback.format_exc(), peak())
-        _send(out, reply, time.monotonic() + WORKER_TIMEOUT_S, "the parent")
+            error = traceback.format_exc()
+        _send(out, {"error": error, "peak": peak()}, answer, time.monotonic() + WORKER_TIMEOUT_S, "the parent")
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:

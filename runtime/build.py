@@ -95,10 +95,9 @@ def open_link(config: RuntimeConfig, *, curve: Any = None, context: Any = None):
     from . import protocol as P
     from .link import BridgeLink
 
-    base = config.bridge.base_port if config.bridge.base_port is not None else P.base_port_from_env()
     ends = (P.ACTION_ENDPOINT, P.STATE_ENDPOINT, P.EVENT_ENDPOINT, P.COMMAND_ENDPOINT)
-    return BridgeLink(*(P.endpoint_on(config.bridge.host, e, base) for e in ends), context=context, curve=curve,
-                      insecure=config.bridge.insecure)
+    return BridgeLink(*(P.endpoint_on(config.bridge.host, e, config.bridge.port()) for e in ends), context=context,
+                      curve=curve, insecure=config.bridge.insecure)
 
 
 def replay_episode(config: RuntimeConfig, episode: Any = None):

@@ -96,6 +96,12 @@ class LinkConfig:
     keys: str | None = None  # CurveZMQ keys folder (runtime.key_secret, bridge.key)
     insecure: bool = False  # a plaintext link beyond loopback (an isolated network only)
 
+    def port(self) -> int:
+        """The bridge's base port: ``base_port``, else ``$VPP_BASE_PORT``, else 5701."""
+        from .protocol import base_port_from_env
+
+        return self.base_port if self.base_port is not None else base_port_from_env()
+
 
 @dataclass(frozen=True)
 class RuntimeConfig:

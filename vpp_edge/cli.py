@@ -454,9 +454,8 @@ def _run_runtime(args: argparse.Namespace) -> dict:
     """Build the runtime as ``vpp run`` describes it, run it, and return its summary with
     what ran (``summary["run"]``) and the verdict (``summary["verdict"]``: None or why it failed)."""
     from vpp_edge.preprocess import source_sizes
-    from vpp_edge.runtime.build import build_runtime, open_policy, resolve_instruction
+    from vpp_edge.runtime.build import build_runtime, open_link, open_policy, resolve_instruction
     from vpp_edge.runtime.cameras.factory import make_cameras
-    from vpp_edge.runtime.link import BridgeLink
     from vpp_edge.runtime.metrics import Metrics
     from vpp_edge.runtime.verdict import run_verdict
 
@@ -477,8 +476,6 @@ def _run_runtime(args: argparse.Namespace) -> dict:
     cameras = make_cameras(camera_spec, preset.num_views, preset.image_size, episode, config.cameras.fps,
                            config.cameras.dali_device)
     host = config.bridge.host  # vpp demo: its bridge on loopback
-    base = config.bridge.base_port if config.bridge.base_port is not None else _base_port(args)
-    endpoints = _runtime_endpoints(host, base)
     recorder = None
     if getattr(args, "record", None):  # a LeRobot dataset of the run, fed from the metrics thread
         from vpp_edge.recording import EpisodeRecorder
@@ -495,8 +492,7 @@ def _run_runtime(args: argparse.Namespace) -> dict:
 
         frame_log = FrameLog(frames_dir(args.log), cameras)
     sinks = [sink for sink in (recorder, viewer, frame_log) if sink is not None]
-    link = BridgeLink(*endpoints, curve=_curve_keys(args, "runtime", "bridge"),
-                      insecure=config.bridge.insecure)
+    link = open_link(config, curve=_curve_keys(args, "runtime", "bridge"))
     metrics = Metrics(args.log, status=not args.quiet and sys.stderr.isatty(), sinks=sinks)
     try:
         with open_policy(config, artifact) as policy:  # the Python API's object
@@ -506,7 +502,7 @@ def _run_runtime(args: argparse.Namespace) -> dict:
             run = {"artifact": str(artifact.root), "preset": preset.name, "engine": f"{engine.backend}/{engine.precision}",
                    "cameras": f"{camera_spec} ({preset.num_views} view(s) of {preset.image_size}x{preset.image_size})",
                    "instruction": instruction, "robot": f"{robot.name} ({robot.action_dim} actions at "
-                   f"{1 / robot.dt:g} Hz)", "bridge": f"{host}, ports {base}-{base + 3}", "notes": notes}
+                   f"{1 / robot.dt:g} Hz)", "bridge": f"{host}, ports {config.bridge.port()}-{config.bridge.port() + 3}", "notes": notes}
             _print_run_header(run)
             _report_instruction(policy, instruction, run)
             metrics.record("run", **run)
@@ -673,14 +669,6 @@ def _write_recording(recorder: Any, run: dict) -> None:
                 f"--set 'data.sources=[{{format: lerobot, path: {path}}}]'")
     run["notes"].append(note)
     print(f"note: {note}", flush=True)
-
-
-def _runtime_endpoints(host: str, base: int) -> tuple[str, str, str, str]:
-    """The runtime's action, state, events and command endpoints on ``host`` from port ``base``."""
-    from vpp_edge.runtime import protocol as P
-
-    defaults = (P.ACTION_ENDPOINT, P.STATE_ENDPOINT, P.EVENT_ENDPOINT, P.COMMAND_ENDPOINT)
-    return tuple(P.endpoint_on(host, e, base) for e in defaults)  # type: ignore[return-value]
 
 
 def _report_instruction(policy: Any, instruction: str, run: dict) -> None:
@@ -903,7 +891,7 @@ def _add_run_args(p: argparse.ArgumentParser, duration: float, artifact_default:
                    "predicted chunks vs targets sent, robot state, latency per stage; open it with 'rerun FILE.rrd'; "
                    "needs the optional rerun-sdk)")
     p.add_argument("--json", type=Path, help="write the summary as JSON")
-    p.add_argument("--quiet", action="store_true", help="no live status line")
+    p.add_argument("--quiet", action="store_true", help="no live status line; only warnings are logged")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a runtime config value (after the flags and --runtime-config), e.g. --set "
                         "smoothing.policy=ensemble --set cameras.devices='{static: 0, gripper: 2}' (repeatable; "
@@ -947,7 +935,7 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--steps", type=int, help="total optimizer steps (overrides the config)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     p.add_argument("--json", type=Path, help="also write the summary here")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars; only warnings are logged")
     p.set_defaults(func=cmd_train)
 
 
@@ -995,7 +983,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-data", dest="data_old_spelling", type=Path, action="extend", nargs="+",
                    help=argparse.SUPPRESS)  # the spelling before --data: still accepted
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar; only warnings are logged")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("build-engines", help="build TensorRT engines for an artifact on this machine",
@@ -1136,7 +1124,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    level = logging.DEBUG if args.verbose else logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     from vpp_edge.errors import MissingDependencyError
     from vpp_edge.runtime.threads import ThreadFailure
 
