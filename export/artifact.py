@@ -25,21 +25,22 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from vpp_edge.runtime.manifest import read_manifest
+from vpp_edge.runtime.predict_step import sample_actions
+from vpp_edge.training.models.policy import VPPPolicy
 
 from vpp_edge.errors import VPPError
 from vpp_edge.files import atomic_dir
 from vpp_edge.graph_spec import ACTION_MODE_GRAPHS, ACTION_MODES
+from vpp_edge.normalization import seeded_state
 from vpp_edge.observations import Observation, observations_digest, sample_observations
 from vpp_edge.precisions import FLOAT16, QDQ, TRACED, calibrated, exported
 from vpp_edge.precisions import get as precision_spec
-from vpp_edge.runtime.manifest import read_manifest
-from vpp_edge.runtime.predict_step import sample_actions
 from vpp_edge.tokenizer import InstructionTokenizer
-from vpp_edge.training.models.policy import VPPPolicy
 
 from . import onnx_io, parity, tempdirs
-from .graphs import GRAPHS, reference_run
 from .graph_cache import GraphCache, GraphSet, export_cache
+from .graphs import GRAPHS, reference_run
 from .manifest import write_artifact_manifest
 from .options import load_options
 from .parity import ParityError, summary_table
@@ -53,8 +54,7 @@ def parity_state(policy: VPPPolicy, seed: int) -> torch.Tensor | None:
     and calibration observations carry no state), else None."""
     if not policy.preset.action_head.use_proprio:
         return None
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    return torch.rand(1, policy.preset.action_head.proprio_dim, generator=gen) * 2 - 1
+    return torch.from_numpy(seeded_state(policy.preset.action_head.proprio_dim, seed))
 
 
 def reference(policy: VPPPolicy, tokenizer: InstructionTokenizer, obs: Observation, seed: int) -> dict:

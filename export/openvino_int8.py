@@ -48,14 +48,15 @@ from typing import Any
 
 import numpy as np
 import yaml
+from vpp_edge.runtime.artifact import Artifact
+from vpp_edge.runtime.manifest import read_manifest, sha256_file, write_manifest
+from vpp_edge.runtime.predict_step import encode_text, predict_actions
 
 from vpp_edge import precisions
 from vpp_edge.extras import require
 from vpp_edge.graph_spec import ACTION_MODE_GRAPHS, ACTION_MODES, GRAPH_NAMES
+from vpp_edge.normalization import seeded_state
 from vpp_edge.observations import Observation, sample_observations
-from vpp_edge.runtime.artifact import Artifact
-from vpp_edge.runtime.manifest import read_manifest, sha256_file, write_manifest
-from vpp_edge.runtime.predict_step import encode_text, predict_actions
 
 from . import onnx_io
 from .parity import ParityError, compare, passes, summary_table, worst
@@ -81,8 +82,7 @@ def _state(artifact: Artifact, seed: int) -> np.ndarray | None:
     (``action_head.use_proprio``; observations carry no state), else None."""
     if artifact.state_normalizer is None:
         return None
-    rng = np.random.default_rng(10_000 + seed)
-    return rng.uniform(-1.0, 1.0, (1, artifact.state_normalizer.dim)).astype(np.float32)
+    return seeded_state(artifact.state_normalizer.dim, seed)  # the export's parity states
 
 
 def chain(run: Callable[[str, Feeds], Feeds], artifact: Artifact, obs: Observation, seed: int,
@@ -192,9 +192,10 @@ def fastest_cpu_engine(artifact: Artifact, parity: dict[str, Any], obs: Observat
     inference precision, gated with the FP16 gate against OpenVINO f32 when that is not
     f32; ``int8_ov``), timed interleaved on ``obs`` (median ms of ``rounds``), and the
     fastest: what the artifact's manifest records as ``cpu_default``."""
-    from vpp_edge.extras import is_available
     from vpp_edge.runtime.engines import create_engine
     from vpp_edge.runtime.engines.openvino import OvEngine
+
+    from vpp_edge.extras import is_available
 
     passed = [p for p, s in parity["precisions"].items() if s["passed"] and p in artifact.precisions()]
     cpu = [b for b in ("onnxruntime", "openvino") if b == "openvino" or is_available(b)]  # openvino: required here

@@ -180,6 +180,13 @@ class StateNormalizer:
                    tolerance=float(data.get("tolerance", 0.5)))
 
 
+def seeded_state(dim: int, seed: int) -> np.ndarray:
+    """A seeded normalised robot state [1, dim] in [-1, 1], float32: the state the export's
+    parity and calibration runs (and OpenVINO's gate) feed a policy that takes one, since
+    their observations carry none. One definition, so every gate sees the same states."""
+    return np.random.default_rng(10_000 + seed).uniform(-1.0, 1.0, (1, dim)).astype(np.float32)
+
+
 # ---- what the de-normalised actions are relative to ------------------------------------
 #
 # The official real-robot XBot policy is trained on actions relative to the robot state
