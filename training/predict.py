@@ -22,10 +22,12 @@ STAGES = ("text", "tvp", "former", "action_head")
 @dataclass
 class Prediction:
     """The action chunk [T, A] in robot units (de-normalised; commands per the preset's
-    ``action_base``) and the wall time of each stage in ms."""
+    ``action_base``), the wall time of each stage in ms, and ``predicted``: the de-normalised
+    prediction before the base was added (equal to ``actions`` for ``action_base`` 'none')."""
 
     actions: np.ndarray
     timings_ms: dict[str, float] = field(default_factory=dict)
+    predicted: np.ndarray | None = None
 
 
 class TorchPredictor:
@@ -76,8 +78,9 @@ class TorchPredictor:
             tokens, goal, noise.action.to(self.device), None if norm_state is None else norm_state.to(self.device)))
         t3 = time.perf_counter()
         timings.update(tvp=(t1 - t0) * 1e3, former=(t2 - t1) * 1e3, action_head=(t3 - t2) * 1e3)
-        commands = to_commands(actions[0].float().cpu().numpy(), p.action_base, state)
-        return Prediction(actions=commands, timings_ms=timings)
+        predicted = actions[0].float().cpu().numpy()
+        commands = to_commands(predicted, p.action_base, state)
+        return Prediction(actions=commands, timings_ms=timings, predicted=predicted)
 
 
 def episode_frames(episode: Episode, num_views: int, size: int, index: int = 0) -> np.ndarray:

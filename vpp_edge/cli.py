@@ -166,7 +166,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         "preset": preset.name, "weights": source, "episode": str(episode.annotation), "frame": args.frame,
         "views": [str(p) for p in episode.video_paths[: preset.num_views]], "instruction": instruction,
         "seed": args.seed, **({"state": state.tolist()} if state is not None else {}),
-        "actions": result.actions.tolist(), "timings_ms": timings,
+        **_action_report(preset, result, state), "timings_ms": timings,
         "predict_ms": sum(timings[s] for s in STAGES if s != "text"),
     }
     if args.json:
@@ -202,6 +202,22 @@ def _predict_state(args: argparse.Namespace, policy, episode):
     return state
 
 
+def _action_report(preset, result, state) -> dict:
+    """The chunk as the JSON reports it: ``actions`` are always the commands the robot would
+    execute (what the text table shows); ``action_base`` says what the model's de-normalised
+    prediction is relative to and, where that is not nothing, ``predicted_actions`` (the
+    prediction itself) and ``base`` (the vector added to every action, e.g. state[0:A])."""
+    from vpp_edge.normalization import action_base, describe_action_base
+
+    rule = preset.action_base
+    report = {"action_base": {"rule": rule, "relative_to": describe_action_base(rule, preset.action_dim)},
+              "actions": result.actions.tolist()}
+    if rule != "none":
+        report["action_base"]["base"] = action_base(rule, state, preset.action_dim).tolist()
+        report["predicted_actions"] = result.predicted.tolist()
+    return report
+
+
 def _print_prediction(report: dict, actions) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -210,13 +226,16 @@ def _print_prediction(report: dict, actions) -> None:
     console.print(f"[bold]VPP predict[/bold]  preset [cyan]{report['preset']}[/cyan]  weights: {report['weights']}")
     console.print(f"episode {report['episode']} (frame {report['frame']}, {len(report['views'])} views)")
     console.print(f"instruction: [italic]{report['instruction']}[/italic]  seed {report['seed']}")
+    base = report["action_base"]
+    console.print(f"action_base '{base['rule']}': actions relative to {base['relative_to']}")
+    what = "commands" if base["rule"] != "none" else "action chunk"
     # Every value, whatever the width: as many action dimensions per table as the terminal
     # fits (a column of "+0.1234" takes 10 characters with its borders; "t" takes 6).
     per_table = max(1, (console.width - 6) // 10)
     for first in range(0, actions.shape[1], per_table):
         dims = range(first, min(first + per_table, actions.shape[1]))
         part = f", dims {dims[0]}-{dims[-1]}" if actions.shape[1] > per_table else ""
-        table = Table(title=f"action chunk [{actions.shape[0]} x {actions.shape[1]}]{part}")
+        table = Table(title=f"{what} [{actions.shape[0]} x {actions.shape[1]}]{part}")
         table.add_column("t", justify="right", no_wrap=True)
         for j in dims:
             table.add_column(f"a{j}", justify="right", no_wrap=True)
@@ -963,7 +982,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="noise seed: same seed, same actions (default 0)")
     p.add_argument("--repeat", type=int, default=3, help="runs; timings are medians after the first (default 3)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--json", type=Path, help="also write the result as JSON")
+    p.add_argument("--json", type=Path, help="also write the result as JSON (actions: the commands, as printed; "
+                   "action_base: what the prediction is relative to, and its base and predicted_actions where "
+                   "that is the robot state)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="export ONNX graphs (FP32/FP16/INT8) with parity gates into an artifact",

@@ -219,6 +219,20 @@ ACTION_BASES: dict[str, Callable[[np.ndarray | None, int], np.ndarray]] = {
     "state": _state_base,  # official XBot: commands = actions + state[:A]
 }
 
+#: ``action_base`` rule -> what the de-normalised actions are relative to, in words ({A}: the
+#: action dimension); what ``vpp predict`` prints and writes to its JSON beside the commands.
+ACTION_BASE_MEANINGS: dict[str, str] = {
+    "none": "nothing: the predicted actions are the commands",
+    "state": "the raw robot state: commands = predicted actions + state[0:{A}]",
+}
+
+
+def describe_action_base(rule: str, action_dim: int) -> str:
+    """What rule ``rule`` makes the de-normalised actions relative to, in one line."""
+    if rule not in ACTION_BASE_MEANINGS:
+        raise CheckpointError(f"action_base '{rule}' unknown; allowed: {sorted(ACTION_BASE_MEANINGS)}")
+    return ACTION_BASE_MEANINGS[rule].format(A=action_dim)
+
 
 def action_base(rule: str, state: np.ndarray | None, action_dim: int) -> np.ndarray:
     """The float64 [action_dim] vector that rule ``rule`` adds to de-normalised actions."""
