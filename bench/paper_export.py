@@ -4,6 +4,13 @@ child process, measured from outside.
     python bench/paper_export.py [--out artifacts/calvin-bench] [--precisions fp32,fp16]
                                  [--parity-samples 1] [--limit-gb 12] [--kill-gb 15]
                                  [--json bench/results/paper_export.json]
+    python bench/paper_export.py --convert RELEASE [--out artifacts/calvin-converted]
+
+``--convert RELEASE`` measures ``vpp convert`` of an official-layout release instead (a
+diffusers SVD folder, a CLIP folder and a ``dp-calvin.pt`` whose state dict, like the
+official file, also carries a frozen copy of the video model under ``TVP_encoder.``); a
+missing RELEASE is first written with the preset's random weights (about 12 GB on disk),
+in a child measured the same way, so nothing here holds two paper-scale models at once.
 
 Prints per phase (reference run, FP32 export per graph, precision passes, parity per
 precision) the wall time, the child's resident memory at the phase's end and its peak so
@@ -65,6 +72,38 @@ def child(args: argparse.Namespace) -> int:
     return main(cmd)
 
 
+def child_release(args: argparse.Namespace) -> int:
+    """Write a paper-size official-layout release (random weights) to ``args.convert``."""
+    import torch
+    from diffusers import EulerDiscreteScheduler
+
+    from vpp_edge.presets import get_preset
+    from vpp_edge.training.checkpoints import to_official_state_dict
+    from vpp_edge.training.models import build_policy
+
+    root = Path(args.convert)
+    policy, tokenizer = build_policy(get_preset(args.preset), seed=0)
+    video = root / "svd-robot"
+    policy.tvp.unet.save_pretrained(video / "unet")  # one safetensors file, as the official release
+    policy.tvp.vae.save_pretrained(video / "vae")
+    EulerDiscreteScheduler.from_config(policy.tvp.scheduler_config).save_pretrained(video / "scheduler")
+    policy.text_encoder.clip.save_pretrained(root / "clip")
+    tokenizer.save(root / "clip")
+    state = to_official_state_dict(policy)
+    # The official action-model file keeps the frozen video model too (loaders ignore it).
+    state.update({f"TVP_encoder.pipeline.unet.{k}": v for k, v in policy.tvp.unet.state_dict().items()})
+    torch.save({"model": state, "global_step": 0}, root / "dp-calvin.pt")
+    return 0
+
+
+def child_convert(args: argparse.Namespace) -> int:
+    from vpp_edge.cli import main
+
+    root = Path(args.convert)
+    return main(["convert", "--video-model", str(root / "svd-robot"), "--clip", str(root / "clip"),
+                 "--action-model", str(root / "dp-calvin.pt"), "--preset", args.preset, "--out", args.out])
+
+
 def _files(out: Path) -> list[tuple[str, int]]:
     return [(str(p.relative_to(out)), p.stat().st_size) for p in sorted(out.rglob("*")) if p.is_file()]
 
@@ -108,6 +147,61 @@ class Watchdog(threading.Thread):
                 return
 
 
+def measure(cmd: list[str], kill_gb: float) -> tuple[int, float, object, Watchdog]:
+    """Run ``cmd`` in its own session under the watchdog: (exit code, wall s, the child's
+    rusage, the watchdog with the tree's peak)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, start_new_session=True)  # its own session: the watchdog's unit
+    watchdog = Watchdog(proc.pid, kill_gb * 1e9)
+    watchdog.start()
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)  # the kernel's accounting of this child alone
+    finally:
+        watchdog.done.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # workers left behind by a killed child
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, time.perf_counter() - start, usage, watchdog
+
+
+def _summary(what: str, code: int, wall: float, usage, watchdog: Watchdog, limit_gb: float) -> dict:
+    peak = usage.ru_maxrss * 1024
+    print(f"\n{what}: exit {code}, {wall / 60:.1f} min, tree peak resident memory {watchdog.peak / 1e9:.2f} GB "
+          f"(limit {limit_gb} GB; largest process {peak / 1e9:.2f} GB)"
+          f"{' KILLED by the watchdog' if watchdog.killed_at else ''}, user {usage.ru_utime / 60:.1f} min, "
+          f"system {usage.ru_stime / 60:.1f} min CPU")
+    return {"exit_code": code, "wall_s": round(wall, 1), "peak_rss_bytes": peak, "tree_peak_rss_bytes": watchdog.peak,
+            "killed_by_watchdog_at_bytes": watchdog.killed_at, "cpu_user_s": round(usage.ru_utime, 1),
+            "cpu_system_s": round(usage.ru_stime, 1)}
+
+
+def parent_convert(args: argparse.Namespace) -> int:
+    """``vpp convert`` of a paper-size official-layout release, measured as the export."""
+    root, out = Path(args.convert), Path(args.out)
+    base = [sys.executable, __file__, "--preset", args.preset, "--convert", str(root), "--out", str(out)]
+    result: dict = {"preset": args.preset, "release": str(root), "cpus": os.cpu_count()}
+    if not (root / "dp-calvin.pt").exists():
+        result["release_written"] = _summary("writing the release (random weights)",
+                                             *measure(base + ["--child-release"], args.kill_gb), args.limit_gb)
+        if result["release_written"]["exit_code"]:
+            return 1
+    release = _files(root)
+    print("\n| release file | MB |\n| --- | ---: |")
+    for name, size in release:
+        if size > 1e6:
+            print(f"| {name} | {size / 1e6:.1f} |")
+    convert = _summary(f"vpp convert ({args.preset})", *measure(base + ["--child-convert"], args.kill_gb),
+                       args.limit_gb)
+    files = _files(out) if convert["exit_code"] == 0 else []
+    print("\n| converted file | MB |\n| --- | ---: |")
+    for name, size in files:
+        print(f"| {name} | {size / 1e6:.1f} |")
+    result.update(convert=convert, release_files=release, files=files)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.json}")
+    return 0 if convert["exit_code"] == 0 and convert["tree_peak_rss_bytes"] <= args.limit_gb * 1e9 else 1
+
+
 def parent(args: argparse.Namespace) -> int:
     out = Path(args.out)
     phases_file = Path(args.json).with_suffix(".phases.jsonl")
@@ -119,18 +213,7 @@ def parent(args: argparse.Namespace) -> int:
         cmd += ["--precisions", args.precisions]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, start_new_session=True)  # its own session: the watchdog's unit
-    watchdog = Watchdog(proc.pid, args.kill_gb * 1e9)
-    watchdog.start()
-    try:
-        _, status, usage = os.wait4(proc.pid, 0)  # the kernel's accounting of this child alone
-    finally:
-        watchdog.done.set()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # workers left behind by a killed export
-    proc.returncode = code = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - start
+    code, wall, usage, watchdog = measure(cmd, args.kill_gb)
     peak = usage.ru_maxrss * 1024
     phases = [json.loads(line) for line in phases_file.read_text().splitlines()] if phases_file.exists() else []
 
@@ -172,18 +255,34 @@ def parent(args: argparse.Namespace) -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="calvin")
-    p.add_argument("--out", default=str(ROOT / "artifacts" / "calvin-bench"))
+    p.add_argument("--out", help="the export's (or the converted checkpoint's) folder (default: "
+                                 "artifacts/calvin-bench, with --convert artifacts/calvin-converted)")
+    p.add_argument("--convert", metavar="RELEASE",
+                   help="measure vpp convert of the official-layout release in this folder (written first if missing)")
     p.add_argument("--precisions", default="", help="comma list (default: what vpp export writes for the preset)")
     p.add_argument("--parity-samples", type=int, default=1)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--limit-gb", type=float, default=12.0, help="peak resident memory the export must stay within")
     p.add_argument("--kill-gb", type=float, default=15.0,
                    help="the watchdog kills the export's process tree when its resident memory passes this")
-    p.add_argument("--json", default=str(ROOT / "bench" / "results" / "paper_export.json"))
+    p.add_argument("--json", help="results (default: bench/results/paper_export.json, with --convert "
+                                  "bench/results/paper_convert.json)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--child-release", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--child-convert", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--phases", help=argparse.SUPPRESS)
     args = p.parse_args()
-    return child(args) if args.child else parent(args)
+    name = "calvin-converted" if args.convert else "calvin-bench"
+    args.out = args.out or str(ROOT / "artifacts" / name)
+    args.json = args.json or str(ROOT / "bench" / "results" / ("paper_convert.json" if args.convert
+                                                                else "paper_export.json"))
+    if args.child_release:
+        return child_release(args)
+    if args.child_convert:
+        return child_convert(args)
+    if args.child:
+        return child(args)
+    return parent_convert(args) if args.convert else parent(args)
 
 
 if __name__ == "__main__":

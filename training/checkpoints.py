@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -173,7 +174,10 @@ def read_torch_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path}: action model file not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # Memory-mapped (torch.save's zip format): the official file also carries a frozen copy of
+        # the 6 GB video model (TVP_encoder.*), which is ignored and so never read into memory;
+        # the tensors that are used are copied out by _load_into. Legacy files are read whole.
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as exc:  # UnpicklingError for code-carrying pickles, RuntimeError for corrupt zips
         raise CheckpointError(f"{path}: not a readable weights-only torch file ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
