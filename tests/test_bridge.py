@@ -378,7 +378,7 @@ def test_bridge_configs():
         config(hold_after_s=2.0)
 
 
-SHIPPED_ROBOTS = ("metaworld", "panda", "sim", "xarm_xhand")
+SHIPPED_ROBOTS = ("metaworld", "panda", "sim", "xarm_xhand", "xbot")
 
 
 def test_each_robot_is_described_in_one_file_only():
