@@ -8,7 +8,9 @@ Standard library only (runs on the target). Requirements come from a profile
 
 from __future__ import annotations
 
+import functools
 import glob
+import importlib.util
 import json
 import re
 import shutil
@@ -267,6 +269,65 @@ def check_power(profile: dict, nvpmodel: str = "nvpmodel", cpufreq: Path = CPUFR
     return CheckResult("power mode", ok, f"{mode}, {clocks}{hint}", False)
 
 
+def cv2_probe_file() -> Path:
+    """The runtime's cv2 probe (runtime/cameras/cv2_probe.py, standard library only), beside
+    this package as it ships (vpp_edge/deploy -> vpp_edge/runtime/cameras) and in the source
+    tree (deploy -> runtime/cameras, pyproject's package-dir)."""
+    return Path(__file__).resolve().parent.parent / "runtime" / "cameras" / "cv2_probe.py"
+
+
+def opencv_facts(python: str) -> dict:
+    """What ``python`` imports as cv2 (cv2_probe's JSON: version, file, GStreamer, venv or
+    system site-packages); ``{"importable": False, "error": ...}`` when it cannot say."""
+    try:
+        proc = subprocess.run([python, str(cv2_probe_file())], capture_output=True, text=True, timeout=120)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return {"importable": False, "error": f"{python}: the cv2 probe did not run"}
+
+
+@functools.cache
+def _cv2_probe():
+    """runtime/cameras/cv2_probe.py loaded by its path: its package's __init__ imports numpy,
+    which the agent's Python (before the venv exists) may not have."""
+    spec = importlib.util.spec_from_file_location("_vpp_cv2_probe", cv2_probe_file())
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cv2_line(facts: dict) -> str:
+    """'cv2 4.8.0 from PATH (system site-packages, GStreamer: yes)' (cv2_probe.summary)."""
+    return _cv2_probe().summary(facts)
+
+
+def system_cv2_usable(opencv: dict, facts: dict) -> tuple[bool, str]:
+    """Whether the runtime's venv is to import the system's cv2 (a profile's ``opencv``:
+    prefer system, optionally only with GStreamer) given what the system Python imports,
+    and why, in words."""
+    if opencv.get("prefer") != "system":
+        return False, f"profile prefers the {opencv.get('fallback', 'wheel')} wheel"
+    if not facts.get("importable"):
+        return False, f"the system's cv2 is not importable ({facts.get('error', '?')})"
+    if facts.get("venv"):
+        return False, "the system Python's cv2 is a venv's"
+    if opencv.get("require_gstreamer") and not facts.get("gstreamer"):
+        return False, f"the system's cv2 {facts.get('version')} ({facts.get('file')}) has no GStreamer"
+    return True, f"the system's cv2 {facts.get('version')} ({facts.get('file')}) has GStreamer"
+
+
+def check_opencv(profile: dict, python: str, facts: dict | None = None) -> CheckResult:
+    """Which cv2 ``python`` imports (path, version, GStreamer), as a report that never fails
+    on its own (the robot packages' import check requires cv2): a warning when it does not
+    import, or has no GStreamer where the profile wants the system's (Jetson: the cameras
+    then decode JPEG on the CPU)."""
+    facts = facts if facts is not None else opencv_facts(python)
+    wants = bool((profile.get("opencv") or {}).get("require_gstreamer"))
+    ok = bool(facts.get("importable")) and (bool(facts.get("gstreamer")) or not wants)
+    hint = "" if ok or not facts.get("importable") else "; --cameras auto decodes JPEG on the CPU"
+    return CheckResult("OpenCV", ok, f"{cv2_line(facts)} in {python}{hint}", required=False)
+
+
 # Where the checks look on the target; a profile's ``paths`` may move them (a container
 # with the host's files mounted elsewhere, or a rehearsal with stand-in vendor files).
 TARGET_PATHS = {"tegra_release": str(TEGRA_RELEASE), "cuda_root": str(CUDA_ROOT), "cpufreq": str(CPUFREQ),
@@ -280,6 +341,8 @@ def run_checks(profile: dict, python: str, root: Path, service_manager: list[str
                check_disk(profile, root), check_service_manager(service_manager)]
     if profile.get("require_jetson"):
         results.append(check_power(profile, paths["nvpmodel"], Path(paths["cpufreq"])))
+    if profile.get("opencv"):  # what the runtime's venv would see of the system's OpenCV: the env step decides
+        results.append(check_opencv(profile, python))
     return results
 
 

@@ -25,6 +25,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -34,6 +35,7 @@ from pathlib import Path
 
 from vpp_edge.deploy import checks
 from vpp_edge.deploy.checksums import BundleError, verify_tree
+from vpp_edge.deploy.wheels import normalize, read_pins
 
 RELEASE = Path(__file__).resolve().parents[3]  # <release>/code/vpp_edge/deploy/remote.py
 ALL_UNITS = ("vpp-bridge.service", "vpp-runtime.service")  # start order; stopped in reverse
@@ -151,13 +153,24 @@ class Agent:
     def env(self) -> None:
         """The runtime's Python: the configured one as it is, or a venv with requirements-robot.txt
         made from this agent's Python (the one that sees the system's TensorRT bindings), with
-        --system-site-packages; then TensorRT is checked inside it."""
+        --system-site-packages; then TensorRT and OpenCV are checked inside it.
+
+        OpenCV (a profile's ``opencv``): the system's cv2, seen through --system-site-packages,
+        when it imports and has GStreamer (JetPack's: hardware JPEG decode); the lock's
+        fallback wheel (opencv-python-headless, in the wheelhouse) is installed only otherwise,
+        and also when the system's cv2 does not import inside the venv after all."""
+        opencv = self.cfg["profile"].get("opencv") or {}
         if not self.cfg["python"]:
             venv = self.root / "venv"
             requirements = self.release / "requirements-robot.txt"
             constraints = self.release / "constraints.txt"
             offline = bool(self.cfg.get("offline"))
-            digest = hashlib.sha256(requirements.read_bytes() + constraints.read_bytes()).hexdigest()
+            system_cv2, why = checks.system_cv2_usable(opencv, checks.opencv_facts(sys.executable)) \
+                if opencv else (False, "")
+            if opencv:
+                say(f"  OpenCV: {'the system' if system_cv2 else 'the wheel'}'s cv2 ({why})")
+            digest = hashlib.sha256(requirements.read_bytes() + constraints.read_bytes()
+                                    + f"system-cv2={system_cv2}".encode()).hexdigest()
             stamp = venv / ".requirements.sha256"
             stale = venv_mismatch(venv)
             if stale:
@@ -167,24 +180,52 @@ class Agent:
                 self._run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], "service",
                           hint=f"on Debian/Ubuntu: sudo apt-get install python{sys.version_info[0]}.{sys.version_info[1]}-venv")
             if not stamp.is_file() or stamp.read_text().strip() != digest:
-                source = (["--no-index", "--find-links", str(self.release / "wheelhouse")] if offline else [])
-                self._run([str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check",
-                           *source, "-r", str(requirements), "-c", str(constraints)], "pip",
-                          hint="offline, from the bundle's wheelhouse: a wheel missing for this Python/platform?"
-                          if offline else "")
+                wanted = requirements
+                if system_cv2:  # the fallback wheel would shadow the system's cv2 (no GStreamer)
+                    wanted = venv / "requirements-robot.txt"
+                    wanted.write_text(without(requirements.read_text(), opencv["fallback"]))
+                    say(f"  {opencv['fallback']} left out of the venv: the system's cv2 is used")
+                self._pip_install(venv, ["-r", str(wanted)], offline)
+                if system_cv2:  # a previous release may have installed it
+                    self._run([str(venv / "bin" / "python"), "-m", "pip", "uninstall", "--disable-pip-version-check",
+                               "--yes", "--quiet", opencv["fallback"]], "pip")
                 stamp.write_text(digest + "\n")
             else:
                 say(f"  {venv}: requirements unchanged")
+            if system_cv2:
+                self._verify_system_cv2(venv, opencv, offline)
         else:
             say(f"  using {self.python} as it is (--python): nothing installed")
         result = checks.import_check(self.python, self.cfg["robot_modules"])
         say("  " + result.line())
         if result.failed:
             raise StepFailed(result.found)
+        say("  " + checks.check_opencv(self.cfg["profile"], self.python).line())  # the cv2 the runtime imports
         gpu = checks.check_tensorrt(self.profile, self.python)  # in the venv, now that it exists
         say("  " + gpu.line())
         if gpu.failed:
             raise StepFailed(f"TensorRT in the runtime's Python: {gpu.found}")
+
+    def _pip_install(self, venv: Path, args: list[str], offline: bool) -> None:
+        """pip install into the venv with the bundle's constraints: from the wheelhouse (offline)
+        or the package index."""
+        source = ["--no-index", "--find-links", str(self.release / "wheelhouse")] if offline else []
+        self._run([str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", *source,
+                   *args, "-c", str(self.release / "constraints.txt")], "pip",
+                  hint="offline, from the bundle's wheelhouse: a wheel missing for this Python/platform?"
+                  if offline else "")
+
+    def _verify_system_cv2(self, venv: Path, opencv: dict, offline: bool) -> None:
+        """The system's cv2 imports inside the venv too (its numpy is the lock's, not the
+        system's); otherwise the fallback wheel goes in, from the wheelhouse, and says why."""
+        facts = checks.opencv_facts(str(venv / "bin" / "python"))
+        ok, why = checks.system_cv2_usable(opencv, facts)
+        if ok:
+            return
+        pin = read_pins((self.release / "constraints.txt").read_text()).get(normalize(opencv["fallback"]),
+                                                                          opencv["fallback"])
+        say(f"  OpenCV: the system's cv2 is not usable in the venv ({why}): installing {pin}")
+        self._pip_install(venv, [pin], offline)
 
     def _run(self, argv: list[str], timeout_key: str, hint: str = "") -> None:
         say(f"  $ {shlex.join(argv)}")
@@ -329,6 +370,12 @@ class Agent:
             (self.root / "current").unlink()
         self._log(result="failed-no-previous")
         say("  no previous release to go back to: services stopped")
+
+
+def without(requirements: str, distribution: str) -> str:
+    """A requirements text without the line pinning ``distribution``."""
+    return "".join(line + "\n" for line in requirements.splitlines()
+                   if normalize(re.split(r"[=<>~!;\[ ]", line.strip())[0]) != normalize(distribution))
 
 
 def venv_mismatch(venv: Path, python: str = sys.executable) -> str | None:

@@ -28,13 +28,15 @@ def run_selftest(artifact: str | Path, backend: str = "auto", precision: str | N
     from vpp_edge.extras import is_available
     from vpp_edge.runtime.artifact import Artifact
     from vpp_edge.runtime.build import open_policy
+    from vpp_edge.runtime.cameras.cv2_probe import probe
     from vpp_edge.runtime.config import RuntimeConfig
 
     art = Artifact.open(artifact)
     engines_built = sorted(art.manifest.get("engines") or {})
     report: dict[str, Any] = {"artifact": str(artifact), "preset": art.preset.name, "requested_backend": backend,
                               "tensorrt_installed": is_available("tensorrt"), "engines_in_artifact": engines_built,
-                              "code": str(Path(vpp_edge.__file__).parent)}
+                              "code": str(Path(vpp_edge.__file__).parent),
+                              "opencv": probe()}  # the cv2 the cameras decode with (GStreamer: hardware JPEG)
     start = time.perf_counter()
     try:  # the engine as vpp run opens it (runtime/build.py), from the same runtime config
         loaded = open_policy(RuntimeConfig(Path(artifact), backend, precision, seed=seed), art)
@@ -71,7 +73,11 @@ def run_selftest(artifact: str | Path, backend: str = "auto", precision: str | N
 
 
 def format_report(r: dict[str, Any]) -> list[str]:
+    from vpp_edge.runtime.cameras.cv2_probe import summary
+
     lines = [f"self-test: artifact {r['artifact']} (preset {r['preset']}), code from {r['code']}"]
+    if "opencv" in r:
+        lines.append(f"self-test: OpenCV: {summary(r['opencv'])}")
     if r["backend"] != "tensorrt" and r["requested_backend"] == "auto":
         why = ("TensorRT not available" if not r["tensorrt_installed"]
                else "no TensorRT engines in the artifact (run vpp build-engines here)")

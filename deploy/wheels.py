@@ -8,6 +8,7 @@ A profile says what the target is (``deploy/profiles/*.yaml``)::
     platform: {arch: aarch64, glibc: "2.35"}  manylinux tags the target's glibc accepts
     lock: requirements/robot-jp6.txt          every robot package and dependency, pinned
     extra_requirements: [cuda-python==12.6.2.post1]   on top of the deploy settings' robot_requirements
+    opencv: {prefer: system, numpy: "<2", ...}        the system cv2's numpy bound, resolved into the lock
 
     python -m vpp_edge.deploy.wheels lock jetson-orin-jp6 --python python3.10   # (re)write the lock
     python -m vpp_edge.deploy.wheels check jetson-orin-jp6                      # every pin has a wheel
@@ -138,8 +139,27 @@ def lock_text(profile: dict[str, Any], resolved: dict[str, str], names: dict[str
               f"({tags[-1]} .. {tags[0]}), CPython {profile['python']}.\n"
               f"# Written by `python -m vpp_edge.deploy.wheels lock {profile['name']} --python "
               f"python{profile['python']}`; tests/test_deploy_targets.py checks that every pin has a wheel there.\n"
-              "# No torch: the robot runs ONNX Runtime or TensorRT engines.\n")
+              "# No torch: the robot runs ONNX Runtime or TensorRT engines.\n"
+              + _opencv_note(profile))
     return header + "".join(f"{names.get(k, k)}=={v}\n" for k, v in sorted(resolved.items()))
+
+
+def lock_requirements(profile: dict[str, Any], robot_requirements: list[str]) -> list[str]:
+    """What the profile's lock resolves: the robot packages, the profile's extra ones, and the
+    numpy bound of a system cv2 the venv is to import (its bindings are built against the
+    distribution's numpy: ``opencv.numpy``), so every pin, the fallback OpenCV wheel included,
+    is chosen to work with it."""
+    bound = (profile.get("opencv") or {}).get("numpy")
+    return [*robot_requirements, *profile.get("extra_requirements", []), *([f"numpy{bound}"] if bound else [])]
+
+
+def _opencv_note(profile: dict[str, Any]) -> str:
+    """The lock's header line on its OpenCV pin when the target prefers the system's cv2."""
+    opencv = profile.get("opencv") or {}
+    if opencv.get("prefer") != "system":
+        return ""
+    return (f"# numpy{opencv.get('numpy', '')} for the system's cv2; {opencv['fallback']} is the fallback "
+            "the agent installs only without a usable system cv2 (deploy/profiles).\n")
 
 
 def write_lock(profile: dict[str, Any], robot_requirements: list[str], python: str, isolated: bool = False) -> Path:
@@ -149,7 +169,7 @@ def write_lock(profile: dict[str, Any], robot_requirements: list[str], python: s
     if not out.startswith(str(profile["python"]) + "."):
         raise WheelError(f"{python} is Python {out or '?'}: the lock of '{profile['name']}' must be resolved by "
                          f"CPython {profile['python']} (markers are evaluated by the Python running pip)")
-    requested = [*robot_requirements, *profile.get("extra_requirements", [])]
+    requested = lock_requirements(profile, robot_requirements)
     resolved = resolve(profile, requested, python, isolated)
     names = {normalize(re.split(r"[=<>~!;\[ ]", r)[0]): re.split(r"[=<>~!;\[ ]", r)[0] for r in requested}
     path = Path(profile["lock"]) if Path(profile["lock"]).is_absolute() else Path.cwd() / profile["lock"]

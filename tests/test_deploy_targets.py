@@ -205,16 +205,21 @@ def test_every_robot_pin_has_an_aarch64_wheel_for_the_target_python(profile):
 
 # -- the agent: offline install, TensorRT in the venv --------------------------------
 
-def _wheel(dest: Path, name: str, version: str) -> Path:
-    """A minimal pure-Python wheel (what the wheelhouse holds, without a network)."""
-    path = dest / f"{name}-{version}-py3-none-any.whl"
-    files = {f"{name}/__init__.py": f"__version__ = '{version}'\n",
-             f"{name}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
-             f"{name}-{version}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
-                                                   "Tag: py3-none-any\n"}
+def _wheel(dest: Path, name: str, version: str, module: str | None = None, code: str | None = None) -> Path:
+    """A minimal pure-Python wheel of distribution ``name`` providing package ``module``
+    (default: the name) with ``code`` as its __init__ (what the wheelhouse holds, without a
+    network)."""
+    module = module or name.replace("-", "_")
+    dist = name.replace("-", "_")
+    path = dest / f"{dist}-{version}-py3-none-any.whl"
+    files = {f"{module}/__init__.py": code or f"__version__ = '{version}'\n",
+             f"{dist}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{dist}-{version}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                                   "Tag: py3-none-any\n",
+             f"{dist}-{version}.dist-info/top_level.txt": f"{module}\n"}
     record = "".join(f"{p},sha256={base64.urlsafe_b64encode(hashlib.sha256(t.encode()).digest()).rstrip(b'=').decode()},"
                      f"{len(t.encode())}\n" for p, t in files.items())
-    files[f"{name}-{version}.dist-info/RECORD"] = record + f"{name}-{version}.dist-info/RECORD,,\n"
+    files[f"{dist}-{version}.dist-info/RECORD"] = record + f"{dist}-{version}.dist-info/RECORD,,\n"
     with zipfile.ZipFile(path, "w") as z:
         for p, t in files.items():
             z.writestr(p, t)
@@ -271,6 +276,132 @@ def test_agent_remakes_a_venv_without_system_site_packages(tmp_path):
     (venv / "pyvenv.cfg").write_text("include-system-site-packages = true\nversion = 2.7.18\n")
     assert remote.venv_mismatch(venv).startswith("made by Python 2.7.18")
     assert remote.venv_mismatch(tmp_path / "absent") is None
+
+
+# -- OpenCV on the robot: the system's cv2 (JetPack's, GStreamer) or the wheelhouse's ---------
+
+STAND_IN_SYSTEM_CV2 = '''"""Stand-in for JetPack 6.2's OpenCV 4.8 Python bindings (vendor boundary, tests only): built
+with GStreamer and against numpy 1.x's C API, so under numpy 2 its import fails as the real one's does."""
+__version__ = "4.8.0"
+try:
+    import numpy
+except ImportError:  # JetPack's python3-numpy: not in the private system Python of these tests
+    numpy = None
+if numpy is not None and int(numpy.__version__.split(".")[0]) >= 2:
+    raise ImportError("A module that was compiled using NumPy 1.x cannot be run in NumPy " + numpy.__version__)
+
+
+def getBuildInformation():
+    return "\\n  Video I/O:\\n    FFMPEG:                      YES\\n    GStreamer:                   YES (1.20.3)\\n"
+'''
+
+STAND_IN_WHEEL_CV2 = '''"""Stand-in for PyPI's opencv-python-headless (tests only): no GStreamer."""
+__version__ = "4.11.0"
+
+
+def getBuildInformation():
+    return "\\n  Video I/O:\\n    FFMPEG:                      YES\\n    GStreamer:                   NO\\n"
+'''
+
+
+def test_the_system_cv2_is_used_when_it_has_gstreamer_else_the_wheel():
+    opencv = load_profile("jetson-orin-jp6")["opencv"]
+    jetpack = {"importable": True, "version": "4.8.0", "file": "/usr/lib/python3.10/dist-packages/cv2/__init__.py",
+               "gstreamer": True, "distribution": None, "venv": False}
+    assert checks.system_cv2_usable(opencv, jetpack) == (
+        True, "the system's cv2 4.8.0 (/usr/lib/python3.10/dist-packages/cv2/__init__.py) has GStreamer")
+    assert checks.system_cv2_usable(opencv, {**jetpack, "gstreamer": False})[1].endswith("has no GStreamer")
+    assert checks.system_cv2_usable(opencv, {**jetpack, "venv": True}) == (False, "the system Python's cv2 is a venv's")
+    missing = {"importable": False, "error": "ModuleNotFoundError: No module named 'cv2'"}
+    assert checks.system_cv2_usable(opencv, missing) == (
+        False, "the system's cv2 is not importable (ModuleNotFoundError: No module named 'cv2')")
+    assert checks.system_cv2_usable({**opencv, "prefer": "wheel"}, jetpack)[0] is False
+    line = checks.check_opencv(load_profile("jetson-orin-jp6"), "/venv/bin/python", jetpack).line()
+    assert line == ("[ok  ] OpenCV          cv2 4.8.0 from /usr/lib/python3.10/dist-packages/cv2/__init__.py "
+                    "(system site-packages, GStreamer: yes) in /venv/bin/python")
+    wheel = {**jetpack, "gstreamer": False, "venv": True, "distribution": "opencv-python-headless"}
+    assert checks.check_opencv(load_profile("jetson-orin-jp6"), "/venv/bin/python", wheel).line().startswith("[warn]")
+
+
+@pytest.mark.parametrize("profile", ["jetson-orin-jp6", "jetson-orin-jp7"])
+def test_the_jetson_locks_hold_numpy_1_for_the_system_cv2_and_pin_the_fallback(profile):
+    """What the profiles say about OpenCV is what their locks hold: numpy within the system
+    cv2's bound (its bindings are built against the distribution's numpy 1.x) and a pin of the
+    fallback wheel (shipped in the wheelhouse, installed only without a usable system cv2)."""
+    from vpp_edge.deploy.wheels import lock_requirements
+
+    p = load_profile(profile)
+    pins = read_pins(repo_file(p["lock"]).read_text())
+    assert p["opencv"] == {"prefer": "system", "require_gstreamer": True, "numpy": "<2",
+                           "fallback": "opencv-python-headless"}
+    assert pins["numpy"].startswith("numpy==1.26.")
+    assert pins["opencv-python-headless"].startswith("opencv-python-headless==4.")
+    assert "numpy<2" in lock_requirements(p, load_config(profile=profile)["robot_requirements"])
+
+
+def _cv2_release(tmp_path: Path, name: str, numpy: str) -> Path:
+    """A release as `vpp deploy` uploads it for JetPack 6.2: a lock with numpy (a stand-in
+    distribution of that version), the fallback OpenCV wheel and vppstub, all in its wheelhouse."""
+    release = tmp_path / "root" / "releases" / name
+    (release / "config").mkdir(parents=True)
+    house = release / "wheelhouse"
+    house.mkdir()
+    _wheel(house, "vppstub", "1.0")
+    _wheel(house, "numpy", numpy)
+    _wheel(house, "opencv-python-headless", "4.11.0.86", module="cv2", code=STAND_IN_WHEEL_CV2)
+    lock = f"numpy=={numpy}\nopencv-python-headless==4.11.0.86\nvppstub==1.0\n"
+    (release / "requirements-robot.txt").write_text(lock)
+    (release / "constraints.txt").write_text(lock)
+    cfg = load_config(install_root=str(tmp_path / "root"), profile="jetson-orin-jp6")
+    out = {**target_settings(cfg, ["vpp-runtime.service"]),
+           "robot_modules": ["vppstub=vppstub", "numpy=numpy", "cv2=opencv-python-headless"]}
+    (release / "config" / "deploy.json").write_text(json.dumps(out))
+    return release
+
+
+def test_agent_uses_the_system_cv2_and_installs_the_fallback_wheel_only_without_one(tmp_path):
+    """The env step on a JetPack 6.2 'system Python' 3.10 (stand-in TensorRT and, from the
+    second release on, a stand-in JetPack OpenCV with GStreamer in its site-packages; vendor
+    boundary), offline from the wheelhouse: no system cv2, the fallback wheel goes in; a system
+    cv2 with GStreamer, the wheel is left out (and taken out of the venv); a lock whose numpy 2
+    the system cv2 cannot import under, the wheel goes back in, saying why."""
+    from .test_camera_decoders import _code_tree
+
+    python = _system_python_310(tmp_path / "system")
+    site = _install_stand_in_tensorrt(python)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PIP_")}, "PIP_CONFIG_FILE": os.devnull,
+           "PYTHONPATH": str(_code_tree(tmp_path / "code"))}
+    venv = tmp_path / "root" / "venv"
+    venv_site = venv / "lib" / "python3.10" / "site-packages"
+
+    def env_step(name: str, numpy: str) -> str:
+        release = _cv2_release(tmp_path, name, numpy)
+        proc = subprocess.run([str(python), "-m", "vpp_edge.deploy.remote", "env", "--release", str(release)],
+                              capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)  # not the repo's vpp_edge
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out
+        assert f"--no-index --find-links {release / 'wheelhouse'}" in out, out
+        return out
+
+    out = env_step("r1", "1.26.4")  # no system cv2: the wheel
+    assert "OpenCV: the wheel's cv2 (the system's cv2 is not importable (ModuleNotFoundError" in out, out
+    assert (f"[warn] OpenCV          cv2 4.11.0 from {venv_site}/cv2/__init__.py (the venv's site-packages, "
+            "opencv-python-headless, GStreamer: no)") in out, out
+
+    (site / "cv2").mkdir()
+    (site / "cv2" / "__init__.py").write_text(STAND_IN_SYSTEM_CV2)
+    out = env_step("r2", "1.26.4")  # JetPack's cv2 with GStreamer: the wheel is left out and taken out
+    assert f"OpenCV: the system's cv2 (the system's cv2 4.8.0 ({site}/cv2/__init__.py) has GStreamer)" in out, out
+    assert "opencv-python-headless left out of the venv" in out and "pip uninstall" in out, out
+    assert f"[ok  ] OpenCV          cv2 4.8.0 from {site}/cv2/__init__.py (system site-packages, GStreamer: yes)" in out
+    assert not (venv_site / "cv2").exists() and not list(venv_site.glob("opencv_python_headless-*"))
+    assert "[ok  ] TensorRT        10.3.0.30" in out
+
+    out = env_step("r3", "2.0.0")  # numpy 2 in the venv: the system cv2 does not import there
+    assert ("OpenCV: the system's cv2 is not usable in the venv (the system's cv2 is not importable (ImportError: "
+            "A module that was compiled using NumPy 1.x cannot be run in NumPy 2.0.0)): installing "
+            "opencv-python-headless==4.11.0.86") in out, out
+    assert f"[warn] OpenCV          cv2 4.11.0 from {venv_site}/cv2/__init__.py" in out, out
 
 
 # -- a JetPack 6.2 rehearsal over SSH ----------------------------------------------------

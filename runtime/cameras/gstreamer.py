@@ -4,9 +4,10 @@ choice of the camera decoder on the robot (``--cameras auto:DEVICES``).
 On a Jetson, JetPack's own OpenCV is built with GStreamer and JetPack ships hardware JPEG
 decoding as GStreamer elements (``nvv4l2decoder mjpeg=1``, ``nvjpegdec``): the CPU only
 moves compressed frames and the final BGR image. PyPI's ``opencv-python-headless`` has no
-GStreamer; with the venv's ``--system-site-packages`` the robot lock's OpenCV is the one
-imported, so this path needs JetPack's OpenCV to come first (the probe says when the venv's
-shadows it; see README).
+GStreamer: the deploy agent therefore leaves it out of the robot's venv when the system's
+cv2 (seen through ``--system-site-packages``) imports there and has GStreamer, and installs
+it from the wheelhouse only as the fallback (deploy profiles' ``opencv``; docs/deploy.md).
+The probe says which cv2 is imported, and when a venv's OpenCV shadows the system's.
 
 ``auto`` takes, in this order, the first decoder that works here (a registry, in data):
 DALI (``nvidia.dali`` importable), GStreamer (OpenCV built with it and a JPEG decoder
@@ -18,7 +19,6 @@ its decode latency (``decode_ms``) where it can be separated from waiting for a 
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -30,6 +30,7 @@ import cv2
 from vpp_edge.errors import ConfigError
 
 from .base import Camera
+from .cv2_probe import describe, has_gstreamer, summary
 from .factory import CAMERAS, CameraRequest
 from .opencv import OpenCVCamera
 
@@ -43,10 +44,19 @@ GST_DECODERS = (
 )
 
 
+# Where a distribution's OpenCV bindings live (JetPack: python3.10/dist-packages/cv2; Debian:
+# python3/dist-packages/cv2.cpython-*.so): looked at only to explain a shadowed system cv2.
+SYSTEM_CV2_GLOB = "python3*/dist-packages/cv2*"
+
+
 def opencv_has_gstreamer() -> bool:
     """Whether this OpenCV was built with the GStreamer video I/O backend."""
-    m = re.search(r"GStreamer:\s*(\w+)", cv2.getBuildInformation())
-    return bool(m) and m.group(1).upper() == "YES"
+    return has_gstreamer(cv2.getBuildInformation())
+
+
+def shadowed_system_cv2(lib: Path = Path("/usr/lib")) -> list[str]:
+    """The system's OpenCV bindings that are not the imported cv2 (a venv's OpenCV comes first)."""
+    return sorted(str(p) for p in lib.glob(SYSTEM_CV2_GLOB) if not str(cv2.__file__).startswith(str(p)))
 
 
 def gst_element(name: str, inspect: str = "gst-inspect-1.0") -> bool:
@@ -109,16 +119,17 @@ def _probe_dali() -> tuple[bool, str]:
 
 
 def _probe_gstreamer(has_element: Callable[[str], bool] = gst_element) -> tuple[bool, str]:
-    if not opencv_has_gstreamer():
-        shadowed = sorted(str(p) for p in Path("/usr/lib").glob("python3*/dist-packages/cv2*")
-                          if not str(cv2.__file__).startswith(str(p)))
-        hint = (f" (the system's OpenCV at {shadowed[0]} is not the one imported; JetPack's has GStreamer: "
-                "in a venv with --system-site-packages, pip uninstall opencv-python-headless to use it)"
-                if shadowed else "")
-        return False, f"gstreamer: OpenCV {cv2.__version__} is built without GStreamer{hint}"
+    facts = describe(cv2)
+    if not facts["gstreamer"]:
+        shadowed = shadowed_system_cv2()
+        hint = (f"; the system's OpenCV at {shadowed[0]} is not the one imported (JetPack's has GStreamer): "
+                "`vpp deploy` uses it when it imports in the venv (see the env step's 'OpenCV' line), "
+                "by hand: pip uninstall opencv-python-headless in the venv" if shadowed else "")
+        return False, f"gstreamer: {summary(facts)}{hint}"
     found = gst_decoder(has_element)
     if found is None:
-        return False, f"gstreamer: no JPEG decoder element ({', '.join(n for n, _ in GST_DECODERS)})"
+        return False, f"gstreamer: no JPEG decoder element ({', '.join(n for n, _ in GST_DECODERS)}); {summary(facts)}"
+    log.info("gstreamer decoding through %s", summary(facts))
     return True, found[0]
 
 
