@@ -28,7 +28,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from vpp_edge.export.artifact import parity_state
 from vpp_edge.export.graph_cache import GraphCache, GraphSet, sha
 from vpp_edge.export.graphs import GRAPHS, reference_run
 from vpp_edge.export.manifest import write_artifact_manifest
@@ -39,6 +38,7 @@ from vpp_edge.tokenizer import InstructionTokenizer
 from vpp_edge.training.models.policy import VPPPolicy
 
 from .dataset import ObservationSet
+from .states import state_feeds
 from .variants import derive_policy, variant_noise
 
 CALIBRATION_SEED = 100  # noise seeds of calibration observation k: 100 + k (as the export)
@@ -80,6 +80,11 @@ class ArtifactBuilder:
         with tempfile.TemporaryDirectory() as tmp:
             self._tok_sha = sha(tokenizer.save(tmp).read_bytes())
         self._variant: tuple[str, VPPPolicy, list[dict[str, torch.Tensor]]] | None = None
+        # A state-taking policy (action_head.use_proprio): each observation's recorded state where
+        # the data has them, else the export's seeded states (calibrate/states.py says which).
+        self.states, self.state_note = state_feeds(policy, calibration, CALIBRATION_SEED)
+        if self.state_note:
+            status(self.state_note)
 
     # ---- the configuration's model and its reference runs --------------------------------
     def variant(self, preset: Preset, count: int = 1) -> tuple[VPPPolicy, list[dict[str, torch.Tensor]]]:
@@ -96,9 +101,7 @@ class ArtifactBuilder:
             ids, mask = (torch.from_numpy(a) for a in self.tokenizer([obs.instruction]))
             tvp_noise, action_noise = variant_noise(self.base.make_noise(1, CALIBRATION_SEED + k), preset)
             frames = torch.from_numpy(np.ascontiguousarray(obs.frames[: preset.num_views])).unsqueeze(0)
-            # A state-taking policy (action_head.use_proprio) gets the export's seeded state feeds.
-            refs.append(reference_run(policy, ids, mask, frames, tvp_noise, action_noise,
-                                      parity_state(policy, CALIBRATION_SEED + k)))
+            refs.append(reference_run(policy, ids, mask, frames, tvp_noise, action_noise, self.states[k]))
         return policy, refs[:count]
 
     def feeds(self, preset: Preset, name: str) -> list[dict[str, np.ndarray]]:

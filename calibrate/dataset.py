@@ -1,13 +1,17 @@
 """Calibration and held-out sets as files: numpy ``.npz`` archives, never pickle.
 
 An :class:`ObservationSet` holds camera frames of every view (uint8, prepared for the
-model) plus the instruction and the source (``<annotation>#<frame>``) of each observation.
+model) plus the instruction and the source (``<annotation>#<frame>``) of each observation,
+and the robot state the episode recorded at that frame where every observation has one of
+the same width (official-format episodes carry ``state``/``states``): what a policy that
+takes the state is calibrated and checked with (:mod:`vpp_edge.calibrate.states`).
 The quantizer's feeds are computed from it (the graph cache keys INT8 graphs by their digest,
 :func:`vpp_edge.export.graph_cache.feeds_digest`), never stored.
 """
 
 from __future__ import annotations
 
+import hashlib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from vpp_edge.episodes import Episode
+from vpp_edge.episodes import Episode, load_episode
 from vpp_edge.errors import DataError
 
 from vpp_edge.observations import Observation, find_episodes, observations_digest, sample_observations
@@ -41,13 +45,40 @@ def _load_npz(path: Path, what: str) -> dict[str, np.ndarray]:
         raise DataError(f"{path}: {what} holds Python objects, which are not loaded (no pickle): {exc}") from None
 
 
+def recorded_states(observations: Sequence[Observation]) -> tuple[np.ndarray | None, str]:
+    """(raw robot states [N, D] float64, note): the state each observation's episode recorded at
+    its frame (the source ``<annotation>#<frame>``), or None and why not (an episode without
+    states, a frame past them, widths that differ between episodes)."""
+    episodes: dict[str, Episode] = {}
+    states = []
+    for obs in observations:
+        annotation, _, frame = obs.source.rpartition("#")
+        if not annotation or not frame.isdigit():
+            return None, f"{obs.source}: not an episode frame ('<annotation>#<frame>')"
+        if annotation not in episodes:
+            try:
+                episodes[annotation] = load_episode(annotation)
+            except DataError as exc:
+                return None, f"{annotation}: {exc}"
+        recorded = episodes[annotation].states
+        if recorded is None or int(frame) >= len(recorded):
+            return None, f"{annotation} records no state at frame {frame}"
+        states.append(np.asarray(recorded[int(frame)], np.float64).reshape(-1))
+    widths = sorted({len(s) for s in states})
+    if len(widths) != 1:
+        return None, f"the episodes record states of different widths {widths}"
+    return np.stack(states), f"recorded {widths[0]}-value states"
+
+
 @dataclass(frozen=True)
 class ObservationSet:
-    """Observations stacked for storage: frames uint8 [N, V, S, S, 3] and N instructions."""
+    """Observations stacked for storage: frames uint8 [N, V, S, S, 3], N instructions and, where
+    the episodes recorded them, the raw robot states [N, D] (float64; None otherwise)."""
 
     frames: np.ndarray
     instructions: tuple[str, ...]
     sources: tuple[str, ...]
+    states: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         f = self.frames
@@ -56,6 +87,9 @@ class ObservationSet:
         if not len(self.instructions) == len(self.sources) == len(f):
             raise DataError(f"{len(f)} observations but {len(self.instructions)} instructions and "
                             f"{len(self.sources)} sources")
+        s = self.states
+        if s is not None and (s.ndim != 2 or len(s) != len(f) or not np.all(np.isfinite(s))):
+            raise DataError(f"recorded states must be finite [N={len(f)}, D], got {list(s.shape)}")
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -73,14 +107,18 @@ class ObservationSet:
         if not observations:
             raise EmptyCalibrationSetError("empty observation set: no observation was sampled")
         return cls(np.stack([o.frames for o in observations]), tuple(o.instruction for o in observations),
-                   tuple(o.source for o in observations))
+                   tuple(o.source for o in observations), recorded_states(observations)[0])
 
     def observations(self) -> list[Observation]:
         return [Observation(f, i, s) for f, i, s in zip(self.frames, self.instructions, self.sources)]
 
     def digest(self) -> str:
-        """sha256 of the frames and instructions: what a cached result was computed from."""
-        return observations_digest(self.observations())
+        """sha256 of the frames and instructions (and the recorded states, where there are
+        some): what a cached result was computed from."""
+        digest = observations_digest(self.observations())
+        if self.states is None:
+            return digest
+        return hashlib.sha256(digest.encode() + np.ascontiguousarray(self.states, np.float64).tobytes()).hexdigest()
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -88,7 +126,8 @@ class ObservationSet:
         tmp = path.with_name(f".{path.name}.tmp.npz")
         np.savez_compressed(tmp, format=np.array(OBSERVATIONS_FORMAT), frames=self.frames,
                             instructions=np.array(self.instructions, dtype=str),
-                            sources=np.array(self.sources, dtype=str))
+                            sources=np.array(self.sources, dtype=str),
+                            **({"states": self.states} if self.states is not None else {}))
         tmp.replace(path)
         return path
 
@@ -107,7 +146,8 @@ class ObservationSet:
             raise EmptyCalibrationSetError(f"{path}: empty {what} (0 observations)")
         try:
             return cls(data["frames"], tuple(str(s) for s in data["instructions"]),
-                       tuple(str(s) for s in data["sources"]))
+                       tuple(str(s) for s in data["sources"]),
+                       np.asarray(data["states"], np.float64) if "states" in data else None)
         except DataError as exc:
             raise DataError(f"{path}: {exc}") from None
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -175,12 +176,12 @@ class PointRunner:
                  calibration_set: Path | None, heldout_set: Path | None, status: Callable[[str], None]):
         import torch
 
-        from vpp_edge.export.artifact import parity_state
         from vpp_edge.export.options import load_options
         from vpp_edge.export.graphs import reference_run
 
         from .builder import ArtifactBuilder
         from .dataset import ObservationSet, build_split
+        from .states import state_feeds
 
         self.spec, self.out, self.status = spec, out, status
         torch.set_num_threads(max(1, spec["measure"]["threads"] or torch.get_num_threads()))
@@ -210,10 +211,16 @@ class PointRunner:
         self.heldout = ObservationSet.load(held_path, "held-out set")
         ref_path = data / "reference.npz"
         self.noise = [self.policy.make_noise(1, k) for k in range(len(self.heldout))]
-        # A state-taking policy (action_head.use_proprio): the export's seeded normalised state
-        # feeds (observations carry no state), the same in the reference and the measured run.
-        self.states = [parity_state(self.policy, k) for k in range(len(self.heldout))]
+        # A state-taking policy (action_head.use_proprio): each held-out observation's recorded
+        # state where the data has them, else the export's seeded states; the same in the
+        # reference and the measured run (calibrate/states.py).
+        self.states, note = state_feeds(self.policy, self.heldout, 0, "held-out set")
+        if note:
+            status(note)
         if not ref_path.is_file():
+            if note:  # beside how the held-out set was kept apart, once per reference
+                with (data / "split.txt").open("a") as f:
+                    f.write(note + "\n")
             status("FP32 reference")
             actions, tokens = [], []
             for obs, noise, state in zip(self.heldout.observations(), self.noise, self.states):
@@ -232,12 +239,15 @@ class PointRunner:
 
     def inputs_for(self, preset: Preset) -> Path:
         """Held-out frames and noise cut to the configuration, as the measuring process reads them."""
+        from .states import stacked
         from .variants import variant_noise
 
         pairs = [variant_noise(n, preset) for n in self.noise]
         frames = self.heldout.frames[:, : preset.num_views]
-        states = [s.numpy() for s in self.states if s is not None]
-        key = f"{preset.num_views}v{preset.tvp.num_frames}f{'s' if states else ''}-{self.heldout.digest()[:12]}"
+        states = stacked(self.states)
+        # The normalised states depend on the policy's bounds as well as the data: in the key.
+        tag = "" if states is None else "s" + hashlib.sha256(states.tobytes()).hexdigest()[:8]
+        key = f"{preset.num_views}v{preset.tvp.num_frames}f{tag}-{self.heldout.digest()[:12]}"
         path = self.out / "cache" / "inputs" / f"{key}.npz"
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -245,7 +255,7 @@ class PointRunner:
             np.savez(tmp, frames=np.ascontiguousarray(frames), instructions=np.array(self.heldout.instructions, str),
                      tvp_noise=np.stack([t.numpy() for t, _ in pairs]),
                      action_noise=np.stack([a.numpy() for _, a in pairs]),
-                     **({"states": np.stack(states)} if states else {}))
+                     **({"states": states} if states is not None else {}))
             tmp.replace(path)
         return path
 

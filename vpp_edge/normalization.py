@@ -179,6 +179,16 @@ class StateNormalizer:
         return cls(low=tuple(float(v) for v in data.get("low", ())), high=tuple(float(v) for v in data.get("high", ())),
                    tolerance=float(data.get("tolerance", 0.5)))
 
+    @classmethod
+    def fit(cls, states: np.ndarray, quantile: float = 0.01) -> "StateNormalizer":
+        """Bounds from a [N, P] array of recorded states: the ``quantile`` / 1 - ``quantile``
+        quantiles per dimension, as the official configs' ``state_01`` / ``state_99``."""
+        states = np.asarray(states, dtype=np.float64).reshape(-1, np.shape(states)[-1])
+        if not np.all(np.isfinite(states)):
+            raise CheckpointError("cannot fit state bounds: the recorded states contain NaN or Inf")
+        low, high = np.quantile(states, quantile, axis=0), np.quantile(states, 1 - quantile, axis=0)
+        return cls(low=tuple(float(v) for v in low), high=tuple(float(v) for v in high))
+
 
 def seeded_state(dim: int, seed: int) -> np.ndarray:
     """A seeded normalised robot state [1, dim] in [-1, 1], float32: the state the export's
