@@ -158,7 +158,13 @@ class StateNormalizer:
 
     def normalize(self, state: Any) -> np.ndarray:
         """Checked state [dim] -> the model's input [dim] float32 in [-1, 1]."""
-        s = self.check(state)
+        return self.scale(self.check(state))
+
+    def scale(self, states: Any) -> np.ndarray:
+        """States [..., dim] -> the model's inputs [..., dim] float32 in [-1, 1], clipped and not
+        refused, as the official dataset does with recorded training states (a robot's state
+        goes through :meth:`normalize`, which refuses first)."""
+        s = np.asarray(states, dtype=np.float64)
         low, high = np.asarray(self.low), np.asarray(self.high)
         return np.clip(2.0 * (s - low) / (high - low + self.EPS) - 1.0, -1.0, 1.0).astype(np.float32)
 

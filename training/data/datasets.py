@@ -18,11 +18,12 @@ import torch
 from torch.utils.data import Dataset
 
 from vpp_edge.errors import DataError
-from vpp_edge.normalization import ActionNormalizer
+from vpp_edge.normalization import ActionNormalizer, StateNormalizer
 from vpp_edge.preprocess import prepare_frame
 from vpp_edge.tokenizer import InstructionTokenizer, InstructionTruncatedWarning
 
 from .checks import CheckedEpisode
+from .stats import chunk_rows, relative_chunks
 
 
 def split_episodes(episodes: Sequence[CheckedEpisode], val_fraction: float
@@ -103,14 +104,20 @@ class PolicyDataset(Dataset):
     normalised action chunk a[t], a[t + s], ..., a[t + (H - 1) s] (s = ``action_stride``;
     steps past the end repeat the last action, as the official loaders clamp).
 
+    For a policy that takes the robot state (``state_normalizer``), items also hold ``state``
+    float32 [P]: the recorded state at step t, bound-normalised and clipped as the official
+    dataset does; with ``action_base`` 'state' the chunk is relative to that raw state
+    (``command - state[t][:A]``, the official XBot) before normalisation.
+
     Samples are ordered source by source (``source_sizes``), as the mixture sampler indexes them.
     Items: ``frames`` uint8 [V, S, S, 3], ``input_ids``/``attention_mask`` int64 [L],
-    ``actions`` float32 [H, A], ``index`` int64.
+    ``actions`` float32 [H, A], (``state`` float32 [P],) ``index`` int64.
     """
 
     def __init__(self, episodes: Sequence[CheckedEpisode], num_views: int, image_size: int, horizon: int,
                  normalizer: ActionNormalizer, tokenizer: InstructionTokenizer, sample_stride: int = 1,
-                 action_stride: int = 1, cache_episodes: int = 8):
+                 action_stride: int = 1, cache_episodes: int = 8, state_normalizer: StateNormalizer | None = None,
+                 action_base: str = "none"):
         if sample_stride < 1 or action_stride < 1:
             raise DataError(f"sample_stride and action_stride must be >= 1, got {sample_stride}, {action_stride}")
         order = sorted(range(len(episodes)), key=lambda i: episodes[i].source_index)
@@ -123,7 +130,23 @@ class PolicyDataset(Dataset):
         self.frames = FrameStore(self.episodes, image_size, cache_episodes)
         self.samples = [PolicySample(e, t) for e, ep in enumerate(self.episodes)
                         for t in range(0, ep.num_steps, sample_stride)]
-        self._normalized = [normalizer.normalize(ep.episode.actions) for ep in self.episodes]
+        if action_base == "none":
+            self._normalized = [normalizer.normalize(ep.episode.actions) for ep in self.episodes]
+        else:  # chunks relative to the state at their step: one per step, computed once
+            self._normalized = [normalizer.normalize(relative_chunks(ep, action_base, horizon, action_stride))
+                                for ep in self.episodes]
+        self.relative = action_base != "none"
+        self._states = None if state_normalizer is None else [self._episode_states(ep, state_normalizer)
+                                                              for ep in self.episodes]
+
+    @staticmethod
+    def _episode_states(ep: CheckedEpisode, normalizer: StateNormalizer) -> np.ndarray:
+        states = ep.episode.states
+        if states is None or states.shape[1] != normalizer.dim or len(states) < ep.num_steps:
+            got = "none" if states is None else f"{list(states.shape)}"
+            raise DataError(f"{ep.episode.name}: the policy takes a {normalizer.dim}-value robot state at each of "
+                            f"the {ep.num_steps} steps; the episode records {got}")
+        return normalizer.scale(states[: ep.num_steps])
 
     @property
     def source_sizes(self) -> list[int]:
@@ -140,8 +163,16 @@ class PolicyDataset(Dataset):
     def action_chunk(self, i: int) -> np.ndarray:
         s = self.samples[i]
         actions = self._normalized[s.episode]
-        rows = np.minimum(s.step + np.arange(self.horizon) * self.action_stride, len(actions) - 1)
-        return actions[rows]
+        if self.relative:
+            return actions[s.step]
+        return actions[chunk_rows(s.step, self.horizon, self.action_stride, len(actions))]
+
+    def state_item(self, i: int) -> dict[str, torch.Tensor]:
+        """``{"state": normalised state [P]}`` for a policy that takes the state, else ``{}``."""
+        if self._states is None:
+            return {}
+        s = self.samples[i]
+        return {"state": torch.from_numpy(self._states[s.episode][s.step])}
 
     def observation(self, i: int) -> np.ndarray:
         s = self.samples[i]
@@ -153,7 +184,7 @@ class PolicyDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         ids, mask = self.tokens(self.instruction(i))
         return {"frames": torch.from_numpy(self.observation(i)), "input_ids": ids, "attention_mask": mask,
-                "actions": torch.from_numpy(self.action_chunk(i)), "index": torch.tensor(i)}
+                "actions": torch.from_numpy(self.action_chunk(i)), **self.state_item(i), "index": torch.tensor(i)}
 
 
 @dataclass(frozen=True)

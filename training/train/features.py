@@ -144,7 +144,8 @@ def _output_shapes(policy: VPPPolicy, dataset: PolicyDataset, accelerator: Accel
 
 
 class CachedPolicyDataset(Dataset):
-    """Stage-2 items from the cache: ``features`` [F, T, C] float32, ``goal`` [P], ``actions``, ``index``."""
+    """Stage-2 items from the cache: ``features`` [F, T, C] float32, ``goal`` [P], ``actions``,
+    (``state``,) ``index``."""
 
     def __init__(self, dataset: PolicyDataset, cache: FeatureCache):
         if len(cache) != len(dataset):
@@ -159,4 +160,5 @@ class CachedPolicyDataset(Dataset):
         features, goals = self.cache.arrays()
         return {"features": torch.from_numpy(np.asarray(features[i], dtype=np.float32)),
                 "goal": torch.from_numpy(np.array(goals[i])),
-                "actions": torch.from_numpy(self.dataset.action_chunk(i)), "index": torch.tensor(i)}
+                "actions": torch.from_numpy(self.dataset.action_chunk(i)), **self.dataset.state_item(i),
+                "index": torch.tensor(i)}

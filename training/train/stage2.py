@@ -7,6 +7,12 @@ decay, an EMA of the weights, and validation by sampling chunks with the deploye
 sampler. Checkpoints are ordinary vpp-edge checkpoints (EMA weights), so ``vpp export
 --checkpoint`` and ``vpp predict --checkpoint`` take them as they are.
 
+A preset that takes the robot state (``action_head.use_proprio``, the official XBot) is
+trained as VPP_policy_xbot.py: each sample's recorded state, bound-normalised with the
+training episodes' 1st / 99th percentiles (``state_01`` / ``state_99``), enters the action
+head's encoder as its last token; with ``action_base`` 'state' the targets are the chunks
+relative to that state (xbot_dataset.py). The state bounds travel in the checkpoint.
+
 Runs in one process or under ``accelerate launch`` / torchrun (DDP); see common.py for
 why N processes train the same model as one.
 """
@@ -29,7 +35,7 @@ from vpp_edge.normalization import ActionNormalizer
 from ..checkpoints import save_checkpoint
 from ..data.checks import BadDataReport, load_sources
 from ..data.datasets import PolicyDataset, split_episodes
-from ..data.stats import STATS_FILE, fit_statistics, load_statistics, save_statistics
+from ..data.stats import STATS_FILE, fit_statistics, load_statistics, save_statistics, state_normalizer
 from ..models.edm import sample_log_logistic
 from ..models.policy import VPPPolicy
 from .common import (cpu_threads, initial_policy, local_slice, open_run, set_lr,
@@ -42,7 +48,9 @@ from .state import STATE_DIR, latest_checkpoint, save_training_state, write_chec
 
 log = logging.getLogger(__name__)
 
-# Parts of the action head the VPP forward pass never uses; the official trainer freezes them.
+# Parts of the action head the official trainers freeze: goal_emb and pos_emb, which the VPP
+# forward pass never uses, and proprio_emb, which VPP_policy_xbot.py freezes at its
+# initialisation even though it feeds the state through it (the encoder learns to read it).
 UNUSED_PREFIXES = ("action_head.inner_model.goal_emb.", "action_head.inner_model.proprio_emb.",
                    "action_head.inner_model.pos_emb")
 
@@ -59,8 +67,8 @@ class PolicyHead(nn.Module):
         self.action_head = policy.action_head
 
     def forward(self, features: torch.Tensor, goal: torch.Tensor, actions: torch.Tensor, noise: torch.Tensor,
-                sigma: torch.Tensor) -> torch.Tensor:
-        return self.action_head.loss(self.former(features), goal, actions, noise, sigma)
+                sigma: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
+        return self.action_head.loss(self.former(features), goal, actions, noise, sigma, state)
 
 
 def training_sigmas(policy: VPPPolicy, batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -97,7 +105,8 @@ class _Validator:
                                            torch.stack([it["attention_mask"] for it in items]).to(self.device), noise)
             gen = torch.Generator().manual_seed(stream_seed(self.seed, start, "val-action"))
             action_noise = torch.randn(actions.shape, generator=gen).to(self.device)
-            pred = policy.sample_actions(policy.former(feats), goal, action_noise)
+            state = torch.stack([it["state"] for it in items]).to(self.device) if "state" in items[0] else None
+            pred = policy.sample_actions(policy.former(feats), goal, action_noise, state)
             err = pred - actions
             se += float(err.pow(2).sum())
             ae += float((err.abs() * self.scale).sum())  # robot units: the normalisation's scale
@@ -133,10 +142,13 @@ def _train_policy(cfg: TrainConfig, run: str | Path, resume: bool, progress: boo
     if resume and (run / STATS_FILE).is_file():
         stats = load_statistics(run)  # computed once, at the start of the run
     else:
-        stats = fit_statistics(train_eps, cfg.data.normalization, cfg.data.quantile)
+        stats = fit_statistics(train_eps, cfg.data.normalization, cfg.data.quantile, preset.action_base,
+                               preset.action_horizon, cfg.data.action_stride)
         if main:
             save_statistics(stats, run)
     policy.set_normalizer(ActionNormalizer.from_dict(stats["actions"]))
+    if preset.action_head.use_proprio:
+        policy.set_state_normalizer(state_normalizer(stats, preset.action_head.proprio_dim, preset.name))
     policy.requires_grad_(False)
     policy.to(device).eval()
     head = PolicyHead(policy)
@@ -146,7 +158,8 @@ def _train_policy(cfg: TrainConfig, run: str | Path, resume: bool, progress: boo
 
     data_args = dict(num_views=preset.num_views, image_size=preset.image_size, horizon=preset.action_horizon,
                      normalizer=policy.normalizer, tokenizer=tokenizer, action_stride=cfg.data.action_stride,
-                     cache_episodes=cfg.data.cache_episodes)
+                     cache_episodes=cfg.data.cache_episodes, state_normalizer=policy.state_normalizer,
+                     action_base=preset.action_base)
     train_ds = PolicyDataset(train_eps, sample_stride=cfg.data.sample_stride, **data_args)
     val_ds = (PolicyDataset(val_eps, sample_stride=_val_stride(val_eps, cfg.policy.val_samples), **data_args)
               if val_eps else None)
@@ -217,7 +230,7 @@ def _train_policy(cfg: TrainConfig, run: str | Path, resume: bool, progress: boo
         sigma = local_slice(training_sigmas(policy, batch, gen), accelerator).to(device)
         torch.manual_seed(stream_seed(cfg.seed, step, f"dropout-{accelerator.process_index}"))
         with accelerator.autocast():
-            loss = head_ddp(features, goal, actions, noise, sigma)
+            loss = head_ddp(features, goal, actions, noise, sigma, batch_data.get("state"))
         reduced = update(accelerator, loss, trainable, optimizer, ema, cfg.optim.grad_clip)
         step += 1
         losses.add(step, reduced, lr)
