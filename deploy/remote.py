@@ -169,8 +169,10 @@ class Agent:
                 if opencv else (False, "")
             if opencv:
                 say(f"  OpenCV: {'the system' if system_cv2 else 'the wheel'}'s cv2 ({why})")
-            digest = hashlib.sha256(requirements.read_bytes() + constraints.read_bytes()
-                                    + f"system-cv2={system_cv2}".encode()).hexdigest()
+            def digest(system: bool) -> str:  # which cv2 the venv uses is part of what it holds
+                return hashlib.sha256(requirements.read_bytes() + constraints.read_bytes()
+                                      + f"system-cv2={system}".encode()).hexdigest()
+
             stamp = venv / ".requirements.sha256"
             stale = venv_mismatch(venv)
             if stale:
@@ -179,7 +181,7 @@ class Agent:
             if not (venv / "bin" / "python").exists():
                 self._run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], "service",
                           hint=f"on Debian/Ubuntu: sudo apt-get install python{sys.version_info[0]}.{sys.version_info[1]}-venv")
-            if not stamp.is_file() or stamp.read_text().strip() != digest:
+            if not stamp.is_file() or stamp.read_text().strip() != digest(system_cv2):
                 wanted = requirements
                 if system_cv2:  # the fallback wheel would shadow the system's cv2 (no GStreamer)
                     wanted = venv / "requirements-robot.txt"
@@ -189,11 +191,11 @@ class Agent:
                 if system_cv2:  # a previous release may have installed it
                     self._run([str(venv / "bin" / "python"), "-m", "pip", "uninstall", "--disable-pip-version-check",
                                "--yes", "--quiet", opencv["fallback"]], "pip")
-                stamp.write_text(digest + "\n")
+                stamp.write_text(digest(system_cv2) + "\n")
             else:
                 say(f"  {venv}: requirements unchanged")
-            if system_cv2:
-                self._verify_system_cv2(venv, opencv, offline)
+            if system_cv2 and not self._verify_system_cv2(venv, opencv, offline):
+                stamp.write_text(digest(False) + "\n")  # the venv holds the wheel: the next deployment tries again
         else:
             say(f"  using {self.python} as it is (--python): nothing installed")
         result = checks.import_check(self.python, self.cfg["robot_modules"])
@@ -215,17 +217,18 @@ class Agent:
                   hint="offline, from the bundle's wheelhouse: a wheel missing for this Python/platform?"
                   if offline else "")
 
-    def _verify_system_cv2(self, venv: Path, opencv: dict, offline: bool) -> None:
-        """The system's cv2 imports inside the venv too (its numpy is the lock's, not the
-        system's); otherwise the fallback wheel goes in, from the wheelhouse, and says why."""
+    def _verify_system_cv2(self, venv: Path, opencv: dict, offline: bool) -> bool:
+        """Whether the system's cv2 imports inside the venv too (its numpy is the lock's, not
+        the system's); if not, the fallback wheel goes in, from the wheelhouse, saying why."""
         facts = checks.opencv_facts(str(venv / "bin" / "python"))
         ok, why = checks.system_cv2_usable(opencv, facts)
         if ok:
-            return
+            return True
         pin = read_pins((self.release / "constraints.txt").read_text()).get(normalize(opencv["fallback"]),
                                                                           opencv["fallback"])
         say(f"  OpenCV: the system's cv2 is not usable in the venv ({why}): installing {pin}")
         self._pip_install(venv, [pin], offline)
+        return False
 
     def _run(self, argv: list[str], timeout_key: str, hint: str = "") -> None:
         say(f"  $ {shlex.join(argv)}")
