@@ -75,18 +75,21 @@ system-deps:  ## apt-get install what requirements/apt.txt lists and is missing 
 	echo "installing: $$missing"; \
 	$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing
 
-# make metaworld-policy: the recipe behind the MetaWorld closed loop (about an hour on 2 cores):
-# oracle demos -> stage-2 training of metaworld_tiny -> export (FP32 + INT8) -> evaluation of both.
-MW_TASKS    ?= reach-v3,button-press-topdown-v3,drawer-close-v3,push-v3
-MW_EPISODES ?= 25
-MW_EVAL     ?= 10
+# make metaworld-policy: the recipe behind the shipped MetaWorld policy (models/metaworld-tiny):
+# oracle demos of the demo's tasks (vpp record/eval's default) -> stage-2 training of metaworld_tiny
+# on frozen TVP features -> its FP16 copy (what ships) -> export (FP32 + INT8) -> evaluation of both.
+# TVP=runs/tvp-metaworld/last trains stage 2 on a fine-tuned TVP (vpp train tvp --config tvp_metaworld).
+MW_EPISODES ?= 50
+MW_EVAL     ?= 20
+TVP         ?=
 .PHONY: metaworld-policy
-metaworld-policy: $(STAMP)  ## record MetaWorld demos, train + export metaworld_tiny, evaluate it closed loop (FP32, INT8)
-	@test -f data/metaworld/demos.json || $(BIN)/vpp record metaworld --tasks $(MW_TASKS) --episodes $(MW_EPISODES) --out data/metaworld
-	@test -e runs/policy-metaworld/last || $(BIN)/vpp train policy --config policy_metaworld --out runs/policy-metaworld
-	$(BIN)/vpp export --checkpoint runs/policy-metaworld/last --out artifacts/metaworld_tiny --precisions fp32,int8 --data data/metaworld
-	$(BIN)/vpp eval metaworld --artifact artifacts/metaworld_tiny --tasks $(MW_TASKS) --episodes $(MW_EVAL) --precision fp32 --out results/metaworld/fp32
-	$(BIN)/vpp eval metaworld --artifact artifacts/metaworld_tiny --tasks $(MW_TASKS) --episodes $(MW_EVAL) --precision int8 --out results/metaworld/int8
+metaworld-policy: $(STAMP)  ## record MetaWorld demos, train metaworld_tiny, ship its FP16 copy, export + evaluate it (FP32, INT8)
+	@test -f data/metaworld/demos.json || $(BIN)/vpp record metaworld --episodes $(MW_EPISODES) --out data/metaworld
+	@test -e runs/policy-metaworld/last || $(BIN)/vpp train policy --config policy_metaworld $(if $(TVP),--set init.tvp=$(TVP)) --out runs/policy-metaworld
+	$(BIN)/vpp compact runs/policy-metaworld/last --out models/metaworld-tiny
+	$(BIN)/vpp export --checkpoint models/metaworld-tiny --out artifacts/metaworld_tiny --precisions fp32,int8 --data data/metaworld
+	$(BIN)/vpp eval metaworld --artifact artifacts/metaworld_tiny --episodes $(MW_EVAL) --precision fp32 --out results/metaworld/fp32
+	$(BIN)/vpp eval metaworld --artifact artifacts/metaworld_tiny --episodes $(MW_EVAL) --precision int8 --out results/metaworld/int8
 
 # franky-sim pins MuJoCo 4 and MetaWorld MuJoCo 3.3: the simulator gets its own venv.
 FRANKY_SIM_STAMP := .venv-franky-sim/.installed-stamp
@@ -124,7 +127,9 @@ test: $(STAMP)  ## run the test suite
 
 # The robot side (protocol, chunking, safety, bridge, runtime threads, TensorRT wrapper, deploy agent)
 # under Python 3.10, JetPack 6.2's, without torch: a venv with requirements/robot-jp6.txt's
-# versions (this machine's wheels of the same pins). Skipped, saying so, without a CPython 3.10.
+# versions (this machine's wheels of the same pins; numpy 1.26 and the lock's fallback
+# opencv-python-headless, which gives these tests their cv2: on the robot JetPack's own cv2
+# replaces it, docs/deploy.md). Skipped, saying so, without a CPython 3.10.
 # The runtime-loop tests use an FP32 tiny artifact exported here by the workstation's Python.
 ROBOT_VENV     := .venv-robot310
 ROBOT_ARTIFACT := build/robot-test-artifact

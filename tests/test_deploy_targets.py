@@ -402,6 +402,8 @@ def test_agent_uses_the_system_cv2_and_installs_the_fallback_wheel_only_without_
             "A module that was compiled using NumPy 1.x cannot be run in NumPy 2.0.0)): installing "
             "opencv-python-headless==4.11.0.86") in out, out
     assert f"[warn] OpenCV          cv2 4.11.0 from {venv_site}/cv2/__init__.py" in out, out
+    out = env_step("r4", "2.0.0")  # the venv holds the wheel: the next deployment tries the system's again
+    assert "requirements unchanged" not in out and "OpenCV: the system's cv2 is not usable in the venv" in out, out
 
 
 # -- a JetPack 6.2 rehearsal over SSH ----------------------------------------------------
@@ -508,6 +510,26 @@ def _install_stand_in_tensorrt(python: Path) -> Path:
     return site
 
 
+def _install_stand_in_system_opencv(site: Path, wheelhouse: list[Path]) -> None:
+    """JetPack 6.2's OpenCV in the 'system Python's site-packages, as apt puts it there (no
+    pip metadata), with the numpy it needs (Ubuntu's python3-numpy, a 1.x): the lock's own
+    numpy and opencv-python-headless wheels unpacked (real OpenCV, which the runtime's replay
+    cameras use), whose build information is made to say GStreamer: the one fake, at the
+    vendor boundary (JetPack's build has it; PyPI's wheel has not)."""
+    for name in ("numpy", "opencv_python_headless"):
+        wheel = next(w for w in wheelhouse if w.name.startswith(name + "-"))
+        with zipfile.ZipFile(wheel) as z:
+            z.extractall(site)
+    for info in site.glob("opencv_python_headless-*.dist-info"):
+        shutil.rmtree(info)
+    with open(site / "cv2" / "__init__.py", "a") as f:
+        f.write("\n\n# Rehearsal stand-in (vendor boundary): JetPack's OpenCV is built with GStreamer.\n"
+                "import re as _re\n_wheel_build_information = getBuildInformation\n\n\n"
+                "def getBuildInformation():\n"
+                "    return _re.sub(r'GStreamer:\\s*NO', 'GStreamer:                   YES (1.20.3)', "
+                "_wheel_build_information())\n")
+
+
 def _jetson_files(base: Path) -> dict[str, str]:
     """Stand-ins for the vendor's files and tools: L4T R36.4.3, CUDA 12.6, MAXN with
     jetson_clocks on."""
@@ -532,8 +554,10 @@ def test_jetpack_6_2_rehearsal_offline_with_tensorrt_in_the_venv(exported, sshd,
     with stand-in TensorRT 10.3 bindings: the check passes, the venv (from that Python,
     --system-site-packages) sees TensorRT, the robot lock installs offline from the
     bundle's wheelhouse (its x86_64 wheels here: same pins), the engine build runs, the
-    units run under Python 3.10; without TensorRT the next deployment fails loudly before
-    touching the robot, and --allow-cpu-fallback deploys ONNX Runtime on purpose."""
+    units run under Python 3.10; the venv imports the system's OpenCV (stand-in: JetPack's,
+    with GStreamer) and has no opencv-python-headless; without TensorRT the next deployment
+    fails loudly before touching the robot, and --allow-cpu-fallback deploys ONNX Runtime on
+    purpose, on a system without OpenCV, so the fallback wheel installs from the wheelhouse."""
     if _zmq_ports_busy():
         pytest.skip("ZeroMQ ports on 127.0.0.1 in use: the deployed bridge needs them")
     if not _index_reachable():
@@ -546,6 +570,9 @@ def test_jetpack_6_2_rehearsal_offline_with_tensorrt_in_the_venv(exported, sshd,
         "platform": {"arch": "x86_64", "glibc": "2.28"}, "paths": _jetson_files(tmp_path / "vendor")}))
     target = Target(tmp_path, sshd)
     cache = repo_file("requirements/robot-jp6.txt").parent.parent / "build" / "wheelhouse"
+    from vpp_edge.deploy.wheels import download_wheelhouse
+
+    _install_stand_in_system_opencv(site, download_wheelhouse(load_profile(str(profile)), cache / "rehearsal-jp6"))
 
     def deploy(*extra: str, settle: int = 2) -> tuple[int, str]:
         config = tmp_path / f"deploy-{settle}.yaml"
@@ -576,6 +603,13 @@ def test_jetpack_6_2_rehearsal_offline_with_tensorrt_in_the_venv(exported, sshd,
         assert f"[ok  ] TensorRT        10.3.0.30 (Python bindings, {venv}/bin/python)" in out  # inside the venv
         assert "--no-index --find-links" in out and "wheelhouse: 35 wheels" in out
         assert "cuda 12.6.2.post1" in out  # cuda-python imported in the venv
+        venv_site = venv / "lib" / "python3.10" / "site-packages"
+        system_cv2 = f"cv2 4.11.0 from {site}/cv2/__init__.py (system site-packages, GStreamer: yes)"
+        assert "opencv-python-headless left out of the venv: the system's cv2 is used" in out, out
+        assert f"[ok  ] OpenCV          {system_cv2} in {venv}/bin/python" in out, out
+        assert f"self-test: OpenCV: {system_cv2}" in out, out
+        assert not (venv_site / "cv2").exists() and not list(venv_site.glob("opencv_python_headless-*"))
+        assert "numpy 1.26.4" in out  # the lock's numpy < 2, for the system cv2's bindings
         assert (venv / "pyvenv.cfg").read_text().startswith(f"home = {python.parent}\n")
         manifest = json.loads((target.root / "current" / "artifact" / "manifest.json").read_text())
         assert manifest["engines"] and all(e["tensorrt_version"] == "10.3.0.30" for e in manifest["engines"].values())
@@ -591,9 +625,15 @@ def test_jetpack_6_2_rehearsal_offline_with_tensorrt_in_the_venv(exported, sshd,
         assert code == 2 and "step 'check' failed" in out and "python3-libnvinfer" in out, out
         assert "nothing was changed on the robot" in out and target.current() == first
 
-        # ... unless the CPU fallback is asked for
+        # ... unless the CPU fallback is asked for; and with no OpenCV on the system, the
+        # wheelhouse's opencv-python-headless goes into the venv, offline
+        shutil.rmtree(site / "cv2")
         code, out = deploy("--allow-cpu-fallback", settle=3)
         assert code == 0, out
+        assert "OpenCV: the wheel's cv2 (the system's cv2 is not importable (ModuleNotFoundError" in out, out
+        assert (f"[warn] OpenCV          cv2 4.11.0 from {venv_site}/cv2/__init__.py (the venv's site-packages, "
+                f"opencv-python-headless, GStreamer: no) in {venv}/bin/python") in out, out
+        assert list(venv_site.glob("opencv_python_headless-4.11.0.86.dist-info"))
         assert "TensorRT not available on the target: no engines built" in out and target.current() != first
         fallback = target.current()
 
