@@ -117,3 +117,41 @@ def test_gstreamer_software_decode_delivers_model_frames(tmp_path):
     assert result["choice"] == "nvv4l2decoder" if gst.gst_element("nvv4l2decoder") else result["choice"] == "jpegdec"
     assert result["shape"] == [1, 32, 32, 3] and result["dtype"] == "uint8" and result["failure"] is None
     assert result["decode_ms"] is not None
+
+
+AUTO_IN_VENV = """
+import json
+from vpp_edge.runtime.cameras import gstreamer as gst
+from vpp_edge.runtime.cameras.cv2_probe import probe
+choice = gst.choose_decoder()
+print(json.dumps({"kind": choice.kind, "detail": choice.detail, "cv2": probe()}))
+"""
+
+
+def test_auto_picks_gstreamer_with_the_system_opencv_seen_through_a_venv(tmp_path):
+    """The robot's arrangement with a real OpenCV: a venv made with --system-site-packages and
+    no OpenCV of its own imports the system's (Debian's python3-opencv here, JetPack's on a
+    Jetson), which has GStreamer, so `--cameras auto` takes GStreamer; the deploy check and
+    the probe say which cv2 it is."""
+    from vpp_edge.deploy import checks
+
+    system = "/usr/bin/python3"
+    facts = checks.opencv_facts(system) if Path(system).exists() else {}
+    if not facts.get("gstreamer"):
+        pytest.skip(f"{system} has no OpenCV built with GStreamer (Debian's python3-opencv, JetPack's)")
+    if not gst.gst_element("jpegdec"):
+        pytest.skip("GStreamer's jpegdec is missing (gstreamer1.0-plugins-good, gstreamer1.0-tools)")
+    venv = tmp_path / "venv"
+    subprocess.run([system, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True,
+                   timeout=120)
+    python = str(venv / "bin" / "python")
+    env = {**os.environ, "PYTHONPATH": str(_code_tree(tmp_path / "code")), "PYTHONNOUSERSITE": "1"}
+    proc = subprocess.run([python, "-c", AUTO_IN_VENV], capture_output=True, text=True, env=env, timeout=120,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["cv2"] == {**facts, "venv": False} and result["cv2"]["distribution"] is None  # apt's, no pip metadata
+    assert result["kind"] == "gstreamer" and result["detail"] in [n for n, _ in gst.GST_DECODERS], result
+    line = checks.check_opencv({"opencv": {"require_gstreamer": True}}, python).line()
+    assert line == f"[ok  ] OpenCV          cv2 {facts['version']} from {facts['file']} (system site-packages, " \
+                   f"GStreamer: yes) in {python}"
