@@ -67,6 +67,8 @@ def child(args: argparse.Namespace) -> int:
            "--quiet"]
     if args.precisions:
         cmd += ["--precisions", args.precisions]
+    if args.calibration_samples:
+        cmd += ["--calibration-samples", str(args.calibration_samples)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     return main(cmd)
@@ -102,6 +104,114 @@ def child_convert(args: argparse.Namespace) -> int:
     root = Path(args.convert)
     return main(["convert", "--video-model", str(root / "svd-robot"), "--clip", str(root / "clip"),
                  "--action-model", str(root / "dp-calvin.pt"), "--preset", args.preset, "--out", args.out])
+
+
+def child_modelopt_quantize(args: argparse.Namespace) -> int:
+    """NVIDIA's INT8 path on the TVP graph (export/modelopt_int8.py): the preset's random
+    weights (seed 0, as vpp export), modelopt PTQ calibrated on real frames, the fake-quant
+    action chunk vs FP32 in PyTorch, the Q/DQ graph exported; saves the FP32 reference run of
+    the parity observation for the ONNX Runtime chain (child_modelopt_parity)."""
+    import numpy as np
+    import torch
+
+    from vpp_edge.export import modelopt_int8, parity
+    from vpp_edge.export.artifact import reference
+    from vpp_edge.export.options import load_options
+    from vpp_edge.observations import sample_observations
+    from vpp_edge.presets import get_preset
+    from vpp_edge.training.models import build_policy
+    from vpp_edge.training.models.graph_modules import TVPGraph
+
+    out, figures, clock = Path(args.out), {}, time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    opts = load_options()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        figures[f"{name}_s"] = round(time.perf_counter() - clock, 1)
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: {figures[f'{name}_s']} s", file=sys.stderr, flush=True)
+        clock = time.perf_counter()
+
+    preset = get_preset(args.preset)
+    policy, tokenizer = build_policy(preset, seed=0)
+    obs = sample_observations(preset.num_views, preset.image_size, 1 + args.calibration_samples)
+    lap("build")
+    ref = reference(policy, tokenizer, obs[0], seed=0)  # the export's parity reference
+    calib = [reference(policy, tokenizer, o, seed=100 + k) for k, o in enumerate(obs[1:])]
+    tvp_args = [tuple(r[k] for k in ("frames", "condition", "noise")) for r in calib]
+    del calib
+    lap("reference")
+
+    graph = TVPGraph(policy)
+
+    def loop(_: torch.nn.Module) -> None:  # the video model is quantised in place; the graph runs it
+        for a in tvp_args:
+            graph(*a)
+
+    modelopt_int8.quantize(policy.tvp, loop, opts["int8"]["exclude_modules"])
+    figures["quantized_layers"] = modelopt_int8.quantized_layers(policy.tvp)
+    lap("calibrate")
+    fake = reference(policy, tokenizer, obs[0], seed=0)  # the quantisers sit in the policy's UNet
+    figures["fake_quant_actions"] = parity.compare(ref["actions"].numpy(), fake["actions"].numpy())
+    figures["fake_quant_features"] = parity.compare(ref["features"].numpy(), fake["features"].numpy())
+    lap("fake_quant_run")
+    modelopt_int8.export_qdq(graph, tuple(ref[k] for k in ("frames", "condition", "noise")), out / "tvp" / "tvp.onnx",
+                             ("frames", "condition", "noise"), ("features",), opts["opset"])
+    lap("export_qdq")
+    np.savez(out / "reference.npz", **{k: v.numpy() for k, v in ref.items()})
+    meta = {"sigmas": list(policy.action_head.sigmas), "scale": policy.action_scale.tolist(),
+            "offset": policy.action_offset.tolist(), "figures": figures}
+    (out / "reference.json").write_text(json.dumps(meta, indent=1, default=float))
+    return 0
+
+
+def child_modelopt_parity(args: argparse.Namespace) -> int:
+    """The end-to-end action chunk with the modelopt Q/DQ TVP graph in ONNX Runtime (lean
+    worker) and the other graphs in FP32 (``--fp32-graphs``: an export's graph cache)."""
+    import numpy as np
+
+    from vpp_edge.export import parity
+    from vpp_edge.export.graphs import GRAPHS
+    from vpp_edge.export.options import load_options
+
+    out, cache = Path(args.out), Path(args.fp32_graphs)
+    paths = {g: next(cache.glob(f"fp32/{g}-*/{g}.onnx")) for g in GRAPHS}
+    paths["tvp"] = out / "tvp" / "tvp.onnx"
+    with np.load(out / "reference.npz", allow_pickle=False) as z:
+        ref = dict(z)
+    meta = json.loads((out / "reference.json").read_text())
+    start = time.perf_counter()
+    result = parity.evaluate_precision("int8", paths, [ref], meta["sigmas"], "sampler", np.array(meta["scale"]),
+                                       np.array(meta["offset"]), load_options()["gates"])
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    (out / "parity.json").write_text(json.dumps(result, indent=1, default=float))
+    return 0
+
+
+def parent_modelopt(args: argparse.Namespace) -> int:
+    """Both modelopt children, each measured with the watchdog."""
+    out = Path(args.out)
+    base = [sys.executable, __file__, "--preset", args.preset, "--out", str(out), "--int8-modelopt",
+            "--calibration-samples", str(args.calibration_samples or 1)]
+    result: dict = {"preset": args.preset, "calibration_samples": args.calibration_samples or 1}
+    result["quantize"] = _summary("modelopt PTQ + Q/DQ export of the TVP graph",
+                                  *measure(base + ["--child-modelopt-quantize"], args.kill_gb), args.limit_gb)
+    if result["quantize"]["exit_code"] == 0:
+        result.update(json.loads((out / "reference.json").read_text())["figures"])
+        result["files"] = _files(out / "tvp")
+        print(json.dumps({k: v for k, v in result.items() if k != "files"}, indent=1))
+        if args.fp32_graphs:
+            result["parity"] = _summary("ONNX Runtime chain with the Q/DQ TVP graph",
+                                        *measure(base + ["--fp32-graphs", args.fp32_graphs, "--child-modelopt-parity"],
+                                                 args.kill_gb), args.limit_gb)
+            if result["parity"]["exit_code"] == 0:
+                report = json.loads((out / "parity.json").read_text())
+                result["parity"].update({k: report[k] for k in ("graphs", "actions", "gate", "passed", "seconds",
+                                                                "worker_peak_rss_bytes")})
+                print(json.dumps(result["parity"], indent=1))
+    Path(args.json).write_text(json.dumps(result, indent=2, default=float))
+    print(f"wrote {args.json}")
+    return 0 if all(result[k]["exit_code"] == 0 for k in ("quantize", "parity") if k in result) else 1
 
 
 def _files(out: Path) -> list[tuple[str, int]]:
@@ -211,6 +321,8 @@ def parent(args: argparse.Namespace) -> int:
            "--out", str(out), "--parity-samples", str(args.parity_samples)]
     if args.precisions:
         cmd += ["--precisions", args.precisions]
+    if args.calibration_samples:
+        cmd += ["--calibration-samples", str(args.calibration_samples)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     code, wall, usage, watchdog = measure(cmd, args.kill_gb)
@@ -261,28 +373,40 @@ def main() -> int:
                    help="measure vpp convert of the official-layout release in this folder (written first if missing)")
     p.add_argument("--precisions", default="", help="comma list (default: what vpp export writes for the preset)")
     p.add_argument("--parity-samples", type=int, default=1)
+    p.add_argument("--calibration-samples", type=int, default=0,
+                   help="observations for INT8 calibration (default: the export's; 1-2 at paper scale)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--limit-gb", type=float, default=12.0, help="peak resident memory the export must stay within")
     p.add_argument("--kill-gb", type=float, default=15.0,
                    help="the watchdog kills the export's process tree when its resident memory passes this")
+    p.add_argument("--int8-modelopt", action="store_true",
+                   help="measure NVIDIA's INT8 path (modelopt PTQ in PyTorch, Q/DQ export) on the TVP graph")
+    p.add_argument("--fp32-graphs", help="with --int8-modelopt: an export's graph cache (.<name>-graphs) whose FP32 "
+                                         "graphs complete the chain for the end-to-end action gate")
     p.add_argument("--json", help="results (default: bench/results/paper_export.json, with --convert "
                                   "bench/results/paper_convert.json)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child-release", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child-convert", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--child-modelopt-quantize", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--child-modelopt-parity", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--phases", help=argparse.SUPPRESS)
     args = p.parse_args()
-    name = "calvin-converted" if args.convert else "calvin-bench"
-    args.out = args.out or str(ROOT / "artifacts" / name)
-    args.json = args.json or str(ROOT / "bench" / "results" / ("paper_convert.json" if args.convert
-                                                                else "paper_export.json"))
+    mode = "convert" if args.convert else "int8_modelopt" if args.int8_modelopt else "export"
+    args.out = args.out or str(ROOT / "artifacts" / {"convert": "calvin-converted", "int8_modelopt": "calvin-modelopt",
+                                                      "export": "calvin-bench"}[mode])
+    args.json = args.json or str(ROOT / "bench" / "results" / f"paper_{mode}.json")
     if args.child_release:
         return child_release(args)
     if args.child_convert:
         return child_convert(args)
+    if args.child_modelopt_quantize:
+        return child_modelopt_quantize(args)
+    if args.child_modelopt_parity:
+        return child_modelopt_parity(args)
     if args.child:
         return child(args)
-    return parent_convert(args) if args.convert else parent(args)
+    return {"convert": parent_convert, "int8_modelopt": parent_modelopt, "export": parent}[mode](args)
 
 
 if __name__ == "__main__":

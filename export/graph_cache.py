@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from vpp_edge import __version__, precisions
+from vpp_edge.extras import require
 from vpp_edge.files import atomic_dir
 from vpp_edge.training.models.policy import VPPPolicy
 
@@ -234,9 +235,15 @@ class GraphCache:
         for name in GRAPHS:
             with stage(f"{reference}/{name}"):
                 graphs.entries[f"{reference}/{name}"] = self._fp32(name, policy, ref, graphs.built)
+        for precision, name in self.in_pytorch(policy, derived):  # they need the PyTorch model
+            with stage(f"{precision}/{name}"):
+                graphs.entries[f"{precision}/{name}"] = self._ptq(
+                    precision, name, policy, graphs.entries[f"{reference}/{name}"], feeds, graphs.built)
         after_fp32(graphs)
         for precision in derived:
             for name in GRAPHS:
+                if f"{precision}/{name}" in graphs.entries:
+                    continue
                 with stage(f"{precision}/{name}"):
                     graphs.entries[f"{precision}/{name}"] = self._derived(
                         precision, name, graphs.entries[f"{reference}/{name}"], feeds, method, graphs.built)
@@ -295,6 +302,42 @@ class GraphCache:
             return {"graph": name, "precision": precisions.reference()}
 
         return self._entry(precisions.reference(), name, self.fingerprint(name, policy, ref), make, built)
+
+    def in_pytorch(self, policy: VPPPolicy, derived: Sequence[str]) -> list[tuple[str, str]]:
+        """The (precision, graph) pairs quantised in PyTorch by NVIDIA's path
+        (:mod:`.modelopt_int8`) instead of ONNX Runtime's quantiser: for a model whose weights
+        reach ``large_model.weight_bytes``, the graphs of ``large_model.int8_in_pytorch`` that
+        a TensorRT Q/DQ precision quantises (ONNX Runtime's calibrator keeps every activation
+        of the graph per sample: it does not fit a paper-scale TVP graph)."""
+        large = self.options["large_model"]
+        if sum(p.numel() * p.element_size() for p in policy.parameters()) < int(large["weight_bytes"]):
+            return []
+        return [(p, n) for p in derived if precisions.get(p).qdq is not None and "tensorrt" in precisions.get(p).engines
+                for n in large["int8_in_pytorch"] if quantizes(p, n, self.options, self.int8)]
+
+    def _ptq(self, precision: str, name: str, policy: VPPPolicy, fp32: Entry, feeds: Callable[[str], Feeds],
+             built: list[str]) -> Entry:
+        """Graph ``name`` of ``precision`` by post-training quantisation of the policy in
+        PyTorch (nvidia-modelopt), exported as a Q/DQ graph; cached under the FP32 key, the
+        calibration feeds, the exclusions and modelopt's version."""
+        from . import modelopt_int8
+
+        require("modelopt", f"INT8 ({precision}) of a model this large")
+        calibration = feeds(name)
+        s = int8_settings(self.int8, self.options, precision)
+        key = sha(fp32.key, "modelopt", modelopt_int8.version(), feeds_digest(calibration), s["exclude_modules"])[:20]
+        gdef = GRAPHS[name]
+        inputs = gdef.inputs_for(policy.preset)
+
+        def make(path: Path) -> dict[str, Any]:
+            args = [tuple(torch.from_numpy(f[i]) for i in inputs) for f in calibration]
+            info = modelopt_int8.derive(gdef.adapter(policy), args, path, inputs, gdef.outputs, self.options["opset"],
+                                        s["exclude_modules"])
+            info.update(method="modelopt max", feeds_sha256=feeds_digest(calibration))
+            info["record"] = record_graph(info, path)
+            return {"graph": name, "precision": precision, **info}
+
+        return self._entry(precision, name, key, make, built)
 
     def _derived(self, precision: str, name: str, fp32: Entry, feeds: Callable[[str], Feeds], method: str,
                  built: list[str]) -> Entry:

@@ -104,10 +104,13 @@ def activation_scales(path: str | Path) -> dict[str, dict[str, Any]]:
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
     inits = {i.name: i for i in model.graph.initializer}
+    # The TorchScript exporter (modelopt's Q/DQ graphs) writes scales as Constant nodes.
+    inits.update({n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant"
+                  for a in n.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR})
     out: dict[str, dict[str, Any]] = {}
     for node in model.graph.node:
-        if node.op_type != "QuantizeLinear" or node.input[1] not in inits:
-            continue
+        if node.op_type != "QuantizeLinear" or node.input[1] not in inits or node.input[0] in inits:
+            continue  # a weight's pair (modelopt keeps float weights behind one) is no activation
         scale = _array(inits[node.input[1]], path.parent).astype(np.float64)
         zero = _array(inits[node.input[2]], path.parent) if len(node.input) > 2 and node.input[2] in inits else None
         low, high = (0.0 - zero, 255.0 - zero) if zero is not None and zero.dtype == np.uint8 else (-127.0, 127.0)

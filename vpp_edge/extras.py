@@ -30,6 +30,8 @@ EXTRAS: dict[str, Extra] = {
         Extra("onnxruntime", "onnxruntime", "ONNX Runtime backend (CPU)", "pip install onnxruntime"),
         Extra("openvino", "openvino", "OpenVINO backend (CPU: bf16, NNCF INT8)", "pip install openvino"),
         Extra("nncf", "nncf", "NNCF INT8 quantisation for OpenVINO (export)", "pip install nncf"),
+        Extra("modelopt", "nvidia-modelopt", "INT8 Q/DQ for TensorRT by PTQ in PyTorch (export, paper scale)",
+              "pip install 'vpp-edge[modelopt]'"),
         Extra("tensorrt", "tensorrt", "TensorRT engines", "JetPack on Jetson; pip install tensorrt on x86"),
         Extra("torch_tensorrt", "torch-tensorrt", "torch-tensorrt compilation", "pip install torch-tensorrt"),
         Extra("polygraphy", "polygraphy", "TensorRT engine building/inspection", "pip install polygraphy"),
