@@ -169,8 +169,10 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     episodes = find_episodes(preset.num_views, args.data)
     obs = build_observation_set(preset.num_views, preset.image_size, args.samples, episodes, args.offset)
     obs.save(args.out)
+    states = ("no robot states (a state-taking policy gets seeded ones)" if obs.states is None
+              else f"their recorded {obs.states.shape[1]}-value robot states")
     print(f"wrote {args.out}: {len(obs)} observations of {obs.num_views} view(s) at {obs.image_size} px from "
-          f"{len(episodes)} episode(s)")
+          f"{len(episodes)} episode(s), with {states}")
     return 0
 
 

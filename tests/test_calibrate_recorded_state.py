@@ -157,3 +157,14 @@ def test_the_held_out_parity_runs_on_the_recorded_states(demo_root, tmp_path):
     with np.load(inputs) as data:
         np.testing.assert_allclose(data["states"][:, 0], heldout.states, atol=1e-7)
     assert "recorded robot states (4 values)" in (tmp_path / "out" / "data" / "split.txt").read_text()
+
+
+def test_vpp_calibrate_dataset_keeps_and_names_the_recorded_states(demo_root, tmp_path, capsys):
+    from vpp_edge.calibrate.dataset import ObservationSet
+    from vpp_edge.cli import main
+
+    out = tmp_path / "cal.npz"
+    assert main(["calibrate", "dataset", "--out", str(out), "--samples", "2", "--data", str(demo_root)]) == 0
+    assert "with their recorded 4-value robot states" in capsys.readouterr().out
+    obs = ObservationSet.load(out)
+    np.testing.assert_array_equal(obs.states, recorded(obs))
