@@ -353,7 +353,7 @@ def import_check(python: str, modules: list[str]) -> CheckResult:
             "for name, dist in (a.split('=') for a in sys.argv[1:]):\n"
             "    ok = importlib.util.find_spec(name) is not None\n"
             "    try: v = m.version(dist) if ok else None\n"
-            "    except m.PackageNotFoundError: v = 'installed'\n"
+            "    except m.PackageNotFoundError: v = 'from the system (no pip metadata)'\n"
             "    out[name] = v\n"
             "print(json.dumps(out))")
     try:
