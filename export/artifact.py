@@ -57,11 +57,36 @@ def parity_state(policy: VPPPolicy, seed: int) -> torch.Tensor | None:
     return torch.from_numpy(seeded_state(policy.preset.action_head.proprio_dim, seed))
 
 
-def reference(policy: VPPPolicy, tokenizer: InstructionTokenizer, obs: Observation, seed: int) -> dict:
+def reference(policy: VPPPolicy, tokenizer: InstructionTokenizer, obs: Observation, seed: int,
+              state: torch.Tensor | None = None) -> dict:
+    """The PyTorch run of one observation with noise from ``seed``; a state-taking policy gets
+    ``state`` (normalised [1, P]) or, without one, the seeded :func:`parity_state`."""
     ids, mask = (torch.from_numpy(a) for a in tokenizer([obs.instruction]))
     noise = policy.make_noise(1, seed)
     frames = torch.from_numpy(obs.frames).unsqueeze(0)
-    return reference_run(policy, ids, mask, frames, noise.tvp, noise.action, parity_state(policy, seed))
+    state = state if state is not None else parity_state(policy, seed)
+    return reference_run(policy, ids, mask, frames, noise.tvp, noise.action, state)
+
+
+# Noise (and seeded-state) seeds: parity observation k uses k, calibration observation k 100 + k.
+PARITY_SEED, CALIBRATION_SEED = 0, 100
+
+
+def observation_states(policy: VPPPolicy, observations: list[Observation], first_seed: int,
+                       what: str) -> tuple[list[torch.Tensor | None], str, str]:
+    """(the normalised state [1, P] of each observation, or None each for a policy without state
+    input; a line saying which states; the set's digest). The states are the episodes' recorded
+    ones where they record states of the policy's width, else seeded ones (``first_seed + k``),
+    as ``vpp calibrate`` decides (:func:`vpp_edge.calibrate.states.state_feeds`, one rule); the
+    digest covers the recorded states too, so a calibration record names what the quantizer saw."""
+    if not observations:
+        return [], "", observations_digest(observations)
+    from vpp_edge.calibrate.dataset import ObservationSet
+    from vpp_edge.calibrate.states import state_feeds
+
+    observation_set = ObservationSet.from_observations(observations)
+    feeds, note = state_feeds(policy, observation_set, first_seed, what)
+    return feeds, note, observation_set.digest()
 
 
 def runner(sessions: dict[str, Any]) -> Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
@@ -162,9 +187,15 @@ def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, 
     obs = observations or sample_observations(preset.num_views, preset.image_size, n_parity + n_calib)
     if len(obs) < n_parity + n_calib:
         raise VPPError(f"need {n_parity + n_calib} observations, got {len(obs)}")
+    # A state-taking policy's states: recorded where the episodes have them (the robot's), else seeded.
+    parity_states, parity_note, _ = observation_states(policy, obs[:n_parity], PARITY_SEED, "parity observations")
+    calib_states, calib_note, calib_digest = observation_states(policy, obs[n_parity:], CALIBRATION_SEED,
+                                                                "calibration observations")
     phase.start("reference run", holds=f"the PyTorch model ({weights})")
-    refs = [reference(policy, tokenizer, o, seed=k) for k, o in enumerate(obs[:n_parity])]
-    calib_refs = [reference(policy, tokenizer, o, seed=100 + k) for k, o in enumerate(obs[n_parity:])]
+    refs = [reference(policy, tokenizer, o, PARITY_SEED + k, s)
+            for k, (o, s) in enumerate(zip(obs[:n_parity], parity_states))]
+    calib_refs = [reference(policy, tokenizer, o, CALIBRATION_SEED + k, s)
+                  for k, (o, s) in enumerate(zip(obs[n_parity:], calib_states))]
     advance("reference run")
     sigmas = list(policy.action_head.sigmas)
     scale, offset = (torch.stack([policy.action_scale, policy.action_offset]).numpy())
@@ -194,13 +225,15 @@ def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, 
     entries = graphs.link(tmp)
     paths = {p: {n: tmp / entries[f"{p}/{n}"]["file"] for n in GRAPHS} for p in precisions}
     calibration = graphs.calibration(tmp, opts, opts["int8"], method, [o.source for o in obs[n_parity:]],
-                                     observations_digest(obs[n_parity:]))  # + scales
+                                     calib_digest)  # + scales
     quant_info = {p: {n: graphs.derivation(f"{p}/{n}") for n in GRAPHS} for p in precisions if p in calibrated()}
 
     report: dict[str, Any] = {
         "preset": preset.name,
         "observations": [o.source for o in obs[:n_parity]],
         "calibration_observations": [o.source for o in obs[n_parity:]],
+        # Which robot states a state-taking policy was checked and calibrated with (absent otherwise).
+        **({"states": {"parity": parity_note, "calibration": calib_note or None}} if parity_note else {}),
         "action_mode": action_mode,
         "action_mode_ms": mode_ms,
         "gates": opts["gates"],
@@ -222,7 +255,8 @@ def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, 
     table = summary_table(report)
     failed = [p for p, s in report["precisions"].items() if not s["passed"]]
     (tmp / "parity.json").write_text(_dumps(report))
-    (tmp / "parity.md").write_text(f"# Parity: {preset.name}\n\n{table}\n")
+    notes = "".join(f"\n{note}\n" for note in report.get("states", {}).values() if note)
+    (tmp / "parity.md").write_text(f"# Parity: {preset.name}\n\n{table}\n{notes}")
     if failed:
         failed_report = out.parent / f"{out.name}.parity-failed.md"
         shutil.copy2(tmp / "parity.md", failed_report)
