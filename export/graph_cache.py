@@ -46,6 +46,7 @@ from vpp_edge.files import atomic_dir
 from vpp_edge.training.models.policy import VPPPolicy
 
 from . import onnx_io, qdq, tempdirs
+from .phases import release_freed_memory
 from .derive import KEPT, derive_graph, int8_settings, quantizes, record_graph, write_calibration
 from .graphs import GRAPHS
 
@@ -330,6 +331,7 @@ class GraphCache:
         inputs = gdef.inputs_for(policy.preset)
 
         def make(path: Path) -> dict[str, Any]:
+            release_freed_memory()  # what the FP32 exports left: the tracing exporter adds gigabytes here
             args = [tuple(torch.from_numpy(f[i]) for i in inputs) for f in calibration]
             info = modelopt_int8.derive(gdef.adapter(policy), args, path, inputs, gdef.outputs, self.options["opset"],
                                         s["exclude_modules"])
