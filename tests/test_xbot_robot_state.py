@@ -6,6 +6,8 @@ caculate_absolute_action of the prediction and that same state."""
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +60,38 @@ def test_the_xbot_description_is_derived_from_the_official_bounds():
     picked = np.concatenate([np.arange(A)[part] for _, part in layout])
     np.testing.assert_array_equal(picked, np.arange(A))
     assert [name for name, _ in layout] == ["ee_pose", "joints", "ee_pose", "joints"]
+    # The sim starts in the middle of the official state range (zero lies outside it: state_range).
+    initial = np.array(br.driver["initial"])
+    assert initial.shape == (A,) and np.all((s01 < initial) & (initial < s99))
+    np.testing.assert_allclose(initial, (s01 + s99) / 2, atol=5e-4 + 1e-12)
+
+
+def test_the_sim_driver_starts_at_the_descriptions_initial_pose(tmp_path):
+    """driver.initial sets where the sim starts, checked against the robot's dims and bounds (a
+    one-line ConfigError); without it the sim starts at zero. XBot's start is a state its
+    policy accepts, so the runtime does not refuse it."""
+    from vpp_edge.errors import ConfigError
+    from vpp_edge.firmware_bridge.config import load_bridge_config
+    from vpp_edge.firmware_bridge.factory import make_driver
+    from vpp_edge.normalization import StateNormalizer
+
+    s01, s99, _, _ = official()
+    xbot = load_bridge_config("xbot")
+    pose = make_driver(xbot).connect()
+    np.testing.assert_array_equal(pose, xbot.driver["initial"])
+    StateNormalizer(tuple(s01), tuple(s99)).check(pose)  # raises StateError (range) at zero
+    with pytest.raises(Exception, match="range"):
+        StateNormalizer(tuple(s01), tuple(s99)).check(np.zeros(A))
+    np.testing.assert_array_equal(make_driver(load_bridge_config("sim")).connect(), np.zeros(7))
+    bad = {"short": ({"initial": [0.5] * (A - 1)}, f"driver.initial has {A - 1} values, dim is {A}"),
+           "outside": ({"initial": [1e3] * A}, "inside [setpoint_low, setpoint_high] at [0, 1,"),
+           "nan": ({"initial": [float("nan")] * A}, "not finite"),
+           "typo": ({"inital": [0.5] * A}, "unknown to the sim driver")}
+    for name, (settings, message) in bad.items():
+        cfg = replace(xbot, driver=settings)
+        with pytest.raises(ConfigError, match=re.escape(message)) as info:
+            make_driver(cfg)
+        assert "\n" not in str(info.value), name
 
 
 def action_bounds():
@@ -96,9 +130,8 @@ def test_the_bridge_state_reaches_the_policy_with_the_official_normalisation(xbo
                                                                              tmp_path, monkeypatch):
     import zmq
 
-    from vpp_edge.firmware_bridge.bridge import Bridge, Endpoints
+    from vpp_edge.firmware_bridge.bridge import loopback_bridge
     from vpp_edge.firmware_bridge.config import load_bridge_config
-    from vpp_edge.firmware_bridge.driver import KinematicSimDriver
     from vpp_edge.runtime import policy as runtime_policy
     from vpp_edge.runtime.engines.onnxruntime import OrtEngine
 
@@ -124,11 +157,12 @@ def test_the_bridge_state_reaches_the_policy_with_the_official_normalisation(xbo
         return chunk
 
     monkeypatch.setattr(runtime_policy.RuntimePolicy, "infer", recording_infer)
-    # A robot at rest somewhere inside the official state range (the sim would start at zero).
-    start = s01 + np.linspace(0.2, 0.8, A) * (s99 - s01)
-    driver = KinematicSimDriver(A, initial=start)
+    # `vpp bridge --robot xbot`'s bridge: the description's sim driver, started at its driver.initial.
+    cfg = load_bridge_config("xbot")
+    start = np.array(cfg.driver["initial"])
     ctx = zmq.Context()
-    bridge = Bridge(driver, load_bridge_config("xbot"), Endpoints(*["tcp://127.0.0.1:*"] * 4), ctx).start()
+    bridge = loopback_bridge(cfg, ctx)[0].start()
+    driver = bridge.driver
     try:
         runtime, metrics, link = closed_loop(xbot_like_artifact, "xbot", bridge, demo_episode, ctx, tmp_path,
                                              engine_cls=RecordingEngine)
@@ -144,7 +178,9 @@ def test_the_bridge_state_reaches_the_policy_with_the_official_normalisation(xbo
         ctx.destroy(linger=0)
 
     assert len(seen) >= 3 and counts["chunks"] >= 3 and accepted >= 5, (counts, accepted)
-    # Refused only while the bridge's first reply is missing or late (loaded machine), as in test_proprio_state.
+    # Chunks, not state refusals: refused only while the bridge's first reply is missing or late
+    # (loaded machine), as in test_proprio_state; never for the state's range.
+    assert counts.get("state_range", 0) == 0, counts
     assert counts.get("state_refused", 0) == counts.get("state_missing", 0) + counts.get("state_stale", 0), counts
     moved = 0
     for state, graph_feeds, normalized, commands in seen:
