@@ -57,14 +57,62 @@ def exported(request, tmp_path_factory):
         if not prebuilt:
             pytest.skip("no torch here to export the test artifact: set VPP_TEST_ARTIFACT (make test-robot does)")
         return Path(prebuilt), read_manifest(prebuilt)
-    from vpp_edge.export.artifact import export_artifact
     from vpp_edge.export.options import load_options
 
     policy, tok = request.getfixturevalue("tiny_policy")
     out = tmp_path_factory.mktemp("artifacts") / "tiny"
     options = load_options(parity_samples=1, calibration_samples=2)
-    manifest = export_artifact(policy, tok, out, options, source="test", progress=False)
-    return out, manifest
+    return out, export_pooled(policy, tok, out, options)
+
+
+# The session's exported graphs, pooled: the graph cache keys a graph on what it computes
+# (export/graph_cache.py), and the tiny variants (xArm + XHand actions, a state-taking or
+# state-relative head, ...) share the tiny policy's TVP, text encoder and Former, so those
+# are exported once a session instead of once a variant (the TVP's export is most of an
+# FP32 export's time). Each export still writes its own artifact from its own cache and
+# gates it against its own PyTorch policy. A list, filled by the session fixture below, so
+# that export_fp32 (a plain function other test modules import) finds it.
+_GRAPH_POOL: list[Path] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _graph_pool(tmp_path_factory):
+    _GRAPH_POOL[:] = [tmp_path_factory.mktemp("graph-pool")]
+    yield
+    _GRAPH_POOL.clear()
+
+
+def _link_missing(src: Path, dst: Path) -> None:
+    """Hard-link every file under ``src`` that ``dst`` lacks into ``dst`` (same layout). Cache
+    entries are written whole and never changed in place (an export replaces or removes them,
+    and one whose files changed is made again), so linking them is as good as copying."""
+    for f in src.rglob("*"):
+        target = dst / f.relative_to(src)
+        if f.is_file() and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(f, target)
+
+
+def seed_from_pool(cache: Path) -> Path:
+    """``cache`` (a graph cache folder: an export's or `vpp calibrate`'s) holding the graphs the
+    session exported so far, as links; returns ``cache``. For a test about what is built from
+    the graphs, not about exporting them (tests/test_export*.py are)."""
+    if _GRAPH_POOL:
+        _link_missing(_GRAPH_POOL[0], cache)
+    return cache
+
+
+def export_pooled(policy, tokenizer, out: Path, options: dict) -> dict:
+    """export_artifact into ``out`` with its graph cache (beside it) seeded from the session's
+    pool, and what it built added to the pool; returns the manifest."""
+    from vpp_edge.export.artifact import export_artifact
+    from vpp_edge.export.graph_cache import export_cache
+
+    cache = seed_from_pool(export_cache(out))
+    manifest = export_artifact(policy, tokenizer, out, options, source="test", progress=False)
+    if _GRAPH_POOL:
+        _link_missing(cache, _GRAPH_POOL[0])
+    return manifest
 
 
 @pytest.fixture(scope="session")
@@ -83,13 +131,12 @@ def exported_xhand(tiny_preset, tmp_path_factory):
 
 def export_fp32(policy_and_tokenizer, out: Path) -> Path:
     """``out``: the policy exported in FP32 only, gated on one observation (the quickest
-    artifact); returns ``out``."""
-    from vpp_edge.export.artifact import export_artifact
+    artifact; graphs the session exported already are reused: :func:`export_pooled`);
+    returns ``out``."""
     from vpp_edge.export.options import load_options
 
     policy, tok = policy_and_tokenizer
-    export_artifact(policy, tok, out, load_options(precisions=["fp32"], parity_samples=1), source="test",
-                    progress=False)
+    export_pooled(policy, tok, out, load_options(precisions=["fp32"], parity_samples=1))
     return out
 
 

@@ -88,12 +88,16 @@ def test_vpp_calibrate_assembles_artifacts_with_the_same_writer(exported, tiny_p
     from vpp_edge.export.options import load_options
     from vpp_edge.observations import sample_observations
 
+    from .conftest import seed_from_pool
+
     policy, tok = tiny_policy
     options = load_options()
     calibration = ObservationSet.from_observations(sample_observations(policy.preset.num_views,
                                                                        policy.preset.image_size, 2))
     builder = ArtifactBuilder(tmp_path, policy, tok, calibration, options,
                               {**options["int8"], "graphs": ["action_sampler"]}, source="test")
+    # Its FP32 graphs are the session artifact's (the same policy): linked, not exported again.
+    seed_from_pool(builder.graphs.root)
     built = builder.build(policy.preset, ["int8"], "sampler")
     manifest = read_manifest(built.artifact)
     assert schema_errors(manifest, written=True) == []
