@@ -50,8 +50,8 @@ log = logging.getLogger(__name__)
 
 
 def parity_state(policy: VPPPolicy, seed: int) -> torch.Tensor | None:
-    """A seeded normalised robot state [1, P] in [-1, 1] for a policy that takes one (parity
-    and calibration observations carry no state), else None."""
+    """A seeded normalised robot state [1, P] in [-1, 1] for a policy that takes one (where the
+    observations record no state of its width: :func:`observation_states`), else None."""
     if not policy.preset.action_head.use_proprio:
         return None
     return torch.from_numpy(seeded_state(policy.preset.action_head.proprio_dim, seed))
