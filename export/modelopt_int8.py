@@ -108,6 +108,23 @@ def version() -> str:
     return importlib.metadata.version("nvidia-modelopt")
 
 
+def inline_constants(model: onnx.ModelProto, base: Path) -> int:
+    """Read back into the graph the Constant nodes' tensors that the TorchScript exporter
+    wrote as external data beside a large graph (the weight quantizers' per-channel scales:
+    kilobytes each); only initializers stay external. Returns how many."""
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    count = 0
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR and uses_external_data(attr.t):
+                load_external_data_for_tensor(attr.t, str(base))
+                attr.t.data_location = onnx.TensorProto.DEFAULT
+                del attr.t.external_data[:]
+                count += 1
+    return count
+
+
 def derive(module: nn.Module, calibration: Sequence[tuple[torch.Tensor, ...]], dst: Path,
            input_names: Sequence[str], output_names: Sequence[str], opset: int,
            exclude_modules: Sequence[str] = ()) -> dict:
@@ -135,6 +152,7 @@ def derive(module: nn.Module, calibration: Sequence[tuple[torch.Tensor, ...]], d
             raw = Path(tmp) / dst.name
             export_qdq(module, tuple(calibration[0]), raw, input_names, output_names, opset)
             model = external_data.load_graph(raw)
+            inline_constants(model, raw.parent)
             sources = external_data.external_initializers(model)
             if sources:
                 external_data.stream_external_data(model, raw.parent, sources, dst, lambda a, _: a)

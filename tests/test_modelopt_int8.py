@@ -98,3 +98,32 @@ def test_large_model_int8_quantises_tvp_in_pytorch_and_passes_the_action_gate(ti
 
     assert not any(m.is_enabled for m in TVPGraph(policy).modules() if isinstance(m, TensorQuantizer))
     assert all(torch.equal(a, b) for a, b in zip(probe, policy.parameters()))
+
+
+def test_constant_tensors_written_as_external_data_are_read_back_inline(tmp_path):
+    """The TorchScript exporter writes a >2 GB graph's Constant-node tensors (the weight
+    quantizers' scales) as external files too; derive() reads them back into the graph
+    before gathering the initializers, so the graph no longer refers to those files."""
+    from onnx import helper, numpy_helper
+    from onnx.external_data_helper import convert_model_to_external_data, uses_external_data
+
+    scale = np.arange(1, 65, dtype=np.float32)
+    const = helper.make_node("Constant", [], ["s"], value=numpy_helper.from_array(scale, "s_value"))
+    mul = helper.make_node("Mul", ["x", "s"], ["y"])
+    graph = helper.make_graph([const, mul], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [64])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [64])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    convert_model_to_external_data(model, all_tensors_to_one_file=False, size_threshold=0, convert_attribute=True)
+    onnx.save(model, str(tmp_path / "raw.onnx"))
+    loaded = onnx.load(str(tmp_path / "raw.onnx"), load_external_data=False)
+    assert uses_external_data(loaded.graph.node[0].attribute[0].t)
+
+    assert modelopt_int8.inline_constants(loaded, tmp_path) == 1
+    (tmp_path / "out").mkdir()
+    onnx.save(loaded, str(tmp_path / "out" / "g.onnx"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["g.onnx"]
+    import onnxruntime as ort
+
+    x = np.ones(64, np.float32)
+    got = ort.InferenceSession(str(tmp_path / "out" / "g.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_array_equal(got[0], scale)
