@@ -54,9 +54,7 @@ def main() -> int:
     from vpp_edge.runtime.build import build_runtime, load_policy
     from vpp_edge.runtime.cameras import ReplayCameras
     from vpp_edge.runtime.config import LinkConfig, RuntimeConfig, SmoothingConfig
-    from vpp_edge.runtime.engines.onnxruntime import OrtEngine
     from vpp_edge.runtime.metrics import percentiles
-    from vpp_edge.runtime.policy import RuntimePolicy
     from vpp_edge.runtime.robot_config import load_robot_config
 
     artifact, ckpt = open_benchmark(ap, args)
@@ -115,26 +113,17 @@ def main() -> int:
         results["control_loop_50hz"][spec] = {"jitter_ms": summary["latency_ms"]["jitter_ms"],
                                               "inferences": summary["counts"].get("chunks", 0)}
 
-    # Starvation when inference is as slow as on a Jetson: pad each step to the target latency.
-    class PaddedOrt(OrtEngine):
-        pad_s = 0.0
-
-        def run(self, graph, feeds):
-            out = super().run(graph, feeds)
-            if graph == "tvp":
-                time.sleep(self.pad_s)
-            return out
-
+    # Starvation when inference is as slow as on a Jetson: the runtime's injected latency pads
+    # each step (RuntimeConfig.inject_latency_ms) up to the target on top of this machine's median.
     base_ms = results["predict_step_ms"]["onnxruntime_fp32"]["median"]
     results["starvation_10hz"] = []
+    padded = load_policy(artifact, "onnxruntime", "fp32", threads=args.threads).runtime
+    padded.set_instruction(obs.instruction)
     for target_ms in [float(v) for v in args.inject_ms.split(",") if v]:
         for smoothing in ("crossfade", "rtc"):
-            engine = PaddedOrt(artifact, "fp32", threads=args.threads).load()  # a padded engine: not a backend
-            engine.pad_s = max(0.0, target_ms - base_ms) / 1e3
-            policy = RuntimePolicy(artifact, engine, seed=0)
-            policy.set_instruction(obs.instruction)
-            s = closed_loop(policy, load_robot_config("sim"),
-                            RuntimeConfig(duration_s=args.starvation_seconds, smoothing=SmoothingConfig(smoothing)))
+            s = closed_loop(padded, load_robot_config("sim"),
+                            RuntimeConfig(duration_s=args.starvation_seconds, smoothing=SmoothingConfig(smoothing),
+                                          inject_latency_ms=max(0.0, target_ms - base_ms)))
             ticks = s["latency_ms"]["jitter_ms"]["n"]
             results["starvation_10hz"].append({
                 "step_ms": target_ms, "smoothing": smoothing, "ticks": ticks,

@@ -6,7 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-DEFAULT_TASKS = "reach-v3,button-press-topdown-v3,drawer-close-v3,push-v3"
+from .metaworld import DEMO_TASKS
+
+DEFAULT_TASKS = ",".join(DEMO_TASKS)
 
 
 def _tasks(text: str) -> list[str]:
@@ -30,14 +32,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     options = EvalOptions(tasks=tuple(_tasks(args.tasks)), episodes=args.episodes, seed=args.seed,
                           max_steps=args.max_steps, backend=args.backend, precision=args.precision,
-                          smoothing=args.smoothing, threads=args.threads,
-                          video_dir=str(args.out / "videos") if args.video else None)
+                          smoothing=args.smoothing, threads=args.threads, inject_latency_ms=args.inject_ms,
+                          video_dir=str(args.out / "videos") if args.video else None,
+                          on_episode=None if args.quiet else print_episode)
     results = evaluate(args.artifact, options, progress=not args.quiet)
     report = write_report(results, args.out)
     print(report.read_text())
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
+
+
+def print_episode(task: str, episode: dict) -> None:
+    """One line per finished episode, above the progress bar: MetaWorld's own success flag."""
+    from tqdm import tqdm
+
+    outcome = f"success at step {episode['steps']}" if episode["success"] else f"failed after {episode['steps']} steps"
+    tqdm.write(f"{task} seed {episode['seed']}: {outcome} ({episode['chunks']} chunks)")
 
 
 def add_parsers(sub) -> None:
@@ -75,8 +86,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--smoothing", default="crossfade", choices=SMOOTHING_CHOICES, metavar="MODE",
                    help="%(choices)s (default %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default: its choice)")
+    p.add_argument("--inject-ms", type=float, default=0.0,
+                   help="measurement only: every inference this many ms longer, as on a slower engine (default 0)")
     p.add_argument("--out", type=Path, default=Path("results/metaworld"), help="report folder (default %(default)s)")
-    p.add_argument("--video", action="store_true", help="save each episode's camera stream in OUT/videos")
+    p.add_argument("--video", action="store_true", help="an annotated video of each episode in OUT/videos (views, instruction, "
+                   "predicted chunk vs targets sent)")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)

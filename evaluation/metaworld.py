@@ -19,12 +19,19 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from vpp_edge.errors import ConfigError
 from vpp_edge.extras import require
 from vpp_edge.firmware_bridge.metaworld_sim import MOCAP_STEP, MetaWorldDriver
+
+# The demo's and the recipe's tasks (make metaworld-policy, vpp demo): six of the MetaWorld
+# "easy" set the VPP paper reports (its MetaWorld table splits the 50 tasks by difficulty).
+DEMO_TASKS = ("drawer-close-v3", "window-close-v3", "door-close-v3", "button-press-topdown-v3",
+              "handle-press-v3", "faucet-close-v3")
+
 
 def instruction_for(task: str) -> str:
     """A plain-language instruction from a MetaWorld task name ('drawer-open-v3' -> 'drawer open')."""
@@ -134,47 +141,36 @@ class EvalOptions:
     precision: str = "fp32"
     smoothing: str = "crossfade"
     threads: int = 0
-    video_dir: str | None = None  # write each episode's camera stream as <task>_<seed>.mp4 here
+    inject_latency_ms: float = 0.0  # every inference this much longer (RuntimeConfig.inject_latency_ms)
+    video_dir: str | None = None  # each episode's annotated video <task>_<seed>.mp4 (and its run log) here
+    on_episode: Callable[[str, dict], None] | None = None  # called after each episode (task, its record)
 
 
-class StreamRecorder:
-    """Collects every frame a camera stream publishes (its own SUB socket) for a video."""
+EPISODE_MEANS = ("starved_ticks", "boundary_jump", "action_jerk")  # per-episode figures averaged per task
 
-    def __init__(self, endpoint: str, context) -> None:
-        import threading
 
-        import zmq
+def _episode_metrics(log: Path | None, cameras: list):
+    """The episode's metrics; with ``log``, a run log and the camera frames beside it (for the video)."""
+    from vpp_edge.runtime.metrics import Metrics
 
-        from vpp_edge.runtime.transport import make_socket
+    if log is None:
+        return Metrics()
+    from vpp_edge.run_video import FrameLog, frames_dir
 
-        self._sock = make_socket(context, zmq.SUB, endpoint, bind=False, timeout_ms=100)
-        self.frames: list[np.ndarray] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="stream-recorder", daemon=True)
-        self._thread.start()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    return Metrics(log, sinks=[FrameLog(frames_dir(log), cameras)])
 
-    def _run(self) -> None:
-        from vpp_edge.runtime import protocol as P
-        from vpp_edge.runtime.transport import recv
 
-        while not self._stop.is_set():
-            try:
-                msg = recv(self._sock)
-            except P.ProtocolError:
-                continue
-            if isinstance(msg, P.CameraFrames):
-                self.frames.append(np.concatenate(list(msg.images), axis=1))  # views side by side
+def _annotated_video(log: Path) -> Path:
+    """``<log>.mp4`` beside the run log: camera views, instruction, tick, the predicted chunk vs
+    the targets sent (vpp replay's video); the frames folder goes, the log stays."""
+    import shutil
 
-    def save(self, path: Path, fps: float) -> Path | None:
-        from vpp_edge.episodes import write_video
+    from vpp_edge.run_video import frames_dir, render_video
 
-        self._stop.set()
-        self._thread.join(timeout=2.0)
-        self._sock.close(linger=0)
-        if not self.frames:
-            return None
-        write_video(path, self.frames, fps)
-        return path
+    video, _, _ = render_video(log, log.with_suffix(".mp4"))
+    shutil.rmtree(frames_dir(log), ignore_errors=True)
+    return video
 
 
 def evaluate(artifact_dir: str | Path, options: EvalOptions, progress: bool = True) -> dict:
@@ -187,7 +183,6 @@ def evaluate(artifact_dir: str | Path, options: EvalOptions, progress: bool = Tr
     from vpp_edge.runtime.build import build_runtime, open_link, open_policy
     from vpp_edge.runtime.cameras.network import ZmqCameras
     from vpp_edge.runtime.config import LinkConfig, RuntimeConfig, SmoothingConfig
-    from vpp_edge.runtime.metrics import Metrics
 
     check_tasks(list(options.tasks))
     artifact = Artifact.open(artifact_dir)
@@ -207,7 +202,8 @@ def evaluate(artifact_dir: str | Path, options: EvalOptions, progress: bool = Tr
     # each episode's bridge, link and simulator cameras are this evaluation's own.
     config = RuntimeConfig(Path(artifact_dir), options.backend, options.precision,
                            options.threads if options.backend == "onnxruntime" else 0, robot="metaworld",
-                           smoothing=SmoothingConfig(options.smoothing), duration_s=wall_limit)
+                           smoothing=SmoothingConfig(options.smoothing), duration_s=wall_limit,
+                           inject_latency_ms=options.inject_latency_ms)
     with open_policy(config, artifact) as policy:
         for task in options.tasks:
             settings = {**cfg.driver, "task": task, "image_size": preset.image_size, "max_steps": options.max_steps}
@@ -222,24 +218,29 @@ def evaluate(artifact_dir: str | Path, options: EvalOptions, progress: bool = Tr
                     bridge.new_episode(lambda: driver.reset_episode(options.seed + i))
                     started = time.monotonic()
                     cams = [ZmqCameras(ends.camera, preset.num_views, preset.image_size, ctx, not_before=started)]
-                    metrics = Metrics()
-                    recorder = StreamRecorder(ends.camera, ctx) if options.video_dir else None
+                    log = Path(options.video_dir) / f"{task}_{options.seed + i}.jsonl" if options.video_dir else None
+                    metrics = _episode_metrics(log, cams)
                     status = driver.status
                     summary = build_runtime(task_config.replace(instruction=instruction_for(task)), policy=policy,
                                             cameras=cams, link=link, metrics=metrics, robot=robot,
                                             stop_when=lambda: status.success or status.steps >= options.max_steps,
                                             set_instruction=False).run()
                     metrics.close()
-                    if recorder is not None:
-                        Path(options.video_dir).mkdir(parents=True, exist_ok=True)
-                        recorder.save(Path(options.video_dir) / f"{task}_{options.seed + i}.mp4", cfg.driver["camera_hz"])
+                    if log is not None:
+                        _annotated_video(log)
                     e2e = summary["latency_ms"].get("end_to_end_ms", {})
                     if e2e.get("n"):
                         latencies.append(e2e["p50"])
                     episodes.append({"seed": options.seed + i, "success": bool(status.success),
                                      "steps": status.first_success_step or status.steps,
                                      "chunks": summary["counts"].get("chunks", 0),
+                                     "starved_ticks": summary["safety"].get("starvation", 0),
+                                     "boundary_jump": summary["boundary_jump"]["mean"],
+                                     "action_jerk": summary["action_jerk"]["mean"],
+                                     "end_to_end_ms_p50": e2e.get("p50"),
                                      "wall_s": time.monotonic() - started, "safety": summary["safety"]})
+                    if options.on_episode is not None:
+                        options.on_episode(task, episodes[-1])
                     bar.update()
                     bar.set_postfix(task=task, success=sum(e["success"] for e in episodes))
             finally:
@@ -250,11 +251,14 @@ def evaluate(artifact_dir: str | Path, options: EvalOptions, progress: bool = Tr
                 "success_rate": float(np.mean(successes)), "episodes": len(episodes),
                 "mean_steps_to_success": float(np.mean([e["steps"] for e in episodes if e["success"]]))
                 if any(successes) else None,
-                "mean_length": float(np.mean([e["steps"] for e in episodes])), "episodes_detail": episodes}
+                "mean_length": float(np.mean([e["steps"] for e in episodes])),
+                **{k: float(np.mean([e[k] for e in episodes])) for k in EPISODE_MEANS}, "episodes_detail": episodes}
     bar.close()
     ctx.destroy(linger=0)
     rates = [t["success_rate"] for t in results["tasks"].values()]
     results["average_success"] = float(np.mean(rates))
+    for k in EPISODE_MEANS:  # over every episode of every task
+        results[k] = float(np.mean([e[k] for t in results["tasks"].values() for e in t["episodes_detail"]]))
     results["end_to_end_ms_p50_median"] = float(np.median(latencies)) if latencies else None
     return results
 

@@ -85,7 +85,8 @@ def run_options(config: RuntimeConfig, stop_when: Callable[[], bool] | None = No
     return RunOptions(duration_s=config.duration_s, smoothing=s.policy, crossfade_steps=s.crossfade_steps,
                       margin_steps=s.margin_steps, ensemble_m=s.ensemble_m, action_dt=s.action_dt,
                       realtime_priority=config.rt_priority, target_stream=config.target_stream,
-                      stop_when=stop_when, tick_record_every=tick_record_every)
+                      stop_when=stop_when, tick_record_every=tick_record_every,
+                      inject_latency_s=config.inject_latency_ms / 1e3)
 
 
 def open_link(config: RuntimeConfig, *, curve: Any = None, context: Any = None):

@@ -149,7 +149,11 @@ class ActionPlan:
         # Sliding windows (a deployed run never ends): statistics are over the last JUMP_WINDOW ticks.
         self.boundary_jumps: deque[float] = deque(maxlen=JUMP_WINDOW)  # |a_t - a_{t-1}| when the source chunk changes
         self.inner_jumps: deque[float] = deque(maxlen=JUMP_WINDOW)  # the same within one chunk, for comparison
+        # |a_t - 2 a_{t-1} + a_{t-2}| of the actions executed: for delta (velocity-like) actions the
+        # hand's jerk up to a constant; what a smoothing policy is meant to keep small.
+        self.jerks: deque[float] = deque(maxlen=JUMP_WINDOW)
         self._prev: tuple[np.ndarray, int] | None = None
+        self._prev2: np.ndarray | None = None
         # Planned actions whose tick passed without being popped (the control thread woke late):
         # a caller adding delta actions up may still owe them (see take_missed).
         self._missed: deque[np.ndarray] = deque(maxlen=MISSED_KEPT)
@@ -207,6 +211,9 @@ class ActionPlan:
         if self._prev is not None:
             jump = float(np.linalg.norm(action - self._prev[0]))
             (self.boundary_jumps if slot.chunk_seq != self._prev[1] else self.inner_jumps).append(jump)
+            if self._prev2 is not None:
+                self.jerks.append(float(np.linalg.norm(action - 2 * self._prev[0] + self._prev2)))
+            self._prev2 = self._prev[0]
         self._prev = (action, slot.chunk_seq)
         return action
 

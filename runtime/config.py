@@ -121,6 +121,9 @@ class RuntimeConfig:
     # How targets reach the bridge: timestamped absolute waypoints its servo loop executes on
     # its own clock (the default), or this tick's action only (the older stream, kept to compare).
     target_stream: str = "waypoints"
+    # Measurement only (0 on a robot): every inference takes this much longer, as on a slower
+    # engine, to compare chunk smoothing closed loop at Jetson-class latencies on a fast machine.
+    inject_latency_ms: float = 0.0
 
     def __post_init__(self) -> None:
         check(self)
@@ -206,6 +209,7 @@ def check(config: RuntimeConfig) -> None:
     _text(config.instruction, "instruction", none=True)
     _number(config.duration_s, "duration_s", float, inf=True)
     _number(config.rt_priority, "rt_priority", int)
+    _number(config.inject_latency_ms, "inject_latency_ms", float)
     if config.rt_priority > 99:
         raise ConfigError(f"runtime config: 'rt_priority' is a SCHED_FIFO priority 0-99, got {config.rt_priority}")
     if config.target_stream not in TARGET_STREAMS:

@@ -64,6 +64,9 @@ class RunOptions:
     target_stream: str = "waypoints"
     waypoint_lead_ticks: int = 2  # waypoints are due this many control periods after their tick
     waypoint_horizon: int = 8  # waypoints per plan: this tick's and the next planned ones (a preview)
+    # Measurement only: every inference takes this much longer, as on a slower engine (a Jetson
+    # at paper scale), so smoothing and latency compensation can be compared closed loop here.
+    inject_latency_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.target_stream not in TARGET_STREAMS:
@@ -72,6 +75,8 @@ class RunOptions:
             raise ValueError("waypoint_lead_ticks must be at least 1 (a waypoint due now is already late)")
         if self.waypoint_horizon < 1:
             raise ValueError("waypoint_horizon must be at least 1 (this tick's target)")
+        if not self.inject_latency_s >= 0:
+            raise ValueError(f"inject_latency_s must be >= 0, got {self.inject_latency_s}")
 
 
 class InferenceWorker:
@@ -91,6 +96,7 @@ class InferenceWorker:
         self._instruction: str | None = None  # applied before the next inference
         self.plan_dt = 0.0
         self.delay_steps = 0
+        self.inject_latency_s = 0.0  # RunOptions.inject_latency_s: measurement only
         self.failure: str | None = None  # set when the thread died of an unexpected exception
         self._thread = guarded("inference", self._run, self._fail)
 
@@ -155,6 +161,8 @@ class InferenceWorker:
                 prefix = self._aligned_prefix(obs_stamp) if self.plan_dt else None
                 state = {"state": self.state_source()} if self.state_source is not None else {}
                 chunk = self.policy.infer(frames, prefix=prefix, delay_steps=self.delay_steps, **state)
+                if self.inject_latency_s > 0 and self._stop.wait(self.inject_latency_s):
+                    continue  # stopped while waiting: a chunk this late is not wanted
                 finished = time.monotonic()
                 for stage, ms in chunk.timings_ms.items():
                     self.metrics.observe(f"{stage}_ms", ms)
@@ -191,6 +199,7 @@ class Runtime:
                                options.ensemble_m)
         self.worker = InferenceWorker(policy, cameras, robot.stale_observation_s, metrics,
                                       self._state_source(policy, robot))
+        self.worker.inject_latency_s = options.inject_latency_s
         self._failure: str | None = None
         self._ticks = 0
         self.targets: AbsoluteTargets | None = None  # after the handshake (it says which dimensions are deltas)
@@ -285,6 +294,8 @@ class Runtime:
         summary["boundary_jump"] = {"max": max(self.plan.boundary_jumps, default=0.0),
                                     "mean": float(np.mean(self.plan.boundary_jumps)) if self.plan.boundary_jumps else 0.0,
                                     "inner_mean": float(np.mean(self.plan.inner_jumps)) if self.plan.inner_jumps else 0.0}
+        summary["action_jerk"] = {"mean": float(np.mean(self.plan.jerks)) if self.plan.jerks else 0.0,
+                                  "max": max(self.plan.jerks, default=0.0)}
         summary["latency_tracker_s"] = self.plan.latency.stats()
         summary["link"] = dict(self.link.counts)  # inputs from the bridge refused, by reason
         if self.targets is not None:

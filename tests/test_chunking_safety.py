@@ -65,6 +65,18 @@ def test_crossfade_and_ensembling_reduce_boundary_jumps():
     assert boundary_jumps("ensemble") < none
 
 
+def test_jerk_is_the_second_difference_of_the_actions_executed():
+    plan = ActionPlan(DT)
+    actions = np.array([[0.0], [1.0], [4.0], [9.0], [16.0]])  # second difference 2 throughout
+    plan.add_chunk(actions, obs_stamp=0.0, now=0.0, seq=0)
+    for k in range(5):
+        plan.pop(round(k * DT, 6))
+    assert list(plan.jerks) == pytest.approx([2.0, 2.0, 2.0])
+    plan.add_chunk(np.full((3, 1), 16.0), obs_stamp=0.5, now=0.5, seq=1)  # the hand stops at 16
+    plan.pop(0.5)
+    assert plan.jerks[-1] == pytest.approx(abs(16.0 - 2 * 16.0 + 9.0))
+
+
 def test_inference_is_triggered_before_the_plan_runs_dry():
     plan = ActionPlan(DT)
     for _ in range(5):

@@ -115,14 +115,16 @@ def test_bad_base_port_in_the_environment_is_one_line(capsys, monkeypatch):
 def test_demo_metaworld_without_the_trained_policy_says_so_first(capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     code, out, err = run_cli(["demo", "--sim", "metaworld"], capsys)
-    assert_one_line_error(code, err, match="no trained MetaWorld policy at artifacts/metaworld_tiny")
-    assert "found" not in out  # no "policy found" before the error
+    assert_one_line_error(code, err, match="no trained MetaWorld policy at models/metaworld-tiny or "
+                                           "artifacts/metaworld_tiny")
+    assert "closed loop" not in out  # nothing announced before the error
 
 
 def test_demo_respects_an_explicit_artifact_over_the_metaworld_policy(monkeypatch, tmp_path):
     (tmp_path / "mw").mkdir()
     (tmp_path / "mw" / "manifest.json").write_text("{}")
     monkeypatch.setattr(cli, "METAWORLD_ARTIFACT", tmp_path / "mw")
+    monkeypatch.setattr(cli, "METAWORLD_CHECKPOINT", tmp_path / "no-checkpoint")
     monkeypatch.setattr("vpp_edge.extras.is_available", lambda name: True)
     args = cli.build_parser().parse_args(["demo"])
     assert cli._use_metaworld(args)  # auto, no --artifact: the trained policy

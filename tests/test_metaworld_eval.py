@@ -58,7 +58,10 @@ def test_closed_loop_evaluation_runs_the_runtime_against_the_simulator(tmp_path,
         assert episode["steps"] > 0, "the simulator advanced"
     from vpp_edge.episodes import decode_video
 
-    clip = decode_video(videos / "reach-v3_1000.mp4")
-    assert clip.shape[0] >= 5 and clip.shape[1:] == (128, 256, 3), "both views side by side, every frame"
+    clip = decode_video(videos / "reach-v3_1000.mp4")  # annotated: views, instruction, chunk vs targets
+    assert clip.shape[0] >= 5 and clip.shape[2] == 960, "vpp replay's annotated video of the episode"
+    assert (videos / "reach-v3_1000.jsonl").is_file() and not (videos / "reach-v3_1000.jsonl.frames").exists()
+    for key in ("boundary_jump", "action_jerk", "starved_ticks"):
+        assert np.isfinite(task[key]) and np.isfinite(results[key])
     report = write_report(results, tmp_path / "report")
     assert "| reach-v3 |" in report.read_text() and (tmp_path / "report" / "results.json").is_file()

@@ -107,6 +107,21 @@ def test_closed_loop_with_real_time_chunking(loop_rig):
     assert summary["counts"]["chunks"] >= 3 and bridge.counts["accepted"] >= 5
 
 
+def test_injected_latency_makes_every_inference_slower(loop_rig):
+    """The measurement mode (RuntimeConfig.inject_latency_ms): chunks arrive at least that late."""
+    from vpp_edge.runtime.build import run_options
+    from vpp_edge.runtime.config import RuntimeConfig
+
+    assert run_options(RuntimeConfig(inject_latency_ms=300)).inject_latency_s == pytest.approx(0.3)
+    make, bridge, driver, last_metrics, _ = loop_rig
+    runtime = make()
+    runtime.worker.inject_latency_s = 0.3
+    summary = runtime.run()
+    e2e = list(last_metrics().series["end_to_end_ms"])
+    assert len(e2e) >= 2 and min(e2e) >= 300.0, "each chunk is finished 300 ms after its observation at the earliest"
+    assert summary["action_jerk"]["mean"] >= 0.0 and summary["boundary_jump"]["max"] >= 0.0
+
+
 def test_an_absent_v4l2_camera_is_reported_not_used():
     import time as _time
 

@@ -316,6 +316,24 @@ def save_checkpoint(policy: VPPPolicy, tokenizer: InstructionTokenizer, folder: 
     return folder
 
 
+def compact_checkpoint(source: str | Path, folder: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Write a copy of our checkpoint ``source`` to ``folder`` with its floating-point weights
+    stored as ``dtype`` (FP16: half the size, to ship a trained model in the repository).
+    Loading casts them back to the model's dtype, so the copy is used like the original."""
+    import shutil
+
+    source = Path(source)
+    read_checkpoint_config(source)
+    state = load_file(str(source / WEIGHTS_FILE))
+    with atomic_dir(folder) as tmp:
+        for item in source.iterdir():
+            if item.name != WEIGHTS_FILE:
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, str(tmp / WEIGHTS_FILE),
+                  metadata={"format": FORMAT_NAME, "stored_dtype": str(dtype).removeprefix("torch.")})
+    return Path(folder)
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, (tuple, set)):
         return list(obj)

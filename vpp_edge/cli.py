@@ -279,6 +279,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compact(args: argparse.Namespace) -> int:
+    from vpp_edge.training.checkpoints import compact_checkpoint
+
+    _existing(args.checkpoint, "checkpoint")
+    out = compact_checkpoint(args.checkpoint, args.out)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"wrote {out} ({size / 2**20:.1f} MiB, FP16 weights)")
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     import platform
 
@@ -751,39 +761,65 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _finish_run(summary, args)
 
 
-METAWORLD_ARTIFACT = Path("artifacts/metaworld_tiny")  # written by `make metaworld-policy`
+METAWORLD_ARTIFACT = Path("artifacts/metaworld_tiny")  # exported from METAWORLD_CHECKPOINT on first use
+# The trained MetaWorld policy shipped with the repository (FP16 weights; make metaworld-policy remakes it).
+METAWORLD_CHECKPOINT = Path("models/metaworld-tiny")
 DEFAULT_ARTIFACT = Path("artifacts/tiny")
 
 
-def _demo_metaworld(args: argparse.Namespace) -> int:
-    """The trained MetaWorld policy, closed loop on one task through bridge + runtime."""
-    from vpp_edge.evaluation.metaworld import EvalOptions, evaluate, write_report
+def _metaworld_artifact() -> Path:
+    """The MetaWorld artifact, exported (FP32, one parity sample) from the shipped checkpoint
+    when it is not there yet."""
+    if not (METAWORLD_ARTIFACT / "manifest.json").is_file():
+        print(f"no artifact at {METAWORLD_ARTIFACT}: exporting the trained MetaWorld policy "
+              f"{METAWORLD_CHECKPOINT} (FP32, about a minute on 2 cores)", flush=True)
+        code = main(["export", "--checkpoint", str(METAWORLD_CHECKPOINT), "--out", str(METAWORLD_ARTIFACT),
+                     "--precisions", "fp32", "--parity-samples", "1", "--quiet"])
+        if code:
+            raise VPPError(f"exporting {METAWORLD_CHECKPOINT} failed (exit {code})")
+    return METAWORLD_ARTIFACT
 
-    print(f"trained MetaWorld policy found ({METAWORLD_ARTIFACT}): closed loop on {args.task}, "
-          f"{args.episodes} episodes (MetaWorld on MuJoCo -> cameras -> runtime -> bridge)")
+
+def _demo_metaworld(args: argparse.Namespace) -> int:
+    """The trained MetaWorld policy, closed loop on the demo's tasks through bridge + runtime:
+    success per episode from MetaWorld's flag, an annotated video per episode."""
+    from vpp_edge.evaluation.commands import print_episode
+    from vpp_edge.evaluation.metaworld import DEMO_TASKS, EvalOptions, evaluate, write_report
+
+    artifact = _metaworld_artifact()
+    tasks = (args.task,) if args.task else DEMO_TASKS
+    print(f"trained MetaWorld policy ({artifact}): closed loop on {', '.join(tasks)}, {args.episodes} "
+          "episode(s) each (MetaWorld on MuJoCo -> cameras -> runtime -> bridge)", flush=True)
     out = Path("results/demo")
-    results = evaluate(METAWORLD_ARTIFACT, EvalOptions(tasks=(args.task,), episodes=args.episodes,
-                                                       smoothing=args.smoothing, video_dir=str(out)))
+    results = evaluate(artifact, EvalOptions(tasks=tasks, episodes=args.episodes, smoothing=args.smoothing,
+                                             video_dir=str(out), on_episode=print_episode))
     print(write_report(results, out).read_text())
-    print(f"videos of the episodes (scene and gripper camera, as the policy saw them): {out}/*.mp4")
-    return 0
+    print(f"annotated videos (camera views, instruction, step, predicted chunk vs actions sent): {out}/*.mp4")
+    return 0 if results["average_success"] > 0 else 5  # 5: the run's verdict, as vpp run's
 
 
 def _use_metaworld(args: argparse.Namespace) -> bool:
     """--sim: metaworld needs the trained policy and MetaWorld (errors otherwise); auto takes
     it when both exist and no --artifact was given; kinematic never."""
+    import ctypes.util
+
     from vpp_edge.errors import MissingDependencyError
     from vpp_edge.extras import is_available
 
-    have_policy = (METAWORLD_ARTIFACT / "manifest.json").is_file()
+    have_policy = (METAWORLD_ARTIFACT / "manifest.json").is_file() or (METAWORLD_CHECKPOINT / "vpp_config.json").is_file()
     if args.sim == "metaworld":
         if not have_policy:
-            raise ConfigError(f"--sim metaworld: no trained MetaWorld policy at {METAWORLD_ARTIFACT} "
-                              "(make metaworld-policy)")
+            raise ConfigError(f"--sim metaworld: no trained MetaWorld policy at {METAWORLD_CHECKPOINT} or "
+                              f"{METAWORLD_ARTIFACT} (make metaworld-policy)")
         if not is_available("metaworld"):
             raise MissingDependencyError("--sim metaworld: MetaWorld is not installed (pip install metaworld)")
         return True
-    return args.sim == "auto" and args.artifact is None and have_policy and is_available("metaworld")
+    if not (args.sim == "auto" and args.artifact is None and have_policy and is_available("metaworld")):
+        return False
+    if ctypes.util.find_library("EGL") is None:  # MuJoCo renders the cameras off-screen with EGL
+        print("MetaWorld's cameras need libEGL (make system-deps): the demo runs the kinematic simulator instead")
+        return False
+    return True
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -1070,10 +1106,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Exits like 'vpp run'.")
     _add_run_args(p, 10.0, artifact_default=None)
     p.add_argument("--sim", choices=["auto", "metaworld", "kinematic"], default="auto",
-                   help=f"auto: MetaWorld when {METAWORLD_ARTIFACT} exists (make metaworld-policy) and no --artifact "
-                        "is given, else kinematic (default auto)")
-    p.add_argument("--task", default="drawer-close-v3", help="MetaWorld task of the demo (default drawer-close-v3)")
-    p.add_argument("--episodes", type=int, default=3, help="MetaWorld episodes of the demo (default 3)")
+                   help=f"auto: MetaWorld with the trained policy ({METAWORLD_CHECKPOINT}) when MetaWorld is installed "
+                        "and no --artifact is given, else kinematic (default auto)")
+    p.add_argument("--task", help="one MetaWorld task (default: each of the demo's tasks, vpp eval metaworld's default)")
+    p.add_argument("--episodes", type=int, default=1, help="MetaWorld episodes per task (default 1)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("plot", help="plot a run's JSONL log (--log): targets sent vs robot state over time",
@@ -1137,6 +1173,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_weight_args(p)
     p.add_argument("--out", type=Path, required=True, help="output checkpoint folder")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("compact", help="an FP16 copy of a vpp-edge checkpoint (half the size, to ship it)",
+                       description="Copy a vpp-edge checkpoint with its weights stored in FP16; loading casts them "
+                                   "back to FP32, so export, predict and train take the copy as they take the original.")
+    p.add_argument("checkpoint", type=Path, help="vpp-edge checkpoint folder (e.g. runs/policy-metaworld/last)")
+    p.add_argument("--out", type=Path, required=True, help="output checkpoint folder")
+    p.set_defaults(func=cmd_compact)
 
     _add_train_parser(sub)  # vpp train {policy,tvp}
     return parser
