@@ -38,10 +38,8 @@ from vpp_edge.tokenizer import InstructionTokenizer
 from vpp_edge.training.models.policy import VPPPolicy
 
 from .dataset import ObservationSet
-from .states import state_feeds
+from .states import CALIBRATION_SEED, state_feeds
 from .variants import derive_policy, variant_noise
-
-CALIBRATION_SEED = 100  # noise seeds of calibration observation k: 100 + k (as the export)
 
 
 @dataclass
@@ -82,7 +80,8 @@ class ArtifactBuilder:
         self._variant: tuple[str, VPPPolicy, list[dict[str, torch.Tensor]]] | None = None
         # A state-taking policy (action_head.use_proprio): each observation's recorded state where
         # the data has them, else the export's seeded states (calibrate/states.py says which).
-        self.states, self.state_note = state_feeds(policy, calibration, CALIBRATION_SEED)
+        feeds, self.state_note = state_feeds(policy.state_normalizer, calibration, CALIBRATION_SEED)
+        self.states = [None if f is None else torch.from_numpy(f) for f in feeds]
         if self.state_note:
             status(self.state_note)
 

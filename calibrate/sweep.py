@@ -181,7 +181,7 @@ class PointRunner:
 
         from .builder import ArtifactBuilder
         from .dataset import ObservationSet, build_split
-        from .states import state_feeds
+        from .states import PARITY_SEED, state_feeds
 
         self.spec, self.out, self.status = spec, out, status
         torch.set_num_threads(max(1, spec["measure"]["threads"] or torch.get_num_threads()))
@@ -214,7 +214,7 @@ class PointRunner:
         # A state-taking policy (action_head.use_proprio): each held-out observation's recorded
         # state where the data has them, else the export's seeded states; the same in the
         # reference and the measured run (calibrate/states.py).
-        self.states, note = state_feeds(self.policy, self.heldout, 0, "held-out set")
+        self.states, note = state_feeds(self.policy.state_normalizer, self.heldout, PARITY_SEED, "held-out set")
         if note:
             status(note)
         if not ref_path.is_file():
@@ -226,7 +226,8 @@ class PointRunner:
             for obs, noise, state in zip(self.heldout.observations(), self.noise, self.states):
                 ids, mask = (torch.from_numpy(a) for a in self.tokenizer([obs.instruction]))
                 frames = torch.from_numpy(np.ascontiguousarray(obs.frames[: base_preset.num_views])).unsqueeze(0)
-                ref = reference_run(self.policy, ids, mask, frames, noise.tvp, noise.action, state)
+                ref = reference_run(self.policy, ids, mask, frames, noise.tvp, noise.action,
+                                    None if state is None else torch.from_numpy(state))
                 actions.append(ref["actions"][0].numpy())
                 tokens.append(ref["tokens"][0].numpy())
             np.savez(ref_path, actions=np.stack(actions), tokens=np.stack(tokens))

@@ -29,6 +29,9 @@ from vpp_edge.runtime.manifest import read_manifest
 from vpp_edge.runtime.predict_step import sample_actions
 from vpp_edge.training.models.policy import VPPPolicy
 
+# Noise (and seeded-state) seeds of parity observation k (PARITY_SEED + k) and calibration
+# observation k (CALIBRATION_SEED + k): one definition for export, calibrate and int8_ov.
+from vpp_edge.calibrate.states import CALIBRATION_SEED, PARITY_SEED, state_feeds
 from vpp_edge.errors import VPPError
 from vpp_edge.files import atomic_dir
 from vpp_edge.graph_spec import ACTION_MODE_GRAPHS, ACTION_MODES
@@ -68,10 +71,6 @@ def reference(policy: VPPPolicy, tokenizer: InstructionTokenizer, obs: Observati
     return reference_run(policy, ids, mask, frames, noise.tvp, noise.action, state)
 
 
-# Noise (and seeded-state) seeds: parity observation k uses k, calibration observation k 100 + k.
-PARITY_SEED, CALIBRATION_SEED = 0, 100
-
-
 def observation_states(policy: VPPPolicy, observations: list[Observation], first_seed: int,
                        what: str) -> tuple[list[torch.Tensor | None], str, str]:
     """(the normalised state [1, P] of each observation, or None each for a policy without state
@@ -82,11 +81,10 @@ def observation_states(policy: VPPPolicy, observations: list[Observation], first
     if not observations:
         return [], "", observations_digest(observations)
     from vpp_edge.calibrate.dataset import ObservationSet
-    from vpp_edge.calibrate.states import state_feeds
 
     observation_set = ObservationSet.from_observations(observations)
-    feeds, note = state_feeds(policy, observation_set, first_seed, what)
-    return feeds, note, observation_set.digest()
+    feeds, note = state_feeds(policy.state_normalizer, observation_set, first_seed, what)
+    return [None if f is None else torch.from_numpy(f) for f in feeds], note, observation_set.digest()
 
 
 def runner(sessions: dict[str, Any]) -> Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:

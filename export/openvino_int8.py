@@ -7,7 +7,10 @@ precision ``int8_ov``.
 Workstation side (NNCF, OpenVINO, ONNX; no torch). What it does:
 
 1. the calibration and parity observations are the export's own (``parity.json`` names
-   them; they are sampled again the same way and checked against those names);
+   them; they are sampled again the same way and checked against those names); a policy
+   that takes the robot state gets each observation's recorded state, normalised with the
+   artifact's state bounds, as the export does (calibrate/states.py, one rule), seeded ones
+   only where the data records none of the policy's width (the section's ``states`` says which);
 2. calibration feeds of every graph are recorded from the FP32 graphs run by OpenVINO in
    f32 on the calibration observations (the FP32 graphs passed the export's 0.9999 gate
    against PyTorch, so their intermediate tensors are the model's), both action modes;
@@ -53,9 +56,9 @@ from vpp_edge.runtime.manifest import read_manifest, sha256_file, write_manifest
 from vpp_edge.runtime.predict_step import encode_text, predict_actions
 
 from vpp_edge import precisions
+from vpp_edge.calibrate.states import CALIBRATION_SEED, PARITY_SEED, state_feeds
 from vpp_edge.extras import require
 from vpp_edge.graph_spec import ACTION_MODE_GRAPHS, ACTION_MODES, GRAPH_NAMES
-from vpp_edge.normalization import seeded_state
 from vpp_edge.observations import Observation, sample_observations
 
 from . import onnx_io
@@ -77,37 +80,44 @@ def noise_shapes(artifact: Artifact) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return artifact.input_spec("tvp", "noise").shape, (1, artifact.preset.action_horizon, artifact.preset.action_dim)
 
 
-def _state(artifact: Artifact, seed: int) -> np.ndarray | None:
-    """A seeded normalised robot state [1, P] in [-1, 1] for an artifact whose policy takes one
-    (``action_head.use_proprio``; observations carry no state), else None."""
-    if artifact.state_normalizer is None:
-        return None
-    return seeded_state(artifact.state_normalizer.dim, seed)  # the export's parity states
+def observation_states(artifact: Artifact, observations: list[Observation], first_seed: int,
+                       what: str) -> tuple[list[np.ndarray | None], str]:
+    """(the normalised state [1, P] of each observation, or None each for a policy without state
+    input; a line saying which states, empty for the latter). The episodes' recorded states
+    where they record states of the policy's width, normalised with the artifact's bounds, else
+    seeded ones (``first_seed + k``): :func:`vpp_edge.calibrate.states.state_feeds`, the rule
+    ``vpp export`` and ``vpp calibrate`` follow, so the gate sees what the export's parity saw."""
+    if artifact.state_normalizer is None or not observations:  # no state to find: no episode to read
+        return [None] * len(observations), ""
+    from vpp_edge.calibrate.dataset import ObservationSet
+
+    return state_feeds(artifact.state_normalizer, ObservationSet.from_observations(observations), first_seed, what)
 
 
 def chain(run: Callable[[str, Feeds], Feeds], artifact: Artifact, obs: Observation, seed: int,
-          mode: str | None = None) -> np.ndarray:
-    """The normalised action chunk [1, T, A] of one observation (noise, and the state of a
-    state-taking policy, from ``seed``)."""
+          state: np.ndarray | None, mode: str | None = None) -> np.ndarray:
+    """The normalised action chunk [1, T, A] of one observation (noise from ``seed``; ``state``:
+    the normalised robot state [1, P] of a state-taking policy, from :func:`observation_states`)."""
     ids, mask = artifact.tokenizer()([obs.instruction])
     condition, goal = encode_text(run, ids, mask)
     noise, action_noise = _noise(noise_shapes(artifact), seed)
     return predict_actions(run, condition, goal, obs.frames[None], noise, action_noise, artifact.sigmas,
-                           mode or artifact.action_mode, state=_state(artifact, seed))
+                           mode or artifact.action_mode, state=state)
 
 
 def record_feeds(run: Callable[[str, Feeds], Feeds], artifact: Artifact, observations: list[Observation],
-                 seed: int = 100) -> dict[str, list[Feeds]]:
-    """Every graph's feeds while ``run`` predicts on ``observations`` in every action mode."""
+                 states: list[np.ndarray | None], seed: int = CALIBRATION_SEED) -> dict[str, list[Feeds]]:
+    """Every graph's feeds while ``run`` predicts on ``observations`` (with ``states``, one each)
+    in every action mode."""
     feeds: dict[str, list[Feeds]] = {name: [] for name in GRAPH_NAMES}
 
     def recording(graph: str, inputs: Feeds) -> Feeds:
         feeds[graph].append({k: np.array(v, copy=True) for k, v in inputs.items()})
         return {k: np.array(v, copy=True) for k, v in run(graph, inputs).items()}
 
-    for k, obs in enumerate(observations):
+    for k, (obs, state) in enumerate(zip(observations, states, strict=True)):
         for mode in ACTION_MODES:
-            chain(recording, artifact, obs, seed + k, mode)
+            chain(recording, artifact, obs, seed + k, state, mode)
     # The graphs before the action head ran once per mode on the same inputs: keep one copy each.
     for name in GRAPH_NAMES:
         if not any(name in graphs for graphs in ACTION_MODE_GRAPHS.values()):
@@ -165,10 +175,11 @@ def _same_observations(artifact: Artifact, parity: dict[str, Any],
 
 
 def evaluate(reference: Any, candidate: Any, artifact: Artifact, parity_obs: list[Observation],
-             gates: dict[str, float]) -> dict[str, Any]:
+             parity_states: list[np.ndarray | None], gates: dict[str, float]) -> dict[str, Any]:
     """Per-graph figures (each graph fed the reference's inputs) and the chained chunk of
-    ``candidate`` against ``reference`` (engines), with the export's INT8 gate."""
-    feeds = record_feeds(reference.run, artifact, parity_obs, seed=0)
+    ``candidate`` against ``reference`` (engines), with the export's INT8 gate, on the parity
+    observations with their states (:func:`observation_states`)."""
+    feeds = record_feeds(reference.run, artifact, parity_obs, parity_states, seed=PARITY_SEED)
     graphs = {}
     for name, graph_feeds in feeds.items():
         stats: dict[str, list[dict[str, float]]] = {}
@@ -177,21 +188,23 @@ def evaluate(reference: Any, candidate: Any, artifact: Artifact, parity_obs: lis
             for out in want:
                 stats.setdefault(out, []).append(compare(want[out], got[out]))
         graphs[name] = {out: worst(s) for out, s in stats.items()}
-    actions = worst([compare(chain(reference.run, artifact, o, k), chain(candidate.run, artifact, o, k))
-                     for k, o in enumerate(parity_obs)])
+    actions = worst([compare(chain(reference.run, artifact, o, PARITY_SEED + k, s),
+                             chain(candidate.run, artifact, o, PARITY_SEED + k, s))
+                     for k, (o, s) in enumerate(zip(parity_obs, parity_states, strict=True))])
     gate = f"cosine >= {gates['int8_action_cosine']}, max-abs <= {gates['int8_action_max_abs']}"
     ok = passes(actions, gates["int8_action_cosine"], gates["int8_action_max_abs"])
     return {"graphs": graphs, "actions": actions, "gate": gate, "passed": bool(ok),
             "reference": "OpenVINO f32 on the fp32 graphs"}
 
 
-def fastest_cpu_engine(artifact: Artifact, parity: dict[str, Any], obs: Observation, threads: int = 0,
-                       rounds: int = 10) -> dict[str, Any]:
+def fastest_cpu_engine(artifact: Artifact, parity: dict[str, Any], obs: Observation, state: np.ndarray | None,
+                       threads: int = 0, rounds: int = 10) -> dict[str, Any]:
     """The predict step of every CPU engine/precision of ``artifact`` whose gate passed
     (``parity``'s precisions on ONNX Runtime; OpenVINO on the fp32 graphs in its chosen
     inference precision, gated with the FP16 gate against OpenVINO f32 when that is not
-    f32; ``int8_ov``), timed interleaved on ``obs`` (median ms of ``rounds``), and the
-    fastest: what the artifact's manifest records as ``cpu_default``."""
+    f32; ``int8_ov``), timed interleaved on ``obs`` (and ``state``, for a state-taking
+    policy; median ms of ``rounds``), and the fastest: what the artifact's manifest records
+    as ``cpu_default``."""
     from vpp_edge.runtime.engines import create_engine
     from vpp_edge.runtime.engines.openvino import OvEngine
 
@@ -207,7 +220,8 @@ def fastest_cpu_engine(artifact: Artifact, parity: dict[str, Any], obs: Observat
     if isinstance(ov, OvEngine) and ov.inference_precision != "f32":
         reference = OvEngine(artifact, "fp32", threads=threads, inference_precision="f32", cache_dir="").load()
         gate = parity["gates"]["fp16_action_cosine"]
-        worst_case = worst([compare(chain(reference.run, artifact, obs, 0), chain(ov.run, artifact, obs, 0))])
+        worst_case = worst([compare(chain(reference.run, artifact, obs, PARITY_SEED, state),
+                                    chain(ov.run, artifact, obs, PARITY_SEED, state))])
         notes["openvino/fp32"] = f"{ov.inference_precision}, action cosine {worst_case['cosine']:.6f} (gate {gate})"
         if not passes(worst_case, gate):
             del engines["openvino/fp32"]
@@ -215,7 +229,7 @@ def fastest_cpu_engine(artifact: Artifact, parity: dict[str, Any], obs: Observat
     for i in range(rounds + 1):  # the first round warms up
         for label, engine in engines.items():
             start = time.perf_counter()
-            chain(engine.run, artifact, obs, i)
+            chain(engine.run, artifact, obs, i, state)
             if i:
                 times[label].append((time.perf_counter() - start) * 1e3)
     medians = {label: float(np.median(v)) for label, v in times.items()}
@@ -241,8 +255,11 @@ def add_openvino_int8(root: str | Path, preset: str = "transformer", threads: in
     defaults = yaml.safe_load(Path(__file__).with_name("defaults.yaml").read_text())
     gates, int8 = parity["gates"], (options or defaults)["int8"]
     parity_obs, calib_obs = _same_observations(artifact, parity, roots)
+    # A state-taking policy's states: recorded where the episodes have them (the robot's), else seeded.
+    parity_states, parity_note = observation_states(artifact, parity_obs, PARITY_SEED, "parity observations")
+    calib_states, calib_note = observation_states(artifact, calib_obs, CALIBRATION_SEED, "calibration observations")
     reference = OvEngine(artifact, "fp32", threads=threads, inference_precision="f32", cache_dir="").load()
-    feeds = record_feeds(reference.run, artifact, calib_obs)
+    feeds = record_feeds(reference.run, artifact, calib_obs, calib_states)
     folder = root / PRECISION
     with tempfile.TemporaryDirectory(prefix="vpp-int8-ov-", dir=root) as tmp:
         out, info = Path(tmp) / PRECISION, {}
@@ -260,7 +277,9 @@ def add_openvino_int8(root: str | Path, preset: str = "transformer", threads: in
         staged = Artifact(Path(tmp), {**artifact.manifest, "graphs": entries}, artifact.preset, artifact.normalizer,
                           artifact.state_normalizer)
         candidate = OvEngine(staged, PRECISION, threads=threads, cache_dir="").load()
-        section = {**evaluate(reference, candidate, artifact, parity_obs, gates), "quantization": info}
+        section = {**evaluate(reference, candidate, artifact, parity_obs, parity_states, gates), "quantization": info,
+                   # Which robot states a state-taking policy was calibrated and gated with (absent otherwise).
+                   **({"states": {"parity": parity_note, "calibration": calib_note or None}} if parity_note else {})}
         candidate.close()
         if not section["passed"]:
             table = summary_table({"precisions": {PRECISION: section}})
@@ -294,7 +313,8 @@ def record_cpu_default(root: str | Path, threads: int = 0, rounds: int = 10,
     artifact = Artifact.open(root)
     parity = json.loads((root / "parity.json").read_text())
     parity_obs, _ = _same_observations(artifact, parity, roots)
-    choice = fastest_cpu_engine(artifact, parity, parity_obs[0], threads, rounds)
+    states, _ = observation_states(artifact, parity_obs[:1], PARITY_SEED, "timing observation")
+    choice = fastest_cpu_engine(artifact, parity, parity_obs[0], states[0], threads, rounds)
     manifest = read_manifest(root)
     manifest["cpu_default"] = choice
     write_manifest(root, manifest)

@@ -3,6 +3,9 @@ bound-normalised with the config's state_01/state_99 as step3_deploy_real_xbot.p
 through PyTorch, the exported graphs and the runtime with the same actions; a policy
 without state input is untouched and refuses one."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -335,17 +338,67 @@ def test_the_embedding_api_takes_the_state_and_sends_the_official_commands(relat
             api.act(list(frames))
 
 
-def test_the_openvino_int8_path_feeds_a_state_taking_artifact_a_seeded_state(relative_artifact):
-    """export/openvino_int8.py's chain (int8_ov gate, cpu_default timing after vpp export) runs a
-    state-taking artifact with a seeded normalised state (before: 'Missing Input: state')."""
+def test_the_openvino_int8_path_calibrates_and_gates_on_the_recorded_states(relative_artifact, tmp_path):
+    """export/openvino_int8.py (int8_ov's NNCF calibration and gate, cpu_default timing; torch-free)
+    feeds a state-taking artifact each observation's recorded state, normalised with the
+    artifact's bounds as the official normalize_bound, by the rule vpp export follows
+    (calibrate/states.py); seeded states only where the data records none of the policy's width."""
+    from vpp_edge.demo_data import write_demo_dataset
+    from vpp_edge.episodes import write_episode
     from vpp_edge.export import openvino_int8 as ov
-    from vpp_edge.observations import Observation
+    from vpp_edge.graph_spec import STATE_INPUT
+    from vpp_edge.normalization import seeded_state
+    from vpp_edge.observations import Observation, sample_observations
 
     artifact = Artifact.open(relative_artifact)
-    obs = Observation(frames_of(artifact.preset, 5), INSTRUCTION, "test#0")
-    state = ov._state(artifact, 1)
-    assert state.shape == (1, DIM) and np.all(np.abs(state) <= 1) and np.array_equal(state, ov._state(artifact, 1))
+    p = artifact.preset
+    # An episode that records the sim robot's 7-value pose at every frame, inside the artifact's bounds.
+    steps = 8
+    rng = np.random.default_rng(3)
+    low, high = np.array(BOUNDS.low), np.array(BOUNDS.high)
+    poses = low + (high - low) * rng.uniform(0.05, 0.95, (steps, DIM))
+    views = [rng.integers(0, 256, (steps, p.image_size, p.image_size, 3), dtype=np.uint8) for _ in range(p.num_views)]
+    write_episode(tmp_path / "datasets" / "poses", 0, INSTRUCTION, views, poses, np.zeros((steps, DIM)), 10)
+    obs = sample_observations(p.num_views, p.image_size, 3, roots=[tmp_path / "datasets"])
+
+    states, note = ov.observation_states(artifact, obs, ov.CALIBRATION_SEED, "calibration observations")
+    assert "recorded robot states (7 values)" in note
+    frames = [int(o.source.rsplit("#", 1)[1]) for o in obs]
+    for state, frame in zip(states, frames):
+        assert state.shape == (1, DIM)
+        np.testing.assert_allclose(state[0], official_normalize_bound(poses[frame], low, high), atol=1e-6)
+    assert len({s.tobytes() for s in states}) == 3
+    # The same states without torch: int8_ov runs torch-free, and so does the rule it shares.
+    code = f"""
+import sys
+from pathlib import Path
+from vpp_edge.export import openvino_int8 as ov
+from vpp_edge.observations import sample_observations
+from vpp_edge.runtime.artifact import Artifact
+obs = sample_observations({p.num_views}, {p.image_size}, 3, roots=[Path({str(tmp_path / "datasets")!r})])
+states, _ = ov.observation_states(Artifact.open({str(relative_artifact)!r}), obs, 100, "calibration observations")
+print("TORCH", "torch" in sys.modules, b"".join(s.tobytes() for s in states).hex())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert f"TORCH False {b''.join(s.tobytes() for s in states).hex()}" in out.stdout
+
     with create_engine(artifact, "onnxruntime") as engine:
-        chunks = [np.array(ov.chain(engine.run, artifact, obs, seed)) for seed in (1, 1, 2)]  # buffers are reused
-    assert chunks[0].shape == (1, artifact.preset.action_horizon, artifact.preset.action_dim)
+        # NNCF's calibration feeds: every state-taking graph gets exactly its observation's state.
+        feeds = ov.record_feeds(engine.run, artifact, obs, states)
+        fed = [f[STATE_INPUT] for graph in feeds.values() for f in graph if STATE_INPUT in f]
+        assert fed and {f.tobytes() for f in fed} == {s.tobytes() for s in states}
+        # The gate's chunks: the same noise seed and state give the same chunk, another state another one.
+        chunks = [np.array(ov.chain(engine.run, artifact, obs[0], 1, s)) for s in (states[0], states[0], states[1])]
+    assert chunks[0].shape == (1, p.action_horizon, p.action_dim)
     assert np.array_equal(chunks[0], chunks[1]) and not np.array_equal(chunks[0], chunks[2])
+
+    # Seeded only where the data records no state of the policy's width, and the note says why.
+    write_demo_dataset(tmp_path / "demo" / "demo", steps=8, size=p.image_size)  # records 4-value states
+    demo = sample_observations(p.num_views, p.image_size, 2, roots=[tmp_path / "demo"])
+    states, note = ov.observation_states(artifact, demo, ov.PARITY_SEED, "parity observations")
+    assert "seeded" in note and "records 4-value states, the policy takes 7" in note
+    assert all(np.array_equal(s, seeded_state(DIM, ov.PARITY_SEED + k)) for k, s in enumerate(states))
+    unrecorded = [Observation(frames_of(p, 5), INSTRUCTION, "test#0")]
+    states, note = ov.observation_states(artifact, unrecorded, 7, "parity observations")
+    assert "records no robot state" in note and np.array_equal(states[0], seeded_state(DIM, 7))
