@@ -220,6 +220,10 @@ def evaluate(artifact_dir: str | Path, options: EvalOptions, progress: bool = Tr
                     cams = [ZmqCameras(ends.camera, preset.num_views, preset.image_size, ctx, not_before=started)]
                     log = Path(options.video_dir) / f"{task}_{options.seed + i}.jsonl" if options.video_dir else None
                     metrics = _episode_metrics(log, cams)
+                    if log is not None:  # the run's header, as vpp run writes it: the video's caption
+                        metrics.record("run", artifact=str(artifact_dir), preset=preset.name,
+                                       engine=f"{options.backend}/{options.precision}", instruction=instruction_for(task),
+                                       robot=f"metaworld {task} seed {options.seed + i}")
                     status = driver.status
                     summary = build_runtime(task_config.replace(instruction=instruction_for(task)), policy=policy,
                                             cameras=cams, link=link, metrics=metrics, robot=robot,

@@ -63,5 +63,25 @@ def test_closed_loop_evaluation_runs_the_runtime_against_the_simulator(tmp_path,
     assert (videos / "reach-v3_1000.jsonl").is_file() and not (videos / "reach-v3_1000.jsonl.frames").exists()
     for key in ("boundary_jump", "action_jerk", "starved_ticks"):
         assert np.isfinite(task[key]) and np.isfinite(results[key])
+    from vpp_edge.runlog import read_records
+
+    header = next(r for r in read_records(videos / "reach-v3_1000.jsonl") if r["record"] == "run")
+    assert header["instruction"] == "reach", "the video's caption"
     report = write_report(results, tmp_path / "report")
     assert "| reach-v3 |" in report.read_text() and (tmp_path / "report" / "results.json").is_file()
+
+
+def test_vpp_demo_runs_the_metaworld_policy_and_says_each_episode(tmp_path, monkeypatch, capsys):
+    from vpp_edge import cli
+    from vpp_edge.presets import get_preset
+    from vpp_edge.training.models import build_policy
+
+    out = export_fp32(build_policy(get_preset("metaworld_tiny"), seed=0), tmp_path / "mw")
+    monkeypatch.setattr(cli, "METAWORLD_ARTIFACT", out)
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["demo", "--sim", "metaworld", "--task", "reach-v3", "--episodes", "1"])
+    printed = capsys.readouterr().out
+    outcome = "success at step" if "Average success: **1.000**" in printed else "failed after 200 steps"
+    assert code == (0 if outcome.startswith("success") else 5), "exit 5 when no episode succeeds"
+    assert f"reach-v3 seed 1000: {outcome}" in printed, "one line per episode, MetaWorld's verdict"
+    assert (tmp_path / "results" / "demo" / "reach-v3_1000.mp4").is_file()

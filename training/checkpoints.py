@@ -318,17 +318,18 @@ def save_checkpoint(policy: VPPPolicy, tokenizer: InstructionTokenizer, folder: 
 
 def compact_checkpoint(source: str | Path, folder: str | Path, dtype: torch.dtype = torch.float16) -> Path:
     """Write a copy of our checkpoint ``source`` to ``folder`` with its floating-point weights
-    stored as ``dtype`` (FP16: half the size, to ship a trained model in the repository).
-    Loading casts them back to the model's dtype, so the copy is used like the original."""
+    stored as ``dtype`` (FP16: half the size, to ship a trained model in the repository),
+    without a training run's resume state. Loading casts the weights back to the model's
+    dtype, so the copy is used like the original."""
     import shutil
 
     source = Path(source)
     read_checkpoint_config(source)
     state = load_file(str(source / WEIGHTS_FILE))
     with atomic_dir(folder) as tmp:
-        for item in source.iterdir():
-            if item.name != WEIGHTS_FILE:
-                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        for item in source.iterdir():  # the checkpoint's files; a training run's state folder stays behind
+            if item.is_file() and item.name != WEIGHTS_FILE:
+                shutil.copy2(item, tmp / item.name)
         save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, str(tmp / WEIGHTS_FILE),
                   metadata={"format": FORMAT_NAME, "stored_dtype": str(dtype).removeprefix("torch.")})
     return Path(folder)
