@@ -19,15 +19,16 @@ Optional: ``pip install 'vpp-edge[modelopt]'``; :func:`available` says whether i
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
 import re
-import shutil
-import tempfile
 import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import onnx
+import onnx.numpy_helper
 import torch
 from torch import nn
 
@@ -49,6 +50,26 @@ def _mtq():
     return mtq
 
 
+# glibc's mallopt parameter and the fixed threshold set: allocations from 128 KiB up get
+# their own mapping, which free() hands back to the kernel at once.
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 128 * 1024
+
+
+def map_large_allocations() -> bool:
+    """Make every later allocation of ``MMAP_THRESHOLD_BYTES`` or more its own mapping
+    (glibc's ``mallopt``; elsewhere nothing). Why: glibc raises its mmap threshold to the
+    size of each large block freed (up to 32 MiB), so the fake-quantised weights and
+    activations that modelopt's calibration and the TorchScript trace allocate and free
+    layer by layer are then served from the heap, and the freed ones stay resident there:
+    measured on the paper-scale TVP graph, 5.9 GB above the weights during the Q/DQ export.
+    Returns whether the threshold was set."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):
+        return False
+
+
 def module_of(quantizer: str) -> str:
     """The module path a quantizer's name belongs to (``a.b.input_quantizer`` -> ``a.b``)."""
     for suffix in QUANTIZER_SUFFIXES:
@@ -63,6 +84,7 @@ def quantize(module: nn.Module, forward_loop: Callable[[nn.Module], None],
     running ``forward_loop(module)`` (real observations). Layers whose module path matches a
     regex of ``exclude_modules`` (searched, as for ONNX Runtime's quantiser) stay in float."""
     mtq = _mtq()
+    map_large_allocations()
     rx = [re.compile(p) for p in exclude_modules]
     with torch.no_grad():
         module = mtq.quantize(module, copy.deepcopy(mtq.INT8_DEFAULT_CFG), forward_loop=forward_loop)
@@ -80,17 +102,70 @@ def quantized_layers(module: nn.Module) -> int:
 
 
 def export_qdq(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, input_names: Iterable[str],
-               output_names: Iterable[str], opset: int) -> None:
-    """Write the quantised ``module`` as a Q/DQ ONNX graph to ``path`` (external data when
-    the weights need it). The TorchScript exporter: modelopt's quantisers have ONNX
-    symbolics (QuantizeLinear / DequantizeLinear) there only."""
+               output_names: Iterable[str], opset: int, external_from: int | None = None) -> int:
+    """Write the quantised ``module`` as a Q/DQ ONNX graph to ``path`` (:func:`attach_weights`:
+    its weights in one ``<path>.data`` when they reach ``external_from`` bytes, protobuf's
+    2 GB by default, else inline). The TorchScript exporter: modelopt's quantisers have ONNX
+    symbolics (QuantizeLinear / DequantizeLinear) there only. Returns the weight bytes.
+
+    Why without the exporter's weights (``export_params=False``): its C++ encoder first
+    serialises every initializer into a scratch protobuf only to learn whether the graph
+    passes 2 GB, a second copy of all the weights (5.6 GB of the paper-scale UNet), then
+    writes a large graph's tensors one file each; without constant folding the weights stay
+    the module's own tensors, graph inputs named as in its state dict."""
+    from .onnx_io import TWO_GB
+
     _mtq()  # registers the quantisers' symbolics
+    map_large_allocations()
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module.eval(), args, str(path), input_names=list(input_names),
                           output_names=list(output_names), dynamo=False, opset_version=max(opset, 13),
-                          do_constant_folding=True)
+                          export_params=False, do_constant_folding=False)
+    model = onnx.load(str(path), load_external_data=False)
+    weights = torch.jit._unique_state_dict(module)
+    used = {v.name for v in model.graph.input} & set(weights)
+    total = sum(weights[n].numel() * weights[n].element_size() for n in used)
+    attach_weights(model, weights, path, external=total >= (TWO_GB if external_from is None else external_from))
+    onnx.save(model, str(path))
+    return total
+
+
+def attach_weights(model: onnx.ModelProto, weights: Mapping[str, torch.Tensor], path: Path, external: bool) -> int:
+    """Turn the graph inputs of ``model`` named in ``weights`` into initializers: inline, or
+    (``external``) written one tensor at a time straight from the module's memory to
+    ``<path>.data`` in the layout of :func:`.external_data.stream_external_data`. Returns
+    the bytes."""
+    from .external_data import ALIGNMENT
+
+    data_name = f"{path.name}.data"
+    written, kept = 0, []
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(open(path.parent / data_name, "wb")) if external else None
+        for value in model.graph.input:
+            tensor = weights.get(value.name)
+            if tensor is None:
+                kept.append(value)
+                continue
+            arr = tensor.detach().cpu().contiguous().numpy()
+            if out is None:
+                model.graph.initializer.append(onnx.numpy_helper.from_array(arr, value.name))
+            else:
+                out.write(b"\0" * (-out.tell() % ALIGNMENT))
+                offset = out.tell()
+                out.write(memoryview(arr).cast("B"))  # from the tensor's memory, no copy
+                init = model.graph.initializer.add()
+                init.name, init.data_type = value.name, onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)
+                init.dims.extend(arr.shape)
+                for key, val in (("location", data_name), ("offset", str(offset)), ("length", str(arr.nbytes))):
+                    entry = init.external_data.add()
+                    entry.key, entry.value = key, val
+                init.data_location = onnx.TensorProto.EXTERNAL
+            written += arr.nbytes
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    return written
 
 
 def _disable(module: nn.Module, which: Callable[[str, nn.Module], bool]) -> None:
@@ -106,23 +181,6 @@ def version() -> str:
     import importlib.metadata
 
     return importlib.metadata.version("nvidia-modelopt")
-
-
-def inline_constants(model: onnx.ModelProto, base: Path) -> int:
-    """Read back into the graph the Constant nodes' tensors that the TorchScript exporter
-    wrote as external data beside a large graph (the weight quantizers' per-channel scales:
-    kilobytes each); only initializers stay external. Returns how many."""
-    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
-
-    count = 0
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR and uses_external_data(attr.t):
-                load_external_data_for_tensor(attr.t, str(base))
-                attr.t.data_location = onnx.TensorProto.DEFAULT
-                del attr.t.external_data[:]
-                count += 1
-    return count
 
 
 def derive(module: nn.Module, calibration: Sequence[tuple[torch.Tensor, ...]], dst: Path,
@@ -146,19 +204,8 @@ def derive(module: nn.Module, calibration: Sequence[tuple[torch.Tensor, ...]], d
     _disable(module, lambda name, q: name.endswith(".input_quantizer") and getattr(q, "amax", None) is None)
     layers = quantized_layers(module)
     try:
-        with tempfile.TemporaryDirectory(prefix="vpp-modelopt-", dir=dst.parent) as tmp:
-            # The TorchScript exporter writes a large graph's weights one file per tensor:
-            # gathered into <dst>.data tensor by tensor, as every other graph's.
-            raw = Path(tmp) / dst.name
-            export_qdq(module, tuple(calibration[0]), raw, input_names, output_names, opset)
-            model = external_data.load_graph(raw)
-            inline_constants(model, raw.parent)
-            sources = external_data.external_initializers(model)
-            if sources:
-                external_data.stream_external_data(model, raw.parent, sources, dst, lambda a, _: a)
-                onnx.save(model, str(dst))
-            else:
-                shutil.move(raw, dst)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        export_qdq(module, tuple(calibration[0]), dst, input_names, output_names, opset)
     finally:
         _disable(module, lambda name, q: True)  # the policy computes in float again
     onnx_io.check(dst)

@@ -56,6 +56,8 @@ def test_quantize_excludes_and_exports_qdq(tmp_path):
     path = tmp_path / "small" / "small.onnx"
     modelopt_int8.export_qdq(model, (x,), path, ("x",), ("y",), opset=18)
     graph = onnx.load(str(path))
+    assert [i.name for i in graph.graph.input] == ["x"]  # the weights are initializers, inline (small)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["small.onnx"]
     ops = [n.op_type for n in graph.graph.node]
     assert ops.count("QuantizeLinear") == ops.count("DequantizeLinear") == 4  # 2 layers x (input, weight)
     import onnxruntime as ort
@@ -73,9 +75,8 @@ def test_large_model_int8_quantises_tvp_in_pytorch_and_passes_the_action_gate(ti
     from vpp_edge.export.artifact import export_artifact
     from vpp_edge.export.graphs import GRAPHS
     from vpp_edge.export.options import load_options
-    from vpp_edge.training.models.graph_modules import TVPGraph
-
     from vpp_edge.training.models import build_policy
+    from vpp_edge.training.models.graph_modules import TVPGraph
 
     policy, tok = build_policy(tiny_preset, seed=0)  # its own: quantisation inserts modules in place
     probe = [p.detach().clone() for p in policy.parameters()][:3]
@@ -100,30 +101,39 @@ def test_large_model_int8_quantises_tvp_in_pytorch_and_passes_the_action_gate(ti
     assert all(torch.equal(a, b) for a, b in zip(probe, policy.parameters()))
 
 
-def test_constant_tensors_written_as_external_data_are_read_back_inline(tmp_path):
-    """The TorchScript exporter writes a >2 GB graph's Constant-node tensors (the weight
-    quantizers' scales) as external files too; derive() reads them back into the graph
-    before gathering the initializers, so the graph no longer refers to those files."""
-    from onnx import helper, numpy_helper
-    from onnx.external_data_helper import convert_model_to_external_data, uses_external_data
+def test_export_writes_the_weights_once_from_the_module_into_one_data_file(tmp_path):
+    """export_qdq exports without the exporter's weights (its encoder would first copy them
+    all into a scratch protobuf) and, past its threshold (forced to 0 here), streams the
+    module's own tensors into <graph>.data: every weight an external initializer there,
+    byte for byte the module's, no weight left as a graph input, and ONNX Runtime runs the
+    graph as the float module."""
+    from onnx.external_data_helper import uses_external_data
 
-    scale = np.arange(1, 65, dtype=np.float32)
-    const = helper.make_node("Constant", [], ["s"], value=numpy_helper.from_array(scale, "s_value"))
-    mul = helper.make_node("Mul", ["x", "s"], ["y"])
-    graph = helper.make_graph([const, mul], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [64])],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [64])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
-    convert_model_to_external_data(model, all_tensors_to_one_file=False, size_threshold=0, convert_attribute=True)
-    onnx.save(model, str(tmp_path / "raw.onnx"))
-    loaded = onnx.load(str(tmp_path / "raw.onnx"), load_external_data=False)
-    assert uses_external_data(loaded.graph.node[0].attribute[0].t)
-
-    assert modelopt_int8.inline_constants(loaded, tmp_path) == 1
-    (tmp_path / "out").mkdir()
-    onnx.save(loaded, str(tmp_path / "out" / "g.onnx"))
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["g.onnx"]
+    torch.manual_seed(0)
+    model, x = Small().eval(), torch.randn(1, 3, 16, 16)
+    path = tmp_path / "g" / "small.onnx"
+    written = modelopt_int8.export_qdq(model, (x,), path, ("x",), ("y",), opset=18, external_from=0)
+    weights = torch.jit._unique_state_dict(model)
+    assert written == sum(t.numel() * t.element_size() for t in weights.values())
+    assert sorted(p.name for p in path.parent.iterdir()) == ["small.onnx", "small.onnx.data"]
+    bare = onnx.load(str(path), load_external_data=False)
+    assert [i.name for i in bare.graph.input] == ["x"]
+    assert {t.name for t in bare.graph.initializer} == set(weights)
+    assert all(uses_external_data(t) and {e.key: e.value for e in t.external_data}["location"] == "small.onnx.data"
+               for t in bare.graph.initializer)
+    loaded = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    for name, tensor in weights.items():
+        np.testing.assert_array_equal(loaded[name], tensor.numpy())
     import onnxruntime as ort
 
-    x = np.ones(64, np.float32)
-    got = ort.InferenceSession(str(tmp_path / "out" / "g.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
-    np.testing.assert_array_equal(got[0], scale)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), atol=1e-5)
+
+
+def test_large_allocations_get_their_own_mappings_under_glibc():
+    """Calibration and export free layer-sized blocks that glibc would otherwise keep
+    resident in its heap (its mmap threshold rises with each large block freed)."""
+    import platform
+
+    assert modelopt_int8.map_large_allocations() == (platform.libc_ver()[0] == "glibc")
