@@ -197,9 +197,10 @@ class StateNormalizer:
 
 
 def seeded_state(dim: int, seed: int) -> np.ndarray:
-    """A seeded normalised robot state [1, dim] in [-1, 1], float32: the state the export's
-    parity and calibration runs (and OpenVINO's gate) feed a policy that takes one, since
-    their observations carry none. One definition, so every gate sees the same states."""
+    """A seeded normalised robot state [1, dim] in [-1, 1], float32: what the export's parity
+    and calibration, `vpp calibrate` and OpenVINO's INT8 feed a policy that takes a state
+    when their data records none of its width (calibrate/states.py uses the recorded ones
+    otherwise). One definition, so every gate sees the same states."""
     return np.random.default_rng(10_000 + seed).uniform(-1.0, 1.0, (1, dim)).astype(np.float32)
 
 
