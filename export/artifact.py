@@ -201,14 +201,20 @@ def _export_into(tmp: Path, policy: VPPPolicy, tokenizer: InstructionTokenizer, 
     method = opts["int8"]["calibration"]
     mode_ms: dict[str, float] = {}
 
+    model_held = True  # until after_fp32: a derived graph made then is quantised in PyTorch (modelopt)
+
     @contextlib.contextmanager
     def stage(key: str) -> Iterator[None]:  # one graph: a phase on the progress bar
         precision = key.split("/")[0]
-        phase.start(f"export {key}" if precision == precisions[0] else key, holds=_holds(precision, weights))
+        holds = _holds(precision, weights) if precision == precisions[0] or not model_held else \
+            f"the PyTorch model ({weights}) with modelopt's quantizers, then its Q/DQ graph"
+        phase.start(f"export {key}" if precision == precisions[0] else key, holds=holds)
         yield
         advance(f"exported {key}" if precision == precisions[0] else key)
 
     def after_fp32(graphs: GraphSet) -> None:
+        nonlocal model_held
+        model_held = False
         if release_policy:  # every later phase works on the graphs
             phase.start("release the PyTorch model")
             _release_weights(policy)
