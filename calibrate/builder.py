@@ -38,7 +38,7 @@ from vpp_edge.tokenizer import InstructionTokenizer
 from vpp_edge.training.models.policy import VPPPolicy
 
 from .dataset import ObservationSet
-from .states import CALIBRATION_SEED, state_feeds
+from vpp_edge.state_feeds import CALIBRATION_SEED, state_feeds
 from .variants import derive_policy, variant_noise
 
 
@@ -79,8 +79,9 @@ class ArtifactBuilder:
             self._tok_sha = sha(tokenizer.save(tmp).read_bytes())
         self._variant: tuple[str, VPPPolicy, list[dict[str, torch.Tensor]]] | None = None
         # A state-taking policy (action_head.use_proprio): each observation's recorded state where
-        # the data has them, else the export's seeded states (calibrate/states.py says which).
-        feeds, self.state_note = state_feeds(policy.state_normalizer, calibration, CALIBRATION_SEED)
+        # the data has them, else the export's seeded states (vpp_edge/state_feeds.py says which).
+        feeds, self.state_note = state_feeds(policy.state_normalizer, calibration.states, calibration.sources,
+                                             CALIBRATION_SEED)
         self.states = [None if f is None else torch.from_numpy(f) for f in feeds]
         if self.state_note:
             status(self.state_note)

@@ -4,14 +4,13 @@ An :class:`ObservationSet` holds camera frames of every view (uint8, prepared fo
 model) plus the instruction and the source (``<annotation>#<frame>``) of each observation,
 and the robot state the episode recorded at that frame where every observation has one of
 the same width (official-format episodes carry ``state``/``states``): what a policy that
-takes the state is calibrated and checked with (:mod:`vpp_edge.calibrate.states`).
+takes the state is calibrated and checked with (:mod:`vpp_edge.state_feeds`).
 The quantizer's feeds are computed from it (the graph cache keys INT8 graphs by their digest,
 :func:`vpp_edge.export.graph_cache.feeds_digest`), never stored.
 """
 
 from __future__ import annotations
 
-import hashlib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +18,11 @@ from typing import Sequence
 
 import numpy as np
 
-from vpp_edge.episodes import Episode, load_episode
+from vpp_edge.episodes import Episode
 from vpp_edge.errors import DataError
 
-from vpp_edge.observations import Observation, find_episodes, observations_digest, sample_observations
+from vpp_edge.observations import (Observation, find_episodes, observations_digest, recorded_states,
+                                   sample_observations)
 
 OBSERVATIONS_FORMAT = "vpp-edge-observations/1"
 
@@ -43,31 +43,6 @@ def _load_npz(path: Path, what: str) -> dict[str, np.ndarray]:
         raise DataError(f"{path}: not a readable .npz {what} ({exc})") from None
     except ValueError as exc:  # object arrays would need pickle: refused on purpose
         raise DataError(f"{path}: {what} holds Python objects, which are not loaded (no pickle): {exc}") from None
-
-
-def recorded_states(observations: Sequence[Observation]) -> tuple[np.ndarray | None, str]:
-    """(raw robot states [N, D] float64, note): the state each observation's episode recorded at
-    its frame (the source ``<annotation>#<frame>``), or None and why not (an episode without
-    states, a frame past them, widths that differ between episodes)."""
-    episodes: dict[str, Episode] = {}
-    states = []
-    for obs in observations:
-        annotation, _, frame = obs.source.rpartition("#")
-        if not annotation or not frame.isdigit():
-            return None, f"{obs.source}: not an episode frame ('<annotation>#<frame>')"
-        if annotation not in episodes:
-            try:
-                episodes[annotation] = load_episode(annotation)
-            except DataError as exc:
-                return None, f"{annotation}: {exc}"
-        recorded = episodes[annotation].states
-        if recorded is None or int(frame) >= len(recorded):
-            return None, f"{annotation} records no state at frame {frame}"
-        states.append(np.asarray(recorded[int(frame)], np.float64).reshape(-1))
-    widths = sorted({len(s) for s in states})
-    if len(widths) != 1:
-        return None, f"the episodes record states of different widths {widths}"
-    return np.stack(states), f"recorded {widths[0]}-value states"
 
 
 @dataclass(frozen=True)
@@ -115,10 +90,7 @@ class ObservationSet:
     def digest(self) -> str:
         """sha256 of the frames and instructions (and the recorded states, where there are
         some): what a cached result was computed from."""
-        digest = observations_digest(self.observations())
-        if self.states is None:
-            return digest
-        return hashlib.sha256(digest.encode() + np.ascontiguousarray(self.states, np.float64).tobytes()).hexdigest()
+        return observations_digest(self.observations(), self.states)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

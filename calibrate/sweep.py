@@ -181,7 +181,7 @@ class PointRunner:
 
         from .builder import ArtifactBuilder
         from .dataset import ObservationSet, build_split
-        from .states import PARITY_SEED, state_feeds
+        from vpp_edge.state_feeds import PARITY_SEED, state_feeds
 
         self.spec, self.out, self.status = spec, out, status
         torch.set_num_threads(max(1, spec["measure"]["threads"] or torch.get_num_threads()))
@@ -213,8 +213,9 @@ class PointRunner:
         self.noise = [self.policy.make_noise(1, k) for k in range(len(self.heldout))]
         # A state-taking policy (action_head.use_proprio): each held-out observation's recorded
         # state where the data has them, else the export's seeded states; the same in the
-        # reference and the measured run (calibrate/states.py).
-        self.states, note = state_feeds(self.policy.state_normalizer, self.heldout, PARITY_SEED, "held-out set")
+        # reference and the measured run (vpp_edge/state_feeds.py).
+        self.states, note = state_feeds(self.policy.state_normalizer, self.heldout.states, self.heldout.sources,
+                                        PARITY_SEED, "held-out set")
         if note:
             status(note)
         if not ref_path.is_file():
@@ -240,7 +241,7 @@ class PointRunner:
 
     def inputs_for(self, preset: Preset) -> Path:
         """Held-out frames and noise cut to the configuration, as the measuring process reads them."""
-        from .states import stacked
+        from vpp_edge.state_feeds import stacked
         from .variants import variant_noise
 
         pairs = [variant_noise(n, preset) for n in self.noise]

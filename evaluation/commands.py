@@ -34,6 +34,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                           max_steps=args.max_steps, backend=args.backend, precision=args.precision,
                           smoothing=args.smoothing, threads=args.threads, inject_latency_ms=args.inject_ms,
                           video_dir=str(args.out / "videos") if args.video else None,
+                          video=AnnotatedVideo() if args.video else None,
                           on_episode=None if args.quiet else print_episode)
     results = evaluate(args.artifact, options, progress=not args.quiet)
     report = write_report(results, args.out)
@@ -41,6 +42,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
+
+
+class AnnotatedVideo:
+    """Each episode's annotated video (vpp replay's: camera views, instruction, tick, the
+    predicted chunk against the targets sent), ``<log>.mp4`` beside its run log, from the
+    frames a FrameLog keeps while it runs; the frames folder goes, the log stays."""
+
+    def sinks(self, log: Path, cameras: list) -> list:
+        from vpp_edge.run_video import FrameLog, frames_dir
+
+        return [FrameLog(frames_dir(log), cameras)]
+
+    def finish(self, log: Path) -> Path:
+        import shutil
+
+        from vpp_edge.run_video import frames_dir, render_video
+
+        video, _, _ = render_video(log, log.with_suffix(".mp4"))
+        shutil.rmtree(frames_dir(log), ignore_errors=True)
+        return video
 
 
 def print_episode(task: str, episode: dict) -> None:

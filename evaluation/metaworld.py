@@ -19,7 +19,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -142,35 +142,24 @@ class EvalOptions:
     smoothing: str = "crossfade"
     threads: int = 0
     inject_latency_ms: float = 0.0  # every inference this much longer (RuntimeConfig.inject_latency_ms)
-    video_dir: str | None = None  # each episode's annotated video <task>_<seed>.mp4 (and its run log) here
+    video_dir: str | None = None  # each episode's run log <task>_<seed>.jsonl here (and its video)
+    # Makes each episode's video from its log: sinks(log, cameras) -> metrics sinks, finish(log);
+    # given by the entry point (evaluation/commands.py AnnotatedVideo: vpp replay's renderer).
+    video: Any = None
     on_episode: Callable[[str, dict], None] | None = None  # called after each episode (task, its record)
 
 
 EPISODE_MEANS = ("starved_ticks", "boundary_jump", "action_jerk")  # per-episode figures averaged per task
 
 
-def _episode_metrics(log: Path | None, cameras: list):
-    """The episode's metrics; with ``log``, a run log and the camera frames beside it (for the video)."""
+def _episode_metrics(log: Path | None, cameras: list, video: Any):
+    """The episode's metrics; with ``log``, a run log, and the sinks of ``video`` beside it."""
     from vpp_edge.runtime.metrics import Metrics
 
     if log is None:
         return Metrics()
-    from vpp_edge.run_video import FrameLog, frames_dir
-
     log.parent.mkdir(parents=True, exist_ok=True)
-    return Metrics(log, sinks=[FrameLog(frames_dir(log), cameras)])
-
-
-def _annotated_video(log: Path) -> Path:
-    """``<log>.mp4`` beside the run log: camera views, instruction, tick, the predicted chunk vs
-    the targets sent (vpp replay's video); the frames folder goes, the log stays."""
-    import shutil
-
-    from vpp_edge.run_video import frames_dir, render_video
-
-    video, _, _ = render_video(log, log.with_suffix(".mp4"))
-    shutil.rmtree(frames_dir(log), ignore_errors=True)
-    return video
+    return Metrics(log, sinks=video.sinks(log, cameras) if video is not None else ())
 
 
 def evaluate(artifact_dir: str | Path, options: EvalOptions, progress: bool = True) -> dict:
@@ -219,7 +208,7 @@ def evaluate(artifact_dir: str | Path, options: EvalOptions, progress: bool = Tr
                     started = time.monotonic()
                     cams = [ZmqCameras(ends.camera, preset.num_views, preset.image_size, ctx, not_before=started)]
                     log = Path(options.video_dir) / f"{task}_{options.seed + i}.jsonl" if options.video_dir else None
-                    metrics = _episode_metrics(log, cams)
+                    metrics = _episode_metrics(log, cams, options.video)
                     if log is not None:  # the run's header, as vpp run writes it: the video's caption
                         metrics.record("run", artifact=str(artifact_dir), preset=preset.name,
                                        engine=f"{options.backend}/{options.precision}", instruction=instruction_for(task),
@@ -230,8 +219,8 @@ def evaluate(artifact_dir: str | Path, options: EvalOptions, progress: bool = Tr
                                             stop_when=lambda: status.success or status.steps >= options.max_steps,
                                             set_instruction=False).run()
                     metrics.close()
-                    if log is not None:
-                        _annotated_video(log)
+                    if log is not None and options.video is not None:
+                        options.video.finish(log)
                     e2e = summary["latency_ms"].get("end_to_end_ms", {})
                     if e2e.get("n"):
                         latencies.append(e2e["p50"])

@@ -31,12 +31,12 @@ from vpp_edge.training.models.policy import VPPPolicy
 
 # Noise (and seeded-state) seeds of parity observation k (PARITY_SEED + k) and calibration
 # observation k (CALIBRATION_SEED + k): one definition for export, calibrate and int8_ov.
-from vpp_edge.calibrate.states import CALIBRATION_SEED, PARITY_SEED, state_feeds
+from vpp_edge.state_feeds import CALIBRATION_SEED, PARITY_SEED, state_feeds
 from vpp_edge.errors import VPPError
 from vpp_edge.files import atomic_dir
 from vpp_edge.graph_spec import ACTION_MODE_GRAPHS, ACTION_MODES
 from vpp_edge.normalization import seeded_state
-from vpp_edge.observations import Observation, observations_digest, sample_observations
+from vpp_edge.observations import Observation, observations_digest, recorded_states, sample_observations
 from vpp_edge.precisions import FLOAT16, QDQ, TRACED, calibrated, exported
 from vpp_edge.precisions import get as precision_spec
 from vpp_edge.tokenizer import InstructionTokenizer
@@ -76,15 +76,13 @@ def observation_states(policy: VPPPolicy, observations: list[Observation], first
     """(the normalised state [1, P] of each observation, or None each for a policy without state
     input; a line saying which states; the set's digest). The states are the episodes' recorded
     ones where they record states of the policy's width, else seeded ones (``first_seed + k``),
-    as ``vpp calibrate`` decides (:func:`vpp_edge.calibrate.states.state_feeds`, one rule); the
+    as ``vpp calibrate`` decides (:func:`vpp_edge.state_feeds.state_feeds`, one rule); the
     digest covers the recorded states too, so a calibration record names what the quantizer saw."""
     if not observations:
         return [], "", observations_digest(observations)
-    from vpp_edge.calibrate.dataset import ObservationSet
-
-    observation_set = ObservationSet.from_observations(observations)
-    feeds, note = state_feeds(policy.state_normalizer, observation_set, first_seed, what)
-    return [None if f is None else torch.from_numpy(f) for f in feeds], note, observation_set.digest()
+    recorded, _ = recorded_states(observations)
+    feeds, note = state_feeds(policy.state_normalizer, recorded, [o.source for o in observations], first_seed, what)
+    return [None if f is None else torch.from_numpy(f) for f in feeds], note, observations_digest(observations, recorded)
 
 
 def runner(sessions: dict[str, Any]) -> Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:

@@ -9,7 +9,7 @@ Workstation side (NNCF, OpenVINO, ONNX; no torch). What it does:
 1. the calibration and parity observations are the export's own (``parity.json`` names
    them; they are sampled again the same way and checked against those names); a policy
    that takes the robot state gets each observation's recorded state, normalised with the
-   artifact's state bounds, as the export does (calibrate/states.py, one rule), seeded ones
+   artifact's state bounds, as the export does (vpp_edge/state_feeds.py, one rule), seeded ones
    only where the data records none of the policy's width (the section's ``states`` says which);
 2. calibration feeds of every graph are recorded from the FP32 graphs run by OpenVINO in
    f32 on the calibration observations (the FP32 graphs passed the export's 0.9999 gate
@@ -56,7 +56,7 @@ from vpp_edge.runtime.manifest import read_manifest, sha256_file, write_manifest
 from vpp_edge.runtime.predict_step import encode_text, predict_actions
 
 from vpp_edge import precisions
-from vpp_edge.calibrate.states import CALIBRATION_SEED, PARITY_SEED, state_feeds
+from vpp_edge.state_feeds import CALIBRATION_SEED, PARITY_SEED, state_feeds
 from vpp_edge.extras import require
 from vpp_edge.graph_spec import ACTION_MODE_GRAPHS, ACTION_MODES, GRAPH_NAMES
 from vpp_edge.observations import Observation, sample_observations
@@ -85,13 +85,14 @@ def observation_states(artifact: Artifact, observations: list[Observation], firs
     """(the normalised state [1, P] of each observation, or None each for a policy without state
     input; a line saying which states, empty for the latter). The episodes' recorded states
     where they record states of the policy's width, normalised with the artifact's bounds, else
-    seeded ones (``first_seed + k``): :func:`vpp_edge.calibrate.states.state_feeds`, the rule
+    seeded ones (``first_seed + k``): :func:`vpp_edge.state_feeds.state_feeds`, the rule
     ``vpp export`` and ``vpp calibrate`` follow, so the gate sees what the export's parity saw."""
     if artifact.state_normalizer is None or not observations:  # no state to find: no episode to read
         return [None] * len(observations), ""
-    from vpp_edge.calibrate.dataset import ObservationSet
+    from vpp_edge.observations import recorded_states
 
-    return state_feeds(artifact.state_normalizer, ObservationSet.from_observations(observations), first_seed, what)
+    return state_feeds(artifact.state_normalizer, recorded_states(observations)[0], [o.source for o in observations],
+                       first_seed, what)
 
 
 def chain(run: Callable[[str, Feeds], Feeds], artifact: Artifact, obs: Observation, seed: int,

@@ -61,7 +61,7 @@ def test_observation_sets_keep_the_recorded_states(demo_root, tmp_path):
 
 def test_state_feeds_are_the_recorded_states_normalised_else_seeded(demo_root):
     from vpp_edge.calibrate.dataset import ObservationSet, build_observation_set
-    from vpp_edge.calibrate.states import state_feeds
+    from vpp_edge.state_feeds import state_feeds
     from vpp_edge.errors import DataError
     from vpp_edge.normalization import StateNormalizer, seeded_state
     from vpp_edge.observations import find_episodes
@@ -72,7 +72,7 @@ def test_state_feeds_are_the_recorded_states_normalised_else_seeded(demo_root):
     policy, _ = build_policy(preset_from_dict(micro_state(4)), seed=0)
     bounds = StateNormalizer(low=(0.2, 0.5, -0.1, 0.9), high=(0.9, 0.6, 0.1, 1.1))
     policy.set_state_normalizer(bounds)
-    feeds, note = state_feeds(policy.state_normalizer, obs, 100)
+    feeds, note = state_feeds(policy.state_normalizer, obs.states, obs.sources, 100)
     assert "recorded robot states (4 values)" in note
     for feed, state in zip(feeds, obs.states):
         np.testing.assert_allclose(feed[0], official_normalize_bound(state, np.array(bounds.low),
@@ -80,19 +80,19 @@ def test_state_feeds_are_the_recorded_states_normalised_else_seeded(demo_root):
     assert len({f.tobytes() for f in feeds}) == 3
     # No recorded states, or of another width: the export's seeded states, and the note says why.
     stateless = ObservationSet(obs.frames, obs.instructions, obs.sources)
-    feeds, note = state_feeds(policy.state_normalizer, stateless, 100)
+    feeds, note = state_feeds(policy.state_normalizer, stateless.states, stateless.sources, 100)
     assert "seeded" in note and "records no robot state" in note
     assert all(np.array_equal(f, seeded_state(4, 100 + k)) for k, f in enumerate(feeds))
     wide, _ = build_policy(preset_from_dict(micro_state(5)), seed=0)
-    feeds, note = state_feeds(wide.state_normalizer, obs, 7)
+    feeds, note = state_feeds(wide.state_normalizer, obs.states, obs.sources, 7)
     assert "records 4-value states, the policy takes 5" in note
     assert all(np.array_equal(f, seeded_state(5, 7 + k)) for k, f in enumerate(feeds))
     # A recorded state far outside the policy's bounds: the data does not fit the policy.
     policy.set_state_normalizer(StateNormalizer(low=(5.0,) * 4, high=(6.0,) * 4))
     with pytest.raises(DataError, match="does not fit the policy's state bounds"):
-        state_feeds(policy.state_normalizer, obs, 100)
+        state_feeds(policy.state_normalizer, obs.states, obs.sources, 100)
     plain, _ = build_policy(preset_from_dict(MICRO), seed=0)
-    assert state_feeds(plain.state_normalizer, obs, 100) == ([None] * 3, "")
+    assert state_feeds(plain.state_normalizer, obs.states, obs.sources, 100) == ([None] * 3, "")
 
 
 def test_int8_calibration_feeds_carry_the_real_recorded_states(samples_dir, tmp_path):

@@ -176,7 +176,8 @@ def test_predict_prints_every_value_of_a_wide_action(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "80")
     actions = np.arange(4 * 19, dtype=np.float32).reshape(4, 19) / 100
     report = {"preset": "x", "weights": "w", "episode": "e", "frame": 0, "views": ["a"], "instruction": "i",
-              "seed": 0, "timings_ms": {"text": 1.0, "tvp": 2.0}, "predict_ms": 2.0}
+              "seed": 0, "timings_ms": {"text": 1.0, "tvp": 2.0}, "predict_ms": 2.0,
+              "action_base": {"rule": "none", "relative_to": "nothing: the predicted actions are the commands"}}
     cli._print_prediction(report, actions)
     out = capsys.readouterr().out
     assert "…" not in out and "..." not in out

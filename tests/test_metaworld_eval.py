@@ -40,6 +40,7 @@ def test_oracle_demos_are_recorded_in_the_sample_format(tmp_path):
 
 
 def test_closed_loop_evaluation_runs_the_runtime_against_the_simulator(tmp_path, exported):
+    from vpp_edge.evaluation.commands import AnnotatedVideo
     from vpp_edge.evaluation.metaworld import EvalOptions, evaluate, write_report
     from vpp_edge.presets import get_preset
     from vpp_edge.training.models import build_policy
@@ -49,8 +50,8 @@ def test_closed_loop_evaluation_runs_the_runtime_against_the_simulator(tmp_path,
 
     out = export_fp32(build_policy(get_preset("metaworld_tiny"), seed=0), tmp_path / "mw")
     videos = tmp_path / "videos"
-    results = evaluate(out, EvalOptions(tasks=("reach-v3",), episodes=2, max_steps=40, video_dir=str(videos)),
-                       progress=False)
+    results = evaluate(out, EvalOptions(tasks=("reach-v3",), episodes=2, max_steps=40, video_dir=str(videos),
+                                        video=AnnotatedVideo()), progress=False)
     task = results["tasks"]["reach-v3"]
     assert task["episodes"] == 2 and 0.0 <= task["success_rate"] <= 1.0
     for episode in task["episodes_detail"]:

@@ -342,7 +342,7 @@ def test_the_openvino_int8_path_calibrates_and_gates_on_the_recorded_states(rela
     """export/openvino_int8.py (int8_ov's NNCF calibration and gate, cpu_default timing; torch-free)
     feeds a state-taking artifact each observation's recorded state, normalised with the
     artifact's bounds as the official normalize_bound, by the rule vpp export follows
-    (calibrate/states.py); seeded states only where the data records none of the policy's width."""
+    (vpp_edge/state_feeds.py); seeded states only where the data records none of the policy's width."""
     from vpp_edge.demo_data import write_demo_dataset
     from vpp_edge.episodes import write_episode
     from vpp_edge.export import openvino_int8 as ov

@@ -783,7 +783,7 @@ def _metaworld_artifact() -> Path:
 def _demo_metaworld(args: argparse.Namespace) -> int:
     """The trained MetaWorld policy, closed loop on the demo's tasks through bridge + runtime:
     success per episode from MetaWorld's flag, an annotated video per episode."""
-    from vpp_edge.evaluation.commands import print_episode
+    from vpp_edge.evaluation.commands import AnnotatedVideo, print_episode
     from vpp_edge.evaluation.metaworld import DEMO_TASKS, EvalOptions, evaluate, write_report
 
     artifact = _metaworld_artifact()
@@ -792,7 +792,7 @@ def _demo_metaworld(args: argparse.Namespace) -> int:
           "episode(s) each (MetaWorld on MuJoCo -> cameras -> runtime -> bridge)", flush=True)
     out = Path("results/demo")
     results = evaluate(artifact, EvalOptions(tasks=tasks, episodes=args.episodes, smoothing=args.smoothing,
-                                             video_dir=str(out), on_episode=print_episode))
+                                             video_dir=str(out), video=AnnotatedVideo(), on_episode=print_episode))
     print(write_report(results, out).read_text())
     print(f"annotated videos (camera views, instruction, step, predicted chunk vs actions sent): {out}/*.mp4")
     return 0 if results["average_success"] > 0 else 5  # 5: the run's verdict, as vpp run's

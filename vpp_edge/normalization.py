@@ -199,7 +199,7 @@ class StateNormalizer:
 def seeded_state(dim: int, seed: int) -> np.ndarray:
     """A seeded normalised robot state [1, dim] in [-1, 1], float32: what the export's parity
     and calibration, `vpp calibrate` and OpenVINO's INT8 feed a policy that takes a state
-    when their data records none of its width (calibrate/states.py uses the recorded ones
+    when their data records none of its width (vpp_edge/state_feeds.py uses the recorded ones
     otherwise). One definition, so every gate sees the same states."""
     return np.random.default_rng(10_000 + seed).uniform(-1.0, 1.0, (1, dim)).astype(np.float32)
 

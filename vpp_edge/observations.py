@@ -22,13 +22,41 @@ class Observation:
     source: str  # "<annotation>#<frame>"
 
 
-def observations_digest(observations: Sequence[Observation]) -> str:
-    """sha256 of the frames and instructions: what a cached or recorded result was computed from."""
+def observations_digest(observations: Sequence[Observation], states: np.ndarray | None = None) -> str:
+    """sha256 of the frames and instructions (and the recorded robot states, where there are
+    some): what a cached or recorded result was computed from."""
     h = hashlib.sha256()
     for o in observations:
         h.update(np.ascontiguousarray(o.frames).tobytes())
     h.update("\n".join(o.instruction for o in observations).encode())
-    return h.hexdigest()
+    if states is None:
+        return h.hexdigest()
+    return hashlib.sha256(h.hexdigest().encode() + np.ascontiguousarray(states, np.float64).tobytes()).hexdigest()
+
+
+def recorded_states(observations: Sequence[Observation]) -> tuple[np.ndarray | None, str]:
+    """(raw robot states [N, D] float64, note): the state each observation's episode recorded at
+    its frame (the source ``<annotation>#<frame>``), or None and why not (an episode without
+    states, a frame past them, widths that differ between episodes)."""
+    episodes: dict[str, Episode] = {}
+    states = []
+    for obs in observations:
+        annotation, _, frame = obs.source.rpartition("#")
+        if not annotation or not frame.isdigit():
+            return None, f"{obs.source}: not an episode frame ('<annotation>#<frame>')"
+        if annotation not in episodes:
+            try:
+                episodes[annotation] = load_episode(annotation)
+            except DataError as exc:
+                return None, f"{annotation}: {exc}"
+        recorded = episodes[annotation].states
+        if recorded is None or int(frame) >= len(recorded):
+            return None, f"{annotation} records no state at frame {frame}"
+        states.append(np.asarray(recorded[int(frame)], np.float64).reshape(-1))
+    widths = sorted({len(s) for s in states})
+    if len(widths) != 1:
+        return None, f"the episodes record states of different widths {widths}"
+    return np.stack(states), f"recorded {widths[0]}-value states"
 
 
 def _episodes_with_views(roots: list[Path], views: int) -> list[Episode]:

@@ -18,13 +18,12 @@ which the PyTorch callers wrap with ``torch.from_numpy`` (no copy).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 
 from vpp_edge.errors import DataError
 from vpp_edge.normalization import StateError, StateNormalizer, seeded_state
-
-from .dataset import ObservationSet
 
 log = logging.getLogger(__name__)
 
@@ -34,31 +33,32 @@ log = logging.getLogger(__name__)
 PARITY_SEED, CALIBRATION_SEED = 0, 100
 
 
-def state_feeds(normalizer: StateNormalizer | None, observations: ObservationSet, first_seed: int,
-                what: str = "calibration set") -> tuple[list[np.ndarray | None], str]:
+def state_feeds(normalizer: StateNormalizer | None, recorded: np.ndarray | None, sources: Sequence[str],
+                first_seed: int, what: str = "calibration set") -> tuple[list[np.ndarray | None], str]:
     """(one normalised state [1, P] float32 per observation, or None each where ``normalizer`` is
     None: a policy without state input; a line saying which states they are). ``normalizer``:
-    the policy's (or artifact's) state bounds. Seeded states use seed ``first_seed + k`` for
+    the policy's (or artifact's) state bounds; ``recorded``: the raw states the observations'
+    episodes recorded [N, D] (:func:`vpp_edge.observations.recorded_states`), or None;
+    ``sources``: the observations' sources, one per observation. Seeded states use seed ``first_seed + k`` for
     observation k, as the export's parity does. A recorded state far outside the bounds is an
     error (:class:`DataError`): the data does not fit the policy (units, layout), and
     calibrating on clipped values would hide it."""
     if normalizer is None:
-        return [None] * len(observations), ""
+        return [None] * len(sources), ""
     dim = normalizer.dim
-    recorded = observations.states
     if recorded is not None and recorded.shape[1] == dim:
         feeds = []
         for k, state in enumerate(recorded):
             try:
                 feeds.append(normalizer.normalize(state)[None])
             except StateError as exc:
-                raise DataError(f"{what}: the state recorded at {observations.sources[k]} does not fit the policy's "
+                raise DataError(f"{what}: the state recorded at {sources[k]} does not fit the policy's "
                                 f"state bounds ({exc})") from None
         note = f"{what}: the episodes' recorded robot states ({dim} values), normalised with the policy's bounds"
     else:
         why = ("the data records no robot state" if recorded is None
                else f"the data records {recorded.shape[1]}-value states, the policy takes {dim}")
-        feeds = [seeded_state(dim, first_seed + k) for k in range(len(observations))]
+        feeds = [seeded_state(dim, first_seed + k) for k in range(len(sources))]
         note = f"{what}: seeded normalised robot states in [-1, 1] ({why})"
     log.info(note)
     return feeds, note
