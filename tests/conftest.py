@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
+from typing import Collection, Iterator
 
 import numpy as np
 import pytest
@@ -82,37 +84,53 @@ def _graph_pool(tmp_path_factory):
     _GRAPH_POOL.clear()
 
 
-def _link_missing(src: Path, dst: Path) -> None:
-    """Hard-link every file under ``src`` that ``dst`` lacks into ``dst`` (same layout). Cache
-    entries are written whole and never changed in place (an export replaces or removes them,
-    and one whose files changed is made again), so linking them is as good as copying."""
+def _link_missing(src: Path, dst: Path, skip: Collection[str] = ()) -> None:
+    """Hard-link every file under ``src`` that ``dst`` lacks into ``dst`` (same layout), except
+    anything hidden (a temporary folder) and the entries ``<precision>/<graph>-<key>/`` of the
+    graphs named in ``skip``. Cache entries are written whole and never changed in place (an
+    export replaces or removes them, and one whose files changed is made again), so linking
+    them is as good as copying."""
     for f in src.rglob("*"):
-        target = dst / f.relative_to(src)
+        rel = f.relative_to(src)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if len(rel.parts) > 2 and rel.parts[1].rsplit("-", 1)[0] in skip:
+            continue
+        target = dst / rel
         if f.is_file() and not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             os.link(f, target)
 
 
-def seed_from_pool(cache: Path) -> Path:
-    """``cache`` (a graph cache folder: an export's or `vpp calibrate`'s) holding the graphs the
-    session exported so far, as links; returns ``cache``. For a test about what is built from
-    the graphs, not about exporting them (tests/test_export*.py are)."""
+def seed_from_pool(cache: Path, skip: Collection[str] = ()) -> Path:
+    """``cache`` (a graph cache folder: an export's, ``export_cache(out)``, or `vpp calibrate`'s,
+    ``<out>/cache/graphs``) holding the graphs the session exported so far, as links, but
+    those named in ``skip``; returns ``cache``. For a test about what is built from the
+    graphs, not about exporting them (tests/test_export*.py are)."""
     if _GRAPH_POOL:
-        _link_missing(_GRAPH_POOL[0], cache)
+        _link_missing(_GRAPH_POOL[0], cache, skip)
     return cache
 
 
+@contextlib.contextmanager
+def pooled(cache: Path, skip: Collection[str] = ()) -> Iterator[Path]:
+    """``cache`` seeded from the session's pool (:func:`seed_from_pool`: the graphs in ``skip``
+    are not taken, so they are exported fresh); when the block ends without an exception,
+    what the cache holds then is added to the pool (``skip``'s graphs excepted)."""
+    seed_from_pool(cache, skip)
+    yield cache
+    if _GRAPH_POOL and cache.is_dir():
+        _link_missing(cache, _GRAPH_POOL[0], skip)
+
+
 def export_pooled(policy, tokenizer, out: Path, options: dict) -> dict:
-    """export_artifact into ``out`` with its graph cache (beside it) seeded from the session's
-    pool, and what it built added to the pool; returns the manifest."""
+    """export_artifact into ``out`` with its graph cache (beside it) :func:`pooled`; returns
+    the manifest."""
     from vpp_edge.export.artifact import export_artifact
     from vpp_edge.export.graph_cache import export_cache
 
-    cache = seed_from_pool(export_cache(out))
-    manifest = export_artifact(policy, tokenizer, out, options, source="test", progress=False)
-    if _GRAPH_POOL:
-        _link_missing(cache, _GRAPH_POOL[0])
-    return manifest
+    with pooled(export_cache(out)):
+        return export_artifact(policy, tokenizer, out, options, source="test", progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,8 @@ import yaml
 
 from tests.test_calibrate import MICRO
 
+from .conftest import pooled
+
 pytestmark = pytest.mark.slow
 
 
@@ -146,7 +148,8 @@ def test_the_held_out_parity_runs_on_the_recorded_states(demo_root, tmp_path):
         "recommend": {"tolerance": {"action_mse": 1e-3, "action_max_abs": 0.1}},
         "grid": [{"precision": ["fp32", "int8"], "action_mode": ["sampler"]}],
     }, "micro-state4-sweep")
-    outcome = run_sweep(spec, tmp_path / "out", progress=False, available_backends=["onnxruntime"])
+    with pooled(tmp_path / "out" / "cache" / "graphs"):  # the sweep's graph cache (calibrate/builder.py)
+        outcome = run_sweep(spec, tmp_path / "out", progress=False, available_backends=["onnxruntime"])
     rows = list(outcome.rows)
     assert rows and all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
     fp32 = [r for r in rows if r["precision"] == "fp32"]

@@ -11,6 +11,8 @@ import yaml
 
 from tests.test_calibrate import MICRO
 
+from .conftest import pooled
+
 pytestmark = pytest.mark.slow
 
 MICRO_STATE = {**MICRO, "name": "micro_state",
@@ -56,7 +58,8 @@ def test_a_state_taking_policy_sweeps_with_the_reference_states(tmp_path):
         "recommend": {"tolerance": {"action_mse": 1e-3, "action_max_abs": 0.1}},
         "grid": [{"precision": ["fp32", "int8"], "action_mode": ["sampler", "step"]}],
     }, "micro-state-sweep")
-    outcome = run_sweep(spec, tmp_path / "out", progress=False, available_backends=["onnxruntime"])
+    with pooled(tmp_path / "out" / "cache" / "graphs"):  # the sweep's graph cache (calibrate/builder.py)
+        outcome = run_sweep(spec, tmp_path / "out", progress=False, available_backends=["onnxruntime"])
     rows = {r["label"]: r for r in outcome.rows}
     assert rows and all(r["status"] == "ok" for r in rows.values()), {k: r.get("error") for k, r in rows.items()}
     # FP32 in the measuring process = the PyTorch reference: it was fed the reference's states.

@@ -17,6 +17,8 @@ from vpp_edge.export.graphs import GRAPHS
 
 from tests.test_calibrate import MICRO
 
+from .conftest import pooled
+
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
@@ -35,14 +37,24 @@ def swept(tmp_path_factory):
         "grid": [{"precision": ["fp32", "int8", "int8_cpu"]}, {"tvp_timesteps": [10]}],
     }, "micro-sweep")
     out = root / "out"
-    outcome = run_sweep(spec, out, progress=False, available_backends=["onnxruntime"])
-    return spec, out, outcome
+    with pooled(out / "cache" / "graphs") as cache:  # the sweep's graph cache (calibrate/builder.py)
+        seeded = {f"{e.parent.name}/{e.name}" for e in cache.glob("*/*")}  # "<precision>/<graph>-<key>"
+        outcome = run_sweep(spec, out, progress=False, available_backends=["onnxruntime"])
+    return spec, out, outcome, seeded
 
 
 @pytest.mark.slow
 def test_sweep_measures_every_point_and_reuses_graphs(swept):
-    spec, out, outcome = swept
+    spec, out, outcome, seeded = swept
     rows = {r["label"]: r for r in outcome.rows}
+
+    def from_pool(*labels: str) -> list[str]:
+        """The graphs of these points' own precisions that the cache held before the sweep
+        (seeded from the session's graph pool: reused, not built)."""
+        own = {rows[label]["precision"] for label in labels}
+        return sorted({k for label in labels for k, key in rows[label]["graph_keys"].items()
+                       if k.split("/")[0] in own and f"{k}-{key}" in seeded})
+
     assert set(rows) == {"fp32", "int8", "int8_cpu", "fp32 tvp_timesteps=10"}
     assert all(r["status"] == "ok" for r in rows.values())
     # FP32 ONNX Runtime reproduces the PyTorch reference; INT8 does not, exactly
@@ -56,8 +68,9 @@ def test_sweep_measures_every_point_and_reuses_graphs(swept):
     # level with Karras sigmas) exports nothing, the INT8 points only quantize
     # (the two INT8 points share one artifact; int8_cpu quantizes the TVP only, export/defaults.yaml,
     # and fuses every graph for ONNX Runtime)
-    assert len(rows["fp32"]["built"]) == 6
-    assert sorted(rows["int8"]["built"] + rows["int8_cpu"]["built"]) == \
+    # (a graph the seeded cache held already is reused: each graph is built or taken, not both)
+    assert sorted(rows["fp32"]["built"] + from_pool("fp32")) == sorted(f"fp32/{g}" for g in GRAPHS)
+    assert sorted(rows["int8"]["built"] + rows["int8_cpu"]["built"] + from_pool("int8", "int8_cpu")) == \
         ["int8/former", "int8/tvp", *sorted(f"int8_cpu/{g}" for g in GRAPHS)]
     assert rows["fp32 tvp_timesteps=10"]["built"] == []
     assert rows["fp32 tvp_timesteps=10"]["action_mse"] == rows["fp32"]["action_mse"]
@@ -85,7 +98,7 @@ def test_report_recommendation_runs_on_the_runtime(swept):
     from vpp_edge.runtime.engines import create_engine
     from vpp_edge.runtime.policy import RuntimePolicy
 
-    spec, out, outcome = swept
+    spec, out, outcome, _ = swept
     report = write_report(out, spec, outcome.rows, K.base_values(base_preset(spec, None)), 1.0, "", "untrained")
     pick = next(r for r in outcome.rows if r["id"] == report["recommended"])
     assert pick["label"] in ("fp32", "int8", "int8_cpu", "fp32 tvp_timesteps=10")

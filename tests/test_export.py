@@ -14,6 +14,7 @@ from vpp_edge.cli import EXIT_MISSING_DEPENDENCY, EXIT_PARITY, main
 from vpp_edge.errors import VPPError
 from vpp_edge.export import artifact as art
 from vpp_edge.export import onnx_io
+from vpp_edge.export.graph_cache import export_cache
 from vpp_edge.export.graphs import GRAPHS
 from vpp_edge.export.options import load_options
 from vpp_edge.export.parity import ParityError, compare, evaluate_precision
@@ -21,6 +22,8 @@ from vpp_edge.export.tensorrt_build import select_graphs
 from vpp_edge.observations import sample_observations
 from vpp_edge.runtime.manifest import ArtifactError, check_engine_fits, read_manifest, sha256_file, verify_entry
 from vpp_edge.runtime.predict_step import encode_text, predict_actions
+
+from .conftest import pooled
 
 pytestmark = pytest.mark.slow
 
@@ -156,12 +159,26 @@ def test_failed_gate_stops_export_and_leaves_no_artifact(tiny_policy, tmp_path, 
 
     monkeypatch.setattr(onnx_io, "export_onnx", corrupting_export)
     out = tmp_path / "art"
-    code = main(["export", "--preset", "tiny", "--out", str(out), "--precisions", "fp32", "--parity-samples", "1",
-                 "--quiet"])
-    assert code == EXIT_PARITY
-    assert "parity gate failed for fp32" in capsys.readouterr().err
-    assert not out.exists() and (tmp_path / "art.parity-failed.md").is_file()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], "temporary folder removed"
+
+    def entries(cache):
+        return {f"{e.parent.name}/{e.name}" for e in cache.glob("*/*")}
+
+    # The export's cache (beside ``out``) seeded with the session's graphs but action_context,
+    # which is exported (and corrupted) fresh; the assertions run inside the block, so a
+    # failed export's graph never reaches the pool.
+    with pooled(export_cache(out), skip=("action_context",)) as cache:
+        seeded = entries(cache)
+        code = main(["export", "--preset", "tiny", "--out", str(out), "--precisions", "fp32", "--parity-samples",
+                     "1", "--quiet"])
+        assert code == EXIT_PARITY
+        assert "parity gate failed for fp32" in capsys.readouterr().err
+        assert not out.exists() and (tmp_path / "art.parity-failed.md").is_file()
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".") and p != cache] == [], \
+            "temporary folder removed"
+        # The cache keeps what it held before (a cache holding no graph is removed), no
+        # temporary entry folder, and none of the failed export's graphs.
+        assert not cache.exists() or (entries(cache) and not list(cache.rglob(".*")))
+        assert entries(cache) <= seeded and not any(e.startswith("fp32/action_context-") for e in entries(cache))
 
 
 def test_interrupted_export_leaves_nothing(tiny_policy, tmp_path, monkeypatch):

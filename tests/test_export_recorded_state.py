@@ -12,6 +12,8 @@ import pytest
 
 from tests.test_calibrate_recorded_state import micro_state, official_normalize_bound
 
+from .conftest import pooled
+
 pytestmark = pytest.mark.slow
 
 
@@ -82,7 +84,8 @@ def test_export_parity_and_int8_calibration_use_the_recorded_states(demo_root, t
                            int8={"graphs": ["action_context", "action_sampler"]})  # the state-taking ones
     runs, feeds = spy(monkeypatch)
     out = tmp_path / "art"
-    export_artifact(policy, tok, out, options, obs, source="test", progress=False, graph_cache=tmp_path / "cache")
+    with pooled(tmp_path / "cache") as cache:  # the micro graphs the calibrate tests exported
+        export_artifact(policy, tok, out, options, obs, source="test", progress=False, graph_cache=cache)
 
     expected = official_normalize_bound(recorded(obs), low, high)
     assert not np.allclose(expected, recorded(obs), atol=0.05), "bounds that make normalising visible"
@@ -117,8 +120,9 @@ def test_export_seeds_the_states_where_the_data_records_none_of_the_policy_width
     obs = sample_observations(2, policy.preset.image_size, 1, roots=[demo_root])
     runs, _ = spy(monkeypatch)
     out = tmp_path / "art"
-    export_artifact(policy, tok, out, load_options(precisions=["fp32"], parity_samples=1), obs, source="test",
-                    progress=False, graph_cache=tmp_path / "cache")
+    with pooled(tmp_path / "cache") as cache:
+        export_artifact(policy, tok, out, load_options(precisions=["fp32"], parity_samples=1), obs, source="test",
+                        progress=False, graph_cache=cache)
     assert len(runs) == 1
     np.testing.assert_array_equal(runs[0], seeded_state(5, 0))
     report = json.loads((out / "parity.json").read_text())

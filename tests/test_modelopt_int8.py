@@ -14,6 +14,8 @@ from torch import nn
 
 from vpp_edge.export import modelopt_int8
 
+from .conftest import pooled
+
 pytestmark = pytest.mark.skipif(not modelopt_int8.available(), reason="nvidia-modelopt not installed")
 
 
@@ -73,6 +75,7 @@ def test_large_model_int8_quantises_tvp_in_pytorch_and_passes_the_action_gate(ti
     action-chunk gate holds, the calibration record has its activation scales, and the
     policy computes in float again afterwards."""
     from vpp_edge.export.artifact import export_artifact
+    from vpp_edge.export.graph_cache import export_cache
     from vpp_edge.export.graphs import GRAPHS
     from vpp_edge.export.options import load_options
     from vpp_edge.training.models import build_policy
@@ -83,7 +86,8 @@ def test_large_model_int8_quantises_tvp_in_pytorch_and_passes_the_action_gate(ti
     options = load_options(precisions=["fp32", "int8"], parity_samples=1, calibration_samples=1,
                            large_model={"weight_bytes": 0}, int8={"graphs": ["tvp"]})
     out = tmp_path / "art"
-    manifest = export_artifact(policy, tok, out, options, source="test", progress=False)
+    with pooled(export_cache(out)):  # the tiny FP32 graphs, if the session exported them: modelopt's INT8 runs fresh
+        manifest = export_artifact(policy, tok, out, options, source="test", progress=False)
     assert {"int8/tvp", "fp32/tvp"} <= set(manifest["graphs"])
     parity = json.loads((out / "parity.json").read_text())["precisions"]["int8"]
     assert parity["passed"] and "modelopt" in parity["quantization"]["tvp"]["quantizer"]
