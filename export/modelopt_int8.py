@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -33,6 +32,8 @@ import torch
 from torch import nn
 
 from vpp_edge.extras import is_available, require
+
+from .phases import map_large_allocations
 
 QUANTIZER_SUFFIXES = (".input_quantizer", ".weight_quantizer", ".output_quantizer")
 
@@ -48,26 +49,6 @@ def _mtq():
         warnings.simplefilter("ignore")
         import modelopt.torch.quantization as mtq
     return mtq
-
-
-# glibc's mallopt parameter and the fixed threshold set: allocations from 128 KiB up get
-# their own mapping, which free() hands back to the kernel at once.
-M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 128 * 1024
-
-
-def map_large_allocations() -> bool:
-    """Make every later allocation of ``MMAP_THRESHOLD_BYTES`` or more its own mapping
-    (glibc's ``mallopt``; elsewhere nothing). Why: glibc raises its mmap threshold to the
-    size of each large block freed (up to 32 MiB), so the fake-quantised weights and
-    activations that modelopt's calibration and the TorchScript trace allocate and free
-    layer by layer are then served from the heap, and the freed ones stay resident there:
-    measured on the paper-scale TVP graph, 5.9 GB above the weights during the Q/DQ export.
-    Returns whether the threshold was set."""
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-    except (OSError, AttributeError):
-        return False
 
 
 def module_of(quantizer: str) -> str:

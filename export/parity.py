@@ -304,6 +304,9 @@ def _worker_main() -> int:
     out = os.dup(1)
     os.dup2(2, 1)  # stray prints go to stderr, never into the answers
     from .onnx_io import session
+    from .phases import map_large_allocations
+
+    map_large_allocations()  # a session without its arena frees layer-sized blocks: keep them unmapped
 
     def peak() -> int:
         """VmHWM: this process image's peak (getrusage's would carry the forking parent's over exec)."""

@@ -133,11 +133,3 @@ def test_export_writes_the_weights_once_from_the_module_into_one_data_file(tmp_p
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, model(x).numpy(), atol=1e-5)
-
-
-def test_large_allocations_get_their_own_mappings_under_glibc():
-    """Calibration and export free layer-sized blocks that glibc would otherwise keep
-    resident in its heap (its mmap threshold rises with each large block freed)."""
-    import platform
-
-    assert modelopt_int8.map_large_allocations() == (platform.libc_ver()[0] == "glibc")
