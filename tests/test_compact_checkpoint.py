@@ -1,5 +1,8 @@
 """`vpp compact`: an FP16 copy of a checkpoint (how the trained MetaWorld policy ships)."""
 
+from pathlib import Path
+
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -34,3 +37,19 @@ def test_compact_copy_stores_fp16_and_loads_as_the_rounded_fp32_model(tmp_path, 
 def test_compact_of_a_missing_checkpoint_is_one_line(tmp_path, capsys):
     assert main(["compact", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
     assert "checkpoint" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "metaworld-tiny"
+
+
+@pytest.mark.skipif(not (SHIPPED / "vpp_config.json").is_file(), reason="no shipped MetaWorld policy in models/")
+def test_the_shipped_metaworld_policy_is_a_compact_loadable_checkpoint():
+    """What `make demo` exports on a fresh clone: FP16 weights, at most 10 MB, loading into
+    the metaworld_tiny architecture with the action bounds it was trained on."""
+    assert (SHIPPED / "model.safetensors").stat().st_size <= 10 * 2**20
+    with safe_open(str(SHIPPED / "model.safetensors"), "np") as f:
+        assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"F16"}
+    policy, tokenizer = load_checkpoint(SHIPPED)
+    assert policy.preset.name == "metaworld_tiny" and policy.preset == get_preset("metaworld_tiny")
+    assert policy.normalizer.mode == "bounds" and len(policy.normalizer.low) == policy.preset.action_dim
+    assert tokenizer(["drawer close"])[0].shape[-1] == policy.preset.text.goal_length  # the 77-token pass
