@@ -138,6 +138,8 @@ def print_counts(title: str, counts: Mapping[str, int]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    counts = dict(counts)  # one copy (atomic for a dict): another thread may still be adding counters
+
     table = Table(title=title)
     table.add_column("counter")
     table.add_column("value", justify="right")

@@ -466,16 +466,18 @@ def cmd_bridge(args: argparse.Namespace) -> int:
     from vpp_edge.runtime.realtime import ThreadRealtime
 
     servo = ThreadRealtime(args.rt_priority, tuple(args.cpus))
-    with Bridge(make_driver(cfg), cfg, Endpoints.on(args.host, _base_port(args)), security=security,
-                servo_realtime=servo) as bridge:
-        print(f"{args.robot} bridge up: {bridge.bound()}", flush=True)
-        try:  # a failed bridge thread raises ThreadFailure: a non-zero exit, and systemd restarts the bridge
-            bridge.supervise(args.duration if args.duration else float("inf"))
-        except KeyboardInterrupt:
-            pass
-        finally:
-            print_counts("bridge counters", bridge.counts)
-            sys.stdout.flush()
+    bridge = Bridge(make_driver(cfg), cfg, Endpoints.on(args.host, _base_port(args)), security=security,
+                    servo_realtime=servo)
+    try:
+        with bridge:
+            print(f"{args.robot} bridge up: {bridge.bound()}", flush=True)
+            try:  # a failed bridge thread raises ThreadFailure: a non-zero exit, and systemd restarts the bridge
+                bridge.supervise(args.duration if args.duration else float("inf"))
+            except KeyboardInterrupt:
+                pass
+    finally:  # once closed: the bridge's threads add counters while they run
+        print_counts("bridge counters", bridge.counts)
+        sys.stdout.flush()
     return 0
 
 
