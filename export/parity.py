@@ -306,7 +306,7 @@ def _worker_main() -> int:
     from .onnx_io import session
     from .phases import map_large_allocations
 
-    map_large_allocations()  # a session without its arena frees layer-sized blocks: keep them unmapped
+    map_large_allocations()  # a session without its arena frees layer-sized blocks: unmapped, not kept in the heap
 
     def peak() -> int:
         """VmHWM: this process image's peak (getrusage's would carry the forking parent's over exec)."""
