@@ -145,6 +145,26 @@ def test_bridge_port_in_use_is_one_line(capsys):
     assert "--base-port" in err
 
 
+def test_bridge_started_with_sigint_ignored_still_stops_on_it_and_prints_its_counters():
+    """A non-interactive shell starts background jobs with SIGINT ignored, and the child
+    inherits that; vpp demo stops its bridge with SIGINT, so the bridge sets its own handler."""
+    import signal
+    import subprocess
+    import sys
+
+    base = P.free_base_port(start=16151)
+    proc = subprocess.Popen([sys.executable, "-m", "vpp_edge.cli", "bridge", "--robot", "sim", "--base-port",
+                             str(base), "--duration", "60"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        assert "bridge up" in proc.stdout.readline()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "bridge counters" in out
+
+
 def test_base_port_moves_every_endpoint_and_free_ports_skip_taken_ones(monkeypatch):
     assert P.endpoint_on("127.0.0.1", P.ACTION_ENDPOINT) == P.ACTION_ENDPOINT  # default unchanged
     assert P.endpoint_on("10.0.0.2", P.EVENT_ENDPOINT, 6001) == "tcp://10.0.0.2:6004"

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from importlib import import_module
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -465,6 +467,11 @@ def cmd_bridge(args: argparse.Namespace) -> int:
 
     from vpp_edge.runtime.realtime import ThreadRealtime
 
+    # SIGINT stops the bridge cleanly (counters, driver stop), even when a non-interactive shell
+    # started it in the background with SIGINT ignored, as such shells do (vpp demo stops its
+    # bridge with SIGINT). Only the main thread may set a handler (tests run the command in others).
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     servo = ThreadRealtime(args.rt_priority, tuple(args.cpus))
     bridge = Bridge(make_driver(cfg), cfg, Endpoints.on(args.host, _base_port(args)), security=security,
                     servo_realtime=servo)
