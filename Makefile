@@ -76,15 +76,17 @@ system-deps:  ## apt-get install what requirements/apt.txt lists and is missing 
 	$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing
 
 # make metaworld-policy: the recipe behind the shipped MetaWorld policy (models/metaworld-tiny):
-# oracle demos of the demo's tasks (vpp record/eval's default) -> stage-2 training of metaworld_tiny
-# on frozen TVP features -> its FP16 copy (what ships) -> export (FP32 + INT8) -> evaluation of both.
-# TVP=runs/tvp-metaworld/last trains stage 2 on a fine-tuned TVP (vpp train tvp --config tvp_metaworld).
+# oracle demos of the demo's tasks (vpp record/eval's default) -> stage 1, the TVP fine-tuned on
+# the demo videos -> stage-2 training of metaworld_tiny on its frozen features -> its FP16 copy
+# (what ships) -> export (FP32 + INT8) -> evaluation of both. TVP= (empty) trains stage 2 on a
+# random TVP instead (the comparison in docs/benchmarks.md).
 MW_EPISODES ?= 50
 MW_EVAL     ?= 20
-TVP         ?=
+TVP         ?= runs/tvp-metaworld/last
 .PHONY: metaworld-policy
-metaworld-policy: $(STAMP)  ## record MetaWorld demos, train metaworld_tiny, ship its FP16 copy, export + evaluate it (FP32, INT8)
+metaworld-policy: $(STAMP)  ## record MetaWorld demos, train metaworld_tiny (stage 1 + 2), ship its FP16 copy, export + evaluate it (FP32, INT8)
 	@test -f data/metaworld/demos.json || $(BIN)/vpp record metaworld --episodes $(MW_EPISODES) --out data/metaworld
+	@test -z "$(TVP)" || test -e $(TVP) || $(BIN)/vpp train tvp --config tvp_metaworld --out $(dir $(TVP))
 	@test -e runs/policy-metaworld/last || $(BIN)/vpp train policy --config policy_metaworld $(if $(TVP),--set init.tvp=$(TVP)) --out runs/policy-metaworld
 	$(BIN)/vpp compact runs/policy-metaworld/last --out models/metaworld-tiny
 	$(BIN)/vpp export --checkpoint models/metaworld-tiny --out artifacts/metaworld_tiny --precisions fp32,int8 --data data/metaworld

@@ -117,6 +117,24 @@ def test_policy_resume_continues_exactly(dataset, tmp_path):
     assert state["step"] == 6 and state["optimizer"]["state"]
 
 
+def test_feature_cache_is_keyed_by_what_the_features_depend_on(dataset, tmp_path):
+    """Another chunk length or action head trains on the cached TVP features; another TVP
+    computes its own (the cache's folder name hashes the TVP-side preset, weights and samples)."""
+    def run(name: str, seed_cache: Path | None = None, **overrides) -> set[str]:
+        out = tmp_path / name
+        if seed_cache is not None:
+            shutil.copytree(seed_cache, out / "cache")
+        cfg = policy_config(dataset, steps=2, val_every=100, checkpoint_every=100, log_every=1,
+                            preset_overrides={"image_size": 64, **overrides})
+        train_policy(cfg, out, progress=False)
+        return {p.name for p in (out / "cache").iterdir()}
+
+    built = run("first")
+    assert len(built) == 2, "a train and a val cache"
+    assert run("head", tmp_path / "first" / "cache", action_horizon=4, action_head={"n_dec_layers": 1}) == built
+    assert run("tvp", tmp_path / "first" / "cache", tvp={"timesteps": 7}) > built
+
+
 def test_policy_bad_data_fatal(dataset, tmp_path):
     cfg = policy_config(dataset, steps=2, data={"bad_data": "fatal"})
     with pytest.raises(DataError, match="2.json.*NaN"):

@@ -5,7 +5,8 @@ frames, its instruction and the TVP noise. The cache fixes that noise per sample
 (seeded by the sample index) and stores features as a memory-mapped ``.npy`` array
 [N, F, T, C] plus the goal embeddings [N, P]; training then runs the Video Former and
 the action head only. The cache folder's name is a hash of everything the features
-depend on (weights, preset, samples, seed), so a changed input never reads stale features.
+depend on (TVP and text weights, the preset's TVP side, samples, seed), so a changed input
+never reads stale features and a changed head never recomputes them.
 """
 
 from __future__ import annotations
@@ -49,9 +50,17 @@ def sample_noise(policy: VPPPolicy, seed: int, index: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(stream_seed(seed, index, "tvp-cache")))
 
 
+# The preset sections a sample's features and goal depend on. The Video Former, the action
+# head and the action chunk's shape are trained on top of the cache, so changing them (a
+# longer horizon, a head that takes the robot state) reuses the features instead of
+# recomputing every TVP forward.
+FEATURE_SECTIONS = ("views", "image_size", "text", "tvp")
+
+
 def _fingerprint(policy: VPPPolicy, dataset: PolicyDataset, seed: int, dtype: str) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps(policy.preset.to_dict(), sort_keys=True, default=str).encode())
+    preset = policy.preset.to_dict()
+    h.update(json.dumps({k: preset[k] for k in FEATURE_SECTIONS}, sort_keys=True, default=str).encode())
     h.update(f"{seed}:{dtype}:{dataset.frames.size}".encode())
     for module in (policy.text_encoder, policy.tvp):
         for name, tensor in sorted(module.state_dict().items()):
