@@ -32,6 +32,7 @@ from vpp_edge.registry import Registry
 
 JUMP_WINDOW = 10_000
 MISSED_KEPT = 64  # actions take_missed can return (older ones are gone: the robot held meanwhile)
+EXECUTED_KEPT = 8  # executed actions real-time chunking can continue (observations are younger than this)
 
 
 class LatencyTracker:
@@ -157,6 +158,9 @@ class ActionPlan:
         # Planned actions whose tick passed without being popped (the control thread woke late):
         # a caller adding delta actions up may still owe them (see take_missed).
         self._missed: deque[np.ndarray] = deque(maxlen=MISSED_KEPT)
+        # The last actions popped, by tick: an observation taken a tick or two ago starts its
+        # chunk at ticks already executed, and real-time chunking must continue those too.
+        self._executed: deque[tuple[int, np.ndarray]] = deque(maxlen=EXECUTED_KEPT)
 
     def tick_of(self, stamp: float) -> int:
         """The control tick at or after ``stamp`` (ticks are multiples of dt on the monotonic clock)."""
@@ -208,6 +212,7 @@ class ActionPlan:
             return None
         slot = self._slots.popleft()
         action = self._value(slot)
+        self._executed.append((slot.tick, action))
         if self._prev is not None:
             jump = float(np.linalg.norm(action - self._prev[0]))
             (self.boundary_jumps if slot.chunk_seq != self._prev[1] else self.inner_jumps).append(jump)
@@ -228,6 +233,21 @@ class ActionPlan:
                 break
             actions.append(self._value(slot))
         return current, (np.stack(actions) if actions else np.zeros((0, 0)))
+
+    def continuation(self) -> tuple[int, np.ndarray]:
+        """(first tick, actions [n, A]): the last actions executed and the planned ones after
+        them, contiguous. What real-time chunking continues: a chunk starts at its
+        observation's tick, which the control loop has usually executed by the time the
+        inference runs (the plan's remaining actions alone would never line up with it)."""
+        known = list(self._executed) + [(slot.tick, self._value(slot)) for slot in self._slots]
+        if not known:
+            return 0, np.zeros((0, 0))
+        lo = hi = max(0, len(self._executed) - 1)  # the run through the last executed tick
+        while lo > 0 and known[lo - 1][0] == known[lo][0] - 1:
+            lo -= 1
+        while hi + 1 < len(known) and known[hi + 1][0] == known[hi][0] + 1:
+            hi += 1
+        return known[lo][0], np.stack([a for _, a in known[lo:hi + 1]])
 
     def remaining(self, now: float) -> int:
         """Planned actions from the current tick on."""

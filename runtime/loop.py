@@ -373,7 +373,7 @@ class Runtime:
         if self.safety.mode(now) is not Mode.ESTOP and self.plan.needs_inference(now, self.options.margin_steps):
             if self.plan.policy.inpaints and not self.worker.busy:
                 self.worker.delay_steps = int(np.ceil(self.plan.latency.stats()["p95"] / self.plan.dt))
-                self.worker.trigger(self.plan.snapshot(now))
+                self.worker.trigger(self.plan.continuation())
             else:
                 self.worker.trigger()
 

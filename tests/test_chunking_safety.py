@@ -28,6 +28,21 @@ def test_actions_whose_time_passed_are_skipped():
     assert plan.add_chunk(ramp(0), obs_stamp=5.0, now=20.0, seq=1).used == 0
 
 
+def test_the_continuation_runs_from_the_executed_actions_into_the_plan():
+    """What real-time chunking continues: the last executed actions (the next observation's
+    tick is usually among them) and the planned ones after them, without gaps."""
+    plan = ActionPlan(DT)
+    plan.add_chunk(ramp(0), obs_stamp=10.0, now=10.0, seq=0)  # ticks 100..109 = 0..9
+    for t in (10.0, 10.1, 10.2):
+        plan.pop(t)
+    first, actions = plan.continuation()
+    assert first == 100 and actions[:, 0].tolist() == list(range(10)), "3 executed + 7 planned"
+    assert plan.snapshot(10.3)[1][0, 0] == 3, "the planned part alone starts after the executed ones"
+    plan.pop(10.5)  # ticks 103 and 104 missed: the executed run restarts at 105
+    first, actions = plan.continuation()
+    assert first == 105 and actions[:, 0].tolist() == list(range(5, 10))
+
+
 def test_smoothing_policies_on_overlapping_chunks():
     def merged(smoothing, **kw):
         plan = ActionPlan(DT, smoothing=smoothing, **kw)
