@@ -4,8 +4,8 @@ The setpoint is the hand position target in the world frame (m) plus a gripper e
 [-1, 1]. Each servo tick advances the simulation by one MetaWorld step (5 MuJoCo steps of
 2.5 ms) with the MetaWorld action that moves the hand's mocap towards the setpoint, at
 most 1 cm per step. The servo rate therefore sets the simulation's speed: 80 Hz is real
-time; the bridge config runs it at 40 Hz (half speed), so a small model on a CPU acts
-about as often per simulated second as VPP does on the paper's GPU.
+time; the robot description runs it at 20 Hz (a quarter of real time), so a small model on
+a CPU acts about as often per simulated second as VPP does on the paper's GPU.
 
 Cameras are rendered off-screen (EGL) on a thread of their own from a snapshot of the
 simulation state, so rendering never delays the servo loop; the bridge streams them to the
@@ -77,6 +77,14 @@ class MetaWorldDriver(RobotDriver):
         with self._lock:
             if self._env is None:
                 self._env = gym.make("Meta-World/MT1", env_name=self.task, seed=self.seed, disable_env_checker=True)
+                # MT1 holds 50 variants of the task (object and goal positions). Its wrapper
+                # draws one on every reset from the generator that the previous episode's seed
+                # left behind, so an episode's scene would depend on the episodes before it and
+                # `--seed S --episodes 1` would not replay episode S of a longer run. The
+                # variant is drawn here from the episode's own seed instead.
+                self._env.get_wrapper_attr("toggle_sample_tasks_on_reset")(False)
+            variants = self._env.get_wrapper_attr("tasks")
+            self._env.unwrapped.set_task(variants[np.random.default_rng(seed).integers(len(variants))])
             self.observation, _ = self._env.reset(seed=seed)
             self._gripper = -1.0
             self.status = SimStatus()

@@ -67,3 +67,25 @@ def test_reach_task_succeeds_through_the_bridge_with_streamed_cameras():
     finally:
         cams.stop()
         ctx.destroy(linger=0)
+
+
+def test_an_episode_scene_follows_its_own_seed_not_the_episodes_before_it():
+    """`vpp eval --seed S --episodes 1` replays episode S of a longer run: MT1's wrapper drew
+    the task variant from the generator the previous episode left behind (seed 1017 put the
+    handle elsewhere after seed 1016 than in a fresh process), so failures could not be
+    replayed."""
+    from vpp_edge.firmware_bridge.metaworld_sim import MetaWorldDriver
+
+    def start(seeds):  # MetaWorld's observation after each reset: hand, handle, goal
+        driver = MetaWorldDriver({"task": "handle-press-v3", "seed": 0})
+        scenes = []
+        for seed in seeds:
+            driver.reset_episode(seed)
+            scenes.append(driver.observation.copy())
+        return scenes
+
+    alone = start([1017])[-1]
+    after_others = start([0, 5, 1016, 1017])[-1]
+    assert np.array_equal(alone, after_others)
+    scenes = {tuple(np.round(o[4:7], 4)) for o in start(range(1000, 1008))}  # the handle's position
+    assert len(scenes) > 3  # seeds still choose among MT1's 50 variants
